@@ -1,0 +1,40 @@
+# Two commands matter: `make demo` (the main job) and `make test`.
+# Both create .venv if missing, install what is needed once, and build the
+# extension in release mode.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+VERL   := verl==0.9.1
+STAMP  := $(VENV)/.installed
+BUILT  := $(VENV)/.built
+SOURCES := $(shell find src python -type f \( -name '*.rs' -o -name '*.py' -o -name '*.pyi' -o -name '*.cu' \) 2>/dev/null) Cargo.toml pyproject.toml
+
+.PHONY: demo test bench build venv clean
+
+demo: $(BUILT)
+	$(PY) bench/demo.py
+
+test: $(BUILT)
+	cargo test --release
+	$(PY) -m pytest -q tests
+
+bench: $(BUILT)
+	$(PY) bench/bench.py
+
+build: $(BUILT)
+
+venv: $(STAMP)
+
+$(STAMP): requirements-test.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps $(VERL)
+	touch $@
+
+$(BUILT): $(STAMP) $(SOURCES)
+	$(VENV)/bin/maturin develop --release -q
+	touch $@
+
+clean:
+	rm -rf target $(VENV)

@@ -1,0 +1,192 @@
+"""torch autograd Functions over the native kernels.
+
+Each forward allocates its outputs with torch (the gradient buffer in the
+dtype and device of the differentiated input), hands every tensor to the
+native module through DLPack without copying, and saves only the gradient
+buffer for backward; backward is ``grad_output * saved_grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from . import _core
+
+Number = Union[int, float, torch.Tensor]
+
+#: Order of the values the native policy loss writes into its ``out`` buffer.
+STATS = ("loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
+
+
+def _as_tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if hasattr(value, "__dlpack__") or hasattr(value, "__array_interface__"):
+        return torch.as_tensor(value)
+    raise TypeError(f"{name}: expected a torch.Tensor (or an array supporting DLPack), got {type(value).__name__}")
+
+
+def _as_float(name: str, value: Optional[Number]) -> Optional[float]:
+    """verl passes normalisers as ints, floats or 0-d tensors."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+class PolicyLossFunction(torch.autograd.Function):
+    """Fused policy loss; differentiable in ``log_prob`` only (the other
+    inputs are treated as constants, as verl's trainers use them)."""
+
+    @staticmethod
+    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options):
+        grad = torch.empty(log_prob.shape, dtype=log_prob.dtype, device=log_prob.device)
+        out = torch.empty(len(STATS), dtype=torch.float64, device=log_prob.device)
+        _core.policy_loss(
+            old_log_prob,
+            log_prob.detach(),
+            advantages,
+            response_mask,
+            grad,
+            out,
+            rollout_is_weights=rollout_is_weights,
+            **options,
+        )
+        ctx.save_for_backward(grad)
+        loss = out[0].to(log_prob.dtype)
+        metrics = out[1:]
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None, None
+
+
+def policy_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    mode: str,
+    loss_agg_mode: str = "token-mean",
+    clip_ratio: float = 0.2,
+    clip_ratio_low: Optional[float] = None,
+    clip_ratio_high: Optional[float] = None,
+    clip_ratio_c: float = 3.0,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    dp_size: Number = 1,
+    batch_num_tokens: Optional[Number] = None,
+    global_batch_size: Optional[Number] = None,
+    loss_scale_factor: Optional[Number] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LUSPO / GSPO / vanilla (PPO, GRPO) policy loss, fused.
+
+    Per token, with ``d = log_prob - old_log_prob``, ``A`` the advantage and
+    ``clip(x) = clamp(x, 1 - clip_ratio_low, 1 + clip_ratio_high)``:
+
+    * ``"vanilla"``: ``r = exp(clamp(d, -20, 20))``,
+      ``l = max(-A r, -A clip(r))``, and ``l = min(l, -A clip_ratio_c)`` where ``A < 0``;
+    * ``"gspo"``: ``s_i = exp(sum_t m d / max(L_i, 1))`` per sequence, token ratio
+      ``s_it = exp(min(lp - sg(lp) + sg(log s_i), 10))``, ``l = max(-A s_it, -A clip(s_it))``;
+    * ``"luspo"``: GSPO's token loss aggregated ``seq-mean-token-sum`` whatever
+      ``loss_agg_mode`` says, i.e. ``J = 1/G sum_i L_i min(s_i A_i, clip(s_i) A_i)``
+      for sequence-level advantages: each sequence weighted by its length ``L_i``.
+
+    Each token loss is multiplied by ``rollout_is_weights`` if given, then
+    aggregated as verl's ``agg_loss(loss_agg_mode, dp_size, batch_num_tokens,
+    global_batch_size, loss_scale_factor)``.
+
+    Args:
+        old_log_prob, log_prob: ``(B, T)`` float tensors (float32/64, bfloat16, float16).
+        advantages: ``(B, T)``, or ``(B,)`` / ``(B, 1)`` per sequence.
+        response_mask: ``(B, T)`` bool, integer or float mask.
+        rollout_is_weights: optional, shaped like ``advantages``.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` is a scalar in ``log_prob``'s dtype,
+        differentiable in ``log_prob``; ``metrics`` maps ``"pg_clipfrac"``,
+        ``"ppo_kl"``, ``"pg_clipfrac_lower"`` to 0-d float64 tensors (verl's metrics).
+    """
+    if not isinstance(log_prob, torch.Tensor):
+        raise TypeError(f"log_prob: expected a torch.Tensor, got {type(log_prob).__name__}")
+    options = dict(
+        mode=mode,
+        loss_agg_mode=loss_agg_mode,
+        clip_ratio=_as_float("clip_ratio", clip_ratio),
+        clip_ratio_low=_as_float("clip_ratio_low", clip_ratio_low),
+        clip_ratio_high=_as_float("clip_ratio_high", clip_ratio_high),
+        clip_ratio_c=_as_float("clip_ratio_c", clip_ratio_c),
+        dp_size=_as_float("dp_size", dp_size),
+        batch_num_tokens=_as_float("batch_num_tokens", batch_num_tokens),
+        global_batch_size=_as_float("global_batch_size", global_batch_size),
+        loss_scale_factor=_as_float("loss_scale_factor", loss_scale_factor),
+    )
+    weights = None if rollout_is_weights is None else _as_tensor("rollout_is_weights", rollout_is_weights)
+    loss, metrics = PolicyLossFunction.apply(
+        log_prob,
+        _as_tensor("old_log_prob", old_log_prob),
+        _as_tensor("advantages", advantages),
+        _as_tensor("response_mask", response_mask),
+        weights,
+        options,
+    )
+    return loss, dict(zip(STATS[1:], metrics.unbind()))
+
+
+class AggLossFunction(torch.autograd.Function):
+    """verl's ``agg_loss``; differentiable in ``loss_mat``."""
+
+    @staticmethod
+    def forward(ctx, loss_mat, loss_mask, loss_agg_mode, options):
+        grad = torch.empty(loss_mat.shape, dtype=loss_mat.dtype, device=loss_mat.device)
+        loss = _core.agg_loss(loss_mat.detach(), loss_mask, grad, loss_agg_mode, **options)
+        ctx.save_for_backward(grad)
+        return torch.tensor(loss, dtype=loss_mat.dtype, device=loss_mat.device)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None
+
+
+def agg_loss(
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    *,
+    dp_size: Number = 1,
+    batch_num_tokens: Optional[Number] = None,
+    global_batch_size: Optional[Number] = None,
+    loss_scale_factor: Optional[Number] = None,
+) -> torch.Tensor:
+    """Aggregates a ``(B, T)`` loss matrix into a scalar exactly as verl's
+    ``agg_loss``, with ``L_i = sum_t m_it``:
+
+    * ``token-mean``: ``sum(l m) / batch_num_tokens * dp_size`` (default ``sum(m)``);
+    * ``token-sum``: ``sum(l m) * dp_size``;
+    * ``seq-mean-token-sum``: ``sum_{i: L_i>0} sum_t l m / global_batch_size * dp_size``
+      (default ``global_batch_size`` = rows with ``L_i > 0``);
+    * ``seq-mean-token-mean``: as above with each row divided by ``L_i + 1e-8``;
+    * ``seq-mean-token-sum-norm``: ``seq-mean-token-sum / loss_scale_factor`` (default ``T``).
+
+    Returns a scalar in ``loss_mat``'s dtype, differentiable in ``loss_mat``.
+    """
+    if not isinstance(loss_mat, torch.Tensor):
+        raise TypeError(f"loss_mat: expected a torch.Tensor, got {type(loss_mat).__name__}")
+    options = dict(
+        dp_size=_as_float("dp_size", dp_size),
+        batch_num_tokens=_as_float("batch_num_tokens", batch_num_tokens),
+        global_batch_size=_as_float("global_batch_size", global_batch_size),
+        loss_scale_factor=_as_float("loss_scale_factor", loss_scale_factor),
+    )
+    return AggLossFunction.apply(loss_mat, _as_tensor("loss_mask", loss_mask), loss_agg_mode, options)

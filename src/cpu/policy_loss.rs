@@ -1,0 +1,260 @@
+//! The fused policy loss on the CPU: one pass per row computes the loss
+//! terms, verl's metrics and `d loss / d log_prob`.
+//!
+//! Per token, with `d = lp - old`, `A` the advantage, `w` the rollout IS
+//! weight, `[lo, hi] = [1 - clip_ratio_low, 1 + clip_ratio_high]`:
+//!
+//! * vanilla: `r = exp(clamp(d, -20, 20))`, `l = max(-A r, -A clip(r, lo, hi))`,
+//!   and where `A < 0`, `l = min(l, -A c)`;
+//! * GSPO / LUSPO: `s_i = exp(min(sum_t m d / max(L_i, 1), 10))` per row, and the
+//!   token ratio `s_it = exp(min(lp - sg(lp) + sg(log s_i), 10))` equals `s_i` in
+//!   value with `d s_it / d lp_it = s_it` (0 where the clamp at 10 bites);
+//!   `l = max(-A s_it, -A clip(s_it, lo, hi))`.
+//!
+//! Gradients follow torch's conventions exactly: `clamp` passes the gradient
+//! on its closed interval, `maximum`/`minimum` split it in half on ties.
+//! The token loss is `w * l`; the aggregation multiplies `m * l` by the row
+//! coefficient of [`AggPlan`], which is also the gradient's factor.
+
+use super::{mask_totals, min_rows_per_task};
+use crate::policy::{PolicyLossOutput, PolicyLossProblem};
+use crate::spec::{AggPlan, Clip, LossMode};
+use crate::tensor::Real;
+use rayon::prelude::*;
+
+/// One token's loss, its derivative in `lp`, and the metric flags.
+#[derive(Clone, Copy)]
+struct Tok<F> {
+    loss: F,
+    dloss: F,
+    clipped: bool,
+    lower: bool,
+}
+
+/// `torch.clamp(x, lo, hi)`: NaN stays NaN; the second value says whether
+/// the gradient passes (closed interval, false for NaN).
+#[inline(always)]
+fn clamp<F: Real>(x: F, lo: F, hi: F) -> (F, bool) {
+    if x < lo {
+        (lo, false)
+    } else if x > hi {
+        (hi, false)
+    } else {
+        (x, x == x)
+    }
+}
+
+/// `torch.maximum(a, b)` with its gradient: NaN propagates, ties split.
+#[inline(always)]
+fn maximum<F: Real>(a: F, da: F, b: F, db: F) -> (F, F) {
+    if a > b {
+        (a, da)
+    } else if b > a {
+        (b, db)
+    } else if a == b {
+        (a, (da + db) * F::of(0.5))
+    } else {
+        (F::nan(), da + db)
+    }
+}
+
+/// `torch.minimum(a, b)` with its gradient: NaN propagates, ties split.
+#[inline(always)]
+fn minimum<F: Real>(a: F, da: F, b: F, db: F) -> (F, F) {
+    if a < b {
+        (a, da)
+    } else if b < a {
+        (b, db)
+    } else if a == b {
+        (a, (da + db) * F::of(0.5))
+    } else {
+        (F::nan(), da + db)
+    }
+}
+
+/// The clip bounds in the compute type.
+#[derive(Clone, Copy)]
+struct Bounds<F> {
+    lo: F,
+    hi: F,
+    c: F,
+}
+
+impl<F: Real> Bounds<F> {
+    fn new(c: &Clip) -> Self {
+        Bounds { lo: F::of(1.0 - c.low), hi: F::of(1.0 + c.high), c: F::of(c.c) }
+    }
+}
+
+/// `max(-A r, -A clip(r))` given the ratio `r` and `dr = d r / d lp`.
+#[inline(always)]
+fn clipped_surrogate<F: Real>(a: F, r: F, dr: F, b: &Bounds<F>) -> (F, F, bool) {
+    let na = -a;
+    let pl1 = na * r;
+    let (rc, pass) = clamp(r, b.lo, b.hi);
+    let pl2 = na * rc;
+    let (l, dl) = maximum(pl1, na * dr, pl2, if pass { na * dr } else { F::zero() });
+    (l, dl, pl2 > pl1)
+}
+
+/// verl's `compute_policy_loss_vanilla` for one token; also returns the
+/// clamped log-ratio `d` for the `ppo_kl` metric.
+#[inline(always)]
+fn vanilla_token<F: Real>(old: F, lp: F, a: F, b: &Bounds<F>) -> (Tok<F>, F) {
+    let (d, pass) = clamp(lp - old, F::of(-20.0), F::of(20.0));
+    let r = d.exp();
+    let (l1, dl1, clipped) = clipped_surrogate(a, r, if pass { r } else { F::zero() }, b);
+    let pl3 = -a * b.c;
+    let lower = l1 > pl3 && a < F::zero();
+    let (loss, dloss) = if a < F::zero() { minimum(pl3, F::zero(), l1, dl1) } else { (l1, dl1) };
+    (Tok { loss, dloss, clipped, lower }, d)
+}
+
+/// Per-row sums, combined across rows in index order.
+#[derive(Clone, Copy, Default)]
+struct RowStats {
+    /// `sum_t m * w * l` (masked positions skipped or multiplied, see `AggMode::is_seq_mode`).
+    loss: f64,
+    /// `L_i = sum_t m`.
+    tokens: f64,
+    clipped: f64,
+    kl: f64,
+    lower: f64,
+}
+
+/// Per-thread scratch rows.
+struct Scratch<F> {
+    old: Vec<F>,
+    lp: Vec<F>,
+    adv: Vec<F>,
+    mask: Vec<F>,
+    w: Vec<F>,
+    grad: Vec<F>,
+}
+
+impl<F: Real> Scratch<F> {
+    fn new(cols: usize) -> Self {
+        let v = || vec![F::zero(); cols];
+        Scratch { old: v(), lp: v(), adv: v(), mask: v(), w: v(), grad: v() }
+    }
+}
+
+/// Runs the loss on the CPU, writing `d loss / d log_prob` into `p.grad`.
+pub fn policy_loss(p: &PolicyLossProblem) -> PolicyLossOutput {
+    if p.wants_f64() {
+        run::<f64>(p)
+    } else {
+        run::<f32>(p)
+    }
+}
+
+fn run<F: Real>(p: &PolicyLossProblem) -> PolicyLossOutput {
+    let cols = p.log_prob.cols;
+    let totals = p.norm.needs_mask_totals(p.agg).then(|| mask_totals(&p.response_mask));
+    let plan = AggPlan::new(p.agg, &p.norm, totals, cols);
+    let bounds = Bounds::<F>::new(&p.clip);
+
+    let rows: Vec<RowStats> = (0..p.log_prob.rows)
+        .into_par_iter()
+        .with_min_len(min_rows_per_task(cols))
+        .map_init(|| Scratch::<F>::new(cols), |s, i| row(p, &plan, &bounds, i, s))
+        .collect();
+
+    let mut out = PolicyLossOutput::default();
+    let mut tokens = 0.0;
+    for r in &rows {
+        out.loss += plan.row_contribution(r.loss, r.tokens);
+        tokens += r.tokens;
+        out.pg_clipfrac += r.clipped;
+        out.ppo_kl += r.kl;
+        out.pg_clipfrac_lower += r.lower;
+    }
+    // verl's masked_mean: sum / (sum(mask) + 1e-8)
+    let denom = tokens + 1e-8;
+    out.pg_clipfrac /= denom;
+    out.ppo_kl /= denom;
+    out.pg_clipfrac_lower /= denom;
+    out
+}
+
+/// One row: load, reduce what the row needs first (its length, and the
+/// sequence log-ratio for GSPO/LUSPO), then the token pass.
+fn row<F: Real>(p: &PolicyLossProblem, plan: &AggPlan, b: &Bounds<F>, i: usize, s: &mut Scratch<F>) -> RowStats {
+    let old = p.old_log_prob.row(i, &mut s.old);
+    let lp = p.log_prob.row(i, &mut s.lp);
+    let adv = p.advantages.row(i, &mut s.adv);
+    let mask = p.response_mask.row(i, &mut s.mask);
+    let w = p.rollout_is_weights.as_ref().map(|w| w.row(i, &mut s.w));
+    let tokens = super::sum_f64(mask);
+    let coef = F::of(plan.row_coef(tokens));
+    let seq_mode = plan.mode.is_seq_mode();
+
+    let mut st = RowStats { tokens, ..Default::default() };
+    let ctx = RowCtx { mask, w, coef, seq_mode };
+    // SAFETY: row i is written by this task only.
+    unsafe {
+        p.grad.with_row(i, &mut s.grad, |g| match p.mode {
+            LossMode::Vanilla => ctx.token_pass(g, &mut st, |t| vanilla_token(old[t], lp[t], adv[t], b)),
+            LossMode::Gspo | LossMode::Luspo => {
+                // verl: sum(d * m) / clamp(sum(m), min=1), a plain product so NaN propagates.
+                let mut seq = 0.0f64;
+                for t in 0..old.len() {
+                    seq += ((lp[t] - old[t]) * mask[t]).f64();
+                }
+                let log_s = F::of(seq / tokens.max(1.0));
+                let (x, pass) = clamp(log_s, F::neg_infinity(), F::of(10.0));
+                let sr = x.exp();
+                let dsr = if pass { sr } else { F::zero() };
+                ctx.token_pass(g, &mut st, |t| {
+                    // lp - sg(lp) is 0 for finite lp and NaN otherwise, as in torch.
+                    let z = lp[t] - lp[t];
+                    let (r, dr) = if z == F::zero() { (sr, dsr) } else { (F::nan(), F::nan()) };
+                    let (loss, dloss, clipped) = clipped_surrogate(adv[t], r, dr, b);
+                    (Tok { loss, dloss, clipped, lower: false }, lp[t] - old[t])
+                })
+            }
+        })
+    };
+    st
+}
+
+/// What the token pass of one row shares across tokens.
+struct RowCtx<'a, F> {
+    mask: &'a [F],
+    w: Option<&'a [F]>,
+    coef: F,
+    seq_mode: bool,
+}
+
+impl<F: Real> RowCtx<'_, F> {
+    /// Accumulates the row's sums and writes `g[t] = coef * m * w * dl/dlp`
+    /// (0 at masked positions); `tok(t)` gives the token loss and the
+    /// log-ratio used by the `ppo_kl` metric.
+    #[inline(always)]
+    fn token_pass(&self, g: &mut [F], st: &mut RowStats, tok: impl Fn(usize) -> (Tok<F>, F)) {
+        for t in 0..g.len() {
+            let (k, d) = tok(t);
+            let (l, dl) = match self.w {
+                Some(w) => (k.loss * w[t], k.dloss * w[t]),
+                None => (k.loss, k.dloss),
+            };
+            let m = self.mask[t];
+            if m != F::zero() {
+                st.loss += (l * m).f64();
+                st.kl -= (d * m).f64();
+                if k.clipped {
+                    st.clipped += m.f64();
+                }
+                if k.lower {
+                    st.lower += m.f64();
+                }
+                g[t] = self.coef * m * dl;
+            } else {
+                if self.seq_mode {
+                    st.loss += (l * m).f64();
+                }
+                g[t] = F::zero();
+            }
+        }
+    }
+}

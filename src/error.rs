@@ -1,0 +1,46 @@
+//! The one error type of the crate. Every failure names the argument it is
+//! about; `src/lib.rs` maps `Kind::Type` to `TypeError` and `Kind::Value` to
+//! `ValueError`, so nothing reaches Python as a panic.
+
+use std::fmt;
+
+/// Which Python exception an [`Error`] becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Wrong type or dtype of an argument (`TypeError`).
+    Type,
+    /// Wrong value, shape, rank or device of an argument (`ValueError`).
+    Value,
+}
+
+/// An invalid argument: `arg` is the Python name of the argument, `msg` says
+/// what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub kind: Kind,
+    pub arg: &'static str,
+    pub msg: String,
+}
+
+impl Error {
+    /// A `TypeError` about `arg`.
+    pub fn type_error(arg: &'static str, msg: impl Into<String>) -> Self {
+        Error { kind: Kind::Type, arg, msg: msg.into() }
+    }
+
+    /// A `ValueError` about `arg`.
+    pub fn value_error(arg: &'static str, msg: impl Into<String>) -> Self {
+        Error { kind: Kind::Value, arg, msg: msg.into() }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.arg, self.msg)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Result with the crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,464 @@
+//! Typed, read-only and writable views over caller memory described by
+//! DLPack: dtype, shape, stride and device checks, and row loaders that turn
+//! any supported element type into the kernel's compute float.
+//!
+//! Nothing here copies a tensor: a row is either borrowed in place (the
+//! dtype is the compute type and the row is contiguous) or converted into a
+//! per-thread scratch row of length `T`.
+
+use crate::error::{Error, Result};
+use dlpark::ffi::{DLDataTypeCode, DLDeviceType};
+use dlpark::TensorRef;
+use half::{bf16, f16};
+use num_traits::Float;
+
+/// Element types the kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F64,
+    F32,
+    BF16,
+    F16,
+    Bool,
+    U8,
+    I8,
+    I16,
+    I32,
+    I64,
+}
+
+impl DType {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::BF16 | DType::F16 | DType::I16 => 2,
+            DType::Bool | DType::U8 | DType::I8 => 1,
+        }
+    }
+
+    /// Whether this is one of the floating-point types.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F64 | DType::F32 | DType::BF16 | DType::F16)
+    }
+
+    /// The torch-style name, for error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F64 => "float64",
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            DType::Bool => "bool",
+            DType::U8 => "uint8",
+            DType::I8 => "int8",
+            DType::I16 => "int16",
+            DType::I32 => "int32",
+            DType::I64 => "int64",
+        }
+    }
+}
+
+/// Where a tensor lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(i32),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// A validated description of one DLPack tensor: data pointer (byte offset
+/// applied), element type, shape and strides in elements.
+#[derive(Debug, Clone)]
+pub struct Desc {
+    pub arg: &'static str,
+    pub ptr: *mut u8,
+    pub dtype: DType,
+    pub device: Device,
+    pub shape: Vec<usize>,
+    pub strides: Vec<isize>,
+    pub read_only: bool,
+}
+
+// SAFETY: a `Desc` is plain metadata plus the address of memory its Python
+// owner keeps alive for the whole call; kernels only read it, or write rows
+// that no other task touches.
+unsafe impl Send for Desc {}
+unsafe impl Sync for Desc {}
+
+impl Desc {
+    /// Reads a DLPack descriptor. `arg` is the Python argument name used in
+    /// every error about it.
+    pub fn from_dlpack(arg: &'static str, t: &TensorRef<'_>, read_only: bool) -> Result<Self> {
+        let dt = t.dtype();
+        if dt.lanes != 1 {
+            return Err(Error::type_error(arg, format!("vector dtypes (lanes={}) are not supported", dt.lanes)));
+        }
+        let dtype = match (dt.code, dt.bits) {
+            (DLDataTypeCode::FLOAT, 64) => DType::F64,
+            (DLDataTypeCode::FLOAT, 32) => DType::F32,
+            (DLDataTypeCode::FLOAT, 16) => DType::F16,
+            (DLDataTypeCode::BFLOAT, 16) => DType::BF16,
+            (DLDataTypeCode::BOOL, 8) => DType::Bool,
+            (DLDataTypeCode::UINT, 8) => DType::U8,
+            (DLDataTypeCode::INT, 8) => DType::I8,
+            (DLDataTypeCode::INT, 16) => DType::I16,
+            (DLDataTypeCode::INT, 32) => DType::I32,
+            (DLDataTypeCode::INT, 64) => DType::I64,
+            (code, bits) => {
+                return Err(Error::type_error(
+                    arg,
+                    format!("unsupported dtype (DLPack code {}, {} bits)", code.0, bits),
+                ))
+            }
+        };
+        let device = match t.device().device_type {
+            DLDeviceType::CPU => Device::Cpu,
+            DLDeviceType::CUDA => Device::Cuda(t.device().device_id),
+            other => {
+                return Err(Error::value_error(
+                    arg,
+                    format!("tensors on DLPack device type {} are not supported (cpu or cuda only)", other.0),
+                ))
+            }
+        };
+        let shape: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
+        let strides: Vec<isize> = t
+            .strides_or_compact()
+            .map_err(|e| Error::value_error(arg, format!("invalid DLPack layout: {e}")))?
+            .iter()
+            .map(|&s| s as isize)
+            .collect();
+        let ptr = (t.data_ptr() as *mut u8).wrapping_add(t.byte_offset() as usize);
+        Ok(Desc { arg, ptr, dtype, device, shape, strides, read_only })
+    }
+
+    /// A contiguous CPU description of caller-owned memory (tests and
+    /// callers that hold plain slices).
+    pub fn from_slice<T: Element>(arg: &'static str, data: &[T], shape: &[usize]) -> Self {
+        assert_eq!(data.len(), shape.iter().product::<usize>(), "slice does not match shape");
+        let mut strides = vec![1isize; shape.len()];
+        for k in (0..shape.len().saturating_sub(1)).rev() {
+            strides[k] = strides[k + 1] * shape[k + 1] as isize;
+        }
+        Desc {
+            arg,
+            ptr: data.as_ptr() as *mut u8,
+            dtype: T::DTYPE,
+            device: Device::Cpu,
+            shape: shape.to_vec(),
+            strides,
+            read_only: true,
+        }
+    }
+
+    /// Like [`Desc::from_slice`] for an output buffer.
+    pub fn from_mut_slice<T: Element>(arg: &'static str, data: &mut [T], shape: &[usize]) -> Self {
+        let mut d = Self::from_slice(arg, data, shape);
+        d.read_only = false;
+        d
+    }
+
+    /// Requires a floating-point dtype.
+    pub fn expect_float(&self) -> Result<()> {
+        if self.dtype.is_float() {
+            Ok(())
+        } else {
+            Err(Error::type_error(
+                self.arg,
+                format!("expected a floating-point tensor (float32, float64, bfloat16, float16), got {}", self.dtype.name()),
+            ))
+        }
+    }
+
+    /// Views a rank-2 `(rows, cols)` tensor.
+    pub fn matrix(&self) -> Result<Mat> {
+        if self.shape.len() != 2 {
+            return Err(Error::value_error(
+                self.arg,
+                format!("expected a 2-D (batch, response_length) tensor, got shape {:?}", self.shape),
+            ));
+        }
+        Ok(Mat { desc: self.clone(), rows: self.shape[0], cols: self.shape[1], rs: self.strides[0], cs: self.strides[1] })
+    }
+
+    /// Views a tensor of shape `(rows, cols)`, `(rows,)` or `(rows, 1)` as
+    /// `(rows, cols)`; per-row shapes are broadcast along the row with a zero
+    /// column stride, as `Tensor.expand` would.
+    pub fn matrix_or_per_row(&self, rows: usize, cols: usize) -> Result<Mat> {
+        let (rs, cs) = match self.shape.as_slice() {
+            [r, c] if *r == rows && *c == cols => (self.strides[0], self.strides[1]),
+            [r, 1] if *r == rows => (self.strides[0], 0),
+            [r] if *r == rows => (self.strides[0], 0),
+            _ => {
+                return Err(Error::value_error(
+                    self.arg,
+                    format!(
+                        "shape {:?} does not match log_prob: expected ({rows}, {cols}), ({rows},) or ({rows}, 1)",
+                        self.shape
+                    ),
+                ))
+            }
+        };
+        Ok(Mat { desc: self.clone(), rows, cols, rs, cs })
+    }
+
+    /// Requires exactly `shape`.
+    pub fn expect_shape(&self, shape: &[usize], like: &str) -> Result<()> {
+        if self.shape != shape {
+            return Err(Error::value_error(
+                self.arg,
+                format!("shape {:?} does not match {like} shape {:?}", self.shape, shape),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Scalar types that can be read from a tensor.
+pub trait Element: Copy + Send + Sync + 'static {
+    const DTYPE: DType;
+}
+macro_rules! element {
+    ($($t:ty => $d:ident),*) => { $(impl Element for $t { const DTYPE: DType = DType::$d; })* };
+}
+element!(f64 => F64, f32 => F32, bf16 => BF16, f16 => F16, bool => Bool, u8 => U8, i8 => I8, i16 => I16, i32 => I32, i64 => I64);
+
+/// The float the kernels compute in: `f32` for 16/32-bit inputs, `f64` when
+/// an input is float64.
+pub trait Real: Float + Send + Sync + Default + std::fmt::Debug + 'static {
+    /// The DLPack dtype of this float.
+    const DTYPE: DType;
+    /// Converts an `f64` (rounding to nearest).
+    fn of(v: f64) -> Self;
+    /// Widens to `f64`.
+    fn f64(self) -> f64;
+    /// Reads element `k` of a `dtype` buffer and converts it.
+    ///
+    /// # Safety
+    /// `p` must point at a live element of type `dtype`.
+    unsafe fn read(p: *const u8, dtype: DType) -> Self;
+    /// Converts and stores into a `dtype` buffer.
+    ///
+    /// # Safety
+    /// `p` must point at a writable element of type `dtype`, a float type.
+    unsafe fn write(self, p: *mut u8, dtype: DType);
+}
+
+macro_rules! real_impl {
+    ($t:ty, $d:ident, $from_f32:expr, $from_f64:expr) => {
+        impl Real for $t {
+            const DTYPE: DType = DType::$d;
+            #[inline(always)]
+            fn of(v: f64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            unsafe fn read(p: *const u8, dtype: DType) -> Self {
+                let f: fn(f32) -> $t = $from_f32;
+                let g: fn(f64) -> $t = $from_f64;
+                match dtype {
+                    DType::F64 => g(*(p as *const f64)),
+                    DType::F32 => f(*(p as *const f32)),
+                    DType::BF16 => f((*(p as *const bf16)).to_f32()),
+                    DType::F16 => f((*(p as *const f16)).to_f32()),
+                    DType::Bool | DType::U8 => f(*p as f32),
+                    DType::I8 => f(*(p as *const i8) as f32),
+                    DType::I16 => f(*(p as *const i16) as f32),
+                    DType::I32 => g(*(p as *const i32) as f64),
+                    DType::I64 => g(*(p as *const i64) as f64),
+                }
+            }
+            #[inline(always)]
+            unsafe fn write(self, p: *mut u8, dtype: DType) {
+                match dtype {
+                    DType::F64 => *(p as *mut f64) = self as f64,
+                    DType::F32 => *(p as *mut f32) = self as f32,
+                    DType::BF16 => *(p as *mut bf16) = bf16::from_f64(self as f64),
+                    DType::F16 => *(p as *mut f16) = f16::from_f64(self as f64),
+                    _ => unreachable!("outputs are validated to be floating point"),
+                }
+            }
+        }
+    };
+}
+real_impl!(f32, F32, |v| v, |v| v as f32);
+real_impl!(f64, F64, |v| v as f64, |v| v);
+
+/// A read-only `(rows, cols)` view with element strides (a zero column
+/// stride broadcasts one value per row).
+#[derive(Debug, Clone)]
+pub struct Mat {
+    pub desc: Desc,
+    pub rows: usize,
+    pub cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+impl Mat {
+    #[inline(always)]
+    fn row_ptr(&self, i: usize) -> *const u8 {
+        self.desc.ptr.wrapping_offset(i as isize * self.rs * self.desc.dtype.size() as isize)
+    }
+
+    /// Row `i` as `F`: borrowed in place when it already is a contiguous `F`
+    /// row, otherwise converted into `scratch` (length `cols`).
+    #[inline]
+    pub fn row<'s, F: Real>(&'s self, i: usize, scratch: &'s mut [F]) -> &'s [F] {
+        debug_assert!(i < self.rows && scratch.len() == self.cols);
+        let p = self.row_ptr(i);
+        let size = self.desc.dtype.size() as isize;
+        unsafe {
+            if self.desc.dtype == F::DTYPE && self.cs == 1 {
+                return std::slice::from_raw_parts(p as *const F, self.cols);
+            }
+            if self.cs == 0 {
+                scratch.fill(F::read(p, self.desc.dtype));
+            } else if self.cs == 1 {
+                load_contiguous(p, self.desc.dtype, scratch);
+            } else {
+                for (j, s) in scratch.iter_mut().enumerate() {
+                    *s = F::read(p.wrapping_offset(j as isize * self.cs * size), self.desc.dtype);
+                }
+            }
+        }
+        scratch
+    }
+
+    /// Whether the view reads a single value per row.
+    pub fn is_per_row(&self) -> bool {
+        self.cs == 0
+    }
+}
+
+/// Converts a contiguous run of `dtype` elements; a monomorphised loop per
+/// dtype so each one vectorises.
+#[inline]
+unsafe fn load_contiguous<F: Real>(p: *const u8, dtype: DType, out: &mut [F]) {
+    #[inline(always)]
+    unsafe fn conv<T: Copy, F: Real>(p: *const u8, out: &mut [F], f: impl Fn(T) -> F) {
+        let src = std::slice::from_raw_parts(p as *const T, out.len());
+        for (o, &s) in out.iter_mut().zip(src) {
+            *o = f(s);
+        }
+    }
+    match dtype {
+        DType::F64 => conv(p, out, |v: f64| F::of(v)),
+        DType::F32 => conv(p, out, |v: f32| F::of(v as f64)),
+        DType::BF16 => conv(p, out, |v: bf16| F::of(v.to_f32() as f64)),
+        DType::F16 => conv(p, out, |v: f16| F::of(v.to_f32() as f64)),
+        DType::Bool | DType::U8 => conv(p, out, |v: u8| F::of(v as f64)),
+        DType::I8 => conv(p, out, |v: i8| F::of(v as f64)),
+        DType::I16 => conv(p, out, |v: i16| F::of(v as f64)),
+        DType::I32 => conv(p, out, |v: i32| F::of(v as f64)),
+        DType::I64 => conv(p, out, |v: i64| F::of(v as f64)),
+    }
+}
+
+/// A writable `(rows, cols)` float view; rows are handed to one task each.
+#[derive(Debug, Clone)]
+pub struct MatMut {
+    pub desc: Desc,
+    pub rows: usize,
+    pub cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+impl MatMut {
+    /// Views a writable floating-point tensor of exactly `(rows, cols)`.
+    pub fn new(desc: &Desc, rows: usize, cols: usize, like: &str) -> Result<Self> {
+        if desc.read_only {
+            return Err(Error::value_error(desc.arg, "the output buffer is read-only"));
+        }
+        desc.expect_float()?;
+        desc.expect_shape(&[rows, cols], like)?;
+        Ok(MatMut { desc: desc.clone(), rows, cols, rs: desc.strides[0], cs: desc.strides[1] })
+    }
+
+    /// Hands row `i` to `f` as a mutable `F` slice (the buffer itself when it
+    /// is a contiguous `F` row, else `scratch`, stored back after `f`).
+    ///
+    /// # Safety
+    /// No other task may access row `i` at the same time.
+    #[inline]
+    pub unsafe fn with_row<F: Real, R>(&self, i: usize, scratch: &mut [F], f: impl FnOnce(&mut [F]) -> R) -> R {
+        let size = self.desc.dtype.size() as isize;
+        let p = self.desc.ptr.wrapping_offset(i as isize * self.rs * size);
+        if self.desc.dtype == F::DTYPE && self.cs == 1 {
+            return f(std::slice::from_raw_parts_mut(p as *mut F, self.cols));
+        }
+        let r = f(scratch);
+        for (j, &v) in scratch.iter().enumerate() {
+            v.write(p.wrapping_offset(j as isize * self.cs * size), self.desc.dtype);
+        }
+        r
+    }
+}
+
+/// All `descs` must be on `device`; the error names the first that is not.
+pub fn same_device(device: Device, descs: &[&Desc]) -> Result<()> {
+    for d in descs {
+        if d.device != device {
+            return Err(Error::value_error(
+                d.arg,
+                format!("is on {} but log_prob is on {device}; all tensors must be on one device", d.device),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_row_broadcasts_and_strided_rows_load() {
+        let a = [1.0f32, 2.0, 3.0];
+        let m = Desc::from_slice("advantages", &a, &[3]).matrix_or_per_row(3, 4).unwrap();
+        assert!(m.is_per_row());
+        let mut s = vec![0.0f64; 4];
+        assert_eq!(m.row(1, &mut s), &[2.0, 2.0, 2.0, 2.0]);
+
+        let b: Vec<i64> = (0..6).collect();
+        let mut d = Desc::from_slice("response_mask", &b, &[3, 2]);
+        // transpose: view (2, 3) with strides (1, 2)
+        d.shape = vec![2, 3];
+        d.strides = vec![1, 2];
+        let m = d.matrix().unwrap();
+        let mut s = vec![0.0f32; 3];
+        assert_eq!(m.row(1, &mut s), &[1.0, 3.0, 5.0]);
+    }
+
+    #[test]
+    fn shape_errors_name_the_argument() {
+        let a = [0.0f32; 6];
+        let e = Desc::from_slice("advantages", &a, &[6]).matrix_or_per_row(2, 3).unwrap_err();
+        assert_eq!(e.arg, "advantages");
+        let e = Desc::from_slice("log_prob", &a, &[6]).matrix().unwrap_err();
+        assert_eq!(e.arg, "log_prob");
+    }
+
+    #[test]
+    fn bf16_rows_convert() {
+        let a: Vec<bf16> = [1.5f32, -2.0].iter().map(|&v| bf16::from_f32(v)).collect();
+        let m = Desc::from_slice("log_prob", &a, &[1, 2]).matrix().unwrap();
+        let mut s = vec![0.0f32; 2];
+        assert_eq!(m.row(0, &mut s), &[1.5, -2.0]);
+    }
+}
