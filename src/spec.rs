@@ -193,6 +193,18 @@ pub struct MaskTotals {
     pub rows: f64,
 }
 
+/// `sum + 1e-8` as verl computes it: torch adds the epsilon in the mask's
+/// float type, which is float32 (the default dtype) for bool and integer
+/// masks, so only a float64 mask keeps the epsilon of a large count.
+#[inline]
+pub fn plus_eps(sum: f64, mask_is_f64: bool) -> f64 {
+    if mask_is_f64 {
+        sum + 1e-8
+    } else {
+        ((sum as f32) + 1e-8f32) as f64
+    }
+}
+
 /// The aggregation resolved to numbers: the loss is
 /// `sum_i coef(L_i) * sum_t m_it * l_it` (rows with `L_i = 0` dropped in
 /// sequence modes), so `d loss / d l_it = coef(L_i) * m_it`.
@@ -201,12 +213,14 @@ pub struct AggPlan {
     pub mode: AggMode,
     /// The factor every row shares (`dp / N`, `dp`, `dp / G`, `dp / G / lsf`).
     scale: f64,
+    /// Whether the mask is float64 (see [`plus_eps`]).
+    mask_is_f64: bool,
 }
 
 impl AggPlan {
     /// Resolves the normalisers; `totals` must be given when
     /// [`Normalizers::needs_mask_totals`] says so, `cols` is `T`.
-    pub fn new(mode: AggMode, norm: &Normalizers, totals: Option<MaskTotals>, cols: usize) -> Self {
+    pub fn new(mode: AggMode, norm: &Normalizers, totals: Option<MaskTotals>, cols: usize, mask_is_f64: bool) -> Self {
         let t = totals.unwrap_or_default();
         let scale = match mode {
             AggMode::TokenMean => norm.dp_size / norm.batch_num_tokens.unwrap_or(t.tokens),
@@ -218,31 +232,51 @@ impl AggPlan {
                 norm.dp_size / norm.global_batch_size.unwrap_or(t.rows) / norm.loss_scale_factor.unwrap_or(cols as f64)
             }
         };
-        AggPlan { mode, scale }
+        AggPlan { mode, scale, mask_is_f64 }
     }
 
-    /// `coef(L_i)`: the weight of `m_it * l_it` in the loss for a row whose
-    /// mask sums to `row_tokens`.
+    /// The per-row factor before the shared scale: 1, or `1 / (L_i + 1e-8)`
+    /// for `seq-mean-token-mean`, and 0 for empty rows in sequence modes.
     #[inline]
-    pub fn row_coef(&self, row_tokens: f64) -> f64 {
+    fn row_weight(&self, row_tokens: f64) -> f64 {
         match self.mode {
-            AggMode::TokenMean | AggMode::TokenSum => self.scale,
+            AggMode::TokenMean | AggMode::TokenSum => 1.0,
             _ if row_tokens <= 0.0 => 0.0,
-            AggMode::SeqMeanTokenMean => self.scale / (row_tokens + 1e-8),
-            _ => self.scale,
+            AggMode::SeqMeanTokenMean => 1.0 / plus_eps(row_tokens, self.mask_is_f64),
+            _ => 1.0,
         }
     }
 
-    /// A row's contribution to the loss, given `sum_t m*l` and `L_i`:
-    /// sequence modes drop empty rows even when their sum is NaN (verl's
-    /// `masked_sum` over the sequence mask).
+    /// `coef(L_i)`: the weight of `m_it * l_it` in the loss for a row whose
+    /// mask sums to `row_tokens`, hence the gradient factor of its tokens.
+    #[inline]
+    pub fn row_coef(&self, row_tokens: f64) -> f64 {
+        let w = self.row_weight(row_tokens);
+        if w == 0.0 {
+            0.0
+        } else {
+            self.scale * w
+        }
+    }
+
+    /// A row's share of the loss before the shared scale, given `sum_t m*l`
+    /// and `L_i`: sequence modes drop empty rows even when their sum is NaN
+    /// (verl's `masked_sum` over the sequence mask).
     #[inline]
     pub fn row_contribution(&self, row_sum: f64, row_tokens: f64) -> f64 {
         if self.mode.is_seq_mode() && row_tokens <= 0.0 {
             0.0
         } else {
-            self.row_coef(row_tokens) * row_sum
+            self.row_weight(row_tokens) * row_sum
         }
+    }
+
+    /// The loss from the sum of [`AggPlan::row_contribution`]s, in row
+    /// order. Applying the shared scale last keeps verl's `0 / 0 = NaN` when
+    /// every row is empty and the count was taken from the mask.
+    #[inline]
+    pub fn finish(&self, total: f64) -> f64 {
+        total * self.scale
     }
 }
 
@@ -291,12 +325,14 @@ mod tests {
     fn row_coefficients() {
         let n = Normalizers::default();
         let t = Some(MaskTotals { tokens: 10.0, rows: 4.0 });
-        assert_eq!(AggPlan::new(AggMode::TokenMean, &n, t, 8).row_coef(3.0), 0.1);
-        assert_eq!(AggPlan::new(AggMode::SeqMeanTokenSum, &n, t, 8).row_coef(3.0), 0.25);
-        assert_eq!(AggPlan::new(AggMode::SeqMeanTokenSum, &n, t, 8).row_coef(0.0), 0.0);
-        assert_eq!(AggPlan::new(AggMode::SeqMeanTokenSumNorm, &n, t, 8).row_coef(3.0), 0.25 / 8.0);
-        let p = AggPlan::new(AggMode::SeqMeanTokenMean, &n, t, 8);
-        assert!((p.row_coef(2.0) - 0.125).abs() < 1e-9);
+        assert_eq!(AggPlan::new(AggMode::TokenMean, &n, t, 8, false).row_coef(3.0), 0.1);
+        assert_eq!(AggPlan::new(AggMode::SeqMeanTokenSum, &n, t, 8, false).row_coef(3.0), 0.25);
+        assert_eq!(AggPlan::new(AggMode::SeqMeanTokenSum, &n, t, 8, false).row_coef(0.0), 0.0);
+        assert_eq!(AggPlan::new(AggMode::SeqMeanTokenSumNorm, &n, t, 8, false).row_coef(3.0), 0.25 / 8.0);
+        let p = AggPlan::new(AggMode::SeqMeanTokenMean, &n, t, 8, false);
+        assert_eq!(p.row_coef(2.0), 0.125);
+        let p64 = AggPlan::new(AggMode::SeqMeanTokenMean, &n, t, 8, true);
+        assert_eq!(p64.row_coef(2.0), 0.25 / (2.0 + 1e-8));
         assert_eq!(p.row_contribution(f64::NAN, 0.0), 0.0);
     }
 }

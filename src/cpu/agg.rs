@@ -50,7 +50,7 @@ pub fn agg_loss(p: &AggProblem) -> f64 {
 fn run<F: Real>(p: &AggProblem) -> f64 {
     let cols = p.loss_mat.cols;
     let totals = p.norm.needs_mask_totals(p.agg).then(|| mask_totals(&p.loss_mask));
-    let plan = AggPlan::new(p.agg, &p.norm, totals, cols);
+    let plan = AggPlan::new(p.agg, &p.norm, totals, cols, p.loss_mask.desc.dtype == crate::tensor::DType::F64);
     let seq_mode = p.agg.is_seq_mode();
     let rows: Vec<(f64, f64)> = (0..p.loss_mat.rows)
         .into_par_iter()
@@ -78,5 +78,5 @@ fn run<F: Real>(p: &AggProblem) -> f64 {
             },
         )
         .collect();
-    rows.iter().map(|&(s, l)| plan.row_contribution(s, l)).sum()
+    plan.finish(rows.iter().map(|&(s, l)| plan.row_contribution(s, l)).sum())
 }

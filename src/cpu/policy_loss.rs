@@ -12,14 +12,14 @@
 //!   `l = max(-A s_it, -A clip(s_it, lo, hi))`.
 //!
 //! Gradients follow torch's conventions exactly: `clamp` passes the gradient
-//! on its closed interval, `maximum`/`minimum` split it in half on ties.
+//! strictly inside its bounds, `maximum`/`minimum` split it in half on ties.
 //! The token loss is `w * l`; the aggregation multiplies `m * l` by the row
 //! coefficient of [`AggPlan`], which is also the gradient's factor.
 
 use super::{mask_totals, min_rows_per_task};
 use crate::policy::{PolicyLossOutput, PolicyLossProblem};
-use crate::spec::{AggPlan, Clip, LossMode};
-use crate::tensor::Real;
+use crate::spec::{plus_eps, AggPlan, Clip, LossMode};
+use crate::tensor::{DType, Real};
 use rayon::prelude::*;
 
 /// One token's loss, its derivative in `lp`, and the metric flags.
@@ -32,7 +32,9 @@ struct Tok<F> {
 }
 
 /// `torch.clamp(x, lo, hi)`: NaN stays NaN; the second value says whether
-/// the gradient passes (closed interval, false for NaN).
+/// the gradient passes. torch (2.15, the version pinned for the tests)
+/// passes it on the open interval only: a value sitting exactly on a bound
+/// gets none, and neither does NaN.
 #[inline(always)]
 fn clamp<F: Real>(x: F, lo: F, hi: F) -> (F, bool) {
     if x < lo {
@@ -40,7 +42,7 @@ fn clamp<F: Real>(x: F, lo: F, hi: F) -> (F, bool) {
     } else if x > hi {
         (hi, false)
     } else {
-        (x, x == x)
+        (x, x > lo && x < hi)
     }
 }
 
@@ -151,7 +153,8 @@ pub fn policy_loss(p: &PolicyLossProblem) -> PolicyLossOutput {
 fn run<F: Real>(p: &PolicyLossProblem) -> PolicyLossOutput {
     let cols = p.log_prob.cols;
     let totals = p.norm.needs_mask_totals(p.agg).then(|| mask_totals(&p.response_mask));
-    let plan = AggPlan::new(p.agg, &p.norm, totals, cols);
+    let mask_is_f64 = p.response_mask.desc.dtype == DType::F64;
+    let plan = AggPlan::new(p.agg, &p.norm, totals, cols, mask_is_f64);
     let bounds = Bounds::<F>::new(&p.clip);
 
     let rows: Vec<RowStats> = (0..p.log_prob.rows)
@@ -170,7 +173,8 @@ fn run<F: Real>(p: &PolicyLossProblem) -> PolicyLossOutput {
         out.pg_clipfrac_lower += r.lower;
     }
     // verl's masked_mean: sum / (sum(mask) + 1e-8)
-    let denom = tokens + 1e-8;
+    let denom = plus_eps(tokens, mask_is_f64);
+    out.loss = plan.finish(out.loss);
     out.pg_clipfrac /= denom;
     out.ppo_kl /= denom;
     out.pg_clipfrac_lower /= denom;

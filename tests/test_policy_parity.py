@@ -1,0 +1,188 @@
+"""Parity of luspo_rs.policy_loss with verl 0.9.1's own policy losses: the
+loss, the gradient through ``loss.backward()`` and the metrics, for every
+mode x aggregation x dtype x IS weights x shape case."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import AGG_MODES, MODES, assert_close, make_batch, verl_reference
+
+import luspo_rs
+
+CASES = {
+    "B1": dict(B=1, T=7),
+    "T1": dict(B=5, T=1),
+    "odd_T_with_empty_and_full_rows": dict(B=7, T=33, empty_rows=(2,), full_rows=(0, 5)),
+    "far_from_1_clipped": dict(B=8, T=64, spread=3.0),
+    "per_sequence_advantages": dict(B=6, T=17, per_seq_adv=True, spread=1.0),
+}
+CLIP = dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+
+
+def ours(mode, old, lp, adv, mask, agg, weights=None, **kw):
+    x = lp.detach().clone().requires_grad_(True)
+    loss, metrics = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, loss_agg_mode=agg, rollout_is_weights=weights, **kw)
+    loss.backward()
+    return loss.detach(), x.grad, metrics
+
+
+def compare(mode, old, lp, adv, mask, agg, dtype, weights=None, ref_adv=None, ref_weights=None, **kw):
+    kw = {**CLIP, **kw}
+    ref_loss, ref_grad, ref_metrics = verl_reference(
+        mode, old, lp, adv if ref_adv is None else ref_adv, mask, agg,
+        weights if ref_weights is None else ref_weights, **kw
+    )
+    loss, grad, metrics = ours(mode, old, lp, adv, mask, agg, weights, **kw)
+    assert loss.dtype == lp.dtype and grad.dtype == lp.dtype
+    assert_close(loss, ref_loss, dtype=dtype, what="loss")
+    assert_close(grad, ref_grad, dtype=dtype, what="grad")
+    for k, v in ref_metrics.items():
+        assert metrics[k].item() == pytest.approx(v, abs=1e-6, nan_ok=True), k
+    return loss, grad
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("with_weights", [False, True], ids=["no_is", "is_weights"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_verl(mode, agg, dtype, with_weights, case):
+    spec = dict(CASES[case])
+    B, T = spec.pop("B"), spec.pop("T")
+    old, lp, adv, mask = make_batch(B, T, dtype=dtype, seed=hash((mode, agg, case)) % 1000, **spec)
+    weights = None
+    if with_weights:
+        weights = (0.5 + torch.rand(B, T, generator=torch.Generator().manual_seed(7), dtype=torch.float64)).to(dtype)
+    ref_adv = adv[:, None].expand(B, T) if adv.dim() == 1 else None
+    compare(mode, old, lp, adv, mask, agg, dtype, weights, ref_adv=ref_adv)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("mode", MODES)
+def test_global_batch_normalisers_match_verl(mode, agg):
+    old, lp, adv, mask = make_batch(9, 40, seed=3, empty_rows=(4,))
+    compare(mode, old, lp, adv, mask, agg, torch.float32,
+            dp_size=4, batch_num_tokens=1234, global_batch_size=37, loss_scale_factor=512)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_per_sequence_is_weights_broadcast_like_verl(mode):
+    old, lp, adv, mask = make_batch(6, 20, seed=4)
+    w = torch.linspace(0.5, 1.5, 6)
+    compare(mode, old, lp, adv, mask, "token-mean", torch.float32, w, ref_weights=w[:, None].expand(6, 20))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.int32, torch.uint8, torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+def test_mask_dtypes_match_verl(mode, mask_dtype):
+    old, lp, adv, mask = make_batch(5, 23, seed=5, empty_rows=(1,))
+    for agg in AGG_MODES:
+        compare(mode, old, lp, adv, mask.to(mask_dtype), agg, torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_ties_on_the_clip_bound_split_like_torch(mode):
+    # clip_ratio = 0: the clipped ratio equals the ratio exactly when lp == old,
+    # so torch.maximum sees a tie and splits the gradient between its inputs.
+    old = torch.zeros(3, 5, dtype=torch.float64)
+    lp = old.clone()
+    adv = torch.tensor([[1.0, -1.0, 0.5, -2.0, 3.0]] * 3, dtype=torch.float64)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    compare(mode, old, lp, adv, mask, "token-mean", torch.float64, clip_ratio=0.0, clip_ratio_low=0.0, clip_ratio_high=0.0)
+
+
+def test_dual_clip_tie_splits_like_torch():
+    # ratio == clip_ratio_c exactly (exp(1) in double on both sides) with A < 0.
+    c = math.exp(1.0)
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    lp = torch.ones(2, 3, dtype=torch.float64)
+    adv = -torch.ones(2, 3, dtype=torch.float64)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    loss, grad = compare("vanilla", old, lp, adv, mask, "token-mean", torch.float64, clip_ratio_c=c)
+    assert grad.abs().sum() > 0  # the tie gives half the gradient, not none
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("mode", MODES)
+def test_all_rows_masked_matches_verl(mode, agg):
+    # verl divides 0 by 0 here (NaN) in the modes without a given normaliser.
+    old, lp, adv, mask = make_batch(3, 6, seed=6)
+    loss, _ = compare(mode, old, lp, adv, torch.zeros_like(mask), agg, torch.float32)
+    if agg == "token-sum" and mode != "luspo":
+        assert loss.item() == 0.0
+    else:
+        assert math.isnan(loss.item())
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_in_valid_token_propagates_like_verl(mode, agg):
+    old, lp, adv, mask = make_batch(4, 10, seed=8, full_rows=(1,))
+    lp[1, 3] = float("nan")
+    ref_loss, ref_grad, _ = verl_reference(mode, old, lp, adv, mask, agg, **CLIP)
+    loss, grad, _ = ours(mode, old, lp, adv, mask, agg, **CLIP)
+    assert math.isnan(loss.item()) and math.isnan(ref_loss.item())
+    # rows without the NaN keep verl's gradient
+    assert_close(grad[[0, 2, 3]], ref_grad[[0, 2, 3]], dtype=torch.float32, what="grad of clean rows")
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_in_masked_position_matches_verl_loss(mode, agg):
+    # verl's masked_sum drops masked NaNs (token modes); its row sums in
+    # sequence modes multiply by the mask, so a masked NaN poisons the row.
+    old, lp, adv, mask = make_batch(4, 10, seed=9, empty_rows=(3,))
+    mask[0, -1] = False
+    adv[0, -1] = float("nan")
+    adv[3, 0] = float("nan")  # in a fully masked row
+    ref_loss, _, _ = verl_reference(mode, old, lp, adv, mask, agg, **CLIP)
+    loss, grad, _ = ours(mode, old, lp, adv, mask, agg, **CLIP)
+    assert_close(loss, ref_loss, dtype=torch.float32, what="loss")
+    assert grad[~mask].eq(0).all(), "masked positions get a zero gradient"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+def test_half_precision_inputs(mode, dtype):
+    # We compute in fp32 from the half inputs and round only the outputs, so
+    # the reference is verl on the same values upcast to fp32; the tolerance
+    # is the rounding of the outputs to the half type (2^-8 for bf16).
+    old, lp, adv, mask = make_batch(6, 50, dtype=dtype, seed=10, spread=0.5)
+    for agg in AGG_MODES:
+        ref_loss, ref_grad, ref_metrics = verl_reference(mode, old.float(), lp.float(), adv.float(), mask, agg, **CLIP)
+        loss, grad, metrics = ours(mode, old, lp, adv, mask, agg, **CLIP)
+        assert loss.dtype == dtype and grad.dtype == dtype
+        torch.testing.assert_close(loss.float(), ref_loss, rtol=8e-3, atol=1e-5)
+        torch.testing.assert_close(grad.float(), ref_grad.to(dtype).float(), rtol=8e-3, atol=1e-7)
+        for k, v in ref_metrics.items():
+            assert metrics[k].item() == pytest.approx(v, abs=1e-6), k
+        # and verl computing in the half type itself lands near (it rounds every op)
+        ref_half, _, _ = verl_reference(mode, old, lp, adv, mask, agg, **CLIP)
+        torch.testing.assert_close(loss.float(), ref_half.float(), rtol=5e-2, atol=1e-3)
+
+
+def test_luspo_ignores_loss_agg_mode_and_weights_sequences_by_length():
+    # J = 1/G sum_i L_i * l_i for sequence-level advantages: scaling a row's
+    # length scales its share of the loss, unlike GSPO seq-mean-token-mean.
+    B, T = 2, 8
+    old = torch.zeros(B, T)
+    lp = torch.full((B, T), 0.05)
+    adv = torch.tensor([1.0, 1.0])
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, :2] = True
+    mask[1, :8] = True
+    losses = {agg: luspo_rs.policy_loss(old, lp, adv, mask, mode="luspo", loss_agg_mode=agg)[0] for agg in AGG_MODES}
+    assert len({v.item() for v in losses.values()}) == 1
+    s = math.exp(0.05)  # inside [0.8, 1.2]: every token's loss is -A * s = -s
+    assert losses["token-mean"].item() == pytest.approx((2 * -s + 8 * -s) / 2, rel=1e-6)
+
+
+def test_metrics_are_float64_tensors_on_the_input_device():
+    old, lp, adv, mask = make_batch(3, 5)
+    _, metrics = luspo_rs.policy_loss(old, lp, adv, mask, mode="vanilla")
+    assert set(metrics) == {"pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"}
+    for v in metrics.values():
+        assert v.dim() == 0 and v.dtype == torch.float64 and v.device == lp.device and not v.requires_grad
