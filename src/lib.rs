@@ -176,6 +176,108 @@ mod python {
         Ok(py.detach(|| cpu::agg::agg_loss(&problem)))
     }
 
+    /// Group advantages of verl's outcome estimators: writes the B×T
+    /// advantages into `out`. `index` is an integer vector of group labels
+    /// (see `group_ids` for arbitrary Python labels).
+    #[pyfunction]
+    #[pyo3(signature = (
+        token_level_rewards, response_mask, index, out, *, estimator,
+        norm_adv_by_std_in_grpo=true, epsilon=1e-6, f_norm=1.0
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn advantage(
+        py: Python<'_>,
+        token_level_rewards: &Bound<'_, PyAny>,
+        response_mask: &Bound<'_, PyAny>,
+        index: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        estimator: &str,
+        norm_adv_by_std_in_grpo: bool,
+        epsilon: f64,
+        f_norm: f64,
+    ) -> PyResult<()> {
+        let r = import("token_level_rewards", token_level_rewards, false)?;
+        let m = import("response_mask", response_mask, false)?;
+        let i = import("index", index, false)?;
+        let o = import("out", out, true)?;
+        let problem = cpu::advantage::AdvantageProblem::new(
+            &r.desc,
+            &m.desc,
+            &i.desc,
+            &o.desc,
+            estimator,
+            norm_adv_by_std_in_grpo,
+            epsilon,
+            f_norm,
+        )
+        .map_err(to_py)?;
+        cpu_only(&r.desc)?;
+        py.detach(|| cpu::advantage::compute(&problem));
+        Ok(())
+    }
+
+    /// Dense group ids `0..G` (first-appearance order) of arbitrary hashable
+    /// Python labels, grouped by Python equality as a `dict` does (verl's
+    /// `id2score[index[i]]`). Writes them into `out` (int64, length `len(index)`)
+    /// and returns `G`.
+    #[pyfunction]
+    fn group_ids(index: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<usize> {
+        use pyo3::types::{PyDict, PyList};
+        let o = import("out", out, true)?;
+        cpu_only(&o.desc)?;
+        let list = match index.cast::<PyList>() {
+            Ok(l) => l.clone(),
+            Err(_) => PyList::new(index.py(), index.try_iter()?.collect::<PyResult<Vec<_>>>()?)?,
+        };
+        let n = list.len();
+        if o.desc.dtype != DType::I64 || o.desc.shape != [n] || o.desc.strides[0] != 1 {
+            return Err(PyValueError::new_err(format!("out: expected a contiguous int64 tensor of shape ({n},)")));
+        }
+        let seen = PyDict::new(index.py());
+        // SAFETY: checked above: contiguous int64 of length n, writable.
+        let ids = unsafe { std::slice::from_raw_parts_mut(o.desc.ptr as *mut i64, n) };
+        for (k, item) in list.iter().enumerate() {
+            let id = match seen.get_item(&item).map_err(|e| {
+                PyTypeError::new_err(format!("index: element {k} is not a hashable group label: {e}"))
+            })? {
+                Some(v) => v.extract::<i64>()?,
+                None => {
+                    let g = seen.len() as i64;
+                    seen.set_item(&item, g)?;
+                    g
+                }
+            };
+            ids[k] = id;
+        }
+        Ok(seen.len())
+    }
+
+    /// verl's `kl_penalty`: writes the estimate into `out` and, when given,
+    /// `d out / d logprob` into `grad` (`d / d ref_logprob` is its negative).
+    #[pyfunction]
+    #[pyo3(signature = (logprob, ref_logprob, out, grad, kl_penalty))]
+    fn kl_penalty(
+        py: Python<'_>,
+        logprob: &Bound<'_, PyAny>,
+        ref_logprob: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        grad: Option<&Bound<'_, PyAny>>,
+        kl_penalty: &str,
+    ) -> PyResult<()> {
+        let l = import("logprob", logprob, false)?;
+        let r = import("ref_logprob", ref_logprob, false)?;
+        let o = import("out", out, true)?;
+        let g = match grad.filter(|g| !g.is_none()) {
+            Some(g) => Some(import("grad", g, true)?),
+            None => None,
+        };
+        let problem = cpu::kl::KlProblem::new(&l.desc, &r.desc, &o.desc, g.as_ref().map(|g| &g.desc), kl_penalty)
+            .map_err(to_py)?;
+        cpu_only(&l.desc)?;
+        py.detach(|| cpu::kl::compute(&problem));
+        Ok(())
+    }
+
     /// Number of threads the CPU kernels use (rayon's global pool;
     /// `RAYON_NUM_THREADS` sets it before the first call).
     #[pyfunction]
@@ -188,6 +290,9 @@ mod python {
         m.add_function(wrap_pyfunction!(policy_loss, m)?)?;
         m.add_function(wrap_pyfunction!(agg_loss, m)?)?;
         m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+        m.add_function(wrap_pyfunction!(advantage, m)?)?;
+        m.add_function(wrap_pyfunction!(group_ids, m)?)?;
+        m.add_function(wrap_pyfunction!(kl_penalty, m)?)?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         Ok(())
     }

@@ -47,6 +47,34 @@ def agg_loss(
     """verl's ``agg_loss``: returns the scalar and writes
     ``d loss / d loss_mat`` into ``grad``."""
 
+def advantage(
+    token_level_rewards: Any,
+    response_mask: Any,
+    index: Any,
+    out: Any,
+    *,
+    estimator: str,
+    norm_adv_by_std_in_grpo: bool = True,
+    epsilon: float = 1e-6,
+    f_norm: float = 1.0,
+) -> None:
+    """Group outcome advantages (``grpo``, ``grpo_vectorized``, ``rloo``,
+    ``rloo_vectorized``, ``reinforce_plus_plus_baseline``, ``opo``, ``gpg``)
+    with verl 0.9.x semantics: writes the ``(B, T)`` advantages into ``out``
+    (float, shape of ``token_level_rewards``). ``index`` is a 1-D integer
+    tensor/array of group labels of length ``B``."""
+
+def group_ids(index: Any, out: Any) -> int:
+    """Dense group ids (first-appearance order) of arbitrary hashable labels,
+    equal labels (Python ``==``/``hash``, as a ``dict``) sharing an id; writes
+    them into ``out`` (contiguous int64 of length ``len(index)``) and returns
+    the number of groups."""
+
+def kl_penalty(logprob: Any, ref_logprob: Any, out: Any, grad: Optional[Any], kl_penalty: str) -> None:
+    """verl's ``kl_penalty`` (``kl``/``k1``, ``abs``, ``mse``/``k2``,
+    ``low_var_kl``/``k3``, each optionally with ``+``): writes the estimate
+    into ``out`` and, if ``grad`` is given, ``d out / d logprob`` into it."""
+
 def num_threads() -> int:
     """Threads of the CPU kernels (set ``RAYON_NUM_THREADS`` before the first call)."""
 

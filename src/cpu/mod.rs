@@ -2,7 +2,9 @@
 //! fixed order and combined row by row in index order, so results are
 //! bitwise identical whatever the thread count.
 
+pub mod advantage;
 pub mod agg;
+pub mod kl;
 pub mod policy_loss;
 
 use crate::spec::MaskTotals;

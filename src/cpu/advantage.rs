@@ -1,0 +1,409 @@
+//! Outcome advantage estimators over groups of responses, with verl 0.9.x
+//! semantics, fused: one pass over `token_level_rewards` (and the mask where
+//! the estimator needs lengths) for the scores, per-group statistics in f64
+//! in row order, one pass writing the B×T advantages.
+//!
+//! With `s_i = sum_t r_it` (all positions, as verl) and `g(i)` the group of
+//! row `i` (`n_g` rows, mean `mu_g`, unbiased std `sd_g`), the per-row scalar
+//! `a_i` is, for groups of `n_g > 1` (singletons in brackets):
+//!
+//! * `grpo` / `grpo_vectorized`: `(s_i - mu_g) / (sd_g + eps)` [`s_i / (1 + eps)`];
+//!   without std normalisation (Dr.GRPO) `s_i - mu_g` [`s_i`];
+//! * `rloo`: `n_g / (n_g - 1) * (s_i - mu_g)` [`s_i`];
+//! * `opo`: `s_i - sum_g(L s) / sum_g(L)` with `L_i = sum_t m_it` [`s_i`];
+//! * `gpg`: `alpha * (s_i - mu_g) / f_norm`, `alpha = B / max(#{s_i != 0}, 1)` [`alpha s_i / f_norm`];
+//! * `reinforce_plus_plus_baseline`: `v_it = (s_i - mu_g) m_it` [`s_i m_it`], then
+//!   verl's `masked_whiten` over the whole batch:
+//!   `(v - mean) / sqrt(var + 1e-8) * m` with `mean`, unbiased `var` over `m`.
+//!
+//! Every other estimator writes `a_i * m_it`.
+
+use super::{min_rows_per_task, sum_f64};
+use crate::error::{Error, Result};
+use crate::tensor::{same_device, DType, Desc, Mat, MatMut, Real};
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+/// Which estimator; `grpo_vectorized` is `Grpo` (same numbers in verl).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Estimator {
+    /// GRPO; `norm_by_std = false` is Dr.GRPO.
+    Grpo { norm_by_std: bool },
+    Rloo,
+    ReinforcePlusPlusBaseline,
+    Opo,
+    Gpg,
+}
+
+impl Estimator {
+    /// Parses verl's estimator name.
+    pub fn parse(name: &str, norm_adv_by_std_in_grpo: bool) -> Result<Self> {
+        Ok(match name {
+            "grpo" | "grpo_vectorized" => Estimator::Grpo { norm_by_std: norm_adv_by_std_in_grpo },
+            "rloo" | "rloo_vectorized" => Estimator::Rloo,
+            "reinforce_plus_plus_baseline" => Estimator::ReinforcePlusPlusBaseline,
+            "opo" => Estimator::Opo,
+            "gpg" => Estimator::Gpg,
+            _ => {
+                return Err(Error::value_error(
+                    "estimator",
+                    format!(
+                        "unknown advantage estimator {name:?}; expected one of \"grpo\", \"grpo_vectorized\", \
+                         \"rloo\", \"rloo_vectorized\", \"reinforce_plus_plus_baseline\", \"opo\", \"gpg\""
+                    ),
+                ))
+            }
+        })
+    }
+
+    /// Whether the score pass also needs per-row mask sums.
+    fn needs_mask_stats(self) -> bool {
+        matches!(self, Estimator::Opo | Estimator::ReinforcePlusPlusBaseline)
+    }
+}
+
+/// A validated advantage call.
+pub struct AdvantageProblem {
+    pub rewards: Mat,
+    pub mask: Mat,
+    /// One integer label per row; equal labels form a group.
+    pub index: Desc,
+    /// B×T advantages (also verl's returns), written by the call.
+    pub out: MatMut,
+    pub estimator: Estimator,
+    pub epsilon: f64,
+    pub f_norm: f64,
+}
+
+impl AdvantageProblem {
+    /// Checks shapes, dtypes, devices and parameters; errors name the argument.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        rewards: &Desc,
+        mask: &Desc,
+        index: &Desc,
+        out: &Desc,
+        estimator: &str,
+        norm_adv_by_std_in_grpo: bool,
+        epsilon: f64,
+        f_norm: f64,
+    ) -> Result<Self> {
+        let estimator = Estimator::parse(estimator, norm_adv_by_std_in_grpo)?;
+        rewards.expect_float()?;
+        let r = rewards.matrix()?;
+        if r.rows == 0 {
+            return Err(Error::value_error("token_level_rewards", "empty batch: the batch dimension is 0"));
+        }
+        if r.cols == 0 {
+            return Err(Error::value_error(
+                "token_level_rewards",
+                "empty responses: the response_length dimension is 0",
+            ));
+        }
+        mask.expect_shape(&[r.rows, r.cols], "token_level_rewards")?;
+        let m = mask.matrix()?;
+        if index.dtype.is_float() || index.dtype == DType::Bool {
+            return Err(Error::type_error(
+                "index",
+                format!("expected integer group labels, got {}", index.dtype.name()),
+            ));
+        }
+        if index.shape != [r.rows] {
+            return Err(Error::value_error(
+                "index",
+                format!("expected one label per row, shape ({},), got {:?}", r.rows, index.shape),
+            ));
+        }
+        if !epsilon.is_finite() {
+            return Err(Error::value_error("epsilon", format!("must be finite, got {epsilon}")));
+        }
+        if !(f_norm.is_finite() && f_norm != 0.0) {
+            return Err(Error::value_error("f_norm", format!("must be finite and non-zero, got {f_norm}")));
+        }
+        let o = MatMut::new(out, r.rows, r.cols, "token_level_rewards")?;
+        same_device(rewards.device, &[mask, index, out])?;
+        Ok(AdvantageProblem { rewards: r, mask: m, index: index.clone(), out: o, estimator, epsilon, f_norm })
+    }
+}
+
+/// Dense group ids `0..G` in order of first appearance, and `G`.
+pub fn dense_groups(index: &Desc) -> (Vec<u32>, usize) {
+    let n = index.shape[0];
+    let stride = index.strides[0];
+    let size = index.dtype.size() as isize;
+    let read = |i: usize| -> i64 {
+        let p = index.ptr.wrapping_offset(i as isize * stride * size);
+        // SAFETY: i < n, the view is validated as an integer vector of length n.
+        unsafe {
+            match index.dtype {
+                DType::I64 => *(p as *const i64),
+                DType::I32 => *(p as *const i32) as i64,
+                DType::I16 => *(p as *const i16) as i64,
+                DType::I8 => *(p as *const i8) as i64,
+                DType::U8 | DType::Bool => *p as i64,
+                _ => unreachable!("index is validated to be an integer vector"),
+            }
+        }
+    };
+    let mut ids = Vec::with_capacity(n);
+    // Labels that already are small non-negative ints take a table, not a hash.
+    let (lo, hi) = (0..n).map(read).fold((i64::MAX, i64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+    if lo >= 0 && hi < (4 * n as i64).max(1024) {
+        let mut table = vec![u32::MAX; hi as usize + 1];
+        let mut g = 0u32;
+        for i in 0..n {
+            let slot = &mut table[read(i) as usize];
+            if *slot == u32::MAX {
+                *slot = g;
+                g += 1;
+            }
+            ids.push(*slot);
+        }
+        return (ids, g as usize);
+    }
+    let mut map: HashMap<i64, u32> = HashMap::with_capacity(n);
+    for i in 0..n {
+        let next = map.len() as u32;
+        ids.push(*map.entry(read(i)).or_insert(next));
+    }
+    let g = map.len();
+    (ids, g)
+}
+
+/// Per-row statistics of the score pass.
+#[derive(Clone, Copy, Default)]
+struct RowStats {
+    score: f64,
+    /// `sum m`, `sum m^2`, `sum m^3` over positions with `m != 0` (only
+    /// when the estimator needs them; all equal `L_i` for 0/1 masks).
+    m1: f64,
+    m2: f64,
+    m3: f64,
+}
+
+/// Computes the advantages into `p.out`.
+pub fn compute(p: &AdvantageProblem) {
+    if p.rewards.desc.dtype == DType::F64 || p.out.desc.dtype == DType::F64 {
+        run::<f64>(p)
+    } else {
+        run::<f32>(p)
+    }
+}
+
+fn run<F: Real>(p: &AdvantageProblem) {
+    let (rows, cols) = (p.rewards.rows, p.rewards.cols);
+    let need_mask = p.estimator.needs_mask_stats();
+    let stats: Vec<RowStats> = (0..rows)
+        .into_par_iter()
+        .with_min_len(min_rows_per_task(cols))
+        .map_init(
+            || (vec![F::zero(); cols], vec![0.0f64; if need_mask { cols } else { 0 }]),
+            |(sr, sm), i| {
+                let mut st = RowStats { score: sum_f64(p.rewards.row(i, sr)), ..Default::default() };
+                if need_mask {
+                    for &m in p.mask.row::<f64>(i, sm).iter() {
+                        if m != 0.0 {
+                            st.m1 += m;
+                            st.m2 += m * m;
+                            st.m3 += m * m * m;
+                        }
+                    }
+                }
+                st
+            },
+        )
+        .collect();
+    let (gid, n_groups) = dense_groups(&p.index);
+    let scalars = row_scalars(p, &stats, &gid, n_groups);
+
+    // Whitening of reinforce_plus_plus_baseline: v_it = a_i m_it, statistics
+    // over all tokens weighted by m (verl's masked_mean / masked_var).
+    let whiten = (p.estimator == Estimator::ReinforcePlusPlusBaseline).then(|| {
+        let n: f64 = stats.iter().map(|s| s.m1).sum();
+        let sum_v: f64 = stats.iter().zip(&scalars).map(|(s, &a)| a * s.m2).sum();
+        let mean = sum_v / (n + 1e-8);
+        // sum m (a m - mean)^2 = a^2 m3 - 2 a mean m2 + mean^2 m1
+        let ss: f64 = stats
+            .iter()
+            .zip(&scalars)
+            .map(|(s, &a)| a * a * s.m3 - 2.0 * a * mean * s.m2 + mean * mean * s.m1)
+            .sum();
+        let var = ss / (n + 1e-8) * n / (n - 1.0);
+        (mean, 1.0 / (var + 1e-8).sqrt())
+    });
+
+    (0..rows).into_par_iter().with_min_len(min_rows_per_task(cols)).for_each_init(
+        || (vec![F::zero(); cols], vec![F::zero(); cols]),
+        |(sm, so), i| {
+            let m = p.mask.row::<F>(i, sm);
+            let a = F::of(scalars[i]);
+            // SAFETY: row i is written by this task only.
+            unsafe {
+                p.out.with_row(i, so, |o| match whiten {
+                    None => {
+                        for (o, &m) in o.iter_mut().zip(m) {
+                            *o = a * m;
+                        }
+                    }
+                    Some((mean, rstd)) => {
+                        let (mean, rstd) = (F::of(mean), F::of(rstd));
+                        for (o, &m) in o.iter_mut().zip(m) {
+                            *o = (a * m - mean) * rstd * m;
+                        }
+                    }
+                })
+            };
+        },
+    );
+}
+
+/// Per-row scalar `a_i` (before the broadcast over tokens), from the scores
+/// and group statistics accumulated in row order in f64.
+fn row_scalars(p: &AdvantageProblem, stats: &[RowStats], gid: &[u32], n_groups: usize) -> Vec<f64> {
+    let mut count = vec![0u32; n_groups];
+    let mut sum = vec![0.0f64; n_groups];
+    for (s, &g) in stats.iter().zip(gid) {
+        count[g as usize] += 1;
+        sum[g as usize] += s.score;
+    }
+    let mean: Vec<f64> = sum.iter().zip(&count).map(|(&s, &c)| if c > 1 { s / c as f64 } else { 0.0 }).collect();
+    let score = |i: usize| stats[i].score;
+    let n = stats.len();
+    match p.estimator {
+        Estimator::Grpo { norm_by_std: false } => (0..n).map(|i| score(i) - mean[gid[i] as usize]).collect(),
+        Estimator::Grpo { norm_by_std: true } => {
+            let mut ss = vec![0.0f64; n_groups];
+            for (i, &g) in gid.iter().enumerate() {
+                let d = score(i) - mean[g as usize];
+                ss[g as usize] += d * d;
+            }
+            let std: Vec<f64> =
+                ss.iter().zip(&count).map(|(&s, &c)| if c > 1 { (s / (c - 1) as f64).sqrt() } else { 1.0 }).collect();
+            (0..n).map(|i| (score(i) - mean[gid[i] as usize]) / (std[gid[i] as usize] + p.epsilon)).collect()
+        }
+        Estimator::Rloo => (0..n)
+            .map(|i| {
+                let c = count[gid[i] as usize] as f64;
+                if c > 1.0 {
+                    score(i) * c / (c - 1.0) - mean[gid[i] as usize] * c / (c - 1.0)
+                } else {
+                    score(i)
+                }
+            })
+            .collect(),
+        Estimator::ReinforcePlusPlusBaseline => (0..n).map(|i| score(i) - mean[gid[i] as usize]).collect(),
+        Estimator::Opo => {
+            let mut ls = vec![0.0f64; n_groups];
+            let mut l = vec![0.0f64; n_groups];
+            for (s, &g) in stats.iter().zip(gid) {
+                ls[g as usize] += s.m1 * s.score;
+                l[g as usize] += s.m1;
+            }
+            (0..n)
+                .map(|i| {
+                    let g = gid[i] as usize;
+                    if count[g] > 1 {
+                        score(i) - ls[g] / l[g]
+                    } else {
+                        score(i)
+                    }
+                })
+                .collect()
+        }
+        Estimator::Gpg => {
+            let nonzero = stats.iter().filter(|s| s.score != 0.0).count().max(1);
+            let alpha = n as f64 / nonzero as f64;
+            (0..n).map(|i| alpha * (score(i) - mean[gid[i] as usize]) / p.f_norm).collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_est(est: &str, norm: bool, r: &[f64], m: &[f64], idx: &[i64], cols: usize) -> Vec<f64> {
+        let rows = idx.len();
+        let mut out = vec![0.0f64; rows * cols];
+        let rd = Desc::from_slice("token_level_rewards", r, &[rows, cols]);
+        let md = Desc::from_slice("response_mask", m, &[rows, cols]);
+        let id = Desc::from_slice("index", idx, &[rows]);
+        let od = Desc::from_mut_slice("out", &mut out, &[rows, cols]);
+        let p = AdvantageProblem::new(&rd, &md, &id, &od, est, norm, 1e-6, 1.0).unwrap();
+        compute(&p);
+        out
+    }
+
+    #[test]
+    fn grpo_normalises_within_groups_and_singletons_keep_score() {
+        // rows 0,1 in group 7 (scores 1, 3); row 2 alone (score 2).
+        let r = [1.0, 0.0, 2.0, 1.0, 2.0, 0.0];
+        let m = [1.0, 1.0, 1.0, 0.0, 1.0, 1.0];
+        let out = run_est("grpo", true, &r, &m, &[7, 7, 9], 2);
+        let sd = 2.0f64.sqrt();
+        let want = [-1.0 / (sd + 1e-6), -1.0 / (sd + 1e-6), 1.0 / (sd + 1e-6), 0.0, 2.0 / 1.000001, 2.0 / 1.000001];
+        for (a, b) in out.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{out:?}");
+        }
+        let out = run_est("grpo", false, &r, &m, &[7, 7, 9], 2);
+        assert_eq!(out, vec![-1.0, -1.0, 1.0, 0.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn rloo_and_opo_and_gpg() {
+        let r = [1.0, 0.0, 3.0, 0.0, 5.0, 0.0];
+        let m = [1.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+        // RLOO: n=3 mean 3 -> 1.5*(s-3)
+        assert_eq!(run_est("rloo", true, &r, &m, &[1, 1, 1], 2), vec![-3.0, 0.0, 0.0, 0.0, 3.0, 3.0]);
+        // OPO: lengths 1,2,2 -> baseline (1+6+10)/5 = 3.4
+        let o = run_est("opo", true, &r, &m, &[1, 1, 1], 2);
+        assert!((o[0] + 2.4).abs() < 1e-12 && (o[4] - 1.6).abs() < 1e-12 && o[1] == 0.0);
+        // GPG: all scores non-zero -> alpha 1 -> s - mean
+        assert_eq!(run_est("gpg", true, &r, &m, &[1, 1, 1], 2), vec![-2.0, 0.0, 0.0, 0.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn rfpp_baseline_output_is_whitened() {
+        let r = [1.0, 0.0, 3.0, 0.0, 5.0, 0.0, 2.0, 0.0];
+        let m = [1.0; 8];
+        let o = run_est("reinforce_plus_plus_baseline", true, &r, &m, &[1, 1, 1, 2], 2);
+        let mean: f64 = o.iter().sum::<f64>() / 8.0;
+        assert!(mean.abs() < 1e-9);
+        let var: f64 = o.iter().map(|v| v * v).sum::<f64>() / 7.0;
+        assert!((var - 1.0).abs() < 1e-6, "{var}");
+    }
+
+    #[test]
+    fn dense_groups_first_appearance_order() {
+        let idx = [10i64, -5, 10, 99_999_999, -5];
+        let (g, n) = dense_groups(&Desc::from_slice("index", &idx, &[5]));
+        assert_eq!((g, n), (vec![0, 1, 0, 2, 1], 3));
+        let idx = [3i32, 0, 3];
+        let (g, n) = dense_groups(&Desc::from_slice("index", &idx, &[3]));
+        assert_eq!((g, n), (vec![0, 1, 0], 2));
+    }
+
+    #[test]
+    fn bad_input_names_the_argument() {
+        let r = [0.0f32; 4];
+        let m = [1u8; 4];
+        let mut out = [0.0f32; 4];
+        let rd = Desc::from_slice("token_level_rewards", &r, &[2, 2]);
+        let md = Desc::from_slice("response_mask", &m, &[2, 2]);
+        let od = Desc::from_mut_slice("out", &mut out, &[2, 2]);
+        let bad = [0i64; 3];
+        let e = AdvantageProblem::new(&rd, &md, &Desc::from_slice("index", &bad, &[3]), &od, "grpo", true, 1e-6, 1.0);
+        assert_eq!(e.err().unwrap().arg, "index");
+        let idx = [0i64; 2];
+        let id = Desc::from_slice("index", &idx, &[2]);
+        let e = AdvantageProblem::new(&rd, &md, &id, &od, "ppo", true, 1e-6, 1.0);
+        assert_eq!(e.err().unwrap().arg, "estimator");
+        let md3 = Desc::from_slice("response_mask", &m[..2], &[1, 2]);
+        let e = AdvantageProblem::new(&rd, &md3, &id, &od, "grpo", true, 1e-6, 1.0);
+        assert_eq!(e.err().unwrap().arg, "response_mask");
+        let empty: [f32; 0] = [];
+        let ed = Desc::from_slice("token_level_rewards", &empty, &[0, 2]);
+        let e = AdvantageProblem::new(&ed, &md, &id, &od, "grpo", true, 1e-6, 1.0);
+        assert_eq!(e.err().unwrap().arg, "token_level_rewards");
+    }
+}

@@ -1,0 +1,231 @@
+//! verl's `kl_penalty` estimators, elementwise, with the derivative in
+//! `logprob` written in the same pass (the derivative in `ref_logprob` is
+//! its negative: every estimator is a function of `d = logprob - ref_logprob`).
+//!
+//! * `kl` / `k1`: `d`;
+//! * `abs`: `|d|` (torch's `sign(d)` gradient, 0 at 0);
+//! * `mse` / `k2`: `d^2 / 2`;
+//! * `low_var_kl` / `k3`: `k = clamp(-d, -20, 20)`, `clamp(exp(k) - k - 1, -10, 10)`;
+//! * a `+` suffix (`k1+`, `k3+`, ...): the same value, with the gradient of
+//!   `k2` (straight-through), as verl.
+//!
+//! Clamps pass the gradient on their closed interval, as `torch.clamp`.
+
+use super::min_rows_per_task;
+use crate::error::{Error, Result};
+use crate::tensor::{same_device, DType, Desc, Mat, MatMut, Real};
+use rayon::prelude::*;
+
+/// The value estimator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KlKind {
+    K1,
+    Abs,
+    K2,
+    K3,
+}
+
+/// A parsed `kl_penalty` name: the estimator and whether the gradient is
+/// the straight-through `k2` one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KlMode {
+    pub kind: KlKind,
+    pub straight_through: bool,
+}
+
+impl KlMode {
+    /// Parses verl's names, with an optional `+` suffix.
+    pub fn parse(s: &str) -> Result<Self> {
+        let (base, st) = match s.strip_suffix('+') {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        let kind = match base {
+            "kl" | "k1" => KlKind::K1,
+            "abs" => KlKind::Abs,
+            "mse" | "k2" => KlKind::K2,
+            "low_var_kl" | "k3" => KlKind::K3,
+            _ => {
+                return Err(Error::value_error(
+                    "kl_penalty",
+                    format!(
+                        "unknown kl_penalty {s:?}; expected one of \"kl\", \"k1\", \"abs\", \"mse\", \"k2\", \
+                         \"low_var_kl\", \"k3\", optionally with a \"+\" suffix (\"full\" is not implemented, as in verl)"
+                    ),
+                ))
+            }
+        };
+        Ok(KlMode { kind, straight_through: st })
+    }
+}
+
+/// A validated `kl_penalty` call.
+pub struct KlProblem {
+    pub logprob: Mat,
+    pub ref_logprob: Mat,
+    pub out: MatMut,
+    /// `d out / d logprob`, when a gradient is wanted.
+    pub grad: Option<MatMut>,
+    pub mode: KlMode,
+}
+
+impl KlProblem {
+    /// Checks shapes, dtypes and devices; errors name the argument.
+    pub fn new(logprob: &Desc, ref_logprob: &Desc, out: &Desc, grad: Option<&Desc>, kl_penalty: &str) -> Result<Self> {
+        let mode = KlMode::parse(kl_penalty)?;
+        logprob.expect_float()?;
+        ref_logprob.expect_float()?;
+        let lp = logprob.matrix()?;
+        if lp.rows == 0 || lp.cols == 0 {
+            return Err(Error::value_error("logprob", format!("empty tensor of shape {:?}", logprob.shape)));
+        }
+        ref_logprob.expect_shape(&logprob.shape, "logprob")?;
+        let rf = ref_logprob.matrix()?;
+        let o = MatMut::new(out, lp.rows, lp.cols, "logprob")?;
+        let g = grad.map(|g| MatMut::new(g, lp.rows, lp.cols, "logprob")).transpose()?;
+        let mut all = vec![ref_logprob, out];
+        all.extend(grad);
+        same_device(logprob.device, &all)?;
+        Ok(KlProblem { logprob: lp, ref_logprob: rf, out: o, grad: g, mode })
+    }
+}
+
+/// One element: `(value, d value / d logprob)`.
+#[inline(always)]
+fn kl_token<F: Real>(mode: KlMode, lp: F, rf: F) -> (F, F) {
+    let d = lp - rf;
+    let (v, dv) = match mode.kind {
+        KlKind::K1 => (d, F::one()),
+        KlKind::Abs => {
+            let s = if d > F::zero() {
+                F::one()
+            } else if d < F::zero() {
+                -F::one()
+            } else {
+                F::zero()
+            };
+            (d.abs(), s)
+        }
+        KlKind::K2 => (F::of(0.5) * d * d, d),
+        KlKind::K3 => {
+            let k = rf - lp;
+            let (k, pass_k) = clamp(k, F::of(-20.0), F::of(20.0));
+            let ratio = k.exp();
+            let kld = ratio - k - F::one();
+            let (v, pass_v) = clamp(kld, F::of(-10.0), F::of(10.0));
+            // d kld / d k = ratio - 1, d k / d lp = -1
+            let g = if pass_k && pass_v { F::one() - ratio } else { F::zero() };
+            (v, g)
+        }
+    };
+    if mode.straight_through {
+        (v, d)
+    } else {
+        (v, dv)
+    }
+}
+
+/// `torch.clamp` with whether the gradient passes (closed interval, false
+/// for NaN, as torch's `(x >= lo) & (x <= hi)` mask).
+#[inline(always)]
+fn clamp<F: Real>(x: F, lo: F, hi: F) -> (F, bool) {
+    if x < lo {
+        (lo, false)
+    } else if x > hi {
+        (hi, false)
+    } else {
+        (x, x == x)
+    }
+}
+
+/// Writes the estimate (and its gradient, if asked) on the CPU.
+pub fn compute(p: &KlProblem) {
+    let f64_in = [&p.logprob, &p.ref_logprob].iter().any(|m| m.desc.dtype == DType::F64);
+    if f64_in || p.out.desc.dtype == DType::F64 {
+        run::<f64>(p)
+    } else {
+        run::<f32>(p)
+    }
+}
+
+fn run<F: Real>(p: &KlProblem) {
+    let cols = p.logprob.cols;
+    let mode = p.mode;
+    (0..p.logprob.rows).into_par_iter().with_min_len(min_rows_per_task(cols)).for_each_init(
+        || (vec![F::zero(); cols], vec![F::zero(); cols], vec![F::zero(); cols], vec![F::zero(); cols]),
+        |(sl, sr, so, sg), i| {
+            let lp = p.logprob.row::<F>(i, sl);
+            let rf = p.ref_logprob.row::<F>(i, sr);
+            // SAFETY: row i of each output is written by this task only.
+            unsafe {
+                p.out.with_row(i, so, |o| {
+                    for t in 0..cols {
+                        o[t] = kl_token(mode, lp[t], rf[t]).0;
+                    }
+                });
+                if let Some(g) = &p.grad {
+                    g.with_row(i, sg, |g| {
+                        for t in 0..cols {
+                            g[t] = kl_token(mode, lp[t], rf[t]).1;
+                        }
+                    });
+                }
+            }
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kl(mode: &str, lp: &[f64], rf: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let n = lp.len();
+        let (mut o, mut g) = (vec![0.0; n], vec![0.0; n]);
+        let l = Desc::from_slice("logprob", lp, &[1, n]);
+        let r = Desc::from_slice("ref_logprob", rf, &[1, n]);
+        let od = Desc::from_mut_slice("out", &mut o, &[1, n]);
+        let gd = Desc::from_mut_slice("grad", &mut g, &[1, n]);
+        compute(&KlProblem::new(&l, &r, &od, Some(&gd), mode).unwrap());
+        (o, g)
+    }
+
+    #[test]
+    fn estimators_and_gradients() {
+        let lp = [-1.0, -2.0, -0.5];
+        let rf = [-1.5, -1.0, -0.5];
+        assert_eq!(kl("k1", &lp, &rf), (vec![0.5, -1.0, 0.0], vec![1.0, 1.0, 1.0]));
+        assert_eq!(kl("abs", &lp, &rf), (vec![0.5, 1.0, 0.0], vec![1.0, -1.0, 0.0]));
+        assert_eq!(kl("mse", &lp, &rf), (vec![0.125, 0.5, 0.0], vec![0.5, -1.0, 0.0]));
+        let (v, g) = kl("low_var_kl", &lp, &rf);
+        let k = -0.5f64;
+        assert!((v[0] - (k.exp() - k - 1.0)).abs() < 1e-15 && (g[0] - (1.0 - k.exp())).abs() < 1e-15);
+        let (v3, g3) = kl("k3+", &lp, &rf);
+        assert_eq!(v3, v);
+        assert_eq!(g3, vec![0.5, -1.0, 0.0]);
+    }
+
+    #[test]
+    fn k3_clamps_block_the_gradient() {
+        // ref - lp = 30 -> k clamped to 20, value clamped to 10
+        let (v, g) = kl("k3", &[0.0], &[30.0]);
+        assert_eq!((v[0], g[0]), (10.0, 0.0));
+        // ref - lp = 3: exp(3) - 4 = 16.09 -> clamped to 10
+        let (v, g) = kl("k3", &[0.0], &[3.0]);
+        assert_eq!((v[0], g[0]), (10.0, 0.0));
+    }
+
+    #[test]
+    fn unknown_mode_is_a_value_error() {
+        let a = [0.0f32; 2];
+        let mut o = [0.0f32; 2];
+        let l = Desc::from_slice("logprob", &a, &[1, 2]);
+        let od = Desc::from_mut_slice("out", &mut o, &[1, 2]);
+        let e = KlProblem::new(&l, &l, &od, None, "full").err().unwrap();
+        assert_eq!(e.arg, "kl_penalty");
+        let b = [0.0f32; 3];
+        let r = Desc::from_slice("ref_logprob", &b, &[1, 3]);
+        let e = KlProblem::new(&l, &r, &od, None, "k1").err().unwrap();
+        assert_eq!(e.arg, "ref_logprob");
+    }
+}
