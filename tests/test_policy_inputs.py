@@ -1,0 +1,162 @@
+"""Bad input gets a clear exception naming the argument; layouts, dtypes and
+DLPack producers other than contiguous torch tensors give the same numbers;
+nothing B×T beyond the gradient is saved for backward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_batch
+
+import luspo_rs
+from luspo_rs import _core
+
+
+@pytest.fixture
+def batch():
+    return make_batch(4, 6, seed=1)
+
+
+def call(old, lp, adv, mask, **kw):
+    kw.setdefault("mode", "vanilla")
+    return luspo_rs.policy_loss(old, lp, adv, mask, **kw)
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, arg",
+    [
+        (lambda o, l, a, m: (o[:, :-1], l, a, m), ValueError, "old_log_prob"),
+        (lambda o, l, a, m: (o, l, a, m[:-1]), ValueError, "response_mask"),
+        (lambda o, l, a, m: (o, l, a[:, :3], m), ValueError, "advantages"),
+        (lambda o, l, a, m: (o, l, a[:2, 0], m), ValueError, "advantages"),
+        (lambda o, l, a, m: (o, l[0], a, m), ValueError, "log_prob"),
+        (lambda o, l, a, m: (o, l[None], a, m), ValueError, "log_prob"),
+        (lambda o, l, a, m: (o, l.long(), a, m), TypeError, "log_prob"),
+        (lambda o, l, a, m: (o.int(), l, a, m), TypeError, "old_log_prob"),
+        (lambda o, l, a, m: (o, l, a.to(torch.int16), m), TypeError, "advantages"),
+        (lambda o, l, a, m: (o, l, a, m.to(torch.complex64)), TypeError, "response_mask"),
+        (lambda o, l, a, m: (o.tolist(), l, a, m), TypeError, "old_log_prob"),
+        (lambda o, l, a, m: (o, l.numpy(), a, m), TypeError, "log_prob"),
+        (lambda o, l, a, m: (o.to("meta"), l, a, m), ValueError, "old_log_prob"),
+    ],
+    ids=["old_shape", "mask_rows", "adv_cols", "adv_rows", "rank1", "rank3", "int_lp", "int_old",
+         "int16_adv", "complex_mask", "list_input", "numpy_lp", "meta_device"],
+)
+def test_bad_tensors_name_the_argument(batch, mutate, exc, arg):
+    with pytest.raises(exc, match=arg):
+        call(*mutate(*batch))
+
+
+@pytest.mark.parametrize(
+    "kw, exc, arg",
+    [
+        (dict(mode="ppo"), ValueError, "mode"),
+        (dict(loss_agg_mode="mean"), ValueError, "loss_agg_mode"),
+        (dict(clip_ratio=-0.1), ValueError, "clip_ratio"),
+        (dict(clip_ratio=float("nan")), ValueError, "clip_ratio"),
+        (dict(clip_ratio_low=-1.0), ValueError, "clip_ratio_low"),
+        (dict(clip_ratio_high=float("inf")), ValueError, "clip_ratio_high"),
+        (dict(clip_ratio_c=1.0), ValueError, "clip_ratio_c"),
+        (dict(clip_ratio_c=float("nan")), ValueError, "clip_ratio_c"),
+        (dict(dp_size=0), ValueError, "dp_size"),
+        (dict(dp_size=2), ValueError, "batch_num_tokens"),
+        (dict(dp_size=2, loss_agg_mode="seq-mean-token-mean"), ValueError, "global_batch_size"),
+        (dict(batch_num_tokens=0), ValueError, "batch_num_tokens"),
+        (dict(global_batch_size=-3, loss_agg_mode="seq-mean-token-sum"), ValueError, "global_batch_size"),
+        (dict(loss_scale_factor=float("nan")), ValueError, "loss_scale_factor"),
+        (dict(batch_num_tokens="12"), TypeError, "batch_num_tokens"),
+        (dict(batch_num_tokens=torch.ones(2)), ValueError, "batch_num_tokens"),
+        (dict(rollout_is_weights=torch.ones(3)), ValueError, "rollout_is_weights"),
+        (dict(rollout_is_weights=torch.ones(4, 6, dtype=torch.int32)), TypeError, "rollout_is_weights"),
+    ],
+)
+def test_bad_options_name_the_argument(batch, kw, exc, arg):
+    with pytest.raises(exc, match=arg):
+        call(*batch, **kw)
+
+
+def test_clip_ratio_c_is_only_checked_where_verl_uses_it(batch):
+    # verl's GSPO ignores clip_ratio_c; so do we.
+    loss, _ = call(*batch, mode="gspo", clip_ratio_c=0.5)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0)], ids=["empty_batch", "zero_length", "both"])
+def test_empty_inputs_are_value_errors(shape):
+    t = torch.zeros(shape)
+    with pytest.raises(ValueError, match="log_prob: empty"):
+        call(t, t, t, t.bool())
+
+
+def test_native_rejects_read_only_and_misshaped_outputs(batch):
+    old, lp, adv, mask = (x.numpy() for x in batch)
+    grad = np.empty_like(lp)
+    out = np.empty(4)
+    grad.flags.writeable = False
+    with pytest.raises((ValueError, BufferError), match="grad"):
+        _core.policy_loss(old, lp, adv, mask, grad, out, mode="vanilla", loss_agg_mode="token-mean", clip_ratio=0.2)
+    with pytest.raises(ValueError, match="grad"):
+        _core.policy_loss(old, lp, adv, mask, np.empty((4, 5), np.float32), out,
+                          mode="vanilla", loss_agg_mode="token-mean", clip_ratio=0.2)
+    with pytest.raises(ValueError, match="out"):
+        _core.policy_loss(old, lp, adv, mask, np.empty_like(lp), np.empty(4, np.float32),
+                          mode="vanilla", loss_agg_mode="token-mean", clip_ratio=0.2)
+
+
+def test_numpy_arrays_through_the_native_layer_match_torch(batch):
+    old, lp, adv, mask = batch
+    ref, metrics = call(old, lp.clone().requires_grad_(), adv, mask, mode="gspo")
+    grad = np.empty(tuple(lp.shape), np.float32)
+    out = np.empty(4)
+    _core.policy_loss(old.numpy(), lp.numpy(), adv.numpy(), mask.numpy(), grad, out,
+                      mode="gspo", loss_agg_mode="token-mean", clip_ratio=0.2)
+    assert out[0] == pytest.approx(ref.item(), rel=1e-6)
+    assert out[2] == pytest.approx(metrics["ppo_kl"].item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "gspo", "luspo"])
+def test_non_contiguous_inputs_give_the_same_result(mode):
+    old, lp, adv, mask = make_batch(8, 12, seed=2, spread=1.0)
+    x = lp.clone().requires_grad_()
+    ref, _ = call(old, x, adv, mask, mode=mode, loss_agg_mode="seq-mean-token-mean")
+    ref.backward()
+    # transposed storage, a strided column slice and a broadcast (expanded) advantage
+    old_t = old.t().contiguous().t()
+    big = torch.zeros(8, 24)
+    big[:, ::2] = lp
+    lp_s = big[:, ::2]
+    assert not old_t.is_contiguous() and not lp_s.is_contiguous()
+    y = lp_s.requires_grad_()
+    loss, _ = call(old_t, y, adv, mask.t().contiguous().t(), mode=mode, loss_agg_mode="seq-mean-token-mean")
+    loss.backward()
+    assert loss.item() == ref.item()
+    assert torch.equal(y.grad, x.grad)
+
+
+def test_only_the_gradient_buffer_is_saved_for_backward():
+    old, lp, adv, mask = make_batch(16, 32, seed=3)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = lp.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = call(old, x, adv, mask, mode="luspo")
+    assert [tuple(t.shape) for t in saved] == [(16, 32)]
+    assert saved[0].dtype == lp.dtype
+    loss.backward()
+    assert x.grad.shape == lp.shape
+
+
+def test_backward_scales_by_the_incoming_gradient():
+    old, lp, adv, mask = make_batch(4, 9, seed=4)
+    x = lp.clone().requires_grad_()
+    loss, _ = call(old, x, adv, mask, mode="luspo")
+    (3.0 * loss).backward()
+    y = lp.clone().requires_grad_()
+    loss2, _ = call(old, y, adv, mask, mode="luspo")
+    loss2.backward()
+    torch.testing.assert_close(x.grad, 3.0 * y.grad)
