@@ -9,7 +9,7 @@
 //!
 //! * `grpo` / `grpo_vectorized`: `(s_i - mu_g) / (sd_g + eps)` [`s_i / (1 + eps)`];
 //!   without std normalisation (Dr.GRPO) `s_i - mu_g` [`s_i`];
-//! * `rloo`: `n_g / (n_g - 1) * (s_i - mu_g)` [`s_i`];
+//! * `rloo`: `n_g / (n_g - 1) * (s_i - mu_g)` [`s_i`]; `rloo_vectorized`: the same [`0`];
 //! * `opo`: `s_i - sum_g(L s) / sum_g(L)` with `L_i = sum_t m_it` [`s_i`];
 //! * `gpg`: `alpha * (s_i - mu_g) / f_norm`, `alpha = B / max(#{s_i != 0}, 1)` [`alpha s_i / f_norm`];
 //! * `reinforce_plus_plus_baseline`: `v_it = (s_i - mu_g) m_it` [`s_i m_it`], then
@@ -30,6 +30,8 @@ pub enum Estimator {
     /// GRPO; `norm_by_std = false` is Dr.GRPO.
     Grpo { norm_by_std: bool },
     Rloo,
+    /// RLOO as verl's vectorised version: singletons get 0, not their score.
+    RlooVectorized,
     ReinforcePlusPlusBaseline,
     Opo,
     Gpg,
@@ -40,7 +42,8 @@ impl Estimator {
     pub fn parse(name: &str, norm_adv_by_std_in_grpo: bool) -> Result<Self> {
         Ok(match name {
             "grpo" | "grpo_vectorized" => Estimator::Grpo { norm_by_std: norm_adv_by_std_in_grpo },
-            "rloo" | "rloo_vectorized" => Estimator::Rloo,
+            "rloo" => Estimator::Rloo,
+            "rloo_vectorized" => Estimator::RlooVectorized,
             "reinforce_plus_plus_baseline" => Estimator::ReinforcePlusPlusBaseline,
             "opo" => Estimator::Opo,
             "gpg" => Estimator::Gpg,
@@ -288,6 +291,16 @@ fn row_scalars(p: &AdvantageProblem, stats: &[RowStats], gid: &[u32], n_groups: 
                     score(i) * c / (c - 1.0) - mean[gid[i] as usize] * c / (c - 1.0)
                 } else {
                     score(i)
+                }
+            })
+            .collect(),
+        Estimator::RlooVectorized => (0..n)
+            .map(|i| {
+                let c = count[gid[i] as usize] as f64;
+                if c > 1.0 {
+                    (c * score(i) - sum[gid[i] as usize]) / (c - 1.0)
+                } else {
+                    0.0
                 }
             })
             .collect(),
