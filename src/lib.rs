@@ -7,6 +7,7 @@
 //! it is the only place that knows PyO3.
 
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod policy;
 pub mod spec;
@@ -19,9 +20,11 @@ mod python {
     use crate::policy::{PolicyLossArgs, PolicyLossProblem};
     use crate::spec::Normalizers;
     use crate::tensor::{Desc, Device, DType};
+    use crate::cuda::{self, CudaError};
     use dlpark::python::from_dlpack;
     use dlpark::python::ImportedDlpack;
-    use pyo3::exceptions::{PyTypeError, PyValueError};
+    use dlpark::python::{DlpackStream, StreamArg};
+    use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
     use pyo3::prelude::*;
 
     fn to_py(e: Error) -> PyErr {
@@ -39,13 +42,68 @@ mod python {
     }
 
     fn import(arg: &'static str, obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Imported> {
+        import_on(arg, obj, writable, None)
+    }
+
+    /// The caller's CUDA stream (a `CUstream` handle, e.g.
+    /// `torch.cuda.current_stream().cuda_stream`), handed to `__dlpack__` so
+    /// the producer orders its work before ours without a host sync (and
+    /// does nothing when it is already its current stream).
+    struct ConsumerStream(usize);
+
+    // SAFETY: the handle is the caller's live stream for the whole call and
+    // is only given to producers of CUDA tensors.
+    unsafe impl DlpackStream for ConsumerStream {
+        fn as_python_arg(&self, _py: Python<'_>, device: dlpark::ffi::DLDevice) -> PyResult<StreamArg> {
+            Ok(if device.device_type == dlpark::ffi::DLDeviceType::CUDA {
+                dlpark::python::consumer::stream::cuda(self.0 as *mut std::ffi::c_void)
+            } else {
+                dlpark::python::consumer::stream::none()
+            })
+        }
+
+        unsafe fn wait_for_producer(&self, _device: dlpark::ffi::DLDevice, producer: *mut std::ffi::c_void) -> PyResult<bool> {
+            // Same stream: already ordered. Otherwise use the Python
+            // protocol, whose producer makes our stream wait on an event.
+            Ok(producer as usize == self.0)
+        }
+    }
+
+    fn cuda_err(e: CudaError) -> PyErr {
+        match e {
+            CudaError::Arg(e) => to_py(e),
+            CudaError::Runtime(m) => PyRuntimeError::new_err(format!("luspo_rs CUDA backend: {m}")),
+        }
+    }
+
+    /// The `scratch` buffer and `stream` the CUDA path needs (allocated and
+    /// read by `luspo_rs.functional`).
+    fn cuda_extras<'a>(
+        scratch: Option<&Bound<'a, PyAny>>,
+        stream: Option<&ConsumerStream>,
+    ) -> PyResult<(Imported, usize)> {
+        let st = stream.ok_or_else(|| {
+            PyValueError::new_err("stream: required for CUDA tensors (torch.cuda.current_stream().cuda_stream)")
+        })?;
+        let sc = scratch
+            .filter(|o| !o.is_none())
+            .ok_or_else(|| PyValueError::new_err("scratch: required for CUDA tensors (float64, 5 * batch elements, on the device)"))?;
+        Ok((import_on("scratch", sc, true, Some(st))?, st.0))
+    }
+
+    fn import_on(
+        arg: &'static str,
+        obj: &Bound<'_, PyAny>,
+        writable: bool,
+        stream: Option<&dyn DlpackStream>,
+    ) -> PyResult<Imported> {
         if !obj.hasattr("__dlpack__")? {
             return Err(PyTypeError::new_err(format!(
                 "{arg}: expected a tensor or array supporting DLPack (__dlpack__), got {}",
                 obj.get_type().name()?
             )));
         }
-        let owner = from_dlpack(obj.as_borrowed(), None, Some(false))
+        let owner = from_dlpack(obj.as_borrowed(), stream, Some(false))
             .map_err(|e| PyValueError::new_err(format!("{arg}: DLPack import failed: {e}")))?;
         let t = owner
             .validate()
@@ -59,8 +117,12 @@ mod python {
         Ok(Imported { _owner: owner, desc })
     }
 
-    fn import_opt(arg: &'static str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Imported>> {
-        obj.filter(|o| !o.is_none()).map(|o| import(arg, o, false)).transpose()
+    fn import_opt_on(
+        arg: &'static str,
+        obj: Option<&Bound<'_, PyAny>>,
+        stream: Option<&dyn DlpackStream>,
+    ) -> PyResult<Option<Imported>> {
+        obj.filter(|o| !o.is_none()).map(|o| import_on(arg, o, false, stream)).transpose()
     }
 
     fn cpu_only(desc: &Desc) -> PyResult<()> {
@@ -97,7 +159,7 @@ mod python {
         old_log_prob, log_prob, advantages, response_mask, grad, out, *,
         mode, loss_agg_mode, clip_ratio, clip_ratio_low=None, clip_ratio_high=None,
         clip_ratio_c=3.0, rollout_is_weights=None, dp_size=1.0, batch_num_tokens=None,
-        global_batch_size=None, loss_scale_factor=None
+        global_batch_size=None, loss_scale_factor=None, scratch=None, stream=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn policy_loss(
@@ -119,14 +181,18 @@ mod python {
         batch_num_tokens: Option<f64>,
         global_batch_size: Option<f64>,
         loss_scale_factor: Option<f64>,
+        scratch: Option<&Bound<'_, PyAny>>,
+        stream: Option<usize>,
     ) -> PyResult<()> {
-        let old = import("old_log_prob", old_log_prob, false)?;
-        let lp = import("log_prob", log_prob, false)?;
-        let adv = import("advantages", advantages, false)?;
-        let mask = import("response_mask", response_mask, false)?;
-        let w = import_opt("rollout_is_weights", rollout_is_weights)?;
-        let g = import("grad", grad, true)?;
-        let o = import("out", out, true)?;
+        let cs = stream.map(ConsumerStream);
+        let s = cs.as_ref().map(|s| s as &dyn DlpackStream);
+        let old = import_on("old_log_prob", old_log_prob, false, s)?;
+        let lp = import_on("log_prob", log_prob, false, s)?;
+        let adv = import_on("advantages", advantages, false, s)?;
+        let mask = import_on("response_mask", response_mask, false, s)?;
+        let w = import_opt_on("rollout_is_weights", rollout_is_weights, s)?;
+        let g = import_on("grad", grad, true, s)?;
+        let o = import_on("out", out, true, s)?;
         let problem = PolicyLossProblem::new(&PolicyLossArgs {
             old_log_prob: &old.desc,
             log_prob: &lp.desc,
@@ -143,7 +209,10 @@ mod python {
             norm: Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor },
         })
         .map_err(to_py)?;
-        cpu_only(&lp.desc)?;
+        if let Device::Cuda(_) = lp.desc.device {
+            let (sc, st) = cuda_extras(scratch, cs.as_ref())?;
+            return py.detach(|| cuda::policy_loss(&problem, &sc.desc, &o.desc, st)).map_err(cuda_err);
+        }
         let r = py.detach(|| cpu::policy_loss::policy_loss(&problem));
         write_out(&o.desc, &[r.loss, r.pg_clipfrac, r.ppo_kl, r.pg_clipfrac_lower])
     }
@@ -153,7 +222,7 @@ mod python {
     #[pyfunction]
     #[pyo3(signature = (
         loss_mat, loss_mask, grad, loss_agg_mode, *, dp_size=1.0, batch_num_tokens=None,
-        global_batch_size=None, loss_scale_factor=None
+        global_batch_size=None, loss_scale_factor=None, out=None, scratch=None, stream=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn agg_loss(
@@ -166,14 +235,27 @@ mod python {
         batch_num_tokens: Option<f64>,
         global_batch_size: Option<f64>,
         loss_scale_factor: Option<f64>,
-    ) -> PyResult<f64> {
-        let l = import("loss_mat", loss_mat, false)?;
-        let m = import("loss_mask", loss_mask, false)?;
-        let g = import("grad", grad, true)?;
+        out: Option<&Bound<'_, PyAny>>,
+        scratch: Option<&Bound<'_, PyAny>>,
+        stream: Option<usize>,
+    ) -> PyResult<Option<f64>> {
+        let cs = stream.map(ConsumerStream);
+        let s = cs.as_ref().map(|s| s as &dyn DlpackStream);
+        let l = import_on("loss_mat", loss_mat, false, s)?;
+        let m = import_on("loss_mask", loss_mask, false, s)?;
+        let g = import_on("grad", grad, true, s)?;
         let norm = Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor };
         let problem = cpu::agg::AggProblem::new(&l.desc, &m.desc, &g.desc, loss_agg_mode, norm).map_err(to_py)?;
-        cpu_only(&l.desc)?;
-        Ok(py.detach(|| cpu::agg::agg_loss(&problem)))
+        if let Device::Cuda(_) = l.desc.device {
+            let o = out
+                .filter(|o| !o.is_none())
+                .ok_or_else(|| PyValueError::new_err("out: required for CUDA tensors (float64, 5 elements, on the device)"))?;
+            let o = import_on("out", o, true, s)?;
+            let (sc, st) = cuda_extras(scratch, cs.as_ref())?;
+            py.detach(|| cuda::agg_loss(&problem, &sc.desc, &o.desc, st)).map_err(cuda_err)?;
+            return Ok(None);
+        }
+        Ok(Some(py.detach(|| cpu::agg::agg_loss(&problem))))
     }
 
     /// Group advantages of verl's outcome estimators: writes the B×T
@@ -285,8 +367,40 @@ mod python {
         rayon::current_num_threads()
     }
 
+    /// Directories searched for NVRTC before the system paths.
+    #[pyfunction]
+    fn cuda_set_nvrtc_hints(dirs: Vec<std::path::PathBuf>) {
+        cuda::set_nvrtc_hints(dirs)
+    }
+
+    /// Loads NVRTC if needed and returns `(path, major, minor)`.
+    #[pyfunction]
+    fn nvrtc_info() -> PyResult<(String, i32, i32)> {
+        let n = cuda::nvrtc().map_err(|e| PyRuntimeError::new_err(format!("luspo_rs CUDA backend: {e}")))?;
+        let (a, b) = n.version();
+        Ok((n.path.display().to_string(), a, b))
+    }
+
+    /// Compiles the embedded kernels for compute capability `major.minor`
+    /// (`target` "ptx" or "cubin") and returns the image; no GPU needed.
+    #[pyfunction]
+    #[pyo3(signature = (major, minor, target="ptx"))]
+    fn cuda_compile<'py>(py: Python<'py>, major: i32, minor: i32, target: &str) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let t = match target {
+            "ptx" => cuda::Target::Ptx,
+            "cubin" => cuda::Target::Cubin,
+            _ => return Err(PyValueError::new_err(format!("target: expected \"ptx\" or \"cubin\", got {target:?}"))),
+        };
+        let n = cuda::nvrtc().map_err(|e| PyRuntimeError::new_err(format!("luspo_rs CUDA backend: {e}")))?;
+        let img = py.detach(|| cuda::compile(&n, major, minor, t)).map_err(PyRuntimeError::new_err)?;
+        Ok(pyo3::types::PyBytes::new(py, &img))
+    }
+
     #[pymodule]
     fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(cuda_set_nvrtc_hints, m)?)?;
+        m.add_function(wrap_pyfunction!(nvrtc_info, m)?)?;
+        m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
         m.add_function(wrap_pyfunction!(policy_loss, m)?)?;
         m.add_function(wrap_pyfunction!(agg_loss, m)?)?;
         m.add_function(wrap_pyfunction!(num_threads, m)?)?;
