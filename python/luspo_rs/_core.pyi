@@ -27,11 +27,21 @@ def policy_loss(
     batch_num_tokens: Optional[float] = None,
     global_batch_size: Optional[float] = None,
     loss_scale_factor: Optional[float] = None,
+    scratch: Optional[Any] = None,
+    stream: Optional[int] = None,
 ) -> None:
     """Fused policy loss: writes ``d loss / d log_prob`` into ``grad`` (shape
     and device of ``log_prob``, float dtype) and
     ``[loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower]`` into ``out`` (a
-    contiguous float64 tensor of 4 elements)."""
+    contiguous float64 tensor of 4 elements).
+
+    CUDA tensors: the kernels are queued on ``stream`` (a ``CUstream``
+    handle, ``torch.cuda.current_stream().cuda_stream``) and the call returns
+    at once. ``out`` is a float64 device tensor of 5 elements receiving
+    ``[loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower, scale]``, ``grad``
+    receives ``d loss / d log_prob`` divided by ``scale``, and ``scratch`` is
+    a float64 device tensor of at least ``5 * B`` elements (row partials).
+    Errors from the CUDA driver or NVRTC are ``RuntimeError``."""
 
 def agg_loss(
     loss_mat: Any,
@@ -43,9 +53,31 @@ def agg_loss(
     batch_num_tokens: Optional[float] = None,
     global_batch_size: Optional[float] = None,
     loss_scale_factor: Optional[float] = None,
-) -> float:
+    out: Optional[Any] = None,
+    scratch: Optional[Any] = None,
+    stream: Optional[int] = None,
+) -> Optional[float]:
     """verl's ``agg_loss``: returns the scalar and writes
-    ``d loss / d loss_mat`` into ``grad``."""
+    ``d loss / d loss_mat`` into ``grad``.
+
+    CUDA tensors: returns ``None`` without waiting; ``out`` (5 float64 on the
+    device) receives ``[loss, 0, 0, 0, scale]`` and ``grad`` receives
+    ``d loss / d loss_mat`` divided by ``scale``; ``scratch`` and ``stream``
+    as in :func:`policy_loss`."""
+
+def cuda_set_nvrtc_hints(dirs: list[str]) -> None:
+    """Directories searched for ``libnvrtc`` after ``LUSPO_RS_NVRTC`` and
+    before ``CUDA_HOME``, ``/usr/local/cuda`` and the loader's path
+    (``luspo_rs`` passes PyTorch's ``site-packages/nvidia/*/lib``)."""
+
+def nvrtc_info() -> tuple[str, int, int]:
+    """Loads NVRTC if needed; returns ``(path, major, minor)``.
+    ``RuntimeError`` if none is found."""
+
+def cuda_compile(major: int, minor: int, target: str = "ptx") -> bytes:
+    """Compiles the embedded CUDA kernels for compute capability
+    ``major.minor`` to ``"ptx"`` or ``"cubin"`` with NVRTC (no GPU needed);
+    ``RuntimeError`` with NVRTC's log on failure."""
 
 def advantage(
     token_level_rewards: Any,

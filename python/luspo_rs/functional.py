@@ -3,7 +3,8 @@
 Each forward allocates its outputs with torch (the gradient buffer in the
 dtype and device of the differentiated input), hands every tensor to the
 native module through DLPack without copying, and saves only the gradient
-buffer for backward; backward is ``grad_output * saved_grad``.
+buffer for backward; backward is ``grad_output * saved_grad``. CUDA tensors
+go through :mod:`luspo_rs._cuda` (caller's stream, no host sync, in-place backward).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import _core
+from . import _core, _cuda
 
 Number = Union[int, float, torch.Tensor]
 
@@ -46,7 +47,12 @@ class PolicyLossFunction(torch.autograd.Function):
     inputs are treated as constants, as verl's trainers use them)."""
 
     @staticmethod
-    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options):
+    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor=None):
+        if log_prob.is_cuda:
+            ctx.cuda = True
+            return _cuda.policy_forward(
+                ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor
+            )
         grad = torch.empty(log_prob.shape, dtype=log_prob.dtype, device=log_prob.device)
         out = torch.empty(len(STATS), dtype=torch.float64, device=log_prob.device)
         _core.policy_loss(
@@ -67,8 +73,10 @@ class PolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
+        if getattr(ctx, "cuda", False):
+            return _cuda.backward(ctx, grad_loss), None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None, None
 
 
 def policy_loss(
@@ -126,11 +134,21 @@ def policy_loss(
         clip_ratio_low=_as_float("clip_ratio_low", clip_ratio_low),
         clip_ratio_high=_as_float("clip_ratio_high", clip_ratio_high),
         clip_ratio_c=_as_float("clip_ratio_c", clip_ratio_c),
-        dp_size=_as_float("dp_size", dp_size),
-        batch_num_tokens=_as_float("batch_num_tokens", batch_num_tokens),
-        global_batch_size=_as_float("global_batch_size", global_batch_size),
-        loss_scale_factor=_as_float("loss_scale_factor", loss_scale_factor),
     )
+    # CUDA: normalisers given as CUDA tensors stay on the device (no .item()).
+    factor = None
+    norms = dict(
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        loss_scale_factor=loss_scale_factor,
+    )
+    if log_prob.is_cuda:
+        effective = "seq-mean-token-sum" if mode == "luspo" else loss_agg_mode
+        host, factor = _cuda.split_normalisers(effective, norms, log_prob.device, _as_float)
+        options.update(host)
+    else:
+        options.update({k: _as_float(k, v) for k, v in norms.items()})
     weights = None if rollout_is_weights is None else _as_tensor("rollout_is_weights", rollout_is_weights)
     loss, metrics = PolicyLossFunction.apply(
         log_prob,
@@ -139,6 +157,7 @@ def policy_loss(
         _as_tensor("response_mask", response_mask),
         weights,
         options,
+        factor,
     )
     return loss, dict(zip(STATS[1:], metrics.unbind()))
 
@@ -147,7 +166,10 @@ class AggLossFunction(torch.autograd.Function):
     """verl's ``agg_loss``; differentiable in ``loss_mat``."""
 
     @staticmethod
-    def forward(ctx, loss_mat, loss_mask, loss_agg_mode, options):
+    def forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor=None):
+        if loss_mat.is_cuda:
+            ctx.cuda = True
+            return _cuda.agg_forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor)
         grad = torch.empty(loss_mat.shape, dtype=loss_mat.dtype, device=loss_mat.device)
         loss = _core.agg_loss(loss_mat.detach(), loss_mask, grad, loss_agg_mode, **options)
         ctx.save_for_backward(grad)
@@ -155,8 +177,10 @@ class AggLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if getattr(ctx, "cuda", False):
+            return _cuda.backward(ctx, grad_loss), None, None, None, None
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None
+        return grad * grad_loss, None, None, None, None
 
 
 def agg_loss(
@@ -183,10 +207,16 @@ def agg_loss(
     """
     if not isinstance(loss_mat, torch.Tensor):
         raise TypeError(f"loss_mat: expected a torch.Tensor, got {type(loss_mat).__name__}")
-    options = dict(
-        dp_size=_as_float("dp_size", dp_size),
-        batch_num_tokens=_as_float("batch_num_tokens", batch_num_tokens),
-        global_batch_size=_as_float("global_batch_size", global_batch_size),
-        loss_scale_factor=_as_float("loss_scale_factor", loss_scale_factor),
+    norms = dict(
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        loss_scale_factor=loss_scale_factor,
     )
-    return AggLossFunction.apply(loss_mat, _as_tensor("loss_mask", loss_mask), loss_agg_mode, options)
+    factor = None
+    if loss_mat.is_cuda:
+        # normalisers given as CUDA tensors stay on the device (no .item())
+        options, factor = _cuda.split_normalisers(loss_agg_mode, norms, loss_mat.device, _as_float)
+    else:
+        options = {k: _as_float(k, v) for k, v in norms.items()}
+    return AggLossFunction.apply(loss_mat, _as_tensor("loss_mask", loss_mask), loss_agg_mode, options, factor)

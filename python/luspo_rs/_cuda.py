@@ -1,0 +1,154 @@
+"""The CUDA side of the autograd Functions in :mod:`luspo_rs.functional`.
+
+For CUDA tensors the native kernels (``src/cuda``) run on the caller's
+current stream and return at once: nothing here reads a value back to the
+host. torch allocates every buffer the kernels write:
+
+* ``grad`` — ``d loss / d x`` *divided by* the batch-wide aggregation factor
+  (``dp_size / N``, ``dp_size / G``, ...), which needs every row and is only
+  known once all rows are done;
+* ``out`` — float64 ``[loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower, scale]``
+  on the device;
+* ``scratch`` — float64 ``(B, 5)`` row partials, reduced in a fixed order.
+
+Backward multiplies ``grad`` by ``grad_output * scale`` in place (it has to
+multiply by ``grad_output`` anyway), so no second ``B x T`` buffer exists at
+any time; a second backward through the same graph (``retain_graph=True``)
+is refused by autograd's saved-tensor version check.
+
+Normalisers (``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
+``loss_scale_factor``) may be CUDA 0-d tensors, as verl's actors compute
+them: they are never ``.item()``-ed; the kernels run with 1 in their place
+and ``loss`` and ``scale`` are multiplied by the tensor factor on the device
+afterwards. Their values cannot be validated without a sync, so a CUDA
+normaliser that is 0 or NaN gives a NaN / inf loss instead of a ValueError.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Optional
+
+import torch
+
+from . import _core
+
+#: Length of the native ``out`` buffer and of a row of ``scratch``.
+OUT_LEN = 5
+
+
+def nvrtc_dirs() -> list[str]:
+    """``lib`` directories of PyTorch's ``nvidia-*`` wheels that hold an
+    NVRTC, the one matching torch's CUDA major version first."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    found = glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so*"))
+    found += glob.glob(os.path.join(site, "nvidia", "*", "bin", "nvrtc64*.dll"))
+    dirs = sorted({os.path.dirname(p) for p in found if "builtins" not in os.path.basename(p)})
+    major = (torch.version.cuda or "").split(".")[0]
+    dirs.sort(key=lambda d: not any(os.path.basename(p).startswith(f"libnvrtc.so.{major}") for p in glob.glob(d + "/*")))
+    return dirs
+
+
+_core.cuda_set_nvrtc_hints(nvrtc_dirs())
+
+# Which normaliser each aggregation divides by (dp_size always multiplies).
+_DIVISORS = {
+    "token-mean": ("batch_num_tokens",),
+    "token-sum": (),
+    "seq-mean-token-sum": ("global_batch_size",),
+    "seq-mean-token-mean": ("global_batch_size",),
+    "seq-mean-token-sum-norm": ("global_batch_size", "loss_scale_factor"),
+}
+NORMALISERS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+
+
+def split_normalisers(agg_mode: str, values: dict[str, Any], device: torch.device, as_float) -> tuple[dict, Optional[torch.Tensor]]:
+    """Host options for the native call, and the device factor (or None)
+    that ``loss`` and ``scale`` are multiplied by afterwards.
+
+    A normaliser given as a CUDA tensor is passed to the kernels as 1.0 and
+    folded into the factor (``dp_size`` multiplies, the divisors of
+    ``agg_mode`` divide; unused ones are ignored, as verl ignores them).
+    """
+    host: dict[str, Optional[float]] = {}
+    factor: Optional[torch.Tensor] = None
+    used = _DIVISORS.get(agg_mode, ())
+    for name in NORMALISERS:
+        v = values[name]
+        if isinstance(v, torch.Tensor) and v.device.type == "cuda":
+            if v.numel() != 1:
+                raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(v.shape)}")
+            if v.device != device:
+                raise ValueError(f"{name}: is on {v.device} but log_prob is on {device}")
+            host[name] = 1.0
+            t = v.detach().reshape(()).to(torch.float64)
+            if name == "dp_size":
+                factor = t if factor is None else factor * t
+            elif name in used:
+                factor = 1.0 / t if factor is None else factor / t
+        else:
+            host[name] = as_float(name, v)
+    return host, factor
+
+
+def _buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(OUT_LEN, dtype=torch.float64, device=x.device)
+    scratch = torch.empty((x.shape[0] if x.dim() > 0 else 1, OUT_LEN), dtype=torch.float64, device=x.device)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    return grad, out, scratch, stream
+
+
+def _check_same_device(x: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"{name}: is on {t.device} but the differentiated input is on {x.device}; all tensors must be on one device")
+
+
+def policy_forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor):
+    """Forward of ``PolicyLossFunction`` for CUDA tensors; returns ``(loss, metrics)``."""
+    _check_same_device(
+        log_prob,
+        old_log_prob=old_log_prob,
+        advantages=advantages,
+        response_mask=response_mask,
+        rollout_is_weights=rollout_is_weights,
+    )
+    grad, out, scratch, stream = _buffers(log_prob)
+    _core.policy_loss(
+        old_log_prob,
+        log_prob.detach(),
+        advantages,
+        response_mask,
+        grad,
+        out,
+        rollout_is_weights=rollout_is_weights,
+        scratch=scratch,
+        stream=stream,
+        **options,
+    )
+    if factor is not None:
+        out[0::4].mul_(factor)  # loss and scale
+    ctx.save_for_backward(grad, out)
+    loss = out[0].to(log_prob.dtype)
+    metrics = out[1:4]
+    ctx.mark_non_differentiable(metrics)
+    return loss, metrics
+
+
+def agg_forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor):
+    """Forward of ``AggLossFunction`` for CUDA tensors; returns the loss."""
+    _check_same_device(loss_mat, loss_mask=loss_mask)
+    grad, out, scratch, stream = _buffers(loss_mat)
+    _core.agg_loss(loss_mat.detach(), loss_mask, grad, loss_agg_mode, out=out, scratch=scratch, stream=stream, **options)
+    if factor is not None:
+        out[0::4].mul_(factor)
+    ctx.save_for_backward(grad, out)
+    return out[0].to(loss_mat.dtype)
+
+
+def backward(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grad * (grad_output * scale)``, in place in the saved buffer."""
+    grad, out = ctx.saved_tensors
+    return grad.mul_(grad_loss.to(torch.float64) * out[4])
