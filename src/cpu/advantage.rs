@@ -7,7 +7,7 @@
 //! row `i` (`n_g` rows, mean `mu_g`, unbiased std `sd_g`), the per-row scalar
 //! `a_i` is, for groups of `n_g > 1` (singletons in brackets):
 //!
-//! * `grpo` / `grpo_vectorized`: `(s_i - mu_g) / (sd_g + eps)` [`s_i / (1 + eps)`];
+//! * `grpo` / `grpo_vectorized`: `(s_i - mu_g) / (sd_g + eps)` [`s_i / f32(1 + eps)`];
 //!   without std normalisation (Dr.GRPO) `s_i - mu_g` [`s_i`];
 //! * `rloo`: `n_g / (n_g - 1) * (s_i - mu_g)` [`s_i`]; `rloo_vectorized`: the same [`0`];
 //! * `opo`: `s_i - sum_g(L s) / sum_g(L)` with `L_i = sum_t m_it` [`s_i`];
@@ -280,9 +280,15 @@ fn row_scalars(p: &AdvantageProblem, stats: &[RowStats], gid: &[u32], n_groups: 
                 let d = score(i) - mean[g as usize];
                 ss[g as usize] += d * d;
             }
-            let std: Vec<f64> =
-                ss.iter().zip(&count).map(|(&s, &c)| if c > 1 { (s / (c - 1) as f64).sqrt() } else { 1.0 }).collect();
-            (0..n).map(|i| (score(i) - mean[gid[i] as usize]) / (std[gid[i] as usize] + p.epsilon)).collect()
+            // verl's singleton std is a float32 `tensor(1.0)`, so `std + eps` is
+            // rounded to float32 there, whatever the scores' dtype.
+            let single = (1.0f32 + p.epsilon as f32) as f64;
+            let denom: Vec<f64> = ss
+                .iter()
+                .zip(&count)
+                .map(|(&s, &c)| if c > 1 { (s / (c - 1) as f64).sqrt() + p.epsilon } else { single })
+                .collect();
+            (0..n).map(|i| (score(i) - mean[gid[i] as usize]) / denom[gid[i] as usize]).collect()
         }
         Estimator::Rloo => (0..n)
             .map(|i| {
