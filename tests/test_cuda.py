@@ -1,0 +1,183 @@
+"""The CUDA backend on a GPU: parity with verl running on the same GPU and
+with our CPU path, bitwise determinism, zero-copy, and no host sync (CUDA
+graph capture and ``torch.cuda.set_sync_debug_mode("error")``).
+
+Skipped, with the reason, where torch sees no GPU. Run on a GPU machine with
+``python -m pytest -q tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import AGG_MODES, MODES, make_batch, verl_reference
+
+import luspo_rs
+from luspo_rs import _core
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU visible to torch: the CUDA kernels cannot run here"
+)
+
+CLIP = dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# Against our CPU path (same f32 math, same input values): a few ulp, plus
+# one extra rounding of the gradient in 16-bit (it is scaled in backward).
+TOL_CPU = {
+    torch.float32: dict(atol=1e-6, rtol=1e-5),
+    torch.float64: dict(atol=1e-12, rtol=1e-10),
+    torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
+    torch.float16: dict(atol=1e-3, rtol=2e-3),
+}
+
+
+def run(mode, old, lp, adv, mask, agg, weights=None, **kw):
+    x = lp.detach().clone().requires_grad_(True)
+    loss, metrics = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, loss_agg_mode=agg, rollout_is_weights=weights, **{**CLIP, **kw})
+    loss.backward()
+    return loss.detach(), x.grad, torch.stack([metrics[k] for k in ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")])
+
+
+def cuda(*ts):
+    return [None if t is None else t.cuda() for t in ts]
+
+
+def close(a, b, tol, what):
+    torch.testing.assert_close(a.double().cpu(), b.double().cpu(), equal_nan=True, msg=lambda m: f"{what}: {m}", **tol)
+
+
+@pytest.mark.parametrize("with_weights", [False, True], ids=["no_is", "is_weights"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_cpu_path_and_verl_on_the_gpu(mode, agg, dtype, with_weights):
+    old, lp, adv, mask = make_batch(9, 300, dtype=dtype, spread=1.0, empty_rows=(3,), full_rows=(0,))
+    w = torch.rand(9, 300, generator=torch.Generator().manual_seed(1)).to(dtype) + 0.5 if with_weights else None
+    c_loss, c_grad, c_met = run(mode, old, lp, adv, mask, agg, w)
+    g_loss, g_grad, g_met = run(mode, *cuda(old, lp, adv, mask), agg, *cuda(w))
+    assert g_loss.is_cuda and g_grad.is_cuda and g_grad.dtype == dtype
+    tol = TOL_CPU[dtype]
+    close(g_loss, c_loss, tol, "loss vs CPU")
+    close(g_grad, c_grad, tol, "grad vs CPU")
+    close(g_met, c_met, TOL_CPU[torch.float32], "metrics vs CPU")
+    # verl on the same GPU, in f32 for 16-bit inputs (its own 16-bit math is coarser than ours)
+    up = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    r_loss, r_grad, r_met = verl_reference(mode, *[t.to(up) for t in cuda(old, lp, adv)], mask.cuda(), agg,
+                                           None if w is None else w.cuda().to(up), **CLIP)
+    close(g_loss, r_loss, TOL_CPU[dtype], "loss vs verl")
+    close(g_grad, r_grad, TOL_CPU[dtype], "grad vs verl")
+    close(g_met[0], r_met["pg_clipfrac"], TOL_CPU[torch.float32], "pg_clipfrac vs verl")
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_agg_loss_matches_cpu(agg):
+    g = torch.Generator().manual_seed(3)
+    l = torch.randn(7, 129, generator=g)
+    m = torch.rand(7, 129, generator=g) > 0.3
+    m[2] = False
+    out = []
+    for dev in ("cpu", "cuda"):
+        x = l.to(dev).requires_grad_(True)
+        loss = luspo_rs.agg_loss(x, m.to(dev), agg)
+        loss.backward()
+        out.append((loss.detach().cpu(), x.grad.cpu()))
+    close(out[1][0], out[0][0], TOL_CPU[torch.float32], "loss")
+    close(out[1][1], out[0][1], TOL_CPU[torch.float32], "grad")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bitwise_deterministic_over_runs(mode):
+    old, lp, adv, mask = cuda(*make_batch(64, 5000, spread=0.5))
+    first = run(mode, old, lp, adv, mask, "token-mean")
+    for _ in range(5):
+        again = run(mode, old, lp, adv, mask, "token-mean")
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_writes_into_the_torch_buffers_without_copies():
+    old, lp, adv, mask = cuda(*make_batch(4, 64))
+    grad = torch.full_like(lp, float("nan"))
+    out = torch.full((5,), float("nan"), dtype=torch.float64, device="cuda")
+    scratch = torch.full((4, 5), float("nan"), dtype=torch.float64, device="cuda")
+    ptrs = (grad.data_ptr(), out.data_ptr(), scratch.data_ptr())
+    _core.policy_loss(old, lp, adv, mask, grad, out, mode="gspo", loss_agg_mode="token-mean", clip_ratio=0.2,
+                      scratch=scratch, stream=torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert (grad.data_ptr(), out.data_ptr(), scratch.data_ptr()) == ptrs
+    assert torch.isfinite(grad).all() and torch.isfinite(out).all() and torch.isfinite(scratch).all()
+
+
+def test_strided_inputs_are_read_in_place():
+    old, lp, adv, mask = cuda(*make_batch(16, 40, per_seq_adv=True))
+    a = run("gspo", old, lp, adv, mask, "seq-mean-token-mean")
+    # transposed storage, per-row advantages as (B, 1)
+    t = lambda x: x.t().contiguous().t()  # noqa: E731
+    b = run("gspo", t(old), t(lp), adv[:, None], t(mask), "seq-mean-token-mean")
+    for x, y in zip(a, b):
+        close(x, y, TOL_CPU[torch.float32], "strided")
+
+
+def test_no_host_sync_in_forward_and_backward():
+    old, lp, adv, mask = cuda(*make_batch(32, 1000))
+    bnt = mask.sum().double()  # a CUDA 0-d normaliser, as verl's actors pass it
+    run("luspo", old, lp, adv, mask, "token-mean", batch_num_tokens=bnt)  # compile + load outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in MODES:
+            run(mode, old, lp, adv, mask, "token-mean", batch_num_tokens=bnt)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = run("vanilla", old, lp, adv, mask, "token-mean", batch_num_tokens=float(bnt))
+    got = run("vanilla", old, lp, adv, mask, "token-mean", batch_num_tokens=bnt)
+    for x, y in zip(got, ref):
+        close(x, y, TOL_CPU[torch.float32], "device normaliser")
+
+
+def test_captured_in_a_cuda_graph():
+    old, lp, adv, mask = cuda(*make_batch(32, 512, spread=0.5))
+    x = lp.clone().requires_grad_(True)
+
+    def step():
+        loss, metrics = luspo_rs.policy_loss(old, x, adv, mask, mode="luspo", **CLIP)
+        (g,) = torch.autograd.grad(loss, x)
+        return loss, g, metrics["pg_clipfrac"]
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    eager = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(static, eager):
+        assert torch.equal(a, b)
+
+
+def test_mixed_devices_are_a_value_error():
+    old, lp, adv, mask = make_batch(2, 8)
+    with pytest.raises(ValueError, match="old_log_prob|device"):
+        luspo_rs.policy_loss(old, lp.cuda(), adv.cuda(), mask.cuda(), mode="gspo")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_two_gpus_are_a_value_error():
+    old, lp, adv, mask = make_batch(2, 8)
+    with pytest.raises(ValueError, match="device|cuda:1"):
+        luspo_rs.policy_loss(old.to("cuda:1"), lp.cuda(), adv.cuda(), mask.cuda(), mode="gspo")
+
+
+def test_second_gpu_runs_its_own_kernels():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    old, lp, adv, mask = make_batch(3, 50)
+    a = run("gspo", *[t.to("cuda:1") for t in (old, lp, adv, mask)], "token-mean")
+    b = run("gspo", *cuda(old, lp, adv, mask), "token-mean")
+    for x, y in zip(a, b):
+        assert torch.equal(x.cpu(), y.cpu())
