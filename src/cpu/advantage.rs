@@ -360,7 +360,8 @@ mod tests {
         let m = [1.0, 1.0, 1.0, 0.0, 1.0, 1.0];
         let out = run_est("grpo", true, &r, &m, &[7, 7, 9], 2);
         let sd = 2.0f64.sqrt();
-        let want = [-1.0 / (sd + 1e-6), -1.0 / (sd + 1e-6), 1.0 / (sd + 1e-6), 0.0, 2.0 / 1.000001, 2.0 / 1.000001];
+        let single = (1.0f32 + 1e-6f32) as f64;
+        let want = [-1.0 / (sd + 1e-6), -1.0 / (sd + 1e-6), 1.0 / (sd + 1e-6), 0.0, 2.0 / single, 2.0 / single];
         for (a, b) in out.iter().zip(want) {
             assert!((a - b).abs() < 1e-12, "{out:?}");
         }
