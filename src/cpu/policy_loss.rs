@@ -31,47 +31,38 @@ struct Tok<F> {
     lower: bool,
 }
 
+// The helpers below are written as plain selects (no else-if chains, no
+// early exits) so the token loop compiles to vector code.
+
 /// `torch.clamp(x, lo, hi)`: NaN stays NaN; the second value says whether
 /// the gradient passes. torch (2.15, the version pinned for the tests)
 /// passes it on the open interval only: a value sitting exactly on a bound
 /// gets none, and neither does NaN.
 #[inline(always)]
 fn clamp<F: Real>(x: F, lo: F, hi: F) -> (F, bool) {
-    if x < lo {
-        (lo, false)
-    } else if x > hi {
-        (hi, false)
-    } else {
-        (x, x > lo && x < hi)
-    }
+    let v = if x < lo { lo } else { x };
+    let v = if v > hi { hi } else { v };
+    (v, (x > lo) & (x < hi))
 }
 
 /// `torch.maximum(a, b)` with its gradient: NaN propagates, ties split.
 #[inline(always)]
 fn maximum<F: Real>(a: F, da: F, b: F, db: F) -> (F, F) {
-    if a > b {
-        (a, da)
-    } else if b > a {
-        (b, db)
-    } else if a == b {
-        (a, (da + db) * F::of(0.5))
-    } else {
-        (F::nan(), da + db)
-    }
+    let v = if a > b { a } else { b };
+    let v = if a.is_nan() { a } else { v };
+    let tie = (da + db) * F::of(0.5);
+    let dv = if a > b { da } else { db };
+    (v, if a == b { tie } else { dv })
 }
 
 /// `torch.minimum(a, b)` with its gradient: NaN propagates, ties split.
 #[inline(always)]
 fn minimum<F: Real>(a: F, da: F, b: F, db: F) -> (F, F) {
-    if a < b {
-        (a, da)
-    } else if b < a {
-        (b, db)
-    } else if a == b {
-        (a, (da + db) * F::of(0.5))
-    } else {
-        (F::nan(), da + db)
-    }
+    let v = if a < b { a } else { b };
+    let v = if a.is_nan() { a } else { v };
+    let tie = (da + db) * F::of(0.5);
+    let dv = if a < b { da } else { db };
+    (v, if a == b { tie } else { dv })
 }
 
 /// The clip bounds in the compute type.
@@ -104,11 +95,13 @@ fn clipped_surrogate<F: Real>(a: F, r: F, dr: F, b: &Bounds<F>) -> (F, F, bool) 
 #[inline(always)]
 fn vanilla_token<F: Real>(old: F, lp: F, a: F, b: &Bounds<F>) -> (Tok<F>, F) {
     let (d, pass) = clamp(lp - old, F::of(-20.0), F::of(20.0));
-    let r = d.exp();
+    let r = d.exp_bounded();
     let (l1, dl1, clipped) = clipped_surrogate(a, r, if pass { r } else { F::zero() }, b);
     let pl3 = -a * b.c;
-    let lower = l1 > pl3 && a < F::zero();
-    let (loss, dloss) = if a < F::zero() { minimum(pl3, F::zero(), l1, dl1) } else { (l1, dl1) };
+    let lower = (l1 > pl3) & (a < F::zero());
+    let (l2, dl2) = minimum(pl3, F::zero(), l1, dl1);
+    let neg = a < F::zero();
+    let (loss, dloss) = (if neg { l2 } else { l1 }, if neg { dl2 } else { dl1 });
     (Tok { loss, dloss, clipped, lower }, d)
 }
 
@@ -198,23 +191,21 @@ fn row<F: Real>(p: &PolicyLossProblem, plan: &AggPlan, b: &Bounds<F>, i: usize, 
     // SAFETY: row i is written by this task only.
     unsafe {
         p.grad.with_row(i, &mut s.grad, |g| match p.mode {
-            LossMode::Vanilla => ctx.token_pass(g, &mut st, |t| vanilla_token(old[t], lp[t], adv[t], b)),
+            LossMode::Vanilla => ctx.token_pass(g, old, lp, adv, &mut st, |o, l, a| vanilla_token(o, l, a, b)),
             LossMode::Gspo | LossMode::Luspo => {
                 // verl: sum(d * m) / clamp(sum(m), min=1), a plain product so NaN propagates.
-                let mut seq = 0.0f64;
-                for t in 0..old.len() {
-                    seq += ((lp[t] - old[t]) * mask[t]).f64();
-                }
+                let n = old.len();
+                let seq = super::sum_map_f64(n, |t| (lp[t] - old[t]) * mask[t]);
                 let log_s = F::of(seq / tokens.max(1.0));
                 let (x, pass) = clamp(log_s, F::neg_infinity(), F::of(10.0));
                 let sr = x.exp();
                 let dsr = if pass { sr } else { F::zero() };
-                ctx.token_pass(g, &mut st, |t| {
+                ctx.token_pass(g, old, lp, adv, &mut st, |o, l, a| {
                     // lp - sg(lp) is 0 for finite lp and NaN otherwise, as in torch.
-                    let z = lp[t] - lp[t];
+                    let z = l - l;
                     let (r, dr) = if z == F::zero() { (sr, dsr) } else { (F::nan(), F::nan()) };
-                    let (loss, dloss, clipped) = clipped_surrogate(adv[t], r, dr, b);
-                    (Tok { loss, dloss, clipped, lower: false }, lp[t] - old[t])
+                    let (loss, dloss, clipped) = clipped_surrogate(a, r, dr, b);
+                    (Tok { loss, dloss, clipped, lower: false }, l - o)
                 })
             }
         })
@@ -234,31 +225,56 @@ impl<F: Real> RowCtx<'_, F> {
     /// Accumulates the row's sums and writes `g[t] = coef * m * w * dl/dlp`
     /// (0 at masked positions); `tok(t)` gives the token loss and the
     /// log-ratio used by the `ppo_kl` metric.
+    ///
+    /// Tokens go in blocks of [`BLOCK`]: a branch-free elementwise loop the
+    /// compiler vectorises fills per-token terms, then each block is summed
+    /// into f64 lanes in a fixed order.
     #[inline(always)]
-    fn token_pass(&self, g: &mut [F], st: &mut RowStats, tok: impl Fn(usize) -> (Tok<F>, F)) {
-        for t in 0..g.len() {
-            let (k, d) = tok(t);
-            let (l, dl) = match self.w {
-                Some(w) => (k.loss * w[t], k.dloss * w[t]),
-                None => (k.loss, k.dloss),
-            };
-            let m = self.mask[t];
-            if m != F::zero() {
-                st.loss += (l * m).f64();
-                st.kl -= (d * m).f64();
-                if k.clipped {
-                    st.clipped += m.f64();
-                }
-                if k.lower {
-                    st.lower += m.f64();
-                }
-                g[t] = self.coef * m * dl;
-            } else {
-                if self.seq_mode {
-                    st.loss += (l * m).f64();
-                }
-                g[t] = F::zero();
+    fn token_pass(
+        &self,
+        g: &mut [F],
+        old: &[F],
+        lp: &[F],
+        adv: &[F],
+        st: &mut RowStats,
+        tok: impl Fn(F, F, F) -> (Tok<F>, F),
+    ) {
+        let n = g.len();
+        let zero = F::zero();
+        let mut start = 0;
+        while start < n {
+            let len = BLOCK.min(n - start);
+            let end = start + len;
+            let (mut bl, mut bk, mut bc, mut bw) = ([zero; BLOCK], [zero; BLOCK], [zero; BLOCK], [zero; BLOCK]);
+            // equal-length block slices: no bounds checks in the loop below
+            let (g, o, l, a, m) = (&mut g[start..end], &old[start..end], &lp[start..end], &adv[start..end], &self.mask[start..end]);
+            let w = self.w.map(|w| &w[start..end]);
+            let (bl, bk, bc, bw) = (&mut bl[..len], &mut bk[..len], &mut bc[..len], &mut bw[..len]);
+            for j in 0..len {
+                let (k, d) = tok(o[j], l[j], a[j]);
+                let wt = match w {
+                    Some(w) => w[j],
+                    None => F::one(),
+                };
+                let (l, dl) = (k.loss * wt, k.dloss * wt);
+                let m = m[j];
+                let keep = m != zero;
+                // masked positions: dropped (token modes, verl's masked_sum) or
+                // multiplied by 0 (sequence modes, so NaN still propagates)
+                bl[j] = if keep | self.seq_mode { l * m } else { zero };
+                bk[j] = if keep { d * m } else { zero };
+                bc[j] = if keep & k.clipped { m } else { zero };
+                bw[j] = if keep & k.lower { m } else { zero };
+                g[j] = if keep { self.coef * m * dl } else { zero };
             }
+            st.loss += super::sum_f64(bl);
+            st.kl -= super::sum_f64(bk);
+            st.clipped += super::sum_f64(bc);
+            st.lower += super::sum_f64(bw);
+            start = end;
         }
     }
 }
+
+/// Tokens per block of [`RowCtx::token_pass`].
+const BLOCK: usize = 64;
