@@ -87,18 +87,22 @@ def take_over() -> None:
     """Replaces verl's ``vanilla``/``gspo`` losses, the group advantage
     estimators and ``kl_penalty`` with luspo-rs's (idempotent)."""
     register()
-    for name, (attr, fn) in {**_TAKEN_OVER_LOSSES}.items():
+    # Import the modules that bind kl_penalty by name first, so they capture
+    # verl's function (the original restore() puts back), not ours.
+    importers = []
+    for mod_name in _KL_IMPORTERS:
+        try:
+            importers.append((mod_name, importlib.import_module(mod_name)))
+        except ImportError:  # pragma: no cover - optional part of verl
+            continue
+    for name, (attr, fn) in _TAKEN_OVER_LOSSES.items():
         _set("policy_loss", name, _verl.POLICY_LOSS_REGISTRY, fn, item=True)
         _set("core_algos", attr, _verl, fn, item=False)
     for name, (attr, fn) in TAKEN_OVER_ESTIMATORS.items():
         _set("adv_est", name, _verl.ADV_ESTIMATOR_REGISTRY, fn, item=True)
         _set("core_algos", attr, _verl, fn, item=False)
     _set("core_algos", "kl_penalty", _verl, _ours.kl_penalty, item=False)
-    for mod_name in _KL_IMPORTERS:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:  # pragma: no cover - optional part of verl
-            continue
+    for mod_name, mod in importers:
         _set(mod_name, "kl_penalty", mod, _ours.kl_penalty, item=False)
 
 

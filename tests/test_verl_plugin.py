@@ -1,0 +1,158 @@
+"""The verl plug-in: verl itself imports ``luspo_rs.verl`` when
+``VERL_USE_EXTERNAL_MODULES=luspo_rs.verl`` is set, which registers ``luspo``;
+``LUSPO_RS_TAKE_OVER=1`` (or ``take_over()``) swaps verl's own losses,
+estimators and kl_penalty for ours. Each case runs in a fresh interpreter so
+that the environment is the one verl sees at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+
+
+def run(*pieces: str, **env: str) -> str:
+    code = "".join(textwrap.dedent(p) for p in pieces)
+    full_env = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_MODULES", "LUSPO_RS_TAKE_OVER")}
+    full_env.update(env)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=full_env
+    )
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r.stdout.strip().splitlines()[-1]
+
+
+LUSPO_NUMBERS = """
+    import torch
+    from verl.workers.config import ActorConfig
+    cfg = ActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                      ppo_micro_batch_size_per_gpu=1, rollout_n=1)
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(6, 10, generator=g)
+    lp = (old + 0.3 * torch.randn(6, 10, generator=g)).requires_grad_()
+    adv = torch.randn(6, 1, generator=g).expand(6, 10)
+    mask = torch.arange(10)[None, :] < torch.tensor([10, 3, 7, 1, 5, 9])[:, None]
+    # documented LUSPO: J = 1/G sum_i L_i * min(s_i A_i, clip(s_i) A_i); loss = -J
+    L = mask.sum(-1).double()
+    s = torch.exp(((lp - old) * mask).sum(-1) / L).double()
+    A = adv[:, 0].double()
+    want = -(L * torch.minimum(s * A, s.clamp(0.8, 1.28) * A)).mean()
+"""
+
+
+def test_env_var_registers_luspo_in_verls_registry():
+    out = run(
+        """
+        import verl  # runs VERL_USE_EXTERNAL_MODULES
+        from verl.trainer.ppo.core_algos import get_policy_loss_fn
+        import luspo_rs.core_algos
+        fn = get_policy_loss_fn("luspo")
+        assert fn is luspo_rs.core_algos.compute_policy_loss_luspo
+        """,
+        LUSPO_NUMBERS,
+        """
+        loss, metrics = fn(old, lp, adv, mask, loss_agg_mode="token-mean", config=cfg)
+        assert abs(loss.item() - want.item()) < 1e-5 * max(1.0, abs(want.item())), (loss.item(), want.item())
+        assert set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+        # opt-in not set: verl's own vanilla / grpo stay in place
+        from verl.trainer.ppo import core_algos as ca
+        assert ca.get_policy_loss_fn("vanilla").__module__ == "verl.trainer.ppo.core_algos"
+        assert ca.compute_grpo_outcome_advantage.__module__ == "verl.trainer.ppo.core_algos"
+        print("OK")
+        """,
+        VERL_USE_EXTERNAL_MODULES="luspo_rs.verl",
+    )
+    assert out == "OK"
+
+
+def test_take_over_env_var_replaces_verls_functions():
+    out = run(
+        """
+        import verl
+        import luspo_rs.core_algos as ours
+        import luspo_rs.verl as plugin
+        from verl.trainer.ppo import core_algos as ca
+        import verl.workers.utils.losses as losses
+        assert plugin.taken_over()
+        assert ca.get_policy_loss_fn("vanilla") is ours.compute_policy_loss_vanilla
+        assert ca.get_policy_loss_fn("gspo") is ours.compute_policy_loss_gspo
+        for name, (attr, fn) in plugin.TAKEN_OVER_ESTIMATORS.items():
+            assert ca.get_adv_estimator_fn(name) is fn, name
+            assert getattr(ca, attr) is fn, attr
+        assert ca.kl_penalty is ours.kl_penalty and losses.kl_penalty is ours.kl_penalty
+        # estimators verl keeps: untouched
+        assert ca.get_adv_estimator_fn("gae").__module__ == "verl.trainer.ppo.core_algos"
+        # restore() gives verl's originals back
+        plugin.restore()
+        assert ca.get_policy_loss_fn("vanilla").__module__ == "verl.trainer.ppo.core_algos"
+        assert ca.compute_grpo_outcome_advantage.__module__ == "verl.trainer.ppo.core_algos"
+        assert ca.get_adv_estimator_fn("rloo").__module__ == "verl.trainer.ppo.core_algos"
+        assert losses.kl_penalty.__module__ == "verl.trainer.ppo.core_algos"
+        assert not plugin.taken_over()
+        assert ca.get_policy_loss_fn("luspo") is ours.compute_policy_loss_luspo
+        print("OK")
+        """,
+        VERL_USE_EXTERNAL_MODULES="luspo_rs.verl",
+        LUSPO_RS_TAKE_OVER="1",
+    )
+    assert out == "OK"
+
+
+def test_take_over_by_call_and_reimport_is_harmless():
+    out = run(
+        """
+        import importlib, sys
+        from verl.trainer.ppo import core_algos as ca
+        assert "luspo" not in ca.POLICY_LOSS_REGISTRY  # no env var: nothing registered
+        import luspo_rs.verl as plugin
+        original = ca.get_policy_loss_fn("vanilla")
+        assert not plugin.taken_over()
+        plugin.take_over()
+        plugin.take_over()
+        importlib.reload(plugin)
+        del sys.modules["luspo_rs.verl"]
+        import luspo_rs.verl as plugin2
+        plugin2.take_over()
+        assert plugin2.taken_over()
+        plugin.restore()  # the first module object still holds verl's originals
+        assert ca.get_policy_loss_fn("vanilla") is original
+        assert "luspo" in ca.POLICY_LOSS_REGISTRY
+        print("OK")
+        """
+    )
+    assert out == "OK"
+
+
+def test_taken_over_estimators_are_what_verls_trainer_calls():
+    """verl's ray_trainer.compute_advantage calls core_algos.compute_grpo_outcome_advantage
+    for grpo and get_adv_estimator_fn(name)(token_level_rewards=, response_mask=,
+    config=, index=) for the others (ray_trainer itself needs torchdata, not a test
+    dependency, so the two call forms are made here the same way)."""
+    out = run(
+        """
+        import numpy as np, torch
+        from verl.trainer.ppo import core_algos as ca
+        from verl.trainer.config import AlgoConfig
+        g = torch.Generator().manual_seed(0)
+        B, T = 8, 5
+        kw = dict(token_level_rewards=torch.randn(B, T, generator=g),
+                  response_mask=torch.ones(B, T, dtype=torch.int64),
+                  index=np.array([f"u{i // 2}" for i in range(B - 1)] + ["solo"], dtype=object))
+        names = ["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg"]
+        def call(name):
+            if name == "grpo":
+                return ca.compute_grpo_outcome_advantage(norm_adv_by_std_in_grpo=True, **kw)[0]
+            return ca.get_adv_estimator_fn(name)(config=AlgoConfig(), **kw)[0]
+        want = {n: call(n).clone() for n in names}
+        import luspo_rs.verl as plugin
+        plugin.take_over()
+        for n in names:
+            assert ca.get_adv_estimator_fn(n).__module__ == "luspo_rs.core_algos", n
+            torch.testing.assert_close(call(n), want[n], atol=1e-5, rtol=1e-5)
+        print("OK")
+        """
+    )
+    assert out == "OK"
