@@ -27,6 +27,7 @@ Known, deliberate differences from verl (documented in the README):
 
 from __future__ import annotations
 
+import mmap
 from typing import Any, Optional
 
 import numpy as np
@@ -236,6 +237,34 @@ def group_index(index: Any) -> torch.Tensor:
     return ids
 
 
+#: Outputs at least this large are allocated on transparent huge pages (Linux).
+_HUGE_OUTPUT_BYTES = 8 << 20
+_HUGE_PAGE = 2 << 20
+
+
+def _empty_host(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty`` on the CPU, backed by transparent huge pages when large.
+
+    torch's CPU allocator returns fresh 4 KiB-page mappings for large tensors,
+    and first-touch page faults then dominate a bandwidth-bound kernel (about
+    40 ms per 64 MB on a small VM, 5x the cost of writing the data). A 2 MiB-
+    aligned anonymous mapping with ``MADV_HUGEPAGE`` faults 512x less often.
+    The tensor owns the mapping (``torch.frombuffer`` keeps it alive) and is an
+    ordinary CPU tensor, except that its storage cannot be resized in place.
+    """
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes < _HUGE_OUTPUT_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    skip = -raw.data_ptr() % _HUGE_PAGE
+    return raw[skip : skip + nbytes].view(dtype).view(shape)
+
+
 def _advantage(estimator, token_level_rewards, response_mask, index, **params):
     for name, t in (("token_level_rewards", token_level_rewards), ("response_mask", response_mask)):
         if not isinstance(t, torch.Tensor):
@@ -250,7 +279,7 @@ def _advantage(estimator, token_level_rewards, response_mask, index, **params):
     if gid.device.type != "cpu":
         gid = gid.cpu()
     dtype = torch.promote_types(rewards.dtype, mask.dtype) if rewards.dtype.is_floating_point else rewards.dtype
-    out = torch.empty(rewards.shape, dtype=dtype)
+    out = _empty_host(tuple(rewards.shape), dtype)
     _core.advantage(rewards, mask, gid, out, estimator=estimator, **params)
     if device.type != "cpu":
         out = out.to(device)
