@@ -187,3 +187,22 @@ def test_estimators_on_index_with_numpy_ints_and_many_groups():
     want, _ = verl_ca.compute_grpo_outcome_advantage(rewards.clone(), mask, index)
     got, _ = ours.compute_grpo_outcome_advantage(rewards.clone(), mask, index)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_large_outputs_reuse_only_buffers_no_tensor_references():
+    shape = (2048, 1024)  # 8 MiB: the huge-page path
+    a = ours._empty_host(shape, torch.float32)
+    a.fill_(1.0)
+    view, numpy_view, ptr = a[:3], None, a.data_ptr()
+    del a
+    b = ours._empty_host(shape, torch.float32)
+    assert b.data_ptr() != ptr  # a view of the first buffer is alive
+    assert view.sum().item() == 3 * 1024
+    numpy_view, ptr_b = b.numpy(), b.data_ptr()
+    del b
+    c = ours._empty_host(shape, torch.float32)
+    assert c.data_ptr() != ptr_b  # a numpy array still uses the second one
+    del view
+    d = ours._empty_host(shape, torch.float32)
+    assert d.data_ptr() == ptr  # the first buffer is free again: reused
+    assert numpy_view.shape == shape and c.shape == d.shape == shape and d.dtype == torch.float32

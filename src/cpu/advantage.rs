@@ -238,8 +238,13 @@ fn run<F: Real>(p: &AdvantageProblem) {
     (0..rows).into_par_iter().with_min_len(min_rows_per_task(cols)).for_each_init(
         || (vec![F::zero(); cols], vec![F::zero(); cols], vec![F::zero(); cols]),
         |(sm, so, sw), i| {
-            let m = p.mask.row::<F>(i, sm);
             let a = F::of(scalars[i]);
+            if whiten.is_none() && int64_row_times(&p.mask, i, a, so) {
+                // SAFETY: row i is written by this task only.
+                unsafe { store_row(&p.out, i, so, sw) };
+                return;
+            }
+            let m = p.mask.row::<F>(i, sm);
             match whiten {
                 None => {
                     for (o, &m) in so.iter_mut().zip(m) {
@@ -258,6 +263,29 @@ fn run<F: Real>(p: &AdvantageProblem) {
         },
     );
     fence();
+}
+
+/// `out = a * m` for a contiguous int64 mask row whose values fit in i32
+/// (0/1 attention masks): narrowing to i32 first lets the conversion to float
+/// vectorise on baseline x86_64, which has no packed i64 -> float conversion.
+/// Returns false (nothing written) for any other row.
+#[inline]
+fn int64_row_times<F: Real>(mask: &Mat, i: usize, a: F, out: &mut [F]) -> bool {
+    let d = &mask.desc;
+    if d.dtype != DType::I64 || mask.is_per_row() || (d.strides[1] != 1 && mask.cols > 1) {
+        return false;
+    }
+    // SAFETY: row i of a validated contiguous int64 (rows, cols) view.
+    let row = unsafe {
+        std::slice::from_raw_parts(d.ptr.wrapping_offset(i as isize * d.strides[0] * 8) as *const i64, mask.cols)
+    };
+    if !row.iter().fold(true, |ok, &v| ok & (v as i32 as i64 == v)) {
+        return false;
+    }
+    for (o, &v) in out.iter_mut().zip(row) {
+        *o = a * F::of((v as i32) as f64);
+    }
+    true
 }
 
 /// Writes a computed row into the output. A contiguous, 16-byte aligned
