@@ -96,3 +96,18 @@ def test_bad_input_names_the_argument():
         ours.kl_penalty(lp, ref.numpy(), "k1")
     with pytest.raises(ValueError, match="logprob"):
         ours.kl_penalty(lp[:0], ref[:0], "k1")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_path_for_other_devices_matches_verl(mode):
+    """Tensors the native module has no kernel for (CUDA) take a plain-torch path;
+    run here on the CPU through the same function."""
+    lp, ref = inputs(torch.float64)
+    w = torch.randn(lp.shape, dtype=torch.float64)
+    a, b = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    want = verl_ca.kl_penalty(a, ref, mode)
+    got = ours._kl_penalty_torch(b, ref, mode)
+    (want * w).sum().backward()
+    (got * w).sum().backward()
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    torch.testing.assert_close(b.grad, a.grad, **TOL[torch.float64])

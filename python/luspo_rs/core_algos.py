@@ -205,12 +205,39 @@ def kl_penalty(logprob: torch.FloatTensor, ref_logprob: torch.FloatTensor, kl_pe
     for name, t in (("logprob", logprob), ("ref_logprob", ref_logprob)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if logprob.device.type != "cpu" or ref_logprob.device.type != "cpu":
+        return _kl_penalty_torch(logprob, ref_logprob, kl_penalty)
     shape = logprob.shape
     if logprob.dim() != 2 and logprob.shape == ref_logprob.shape and logprob.numel() > 0:
         cols = shape[-1] if logprob.dim() > 0 else 1
         out = KlPenaltyFunction.apply(logprob.reshape(-1, cols), ref_logprob.reshape(-1, cols), kl_penalty)
         return out.reshape(shape)
     return KlPenaltyFunction.apply(logprob, ref_logprob, kl_penalty)
+
+
+def _kl_penalty_torch(logprob: torch.Tensor, ref_logprob: torch.Tensor, mode: str) -> torch.Tensor:
+    """The same estimators in plain torch ops, for devices the native module
+    has no kernel for (CUDA): autograd differentiates them as verl's."""
+    base, straight_through = (mode[:-1], True) if mode.endswith("+") else (mode, False)
+    d = logprob - ref_logprob
+    if base in ("kl", "k1"):
+        value = d
+    elif base == "abs":
+        value = d.abs()
+    elif base in ("mse", "k2"):
+        value = 0.5 * d.square()
+    elif base in ("low_var_kl", "k3"):
+        k = (-d).clamp(-20.0, 20.0)
+        value = (k.exp() - k - 1.0).clamp(-10.0, 10.0)
+    else:
+        raise ValueError(
+            f"kl_penalty: unknown kl_penalty {mode!r}; expected one of 'kl', 'k1', 'abs', 'mse', 'k2', "
+            "'low_var_kl', 'k3', optionally with a '+' suffix"
+        )
+    if not straight_through:
+        return value
+    k2 = 0.5 * d.square()
+    return k2 - k2.detach() + value.detach()
 
 
 # --------------------------------------------------------------------------- advantages
