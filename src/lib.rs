@@ -113,7 +113,6 @@ mod python {
         if writable && read_only {
             return Err(PyValueError::new_err(format!("{arg}: the output buffer is read-only")));
         }
-        drop(t);
         Ok(Imported { _owner: owner, desc })
     }
 

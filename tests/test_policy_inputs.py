@@ -160,3 +160,22 @@ def test_backward_scales_by_the_incoming_gradient():
     loss2, _ = call(old, y, adv, mask, mode="luspo")
     loss2.backward()
     torch.testing.assert_close(x.grad, 3.0 * y.grad)
+
+
+def test_backward_twice_with_retain_graph_accumulates_exactly():
+    # backward hands the saved gradient over without a copy when the seed is
+    # 1; autograd must still accumulate correctly and leave it intact.
+    old, lp, adv, mask = make_batch(4, 9, seed=4)
+    once = lp.clone().requires_grad_()
+    call(old, once, adv, mask, mode="luspo")[0].backward()
+    x = lp.clone().requires_grad_()
+    loss, _ = call(old, x, adv, mask, mode="luspo")
+    for k in (1, 2, 3):
+        loss.backward(retain_graph=k < 3)
+        torch.testing.assert_close(x.grad, k * once.grad, rtol=0, atol=0)
+    y = lp.clone().requires_grad_()
+    z = y * 1.0  # a non-leaf input too
+    loss, _ = call(old, z, adv, mask, mode="luspo")
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(y.grad, 2 * once.grad, rtol=0, atol=0)

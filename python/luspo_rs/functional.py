@@ -42,6 +42,18 @@ def _as_float(name: str, value: Optional[Number]) -> Optional[float]:
     return float(value)
 
 
+def _scaled(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grad_loss * saved_grad`` for the CPU path. ``loss.backward()`` seeds
+    ``grad_loss = 1``: then the saved buffer is the gradient itself and is
+    handed over without a B×T multiply (autograd copies it before
+    accumulating where the buffer is still referenced, e.g. with
+    ``retain_graph=True``)."""
+    (grad,) = ctx.saved_tensors
+    if grad_loss.numel() == 1 and grad_loss.item() == 1.0:
+        return grad
+    return grad * grad_loss
+
+
 class PolicyLossFunction(torch.autograd.Function):
     """Fused policy loss; differentiable in ``log_prob`` only (the other
     inputs are treated as constants, as verl's trainers use them)."""
@@ -75,8 +87,7 @@ class PolicyLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_metrics):
         if getattr(ctx, "cuda", False):
             return _cuda.backward(ctx, grad_loss), None, None, None, None, None, None
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None
+        return _scaled(ctx, grad_loss), None, None, None, None, None, None
 
 
 def policy_loss(
@@ -179,8 +190,7 @@ class AggLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if getattr(ctx, "cuda", False):
             return _cuda.backward(ctx, grad_loss), None, None, None, None
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None
+        return _scaled(ctx, grad_loss), None, None, None, None
 
 
 def agg_loss(

@@ -4,6 +4,7 @@
 
 pub mod advantage;
 pub mod agg;
+pub mod lane;
 pub mod kl;
 pub mod policy_loss;
 

@@ -16,93 +16,117 @@
 //! The token loss is `w * l`; the aggregation multiplies `m * l` by the row
 //! coefficient of [`AggPlan`], which is also the gradient's factor.
 
-use super::{mask_totals, min_rows_per_task};
+use super::lane::{Lane, Wide};
+#[cfg(target_arch = "x86_64")]
+use super::lane::Sse;
+#[cfg(not(target_arch = "x86_64"))]
+use super::lane::ScalarF32;
+use super::lane::ScalarF64;
+use super::{mask_totals, min_rows_per_task, sum_f64, sum_map_f64};
 use crate::policy::{PolicyLossOutput, PolicyLossProblem};
 use crate::spec::{plus_eps, AggPlan, Clip, LossMode};
 use crate::tensor::{DType, Real};
+use num_traits::Float;
 use rayon::prelude::*;
 
 /// One token's loss, its derivative in `lp`, and the metric flags.
 #[derive(Clone, Copy)]
-struct Tok<F> {
-    loss: F,
-    dloss: F,
-    clipped: bool,
-    lower: bool,
+struct Tok<L: Lane> {
+    loss: L,
+    dloss: L,
+    clipped: L::Mask,
+    lower: L::Mask,
 }
 
-// The helpers below are written as plain selects (no else-if chains, no
-// early exits) so the token loop compiles to vector code.
+// The helpers below are selects and IEEE ops only (see `lane`), so the
+// same code runs on a scalar and on a vector of tokens.
 
-/// `torch.clamp(x, lo, hi)`: NaN stays NaN; the second value says whether
-/// the gradient passes. torch (2.15, the version pinned for the tests)
-/// passes it on the open interval only: a value sitting exactly on a bound
-/// gets none, and neither does NaN.
+/// `torch.clamp(x, lo, hi)`: NaN stays NaN; the mask says whether the
+/// gradient passes. torch (2.15, the version pinned for the tests) passes it
+/// on the open interval only: a value exactly on a bound gets none, and
+/// neither does NaN.
 #[inline(always)]
-fn clamp<F: Real>(x: F, lo: F, hi: F) -> (F, bool) {
-    let v = if x < lo { lo } else { x };
-    let v = if v > hi { hi } else { v };
-    (v, (x > lo) & (x < hi))
+fn clamp<L: Lane>(x: L, lo: L, hi: L) -> (L, L::Mask) {
+    let v = L::select(x.lt(lo), lo, x);
+    let v = L::select(v.gt(hi), hi, v);
+    (v, x.gt(lo) & x.lt(hi))
 }
 
 /// `torch.maximum(a, b)` with its gradient: NaN propagates, ties split.
 #[inline(always)]
-fn maximum<F: Real>(a: F, da: F, b: F, db: F) -> (F, F) {
-    let v = if a > b { a } else { b };
-    let v = if a.is_nan() { a } else { v };
-    let tie = (da + db) * F::of(0.5);
-    let dv = if a > b { da } else { db };
-    (v, if a == b { tie } else { dv })
+fn maximum<L: Lane>(a: L, da: L, b: L, db: L) -> (L, L) {
+    let v = L::select(a.gt(b), a, b);
+    let v = L::select(a.is_nan(), a, v);
+    let dv = L::select(a.gt(b), da, db);
+    (v, L::select(a.eq(b), (da + db) * L::splat(0.5), dv))
 }
 
 /// `torch.minimum(a, b)` with its gradient: NaN propagates, ties split.
 #[inline(always)]
-fn minimum<F: Real>(a: F, da: F, b: F, db: F) -> (F, F) {
-    let v = if a < b { a } else { b };
-    let v = if a.is_nan() { a } else { v };
-    let tie = (da + db) * F::of(0.5);
-    let dv = if a < b { da } else { db };
-    (v, if a == b { tie } else { dv })
+fn minimum<L: Lane>(a: L, da: L, b: L, db: L) -> (L, L) {
+    let v = L::select(a.lt(b), a, b);
+    let v = L::select(a.is_nan(), a, v);
+    let dv = L::select(a.lt(b), da, db);
+    (v, L::select(a.eq(b), (da + db) * L::splat(0.5), dv))
 }
 
-/// The clip bounds in the compute type.
-#[derive(Clone, Copy)]
-struct Bounds<F> {
-    lo: F,
-    hi: F,
-    c: F,
+/// `max(-A r, -A clip(r))` given the ratio `r` and `dr = d r / d lp`; the
+/// mask is verl's `pg_clipfrac` condition `pl2 > pl1`.
+#[inline(always)]
+fn clipped_surrogate<L: Lane>(a: L, r: L, dr: L, clip: &Clip) -> (L, L, L::Mask) {
+    let na = -a;
+    let pl1 = na * r;
+    let (rc, pass) = clamp(r, L::splat(1.0 - clip.low), L::splat(1.0 + clip.high));
+    let pl2 = na * rc;
+    let (l, dl) = maximum(pl1, na * dr, pl2, L::select(pass, na * dr, L::splat(0.0)));
+    (l, dl, pl2.gt(pl1))
 }
 
-impl<F: Real> Bounds<F> {
-    fn new(c: &Clip) -> Self {
-        Bounds { lo: F::of(1.0 - c.low), hi: F::of(1.0 + c.high), c: F::of(c.c) }
+/// How one token's loss is computed from `(old, lp, A)`; also returns the
+/// log-ratio the `ppo_kl` metric averages.
+trait TokenRule: Sync {
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L) -> (Tok<L>, L);
+}
+
+/// verl's `compute_policy_loss_vanilla` (the log-ratio is clamped to ±20,
+/// and the metric uses the clamped value, as verl does).
+struct Vanilla(Clip);
+
+impl TokenRule for Vanilla {
+    #[inline(always)]
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L) -> (Tok<L>, L) {
+        let (d, pass) = clamp(lp - old, L::splat(-20.0), L::splat(20.0));
+        let r = d.exp_bounded();
+        let zero = L::splat(0.0);
+        let (l1, dl1, clipped) = clipped_surrogate(a, r, L::select(pass, r, zero), &self.0);
+        let pl3 = -a * L::splat(self.0.c);
+        let neg = a.lt(zero);
+        let lower = l1.gt(pl3) & neg;
+        let (l2, dl2) = minimum(pl3, zero, l1, dl1);
+        (Tok { loss: L::select(neg, l2, l1), dloss: L::select(neg, dl2, dl1), clipped, lower }, d)
     }
 }
 
-/// `max(-A r, -A clip(r))` given the ratio `r` and `dr = d r / d lp`.
-#[inline(always)]
-fn clipped_surrogate<F: Real>(a: F, r: F, dr: F, b: &Bounds<F>) -> (F, F, bool) {
-    let na = -a;
-    let pl1 = na * r;
-    let (rc, pass) = clamp(r, b.lo, b.hi);
-    let pl2 = na * rc;
-    let (l, dl) = maximum(pl1, na * dr, pl2, if pass { na * dr } else { F::zero() });
-    (l, dl, pl2 > pl1)
+/// verl's `compute_policy_loss_gspo` given the row's sequence ratio
+/// `s = exp(min(log s_i, 10))` and `ds = d s / d lp` (0 where the clamp
+/// bites); `lp - sg(lp)` is 0 for finite `lp` and NaN otherwise, as in torch.
+struct Gspo {
+    clip: Clip,
+    s: f64,
+    ds: f64,
 }
 
-/// verl's `compute_policy_loss_vanilla` for one token; also returns the
-/// clamped log-ratio `d` for the `ppo_kl` metric.
-#[inline(always)]
-fn vanilla_token<F: Real>(old: F, lp: F, a: F, b: &Bounds<F>) -> (Tok<F>, F) {
-    let (d, pass) = clamp(lp - old, F::of(-20.0), F::of(20.0));
-    let r = d.exp_bounded();
-    let (l1, dl1, clipped) = clipped_surrogate(a, r, if pass { r } else { F::zero() }, b);
-    let pl3 = -a * b.c;
-    let lower = (l1 > pl3) & (a < F::zero());
-    let (l2, dl2) = minimum(pl3, F::zero(), l1, dl1);
-    let neg = a < F::zero();
-    let (loss, dloss) = (if neg { l2 } else { l1 }, if neg { dl2 } else { dl1 });
-    (Tok { loss, dloss, clipped, lower }, d)
+impl TokenRule for Gspo {
+    #[inline(always)]
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L) -> (Tok<L>, L) {
+        #[allow(clippy::eq_op)] // torch's `lp - lp.detach()`: 0, or NaN for non-finite lp
+        let finite = (lp - lp).eq(L::splat(0.0));
+        let nan = L::splat(f64::NAN);
+        let r = L::select(finite, L::splat(self.s), nan);
+        let dr = L::select(finite, L::splat(self.ds), nan);
+        let (loss, dloss, clipped) = clipped_surrogate(a, r, dr, &self.clip);
+        (Tok { loss, dloss, clipped, lower: L::mask(false) }, lp - old)
+    }
 }
 
 /// Per-row sums, combined across rows in index order.
@@ -134,26 +158,28 @@ impl<F: Real> Scratch<F> {
     }
 }
 
-/// Runs the loss on the CPU, writing `d loss / d log_prob` into `p.grad`.
+/// Runs the loss on the CPU, writing `d loss / d log_prob` into `p.grad`;
+/// float32 math runs four tokens at a time in SSE2 on x86-64.
 pub fn policy_loss(p: &PolicyLossProblem) -> PolicyLossOutput {
     if p.wants_f64() {
-        run::<f64>(p)
-    } else {
-        run::<f32>(p)
+        return run::<ScalarF64>(p);
     }
+    #[cfg(target_arch = "x86_64")]
+    return run::<Sse>(p);
+    #[cfg(not(target_arch = "x86_64"))]
+    run::<ScalarF32>(p)
 }
 
-fn run<F: Real>(p: &PolicyLossProblem) -> PolicyLossOutput {
+fn run<W: Wide>(p: &PolicyLossProblem) -> PolicyLossOutput {
     let cols = p.log_prob.cols;
     let totals = p.norm.needs_mask_totals(p.agg).then(|| mask_totals(&p.response_mask));
     let mask_is_f64 = p.response_mask.desc.dtype == DType::F64;
     let plan = AggPlan::new(p.agg, &p.norm, totals, cols, mask_is_f64);
-    let bounds = Bounds::<F>::new(&p.clip);
 
     let rows: Vec<RowStats> = (0..p.log_prob.rows)
         .into_par_iter()
         .with_min_len(min_rows_per_task(cols))
-        .map_init(|| Scratch::<F>::new(cols), |s, i| row(p, &plan, &bounds, i, s))
+        .map_init(|| Scratch::<W::F>::new(cols), |s, i| row::<W>(p, &plan, i, s))
         .collect();
 
     let mut out = PolicyLossOutput::default();
@@ -176,101 +202,111 @@ fn run<F: Real>(p: &PolicyLossProblem) -> PolicyLossOutput {
 
 /// One row: load, reduce what the row needs first (its length, and the
 /// sequence log-ratio for GSPO/LUSPO), then the token pass.
-fn row<F: Real>(p: &PolicyLossProblem, plan: &AggPlan, b: &Bounds<F>, i: usize, s: &mut Scratch<F>) -> RowStats {
+/// One row: load, reduce what the row needs first (its length, and the
+/// sequence log-ratio for GSPO/LUSPO), then the token pass.
+fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<W::F>) -> RowStats {
     let old = p.old_log_prob.row(i, &mut s.old);
     let lp = p.log_prob.row(i, &mut s.lp);
     let adv = p.advantages.row(i, &mut s.adv);
     let mask = p.response_mask.row(i, &mut s.mask);
     let w = p.rollout_is_weights.as_ref().map(|w| w.row(i, &mut s.w));
-    let tokens = super::sum_f64(mask);
-    let coef = F::of(plan.row_coef(tokens));
-    let seq_mode = plan.mode.is_seq_mode();
-
+    let tokens = sum_f64(mask);
     let mut st = RowStats { tokens, ..Default::default() };
-    let ctx = RowCtx { mask, w, coef, seq_mode };
+    let ctx = RowCtx { old, lp, adv, mask, w, coef: W::F::of(plan.row_coef(tokens)), seq_mode: plan.mode.is_seq_mode() };
     // SAFETY: row i is written by this task only.
     unsafe {
         p.grad.with_row(i, &mut s.grad, |g| match p.mode {
-            LossMode::Vanilla => ctx.token_pass(g, old, lp, adv, &mut st, |o, l, a| vanilla_token(o, l, a, b)),
+            LossMode::Vanilla => ctx.token_pass::<W, _>(g, &mut st, &Vanilla(p.clip)),
             LossMode::Gspo | LossMode::Luspo => {
                 // verl: sum(d * m) / clamp(sum(m), min=1), a plain product so NaN propagates.
-                let n = old.len();
-                let seq = super::sum_map_f64(n, |t| (lp[t] - old[t]) * mask[t]);
-                let log_s = F::of(seq / tokens.max(1.0));
-                let (x, pass) = clamp(log_s, F::neg_infinity(), F::of(10.0));
+                let seq = sum_map_f64(old.len(), |t| (lp[t] - old[t]) * mask[t]);
+                let log_s = W::F::of(seq / tokens.max(1.0));
+                let (x, pass) = clamp(log_s, W::F::neg_infinity(), W::F::of(10.0));
                 let sr = x.exp();
-                let dsr = if pass { sr } else { F::zero() };
-                ctx.token_pass(g, old, lp, adv, &mut st, |o, l, a| {
-                    // lp - sg(lp) is 0 for finite lp and NaN otherwise, as in torch.
-                    let z = l - l;
-                    let (r, dr) = if z == F::zero() { (sr, dsr) } else { (F::nan(), F::nan()) };
-                    let (loss, dloss, clipped) = clipped_surrogate(a, r, dr, b);
-                    (Tok { loss, dloss, clipped, lower: false }, l - o)
-                })
+                let ds = <W::F as Lane>::select(pass, sr, <W::F as Lane>::splat(0.0));
+                ctx.token_pass::<W, _>(g, &mut st, &Gspo { clip: p.clip, s: sr.f64(), ds: ds.f64() })
             }
         })
     };
     st
 }
 
-/// What the token pass of one row shares across tokens.
+/// One row's inputs and what its token pass shares across tokens.
 struct RowCtx<'a, F> {
+    old: &'a [F],
+    lp: &'a [F],
+    adv: &'a [F],
     mask: &'a [F],
     w: Option<&'a [F]>,
     coef: F,
     seq_mode: bool,
 }
 
-impl<F: Real> RowCtx<'_, F> {
-    /// Accumulates the row's sums and writes `g[t] = coef * m * w * dl/dlp`
-    /// (0 at masked positions); `tok(t)` gives the token loss and the
-    /// log-ratio used by the `ppo_kl` metric.
+/// The per-token terms of one lane: `m*w*l` (or 0 where masked, see
+/// `AggMode::is_seq_mode`), `m*d`, `m*[clipped]`, `m*[lower]`, and the
+/// gradient `coef*m*w*dl` (0 where masked).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn terms<L: Lane, R: TokenRule>(rule: &R, o: L, l: L, a: L, m: L, w: L, coef: L, seq_mode: bool) -> [L; 5] {
+    let (k, d) = rule.eval(o, l, a);
+    let zero = L::splat(0.0);
+    let keep = m.ne(zero);
+    [
+        L::select(keep | L::mask(seq_mode), k.loss * w * m, zero),
+        L::select(keep, d * m, zero),
+        L::select(keep & k.clipped, m, zero),
+        L::select(keep & k.lower, m, zero),
+        L::select(keep, coef * m * (k.dloss * w), zero),
+    ]
+}
+
+impl<F: Real + Lane> RowCtx<'_, F> {
+    /// Accumulates the row's sums and writes `g[t] = d loss / d lp_t`.
     ///
-    /// Tokens go in blocks of [`BLOCK`]: a branch-free elementwise loop the
-    /// compiler vectorises fills per-token terms, then each block is summed
-    /// into f64 lanes in a fixed order.
+    /// Tokens go in blocks of [`BLOCK`]: `W::WIDTH` tokens at a time through
+    /// [`terms`], summed per lane in `F` within the block (at most
+    /// `BLOCK / WIDTH` terms per lane), then the lanes and the one-by-one tail
+    /// (same code, scalar) are added into the f64 row sums in a fixed order.
     #[inline(always)]
-    fn token_pass(
-        &self,
-        g: &mut [F],
-        old: &[F],
-        lp: &[F],
-        adv: &[F],
-        st: &mut RowStats,
-        tok: impl Fn(F, F, F) -> (Tok<F>, F),
-    ) {
+    fn token_pass<W: Wide<F = F>, R: TokenRule>(&self, g: &mut [F], st: &mut RowStats, rule: &R) {
         let n = g.len();
-        let zero = F::zero();
+        let (coef, coef_v) = (self.coef, W::V::splat(self.coef.f64()));
         let mut start = 0;
         while start < n {
             let len = BLOCK.min(n - start);
             let end = start + len;
-            let (mut bl, mut bk, mut bc, mut bw) = ([zero; BLOCK], [zero; BLOCK], [zero; BLOCK], [zero; BLOCK]);
-            // equal-length block slices: no bounds checks in the loop below
-            let (g, o, l, a, m) = (&mut g[start..end], &old[start..end], &lp[start..end], &adv[start..end], &self.mask[start..end]);
+            let (o, l, a, m) = (&self.old[start..end], &self.lp[start..end], &self.adv[start..end], &self.mask[start..end]);
             let w = self.w.map(|w| &w[start..end]);
-            let (bl, bk, bc, bw) = (&mut bl[..len], &mut bk[..len], &mut bc[..len], &mut bw[..len]);
-            for j in 0..len {
-                let (k, d) = tok(o[j], l[j], a[j]);
-                let wt = match w {
-                    Some(w) => w[j],
-                    None => F::one(),
-                };
-                let (l, dl) = (k.loss * wt, k.dloss * wt);
-                let m = m[j];
-                let keep = m != zero;
-                // masked positions: dropped (token modes, verl's masked_sum) or
-                // multiplied by 0 (sequence modes, so NaN still propagates)
-                bl[j] = if keep | self.seq_mode { l * m } else { zero };
-                bk[j] = if keep { d * m } else { zero };
-                bc[j] = if keep & k.clipped { m } else { zero };
-                bw[j] = if keep & k.lower { m } else { zero };
-                g[j] = if keep { self.coef * m * dl } else { zero };
+            let g = &mut g[start..end];
+            let mut acc = [W::V::splat(0.0); 4];
+            let mut j = 0;
+            while j + W::WIDTH <= len {
+                let wv = w.map_or(W::V::splat(1.0), |w| W::load(&w[j..]));
+                let t = terms(rule, W::load(&o[j..]), W::load(&l[j..]), W::load(&a[j..]), W::load(&m[j..]), wv, coef_v, self.seq_mode);
+                for k in 0..4 {
+                    acc[k] = acc[k] + t[k];
+                }
+                W::store(t[4], &mut g[j..]);
+                j += W::WIDTH;
             }
-            st.loss += super::sum_f64(bl);
-            st.kl -= super::sum_f64(bk);
-            st.clipped += super::sum_f64(bc);
-            st.lower += super::sum_f64(bw);
+            let mut sums = [0.0f64; 4];
+            for k in 0..4 {
+                let mut lanes = [F::zero(); 16];
+                W::store(acc[k], &mut lanes);
+                sums[k] = lanes[..W::WIDTH].iter().map(|v| v.f64()).sum();
+            }
+            for j in j..len {
+                let wj = w.map_or(F::one(), |w| w[j]);
+                let t = terms(rule, o[j], l[j], a[j], m[j], wj, coef, self.seq_mode);
+                for k in 0..4 {
+                    sums[k] += t[k].f64();
+                }
+                g[j] = t[4];
+            }
+            st.loss += sums[0];
+            st.kl -= sums[1];
+            st.clipped += sums[2];
+            st.lower += sums[3];
             start = end;
         }
     }

@@ -1,0 +1,303 @@
+//! One formula, two widths: the token math of the policy loss is written
+//! once over [`Lane`], which is a scalar (`f32`, `f64`) or, on x86-64, four
+//! `f32` in an SSE2 register ([`F32x4`]). Every operation is a plain IEEE
+//! op or a select, in the same order for both widths, so the vector body and
+//! the scalar tail give bitwise the same values, and no data-dependent
+//! branch is left for random clip / sign / mask patterns to mispredict.
+
+use std::ops::{Add, BitAnd, BitOr, Mul, Neg, Sub};
+
+/// A scalar or a short vector of floats.
+pub trait Lane: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Neg<Output = Self> {
+    /// Per-lane booleans.
+    type Mask: Copy + BitAnd<Output = Self::Mask> + BitOr<Output = Self::Mask>;
+    /// Every lane set to `v` (rounded to the lane's float type).
+    fn splat(v: f64) -> Self;
+    /// Every lane set to `b`.
+    fn mask(b: bool) -> Self::Mask;
+    fn gt(self, o: Self) -> Self::Mask;
+    fn lt(self, o: Self) -> Self::Mask;
+    fn eq(self, o: Self) -> Self::Mask;
+    /// `self != o`, true when either is NaN (IEEE unordered-or-unequal).
+    fn ne(self, o: Self) -> Self::Mask;
+    fn is_nan(self) -> Self::Mask;
+    /// `m ? a : b`, lane by lane.
+    fn select(m: Self::Mask, a: Self, b: Self) -> Self;
+    /// `exp(x)` for `|x| <= 20` and NaN (see `tensor::Real::exp_bounded`).
+    fn exp_bounded(self) -> Self;
+}
+
+macro_rules! scalar_lane {
+    ($t:ty) => {
+        impl Lane for $t {
+            type Mask = bool;
+            #[inline(always)]
+            fn splat(v: f64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn mask(b: bool) -> bool {
+                b
+            }
+            #[inline(always)]
+            fn gt(self, o: Self) -> bool {
+                self > o
+            }
+            #[inline(always)]
+            fn lt(self, o: Self) -> bool {
+                self < o
+            }
+            #[inline(always)]
+            fn eq(self, o: Self) -> bool {
+                self == o
+            }
+            #[inline(always)]
+            fn ne(self, o: Self) -> bool {
+                self != o
+            }
+            #[inline(always)]
+            fn is_nan(self) -> bool {
+                self != self
+            }
+            #[inline(always)]
+            fn select(m: bool, a: Self, b: Self) -> Self {
+                if m {
+                    a
+                } else {
+                    b
+                }
+            }
+            #[inline(always)]
+            fn exp_bounded(self) -> Self {
+                crate::tensor::Real::exp_bounded(self)
+            }
+        }
+    };
+}
+scalar_lane!(f32);
+scalar_lane!(f64);
+
+#[cfg(target_arch = "x86_64")]
+pub use sse::F32x4;
+
+#[cfg(target_arch = "x86_64")]
+mod sse {
+    //! SSE2 is part of the x86-64 baseline, so these intrinsics need no
+    //! run-time feature detection.
+    use super::Lane;
+    use std::arch::x86_64::*;
+    use std::ops::{Add, BitAnd, BitOr, Mul, Neg, Sub};
+
+    /// Four `f32` lanes.
+    #[derive(Clone, Copy)]
+    pub struct F32x4(pub __m128);
+
+    /// Four lane masks (all-ones or all-zeros bits).
+    #[derive(Clone, Copy)]
+    pub struct M4(__m128);
+
+    impl F32x4 {
+        /// Loads `s[0..4]`.
+        #[inline(always)]
+        pub fn load(s: &[f32]) -> Self {
+            assert!(s.len() >= 4);
+            // SAFETY: 4 readable f32 checked above; unaligned load.
+            F32x4(unsafe { _mm_loadu_ps(s.as_ptr()) })
+        }
+        /// Stores into `s[0..4]`.
+        #[inline(always)]
+        pub fn store(self, s: &mut [f32]) {
+            assert!(s.len() >= 4);
+            // SAFETY: 4 writable f32 checked above; unaligned store.
+            unsafe { _mm_storeu_ps(s.as_mut_ptr(), self.0) }
+        }
+    }
+
+    macro_rules! binop {
+        ($tr:ident, $f:ident, $intr:ident) => {
+            impl $tr for F32x4 {
+                type Output = F32x4;
+                #[inline(always)]
+                fn $f(self, o: F32x4) -> F32x4 {
+                    // SAFETY: SSE2 is always available on x86-64.
+                    F32x4(unsafe { $intr(self.0, o.0) })
+                }
+            }
+        };
+    }
+    binop!(Add, add, _mm_add_ps);
+    binop!(Sub, sub, _mm_sub_ps);
+    binop!(Mul, mul, _mm_mul_ps);
+
+    impl Neg for F32x4 {
+        type Output = F32x4;
+        #[inline(always)]
+        fn neg(self) -> F32x4 {
+            // flip the sign bit, exactly as scalar negation does
+            F32x4(unsafe { _mm_xor_ps(self.0, _mm_set1_ps(-0.0)) })
+        }
+    }
+    impl BitAnd for M4 {
+        type Output = M4;
+        #[inline(always)]
+        fn bitand(self, o: M4) -> M4 {
+            M4(unsafe { _mm_and_ps(self.0, o.0) })
+        }
+    }
+    impl BitOr for M4 {
+        type Output = M4;
+        #[inline(always)]
+        fn bitor(self, o: M4) -> M4 {
+            M4(unsafe { _mm_or_ps(self.0, o.0) })
+        }
+    }
+
+    impl Lane for F32x4 {
+        type Mask = M4;
+        #[inline(always)]
+        fn splat(v: f64) -> Self {
+            F32x4(unsafe { _mm_set1_ps(v as f32) })
+        }
+        #[inline(always)]
+        fn mask(b: bool) -> M4 {
+            M4(unsafe { _mm_castsi128_ps(_mm_set1_epi32(if b { -1 } else { 0 })) })
+        }
+        #[inline(always)]
+        fn gt(self, o: Self) -> M4 {
+            M4(unsafe { _mm_cmpgt_ps(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn lt(self, o: Self) -> M4 {
+            M4(unsafe { _mm_cmplt_ps(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn eq(self, o: Self) -> M4 {
+            M4(unsafe { _mm_cmpeq_ps(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn ne(self, o: Self) -> M4 {
+            M4(unsafe { _mm_cmpneq_ps(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn is_nan(self) -> M4 {
+            M4(unsafe { _mm_cmpunord_ps(self.0, self.0) })
+        }
+        #[inline(always)]
+        fn select(m: M4, a: Self, b: Self) -> Self {
+            F32x4(unsafe { _mm_or_ps(_mm_and_ps(m.0, a.0), _mm_andnot_ps(m.0, b.0)) })
+        }
+        /// The same operations, in the same order, as the scalar `exp_f32`.
+        #[inline(always)]
+        fn exp_bounded(self) -> Self {
+            const LN2_HI: f32 = 0.693_359_4;
+            const LN2_LO: f32 = -2.121_944_4e-4;
+            const SHIFTER: f32 = 12_582_912.0;
+            let s = |v: f32| F32x4::splat(v as f64);
+            let lo = s(-87.0);
+            let hi = s(88.0);
+            let x = Self::select(self.lt(lo), lo, self);
+            let x = Self::select(x.gt(hi), hi, x);
+            let shifted = x * s(std::f32::consts::LOG2_E) + s(SHIFTER);
+            let n = shifted - s(SHIFTER);
+            let r = (x - n * s(LN2_HI)) - n * s(LN2_LO);
+            let c = |k: f32| s(k);
+            let p = c(1.0)
+                + r * (c(1.0)
+                    + r * (c(0.5)
+                        + r * (c(1.0 / 6.0)
+                            + r * (c(1.0 / 24.0) + r * (c(1.0 / 120.0) + r * (c(1.0 / 720.0) + r * c(1.0 / 5040.0)))))));
+            // SAFETY: integer ops on the bits, SSE2.
+            let scale = unsafe {
+                let n_int = _mm_sub_epi32(_mm_castps_si128(shifted.0), _mm_set1_epi32(SHIFTER.to_bits() as i32));
+                _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(n_int, _mm_set1_epi32(127)), 23))
+            };
+            p * F32x4(scale)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn vector_exp_is_bitwise_the_scalar_exp() {
+            let xs: Vec<f32> = (-2000..2000).map(|k| k as f32 * 0.0101).chain([f32::NAN, 0.0, -0.0, 20.0, -20.0]).collect();
+            for c in xs.chunks_exact(4) {
+                let mut out = [0.0f32; 4];
+                F32x4::load(c).exp_bounded().store(&mut out);
+                for (x, y) in c.iter().zip(out) {
+                    let s = <f32 as Lane>::exp_bounded(*x);
+                    assert!(s.to_bits() == y.to_bits() || (s.is_nan() && y.is_nan()), "{x}: {s} vs {y}");
+                }
+            }
+        }
+    }
+}
+
+/// A kernel width: the compute float `F` and the vector `V` of `WIDTH`
+/// lanes the token loop runs on (the scalar tail runs on `F`).
+pub trait Wide: Copy + Send + Sync + 'static {
+    type F: crate::tensor::Real + Lane;
+    type V: Lane;
+    const WIDTH: usize;
+    fn load(s: &[Self::F]) -> Self::V;
+    fn store(v: Self::V, s: &mut [Self::F]);
+}
+
+/// Scalar `f64`: float64 inputs are rare and not the speed target.
+#[derive(Clone, Copy)]
+pub struct ScalarF64;
+
+impl Wide for ScalarF64 {
+    type F = f64;
+    type V = f64;
+    const WIDTH: usize = 1;
+    #[inline(always)]
+    fn load(s: &[f64]) -> f64 {
+        s[0]
+    }
+    #[inline(always)]
+    fn store(v: f64, s: &mut [f64]) {
+        s[0] = v
+    }
+}
+
+/// Scalar `f32`, where no vector width is implemented.
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy)]
+pub struct ScalarF32;
+
+#[cfg(not(target_arch = "x86_64"))]
+impl Wide for ScalarF32 {
+    type F = f32;
+    type V = f32;
+    const WIDTH: usize = 1;
+    #[inline(always)]
+    fn load(s: &[f32]) -> f32 {
+        s[0]
+    }
+    #[inline(always)]
+    fn store(v: f32, s: &mut [f32]) {
+        s[0] = v
+    }
+}
+
+/// Four `f32` lanes in SSE2 (every x86-64 CPU).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub struct Sse;
+
+#[cfg(target_arch = "x86_64")]
+impl Wide for Sse {
+    type F = f32;
+    type V = F32x4;
+    const WIDTH: usize = 4;
+    #[inline(always)]
+    fn load(s: &[f32]) -> F32x4 {
+        F32x4::load(s)
+    }
+    #[inline(always)]
+    fn store(v: F32x4, s: &mut [f32]) {
+        v.store(s)
+    }
+}
