@@ -247,10 +247,6 @@ pub trait Real: Float + Send + Sync + Default + std::fmt::Debug + 'static {
     /// # Safety
     /// `p` must point at a live element of type `dtype`.
     unsafe fn read(p: *const u8, dtype: DType) -> Self;
-    /// `exp(x)` for `|x| <= 20` (and NaN), written so that a loop of it
-    /// vectorises: within 2 ulp of the correctly rounded value for `f32`,
-    /// the library `exp` for `f64`.
-    fn exp_bounded(self) -> Self;
     /// Converts and stores into a `dtype` buffer.
     ///
     /// # Safety
@@ -259,7 +255,7 @@ pub trait Real: Float + Send + Sync + Default + std::fmt::Debug + 'static {
 }
 
 macro_rules! real_impl {
-    ($t:ty, $d:ident, $from_f32:expr, $from_f64:expr, $exp:expr) => {
+    ($t:ty, $d:ident, $from_f32:expr, $from_f64:expr) => {
         impl Real for $t {
             const DTYPE: DType = DType::$d;
             #[inline(always)]
@@ -269,10 +265,6 @@ macro_rules! real_impl {
             #[inline(always)]
             fn f64(self) -> f64 {
                 self as f64
-            }
-            #[inline(always)]
-            fn exp_bounded(self) -> Self {
-                $exp(self)
             }
             #[inline(always)]
             unsafe fn read(p: *const u8, dtype: DType) -> Self {
@@ -303,35 +295,8 @@ macro_rules! real_impl {
         }
     };
 }
-real_impl!(f32, F32, |v| v, |v| v as f32, exp_f32);
-real_impl!(f64, F64, |v| v as f64, |v| v, f64::exp);
-
-/// `exp` for `f32` arguments in [-20, 20] (NaN propagates): Cody-Waite range
-/// reduction `x = n ln2 + r`, `|r| <= ln2 / 2`, a degree-7 Taylor polynomial
-/// for `e^r` (truncation below 1e-8 relative), and `2^n` built from its bits.
-/// Branch-free and free of calls, so loops over it vectorise.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4; // exactly 0.693359375: n * LN2_HI is exact for |n| < 2^15
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 88.0); // keeps 2^n a normal float; NaN stays NaN
-    // round to nearest by adding and removing 1.5 * 2^23 (|x log2 e| < 2^22):
-    // f32::round is a library call on baseline x86-64 and would stop vectorisation
-    const SHIFTER: f32 = 12_582_912.0;
-    let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
-    let n = shifted - SHIFTER;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // 2^n from the integer n held in the low mantissa bits of `shifted`
-    // (no float-to-int cast, which would not vectorise); for NaN, p is NaN
-    let n_int = shifted.to_bits().wrapping_sub(SHIFTER.to_bits());
-    let scale = f32::from_bits(n_int.wrapping_add(127) << 23);
-    p * scale
-}
+real_impl!(f32, F32, |v| v, |v| v as f32);
+real_impl!(f64, F64, |v| v as f64, |v| v);
 
 /// A read-only `(rows, cols)` view with element strides (a zero column
 /// stride broadcasts one value per row).
@@ -487,21 +452,6 @@ mod tests {
         assert_eq!(e.arg, "advantages");
         let e = Desc::from_slice("log_prob", &a, &[6]).matrix().unwrap_err();
         assert_eq!(e.arg, "log_prob");
-    }
-
-    #[test]
-    fn exp_f32_is_within_two_ulp_on_its_domain() {
-        let mut worst = 0.0f64;
-        for k in -200_000..=200_000 {
-            let x = k as f32 * 1e-4;
-            let exact = (x as f64).exp();
-            let got = exp_f32(x) as f64;
-            let ulp = (exact as f32).abs() as f64 * f32::EPSILON as f64;
-            worst = worst.max((got - exact).abs() / ulp);
-        }
-        assert!(worst <= 2.0, "worst error {worst} ulp");
-        assert!(exp_f32(f32::NAN).is_nan());
-        assert_eq!(exp_f32(0.0), 1.0);
     }
 
     #[test]

@@ -23,12 +23,47 @@ pub trait Lane: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Se
     fn is_nan(self) -> Self::Mask;
     /// `m ? a : b`, lane by lane.
     fn select(m: Self::Mask, a: Self, b: Self) -> Self;
-    /// `exp(x)` for `|x| <= 20` and NaN (see `tensor::Real::exp_bounded`).
+    /// `exp(x)` for `|x| <= 20` and NaN: [`exp_f32`] for `f32` lanes
+    /// (within 2 ulp), the library `exp` for `f64`.
     fn exp_bounded(self) -> Self;
 }
 
+/// `f32` lanes that can scale by a power of two given as bits.
+pub trait F32Lane: Lane {
+    /// `p * 2^n`, where `shifted = n + 1.5 * 2^23` holds the integer `n`
+    /// (in [-126, 127]) in its low mantissa bits.
+    fn scale_pow2(p: Self, shifted: Self) -> Self;
+}
+
+/// `exp` of `f32` lanes for arguments in [-20, 20] (NaN propagates), the
+/// same operations in the same order for every width: Cody-Waite reduction
+/// `x = n ln2 + r`, `|r| <= ln2 / 2`, a degree-7 Taylor polynomial for `e^r`
+/// (truncation below 1e-8 relative) evaluated by Estrin's scheme (short
+/// dependency chains), and `2^n` built from bits. No branches, no calls.
+#[inline(always)]
+pub fn exp_f32<L: F32Lane>(x: L) -> L {
+    const LN2_HI: f64 = 0.693_359_375; // n * LN2_HI is exact in f32 for |n| < 2^15
+    const LN2_LO: f64 = -2.121_944_4e-4;
+    // round to nearest by adding and removing 1.5 * 2^23 (|x log2 e| < 2^22)
+    const SHIFTER: f64 = 12_582_912.0;
+    let c = L::splat;
+    let x = L::select(x.lt(c(-87.0)), c(-87.0), x); // keeps 2^n normal; NaN stays NaN
+    let x = L::select(x.gt(c(88.0)), c(88.0), x);
+    let shifted = x * c(std::f64::consts::LOG2_E) + c(SHIFTER);
+    let n = shifted - c(SHIFTER);
+    let r = (x - n * c(LN2_HI)) - n * c(LN2_LO);
+    let r2 = r * r;
+    let r4 = r2 * r2;
+    let p01 = c(1.0) + r;
+    let p23 = c(0.5) + r * c(1.0 / 6.0);
+    let p45 = c(1.0 / 24.0) + r * c(1.0 / 120.0);
+    let p67 = c(1.0 / 720.0) + r * c(1.0 / 5040.0);
+    let p = (p01 + r2 * p23) + r4 * (p45 + r2 * p67);
+    L::scale_pow2(p, shifted)
+}
+
 macro_rules! scalar_lane {
-    ($t:ty) => {
+    ($t:ty, $exp:expr) => {
         impl Lane for $t {
             type Mask = bool;
             #[inline(always)]
@@ -69,13 +104,23 @@ macro_rules! scalar_lane {
             }
             #[inline(always)]
             fn exp_bounded(self) -> Self {
-                crate::tensor::Real::exp_bounded(self)
+                $exp(self)
             }
         }
     };
 }
-scalar_lane!(f32);
-scalar_lane!(f64);
+scalar_lane!(f32, exp_f32);
+scalar_lane!(f64, f64::exp);
+
+impl F32Lane for f32 {
+    #[inline(always)]
+    fn scale_pow2(p: f32, shifted: f32) -> f32 {
+        // integer ops on the bits, not a float-to-int cast (which would not
+        // vectorise); for NaN, p is NaN and so is the product
+        let n = shifted.to_bits().wrapping_sub((12_582_912.0f32).to_bits());
+        p * f32::from_bits(n.wrapping_add(127) << 23)
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 pub use sse::F32x4;
@@ -186,30 +231,19 @@ mod sse {
         fn select(m: M4, a: Self, b: Self) -> Self {
             F32x4(unsafe { _mm_or_ps(_mm_and_ps(m.0, a.0), _mm_andnot_ps(m.0, b.0)) })
         }
-        /// The same operations, in the same order, as the scalar `exp_f32`.
         #[inline(always)]
         fn exp_bounded(self) -> Self {
-            const LN2_HI: f32 = 0.693_359_4;
-            const LN2_LO: f32 = -2.121_944_4e-4;
-            const SHIFTER: f32 = 12_582_912.0;
-            let s = |v: f32| F32x4::splat(v as f64);
-            let lo = s(-87.0);
-            let hi = s(88.0);
-            let x = Self::select(self.lt(lo), lo, self);
-            let x = Self::select(x.gt(hi), hi, x);
-            let shifted = x * s(std::f32::consts::LOG2_E) + s(SHIFTER);
-            let n = shifted - s(SHIFTER);
-            let r = (x - n * s(LN2_HI)) - n * s(LN2_LO);
-            let c = |k: f32| s(k);
-            let p = c(1.0)
-                + r * (c(1.0)
-                    + r * (c(0.5)
-                        + r * (c(1.0 / 6.0)
-                            + r * (c(1.0 / 24.0) + r * (c(1.0 / 120.0) + r * (c(1.0 / 720.0) + r * c(1.0 / 5040.0)))))));
+            super::exp_f32(self)
+        }
+    }
+
+    impl super::F32Lane for F32x4 {
+        #[inline(always)]
+        fn scale_pow2(p: Self, shifted: Self) -> Self {
             // SAFETY: integer ops on the bits, SSE2.
             let scale = unsafe {
-                let n_int = _mm_sub_epi32(_mm_castps_si128(shifted.0), _mm_set1_epi32(SHIFTER.to_bits() as i32));
-                _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(n_int, _mm_set1_epi32(127)), 23))
+                let n = _mm_sub_epi32(_mm_castps_si128(shifted.0), _mm_set1_epi32((12_582_912.0f32).to_bits() as i32));
+                _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(n, _mm_set1_epi32(127)), 23))
             };
             p * F32x4(scale)
         }
@@ -299,5 +333,25 @@ impl Wide for Sse {
     #[inline(always)]
     fn store(v: F32x4, s: &mut [f32]) {
         v.store(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_is_within_two_ulp_on_its_domain() {
+        let mut worst = 0.0f64;
+        for k in -200_000..=200_000 {
+            let x = k as f32 * 1e-4;
+            let exact = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            let ulp = (exact as f32).abs() as f64 * f32::EPSILON as f64;
+            worst = worst.max((got - exact).abs() / ulp);
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(0.0f32), 1.0);
     }
 }
