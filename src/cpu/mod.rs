@@ -35,23 +35,6 @@ pub(crate) fn sum_f64<F: Real>(xs: &[F]) -> f64 {
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
 
-/// `sum_{t < n} f(t)` in f64 by blocks, in the fixed order of [`sum_f64`].
-#[inline]
-pub(crate) fn sum_map_f64<F: Real>(n: usize, f: impl Fn(usize) -> F) -> f64 {
-    let mut total = 0.0;
-    let mut buf = [F::zero(); 64];
-    let mut start = 0;
-    while start < n {
-        let len = buf.len().min(n - start);
-        for (j, b) in buf[..len].iter_mut().enumerate() {
-            *b = f(start + j);
-        }
-        total += sum_f64(&buf[..len]);
-        start += len;
-    }
-    total
-}
-
 /// `sum(m)` of every row of a mask (as verl's `loss_mask.sum(-1)`).
 pub(crate) fn mask_row_sums(mask: &Mat) -> Vec<f64> {
     (0..mask.rows)

@@ -22,7 +22,7 @@ use super::lane::Sse;
 #[cfg(not(target_arch = "x86_64"))]
 use super::lane::ScalarF32;
 use super::lane::ScalarF64;
-use super::{mask_totals, min_rows_per_task, sum_f64, sum_map_f64};
+use super::{mask_totals, min_rows_per_task};
 use crate::policy::{PolicyLossOutput, PolicyLossProblem};
 use crate::spec::{plus_eps, AggPlan, Clip, LossMode};
 use crate::tensor::{DType, Real};
@@ -210,7 +210,8 @@ fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch
     let adv = p.advantages.row(i, &mut s.adv);
     let mask = p.response_mask.row(i, &mut s.mask);
     let w = p.rollout_is_weights.as_ref().map(|w| w.row(i, &mut s.w));
-    let tokens = sum_f64(mask);
+    let with_seq = p.mode != LossMode::Vanilla;
+    let (tokens, seq) = row_sums::<W>(old, lp, mask, with_seq);
     let mut st = RowStats { tokens, ..Default::default() };
     let ctx = RowCtx { old, lp, adv, mask, w, coef: W::F::of(plan.row_coef(tokens)), seq_mode: plan.mode.is_seq_mode() };
     // SAFETY: row i is written by this task only.
@@ -218,8 +219,7 @@ fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch
         p.grad.with_row(i, &mut s.grad, |g| match p.mode {
             LossMode::Vanilla => ctx.token_pass::<W, _>(g, &mut st, &Vanilla(p.clip)),
             LossMode::Gspo | LossMode::Luspo => {
-                // verl: sum(d * m) / clamp(sum(m), min=1), a plain product so NaN propagates.
-                let seq = sum_map_f64(old.len(), |t| (lp[t] - old[t]) * mask[t]);
+                // verl: sum(d * m) / clamp(sum(m), min=1)
                 let log_s = W::F::of(seq / tokens.max(1.0));
                 let (x, pass) = clamp(log_s, W::F::neg_infinity(), W::F::of(10.0));
                 let sr = x.exp();
@@ -229,6 +229,54 @@ fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch
         })
     };
     st
+}
+
+/// `(sum_t m, sum_t (lp - old) m)` of a row (the second only `with_seq`),
+/// a plain product so a NaN anywhere in the row propagates, as in verl.
+/// Summed per lane in `F` within blocks of [`BLOCK`], then in f64.
+#[inline(always)]
+fn row_sums<W: Wide>(old: &[W::F], lp: &[W::F], mask: &[W::F], with_seq: bool) -> (f64, f64) {
+    let n = mask.len();
+    let (mut tokens, mut seq) = (0.0, 0.0);
+    let mut start = 0;
+    while start < n {
+        let end = (start + BLOCK).min(n);
+        let (o, l, m) = (&old[start..end], &lp[start..end], &mask[start..end]);
+        let (mut am, mut ad) = (W::V::splat(0.0), W::V::splat(0.0));
+        let mut j = 0;
+        if with_seq {
+            while j + W::WIDTH <= m.len() {
+                let mv = W::load(&m[j..]);
+                am = am + mv;
+                ad = ad + (W::load(&l[j..]) - W::load(&o[j..])) * mv;
+                j += W::WIDTH;
+            }
+        } else {
+            while j + W::WIDTH <= m.len() {
+                am = am + W::load(&m[j..]);
+                j += W::WIDTH;
+            }
+        }
+        let (mut bm, mut bd) = (fold::<W>(am), fold::<W>(ad));
+        for j in j..m.len() {
+            bm += m[j].f64();
+            if with_seq {
+                bd += ((l[j] - o[j]) * m[j]).f64();
+            }
+        }
+        tokens += bm;
+        seq += bd;
+        start = end;
+    }
+    (tokens, seq)
+}
+
+/// The sum of a vector's lanes, in f64, lane 0 first.
+#[inline(always)]
+fn fold<W: Wide>(v: W::V) -> f64 {
+    let mut lanes = [<W::F as Lane>::splat(0.0); 16];
+    W::store(v, &mut lanes);
+    lanes[..W::WIDTH].iter().map(|x| x.f64()).sum()
 }
 
 /// One row's inputs and what its token pass shares across tokens.
@@ -289,12 +337,7 @@ impl<F: Real + Lane> RowCtx<'_, F> {
                 W::store(t[4], &mut g[j..]);
                 j += W::WIDTH;
             }
-            let mut sums = [0.0f64; 4];
-            for k in 0..4 {
-                let mut lanes = [F::zero(); 16];
-                W::store(acc[k], &mut lanes);
-                sums[k] = lanes[..W::WIDTH].iter().map(|v| v.f64()).sum();
-            }
+            let mut sums = acc.map(fold::<W>);
             for j in j..len {
                 let wj = w.map_or(F::one(), |w| w[j]);
                 let t = terms(rule, o[j], l[j], a[j], m[j], wj, coef, self.seq_mode);
