@@ -20,6 +20,7 @@ test: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) bench/bench.py
+	$(PY) bench/bench_advantage.py
 
 build: $(BUILT)
 
