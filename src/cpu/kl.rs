@@ -9,8 +9,10 @@
 //! * a `+` suffix (`k1+`, `k3+`, ...): the same value, with the gradient of
 //!   `k2` (straight-through), as verl.
 //!
-//! Clamps pass the gradient on their closed interval, as `torch.clamp`.
+//! Clamps pass the gradient strictly inside their bounds, as `torch.clamp`
+//! does (the clamp shared with the policy loss, `lane::clamp`).
 
+use super::lane::{clamp, Lane};
 use super::min_rows_per_task;
 use crate::error::{Error, Result};
 use crate::tensor::{same_device, DType, Desc, Mat, MatMut, Real};
@@ -92,7 +94,7 @@ impl KlProblem {
 
 /// One element: `(value, d value / d logprob)`.
 #[inline(always)]
-fn kl_token<F: Real>(mode: KlMode, lp: F, rf: F) -> (F, F) {
+fn kl_token<F: Real + Lane<Mask = bool>>(mode: KlMode, lp: F, rf: F) -> (F, F) {
     let d = lp - rf;
     let (v, dv) = match mode.kind {
         KlKind::K1 => (d, F::one()),
@@ -125,18 +127,6 @@ fn kl_token<F: Real>(mode: KlMode, lp: F, rf: F) -> (F, F) {
     }
 }
 
-/// `torch.clamp` with whether the gradient passes (closed interval, false
-/// for NaN, as torch's `(x >= lo) & (x <= hi)` mask).
-#[inline(always)]
-fn clamp<F: Real>(x: F, lo: F, hi: F) -> (F, bool) {
-    if x < lo {
-        (lo, false)
-    } else if x > hi {
-        (hi, false)
-    } else {
-        (x, x == x)
-    }
-}
 
 /// Writes the estimate (and its gradient, if asked) on the CPU.
 pub fn compute(p: &KlProblem) {
@@ -148,7 +138,7 @@ pub fn compute(p: &KlProblem) {
     }
 }
 
-fn run<F: Real>(p: &KlProblem) {
+fn run<F: Real + Lane<Mask = bool>>(p: &KlProblem) {
     let cols = p.logprob.cols;
     let mode = p.mode;
     (0..p.logprob.rows).into_par_iter().with_min_len(min_rows_per_task(cols)).for_each_init(

@@ -28,6 +28,17 @@ pub trait Lane: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Se
     fn exp_bounded(self) -> Self;
 }
 
+/// `torch.clamp(x, lo, hi)`: NaN stays NaN; the mask says whether the
+/// gradient passes. torch (2.15, the version pinned for the tests) passes it
+/// on the open interval only: a value exactly on a bound gets none, and
+/// neither does NaN.
+#[inline(always)]
+pub fn clamp<L: Lane>(x: L, lo: L, hi: L) -> (L, L::Mask) {
+    let v = L::select(x.lt(lo), lo, x);
+    let v = L::select(v.gt(hi), hi, v);
+    (v, x.gt(lo) & x.lt(hi))
+}
+
 /// `f32` lanes that can scale by a power of two given as bits.
 pub trait F32Lane: Lane {
     /// `p * 2^n`, where `shifted = n + 1.5 * 2^23` holds the integer `n`

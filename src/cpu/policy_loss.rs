@@ -16,7 +16,7 @@
 //! The token loss is `w * l`; the aggregation multiplies `m * l` by the row
 //! coefficient of [`AggPlan`], which is also the gradient's factor.
 
-use super::lane::{Lane, Wide};
+use super::lane::{clamp, Lane, Wide};
 #[cfg(target_arch = "x86_64")]
 use super::lane::Sse;
 #[cfg(not(target_arch = "x86_64"))]
@@ -40,17 +40,6 @@ struct Tok<L: Lane> {
 
 // The helpers below are selects and IEEE ops only (see `lane`), so the
 // same code runs on a scalar and on a vector of tokens.
-
-/// `torch.clamp(x, lo, hi)`: NaN stays NaN; the mask says whether the
-/// gradient passes. torch (2.15, the version pinned for the tests) passes it
-/// on the open interval only: a value exactly on a bound gets none, and
-/// neither does NaN.
-#[inline(always)]
-fn clamp<L: Lane>(x: L, lo: L, hi: L) -> (L, L::Mask) {
-    let v = L::select(x.lt(lo), lo, x);
-    let v = L::select(v.gt(hi), hi, v);
-    (v, x.gt(lo) & x.lt(hi))
-}
 
 /// `torch.maximum(a, b)` with its gradient: NaN propagates, ties split.
 #[inline(always)]
