@@ -158,7 +158,8 @@ mod python {
         old_log_prob, log_prob, advantages, response_mask, grad, out, *,
         mode, loss_agg_mode, clip_ratio, clip_ratio_low=None, clip_ratio_high=None,
         clip_ratio_c=3.0, rollout_is_weights=None, dp_size=1.0, batch_num_tokens=None,
-        global_batch_size=None, loss_scale_factor=None, scratch=None, stream=None
+        global_batch_size=None, loss_scale_factor=None, scratch=None, stream=None,
+        clamp_closed=false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn policy_loss(
@@ -182,6 +183,7 @@ mod python {
         loss_scale_factor: Option<f64>,
         scratch: Option<&Bound<'_, PyAny>>,
         stream: Option<usize>,
+        clamp_closed: bool,
     ) -> PyResult<()> {
         let cs = stream.map(ConsumerStream);
         let s = cs.as_ref().map(|s| s as &dyn DlpackStream);
@@ -205,6 +207,7 @@ mod python {
             clip_ratio_low,
             clip_ratio_high,
             clip_ratio_c,
+            clamp_closed,
             norm: Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor },
         })
         .map_err(to_py)?;
@@ -336,7 +339,7 @@ mod python {
     /// verl's `kl_penalty`: writes the estimate into `out` and, when given,
     /// `d out / d logprob` into `grad` (`d / d ref_logprob` is its negative).
     #[pyfunction]
-    #[pyo3(signature = (logprob, ref_logprob, out, grad, kl_penalty))]
+    #[pyo3(signature = (logprob, ref_logprob, out, grad, kl_penalty, *, clamp_closed=false))]
     fn kl_penalty(
         py: Python<'_>,
         logprob: &Bound<'_, PyAny>,
@@ -344,6 +347,7 @@ mod python {
         out: &Bound<'_, PyAny>,
         grad: Option<&Bound<'_, PyAny>>,
         kl_penalty: &str,
+        clamp_closed: bool,
     ) -> PyResult<()> {
         let l = import("logprob", logprob, false)?;
         let r = import("ref_logprob", ref_logprob, false)?;
@@ -352,7 +356,7 @@ mod python {
             Some(g) => Some(import("grad", g, true)?),
             None => None,
         };
-        let problem = cpu::kl::KlProblem::new(&l.desc, &r.desc, &o.desc, g.as_ref().map(|g| &g.desc), kl_penalty)
+        let problem = cpu::kl::KlProblem::new(&l.desc, &r.desc, &o.desc, g.as_ref().map(|g| &g.desc), kl_penalty, clamp_closed)
             .map_err(to_py)?;
         cpu_only(&l.desc)?;
         py.detach(|| cpu::kl::compute(&problem));

@@ -51,6 +51,8 @@ pub struct PolicyLossArgs<'a> {
     pub clip_ratio_low: Option<f64>,
     pub clip_ratio_high: Option<f64>,
     pub clip_ratio_c: f64,
+    /// See [`Clip::clamp_closed`].
+    pub clamp_closed: bool,
     pub norm: Normalizers,
 }
 
@@ -60,7 +62,8 @@ impl PolicyLossProblem {
         let mode = LossMode::parse(a.mode)?;
         let requested = AggMode::parse(a.loss_agg_mode)?;
         let agg = mode.effective_agg(requested);
-        let clip = Clip::new(a.clip_ratio, a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c, mode == LossMode::Vanilla)?;
+        let mut clip = Clip::new(a.clip_ratio, a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c, mode == LossMode::Vanilla)?;
+        clip.clamp_closed = a.clamp_closed;
         a.norm.validate(agg)?;
 
         let log_prob = a.log_prob.matrix()?;

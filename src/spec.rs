@@ -92,10 +92,15 @@ pub struct Clip {
     pub low: f64,
     pub high: f64,
     pub c: f64,
+    /// torch's clamp convention for a value exactly on a bound: torch 2.11
+    /// passes the gradient there (closed interval), 2.15 does not. The
+    /// Python layer measures the installed torch once and says which.
+    pub clamp_closed: bool,
 }
 
 impl Clip {
-    /// `clip_ratio_low`/`clip_ratio_high` default to `clip_ratio` as in verl.
+    /// `clip_ratio_low`/`clip_ratio_high` default to `clip_ratio` as in verl;
+    /// the clamp convention starts open (set `clamp_closed` after).
     /// All must be finite and non-negative; `clip_ratio_c` must be `> 1`
     /// (verl asserts it for the dual clip) — only checked when `check_c`.
     pub fn new(clip_ratio: f64, low: Option<f64>, high: Option<f64>, c: f64, check_c: bool) -> Result<Self> {
@@ -115,7 +120,7 @@ impl Clip {
                 format!("the dual-clip bound must be a finite number > 1.0, got {c}"),
             ));
         }
-        Ok(Clip { low, high, c })
+        Ok(Clip { low, high, c, clamp_closed: false })
     }
 }
 

@@ -186,3 +186,33 @@ def test_metrics_are_float64_tensors_on_the_input_device():
     assert set(metrics) == {"pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"}
     for v in metrics.values():
         assert v.dim() == 0 and v.dtype == torch.float64 and v.device == lp.device and not v.requires_grad
+
+
+def test_clamp_convention_follows_the_installed_torch():
+    # torch 2.11 passes clamp's gradient on the bounds, torch 2.15 does not;
+    # the flag we send the kernels is measured from the torch in use.
+    from luspo_rs.functional import torch_clamp_closed
+
+    x = torch.tensor([0.8, 1.2], requires_grad=True)
+    torch.clamp(x, 0.8, 1.2).sum().backward()
+    assert torch_clamp_closed() == bool(x.grad.eq(1).all())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_closed_clamp_convention_gives_the_full_gradient_on_the_bound(mode):
+    # ratio == 1 == both clip bounds: with the closed convention both branches
+    # of the maximum carry the gradient (tie -> full), with the open one only
+    # the unclipped branch does (tie -> half).
+    from luspo_rs import _core
+
+    old = torch.zeros(2, 4, dtype=torch.float64)
+    adv = torch.tensor([[1.0, -1.0, 2.0, -0.5]] * 2, dtype=torch.float64)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    grads = {}
+    for closed in (False, True):
+        g = torch.empty(2, 4, dtype=torch.float64)
+        _core.policy_loss(old, old.clone(), adv, mask, g, torch.empty(4, dtype=torch.float64), mode=mode,
+                          loss_agg_mode="token-mean", clip_ratio=0.0, clamp_closed=closed)
+        grads[closed] = g
+    torch.testing.assert_close(grads[True], 2 * grads[False], rtol=0, atol=0)
+    assert grads[True].abs().min() > 0

@@ -1,5 +1,10 @@
 """Type stubs of the native module ``luspo_rs._core``.
 
+``clamp_closed`` selects torch's gradient convention for ``clamp`` on its
+bounds: ``True`` passes the gradient there (torch 2.11), ``False`` does not
+(torch 2.15); ``luspo_rs.functional.torch_clamp_closed()`` measures the
+installed torch.
+
 Every tensor argument is any object with ``__dlpack__`` (torch tensors, numpy
 arrays). Outputs (``grad``, ``out``) are written in place and must be
 writable; nothing is copied. Errors are ``TypeError`` (dtype) or
@@ -29,6 +34,7 @@ def policy_loss(
     loss_scale_factor: Optional[float] = None,
     scratch: Optional[Any] = None,
     stream: Optional[int] = None,
+    clamp_closed: bool = False,
 ) -> None:
     """Fused policy loss: writes ``d loss / d log_prob`` into ``grad`` (shape
     and device of ``log_prob``, float dtype) and
@@ -102,7 +108,9 @@ def group_ids(index: Any, out: Any) -> int:
     them into ``out`` (contiguous int64 of length ``len(index)``) and returns
     the number of groups."""
 
-def kl_penalty(logprob: Any, ref_logprob: Any, out: Any, grad: Optional[Any], kl_penalty: str) -> None:
+def kl_penalty(
+    logprob: Any, ref_logprob: Any, out: Any, grad: Optional[Any], kl_penalty: str, *, clamp_closed: bool = False
+) -> None:
     """verl's ``kl_penalty`` (``kl``/``k1``, ``abs``, ``mse``/``k2``,
     ``low_var_kl``/``k3``, each optionally with ``+``): writes the estimate
     into ``out`` and, if ``grad`` is given, ``d out / d logprob`` into it."""

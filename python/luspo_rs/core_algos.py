@@ -37,6 +37,7 @@ import torch
 from . import _core
 from .functional import agg_loss as _agg_loss
 from .functional import policy_loss as _policy_loss
+from .functional import torch_clamp_closed
 
 __all__ = [
     "agg_loss",
@@ -180,7 +181,7 @@ class KlPenaltyFunction(torch.autograd.Function):
         grad = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad = torch.empty(logprob.shape, dtype=dtype, device=logprob.device)
-        _core.kl_penalty(logprob.detach(), ref_logprob.detach(), out, grad, mode)
+        _core.kl_penalty(logprob.detach(), ref_logprob.detach(), out, grad, mode, clamp_closed=torch_clamp_closed())
         ctx.save_for_backward(grad)
         ctx.dtypes = (logprob.dtype, ref_logprob.dtype)
         return out

@@ -9,6 +9,7 @@ go through :mod:`luspo_rs._cuda` (caller's stream, no host sync, in-place backwa
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Union
 
 import torch
@@ -19,6 +20,21 @@ Number = Union[int, float, torch.Tensor]
 
 #: Order of the values the native policy loss writes into its ``out`` buffer.
 STATS = ("loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
+
+
+@functools.lru_cache(maxsize=None)
+def torch_clamp_closed() -> bool:
+    """Whether the installed torch's ``clamp`` (with number bounds, as verl
+    calls it) passes the gradient to a value lying exactly on a bound.
+
+    torch 2.11 does (the closed interval); torch 2.15 does not. The kernels
+    follow whichever torch is installed, measured once here, so that
+    gradients match verl's to the bit even on the bounds.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.tensor([0.5, 1.5], requires_grad=True)
+        torch.clamp(x, 0.5, 1.5).sum().backward()
+    return bool(x.grad.eq(1.0).all())
 
 
 def _as_tensor(name: str, value: Any) -> torch.Tensor:
@@ -145,6 +161,7 @@ def policy_loss(
         clip_ratio_low=_as_float("clip_ratio_low", clip_ratio_low),
         clip_ratio_high=_as_float("clip_ratio_high", clip_ratio_high),
         clip_ratio_c=_as_float("clip_ratio_c", clip_ratio_c),
+        clamp_closed=torch_clamp_closed(),
     )
     # CUDA: normalisers given as CUDA tensors stay on the device (no .item()).
     factor = None

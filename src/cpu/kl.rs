@@ -69,11 +69,13 @@ pub struct KlProblem {
     /// `d out / d logprob`, when a gradient is wanted.
     pub grad: Option<MatMut>,
     pub mode: KlMode,
+    /// torch's clamp convention on the bounds (see `spec::Clip::clamp_closed`).
+    pub clamp_closed: bool,
 }
 
 impl KlProblem {
     /// Checks shapes, dtypes and devices; errors name the argument.
-    pub fn new(logprob: &Desc, ref_logprob: &Desc, out: &Desc, grad: Option<&Desc>, kl_penalty: &str) -> Result<Self> {
+    pub fn new(logprob: &Desc, ref_logprob: &Desc, out: &Desc, grad: Option<&Desc>, kl_penalty: &str, clamp_closed: bool) -> Result<Self> {
         let mode = KlMode::parse(kl_penalty)?;
         logprob.expect_float()?;
         ref_logprob.expect_float()?;
@@ -88,13 +90,13 @@ impl KlProblem {
         let mut all = vec![ref_logprob, out];
         all.extend(grad);
         same_device(logprob.device, &all)?;
-        Ok(KlProblem { logprob: lp, ref_logprob: rf, out: o, grad: g, mode })
+        Ok(KlProblem { logprob: lp, ref_logprob: rf, out: o, grad: g, mode, clamp_closed })
     }
 }
 
 /// One element: `(value, d value / d logprob)`.
 #[inline(always)]
-fn kl_token<F: Real + Lane<Mask = bool>>(mode: KlMode, lp: F, rf: F) -> (F, F) {
+fn kl_token<F: Real + Lane<Mask = bool>>(mode: KlMode, closed: bool, lp: F, rf: F) -> (F, F) {
     let d = lp - rf;
     let (v, dv) = match mode.kind {
         KlKind::K1 => (d, F::one()),
@@ -111,10 +113,10 @@ fn kl_token<F: Real + Lane<Mask = bool>>(mode: KlMode, lp: F, rf: F) -> (F, F) {
         KlKind::K2 => (F::of(0.5) * d * d, d),
         KlKind::K3 => {
             let k = rf - lp;
-            let (k, pass_k) = clamp(k, F::of(-20.0), F::of(20.0));
+            let (k, pass_k) = clamp(k, F::of(-20.0), F::of(20.0), closed);
             let ratio = k.exp();
             let kld = ratio - k - F::one();
-            let (v, pass_v) = clamp(kld, F::of(-10.0), F::of(10.0));
+            let (v, pass_v) = clamp(kld, F::of(-10.0), F::of(10.0), closed);
             // d kld / d k = ratio - 1, d k / d lp = -1
             let g = if pass_k && pass_v { F::one() - ratio } else { F::zero() };
             (v, g)
@@ -140,7 +142,7 @@ pub fn compute(p: &KlProblem) {
 
 fn run<F: Real + Lane<Mask = bool>>(p: &KlProblem) {
     let cols = p.logprob.cols;
-    let mode = p.mode;
+    let (mode, closed) = (p.mode, p.clamp_closed);
     (0..p.logprob.rows).into_par_iter().with_min_len(min_rows_per_task(cols)).for_each_init(
         || (vec![F::zero(); cols], vec![F::zero(); cols], vec![F::zero(); cols], vec![F::zero(); cols]),
         |(sl, sr, so, sg), i| {
@@ -150,13 +152,13 @@ fn run<F: Real + Lane<Mask = bool>>(p: &KlProblem) {
             unsafe {
                 p.out.with_row(i, so, |o| {
                     for t in 0..cols {
-                        o[t] = kl_token(mode, lp[t], rf[t]).0;
+                        o[t] = kl_token(mode, closed, lp[t], rf[t]).0;
                     }
                 });
                 if let Some(g) = &p.grad {
                     g.with_row(i, sg, |g| {
                         for t in 0..cols {
-                            g[t] = kl_token(mode, lp[t], rf[t]).1;
+                            g[t] = kl_token(mode, closed, lp[t], rf[t]).1;
                         }
                     });
                 }
@@ -176,7 +178,7 @@ mod tests {
         let r = Desc::from_slice("ref_logprob", rf, &[1, n]);
         let od = Desc::from_mut_slice("out", &mut o, &[1, n]);
         let gd = Desc::from_mut_slice("grad", &mut g, &[1, n]);
-        compute(&KlProblem::new(&l, &r, &od, Some(&gd), mode).unwrap());
+        compute(&KlProblem::new(&l, &r, &od, Some(&gd), mode, false).unwrap());
         (o, g)
     }
 
@@ -211,11 +213,11 @@ mod tests {
         let mut o = [0.0f32; 2];
         let l = Desc::from_slice("logprob", &a, &[1, 2]);
         let od = Desc::from_mut_slice("out", &mut o, &[1, 2]);
-        let e = KlProblem::new(&l, &l, &od, None, "full").err().unwrap();
+        let e = KlProblem::new(&l, &l, &od, None, "full", false).err().unwrap();
         assert_eq!(e.arg, "kl_penalty");
         let b = [0.0f32; 3];
         let r = Desc::from_slice("ref_logprob", &b, &[1, 3]);
-        let e = KlProblem::new(&l, &r, &od, None, "k1").err().unwrap();
+        let e = KlProblem::new(&l, &r, &od, None, "k1", false).err().unwrap();
         assert_eq!(e.arg, "ref_logprob");
     }
 }

@@ -17,6 +17,8 @@ pub trait Lane: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Se
     fn mask(b: bool) -> Self::Mask;
     fn gt(self, o: Self) -> Self::Mask;
     fn lt(self, o: Self) -> Self::Mask;
+    fn ge(self, o: Self) -> Self::Mask;
+    fn le(self, o: Self) -> Self::Mask;
     fn eq(self, o: Self) -> Self::Mask;
     /// `self != o`, true when either is NaN (IEEE unordered-or-unequal).
     fn ne(self, o: Self) -> Self::Mask;
@@ -29,14 +31,14 @@ pub trait Lane: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Se
 }
 
 /// `torch.clamp(x, lo, hi)`: NaN stays NaN; the mask says whether the
-/// gradient passes. torch (2.15, the version pinned for the tests) passes it
-/// on the open interval only: a value exactly on a bound gets none, and
-/// neither does NaN.
+/// gradient passes: strictly inside the bounds (torch 2.15), or also on them
+/// when `closed` (torch 2.11; see `spec::Clip::clamp_closed`). Never for NaN.
 #[inline(always)]
-pub fn clamp<L: Lane>(x: L, lo: L, hi: L) -> (L, L::Mask) {
+pub fn clamp<L: Lane>(x: L, lo: L, hi: L, closed: bool) -> (L, L::Mask) {
     let v = L::select(x.lt(lo), lo, x);
     let v = L::select(v.gt(hi), hi, v);
-    (v, x.gt(lo) & x.lt(hi))
+    let pass = if closed { x.ge(lo) & x.le(hi) } else { x.gt(lo) & x.lt(hi) };
+    (v, pass)
 }
 
 /// `f32` lanes that can scale by a power of two given as bits.
@@ -92,6 +94,14 @@ macro_rules! scalar_lane {
             #[inline(always)]
             fn lt(self, o: Self) -> bool {
                 self < o
+            }
+            #[inline(always)]
+            fn ge(self, o: Self) -> bool {
+                self >= o
+            }
+            #[inline(always)]
+            fn le(self, o: Self) -> bool {
+                self <= o
             }
             #[inline(always)]
             fn eq(self, o: Self) -> bool {
@@ -225,6 +235,14 @@ mod sse {
         #[inline(always)]
         fn lt(self, o: Self) -> M4 {
             M4(unsafe { _mm_cmplt_ps(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn ge(self, o: Self) -> M4 {
+            M4(unsafe { _mm_cmpge_ps(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn le(self, o: Self) -> M4 {
+            M4(unsafe { _mm_cmple_ps(self.0, o.0) })
         }
         #[inline(always)]
         fn eq(self, o: Self) -> M4 {

@@ -65,7 +65,7 @@ fn minimum<L: Lane>(a: L, da: L, b: L, db: L) -> (L, L) {
 fn clipped_surrogate<L: Lane>(a: L, r: L, dr: L, clip: &Clip) -> (L, L, L::Mask) {
     let na = -a;
     let pl1 = na * r;
-    let (rc, pass) = clamp(r, L::splat(1.0 - clip.low), L::splat(1.0 + clip.high));
+    let (rc, pass) = clamp(r, L::splat(1.0 - clip.low), L::splat(1.0 + clip.high), clip.clamp_closed);
     let pl2 = na * rc;
     let (l, dl) = maximum(pl1, na * dr, pl2, L::select(pass, na * dr, L::splat(0.0)));
     (l, dl, pl2.gt(pl1))
@@ -84,7 +84,7 @@ struct Vanilla(Clip);
 impl TokenRule for Vanilla {
     #[inline(always)]
     fn eval<L: Lane>(&self, old: L, lp: L, a: L) -> (Tok<L>, L) {
-        let (d, pass) = clamp(lp - old, L::splat(-20.0), L::splat(20.0));
+        let (d, pass) = clamp(lp - old, L::splat(-20.0), L::splat(20.0), self.0.clamp_closed);
         let r = d.exp_bounded();
         let zero = L::splat(0.0);
         let (l1, dl1, clipped) = clipped_surrogate(a, r, L::select(pass, r, zero), &self.0);
@@ -210,7 +210,7 @@ fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch
             LossMode::Gspo | LossMode::Luspo => {
                 // verl: sum(d * m) / clamp(sum(m), min=1)
                 let log_s = W::F::of(seq / tokens.max(1.0));
-                let (x, pass) = clamp(log_s, W::F::neg_infinity(), W::F::of(10.0));
+                let (x, pass) = clamp(log_s, W::F::neg_infinity(), W::F::of(10.0), p.clip.clamp_closed);
                 let sr = x.exp();
                 let ds = <W::F as Lane>::select(pass, sr, <W::F as Lane>::splat(0.0));
                 ctx.token_pass::<W, _>(g, &mut st, &Gspo { clip: p.clip, s: sr.f64(), ds: ds.f64() })

@@ -52,6 +52,7 @@ struct PolicyArgs {
     double *partials;               // (rows, NSTAT) float64, contiguous
     i64 rows, cols, mode, agg;
     double lo, hi, c;               // clip bounds [1 - low, 1 + high], dual-clip c
+    i64 clamp_closed;               // 1: clamp passes the gradient on its bounds too (torch < 2.15)
 };
 
 struct AggArgs {
@@ -156,12 +157,14 @@ __device__ __forceinline__ void store(const ViewMut &v, i64 i, i64 t, F x) {
 
 template <typename F> __device__ __forceinline__ F nan_of() { return cvt<F>(__longlong_as_double(0x7ff8000000000000LL)); }
 
-// clamp(x, lo, hi); *pass: the gradient passes (closed interval; false for NaN).
+// clamp(x, lo, hi); *pass: the gradient passes: strictly inside the bounds
+// (torch >= 2.15), or on the closed interval when `closed` (older torch);
+// never for NaN.
 template <typename F>
-__device__ __forceinline__ F clampg(F x, F lo, F hi, bool *pass) {
+__device__ __forceinline__ F clampg(F x, F lo, F hi, bool closed, bool *pass) {
     if (x < lo) { *pass = false; return lo; }
     if (x > hi) { *pass = false; return hi; }
-    *pass = (x == x);
+    *pass = closed ? (x >= lo && x <= hi) : (x > lo && x < hi);
     return x;
 }
 
@@ -188,11 +191,11 @@ __device__ __forceinline__ double expg(double x) { return exp(x); }
 
 // max(-A r, -A clip(r)); returns the loss, writes its derivative and the clip flag.
 template <typename F>
-__device__ __forceinline__ F clipped_surrogate(F a, F r, F dr, F lo, F hi, F *dl, bool *clipped) {
+__device__ __forceinline__ F clipped_surrogate(F a, F r, F dr, F lo, F hi, bool closed, F *dl, bool *clipped) {
     F na = -a;
     F pl1 = na * r;
     bool pass;
-    F rc = clampg(r, lo, hi, &pass);
+    F rc = clampg(r, lo, hi, closed, &pass);
     F pl2 = na * rc;
     F l = maximumg(pl1, na * dr, pl2, pass ? na * dr : cvt<F>(0.0), dl);
     *clipped = pl2 > pl1;
@@ -264,7 +267,7 @@ __device__ void policy_rows(const PolicyArgs &a) {
     if (gspo) {
         F log_s = cvt<F>(r1[1] / fmax(tokens, 1.0));
         bool pass;
-        F x = clampg(log_s, cvt<F>(-__longlong_as_double(0x7ff0000000000000LL)), cvt<F>(10.0), &pass);
+        F x = clampg(log_s, cvt<F>(-__longlong_as_double(0x7ff0000000000000LL)), cvt<F>(10.0), a.clamp_closed != 0, &pass);
         sr = expg(x);
         dsr = pass ? sr : zero;
     }
@@ -278,10 +281,10 @@ __device__ void policy_rows(const PolicyArgs &a) {
         bool clipped, lower = false;
         if (!gspo) {
             bool pass;
-            d = clampg(lp - old, cvt<F>(-20.0), cvt<F>(20.0), &pass);
+            d = clampg(lp - old, cvt<F>(-20.0), cvt<F>(20.0), a.clamp_closed != 0, &pass);
             F r = expg(d);
             F dl1;
-            F l1 = clipped_surrogate(A, r, pass ? r : zero, lo, hi, &dl1, &clipped);
+            F l1 = clipped_surrogate(A, r, pass ? r : zero, lo, hi, a.clamp_closed != 0, &dl1, &clipped);
             F pl3 = -A * c;
             lower = l1 > pl3 && A < zero;
             if (A < zero) loss = minimumg(pl3, zero, l1, dl1, &dloss);
@@ -290,7 +293,7 @@ __device__ void policy_rows(const PolicyArgs &a) {
             // lp - sg(lp) is 0 for finite lp and NaN otherwise, as in torch.
             F z = lp - lp;
             F r = z == zero ? sr : nan_of<F>(), dr = z == zero ? dsr : nan_of<F>();
-            loss = clipped_surrogate(A, r, dr, lo, hi, &dloss, &clipped);
+            loss = clipped_surrogate(A, r, dr, lo, hi, a.clamp_closed != 0, &dloss, &clipped);
             d = lp - old;
         }
         if (a.w.ptr) {

@@ -307,6 +307,7 @@ struct PolicyArgs {
     lo: f64,
     hi: f64,
     c: f64,
+    clamp_closed: i64,
 }
 
 #[repr(C)]
@@ -441,6 +442,7 @@ pub fn policy_loss(p: &PolicyLossProblem, scratch: &Desc, out: &Desc, stream: us
         lo: 1.0 - p.clip.low,
         hi: 1.0 + p.clip.high,
         c: p.clip.c,
+        clamp_closed: p.clip.clamp_closed as i64,
     };
     let mut f = finalize_args(scratch, out, rows, cols, p.agg, &p.norm);
     let rows_fn = if p.wants_f64() { s.policy_f64 } else { s.policy_f32 };
@@ -505,9 +507,9 @@ mod tests {
 
     #[test]
     fn struct_layouts_match_kernels_cu() {
-        // View: 4 x 8 bytes; PolicyArgs: 6 views + 5 words + 3 doubles.
+        // View: 4 x 8 bytes; PolicyArgs: 6 views + 5 words + 3 doubles + 1 word.
         assert_eq!(std::mem::size_of::<View>(), 32);
-        assert_eq!(std::mem::size_of::<PolicyArgs>(), 6 * 32 + 5 * 8 + 3 * 8);
+        assert_eq!(std::mem::size_of::<PolicyArgs>(), 6 * 32 + 5 * 8 + 3 * 8 + 8);
         assert_eq!(std::mem::size_of::<AggArgs>(), 3 * 32 + 4 * 8);
         assert_eq!(std::mem::size_of::<FinalizeArgs>(), 9 * 8);
     }
