@@ -397,16 +397,39 @@ impl MatMut {
     /// No other task may access row `i` at the same time.
     #[inline]
     pub unsafe fn with_row<F: Real, R>(&self, i: usize, scratch: &mut [F], f: impl FnOnce(&mut [F]) -> R) -> R {
+        match self.direct_row::<F>(i) {
+            Some(row) => f(row),
+            None => {
+                let r = f(scratch);
+                self.store_row(i, scratch);
+                r
+            }
+        }
+    }
+
+    /// Row `i` itself as a mutable `F` slice, when the buffer holds
+    /// contiguous `F` rows; otherwise `None` (write a scratch row and
+    /// [`MatMut::store_row`] it).
+    ///
+    /// # Safety
+    /// No other task may access row `i` while the slice lives.
+    #[inline(always)]
+    pub unsafe fn direct_row<'a, F: Real>(&'a self, i: usize) -> Option<&'a mut [F]> {
+        let p = self.desc.ptr.wrapping_offset(i as isize * self.rs * self.desc.dtype.size() as isize);
+        (self.desc.dtype == F::DTYPE && self.cs == 1).then(|| std::slice::from_raw_parts_mut(p as *mut F, self.cols))
+    }
+
+    /// Converts and stores `src` (length `cols`) into row `i`.
+    ///
+    /// # Safety
+    /// No other task may access row `i` at the same time.
+    #[inline]
+    pub unsafe fn store_row<F: Real>(&self, i: usize, src: &[F]) {
         let size = self.desc.dtype.size() as isize;
         let p = self.desc.ptr.wrapping_offset(i as isize * self.rs * size);
-        if self.desc.dtype == F::DTYPE && self.cs == 1 {
-            return f(std::slice::from_raw_parts_mut(p as *mut F, self.cols));
-        }
-        let r = f(scratch);
-        for (j, &v) in scratch.iter().enumerate() {
+        for (j, &v) in src.iter().enumerate() {
             v.write(p.wrapping_offset(j as isize * self.cs * size), self.desc.dtype);
         }
-        r
     }
 }
 

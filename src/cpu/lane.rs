@@ -325,12 +325,13 @@ impl Wide for ScalarF64 {
     }
 }
 
-/// Scalar `f32`, where no vector width is implemented.
-#[cfg(not(target_arch = "x86_64"))]
+/// Scalar `f32`, where no vector width is implemented (and in tests, as the
+/// reference the vector widths must equal bit for bit).
+#[cfg(any(test, not(target_arch = "x86_64")))]
 #[derive(Clone, Copy)]
 pub struct ScalarF32;
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(any(test, not(target_arch = "x86_64")))]
 impl Wide for ScalarF32 {
     type F = f32;
     type V = f32;
@@ -364,6 +365,163 @@ impl Wide for Sse {
         v.store(s)
     }
 }
+
+/// Eight `f32` lanes in AVX2. Used only from functions compiled with
+/// `target_feature(enable = "avx2")` after run-time detection (see
+/// `policy_loss::row_avx2`); every method is `inline(always)` and the hot
+/// path has no closures, so the intrinsics inline into that function.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Wide for Avx2 {
+    type F = f32;
+    type V = avx::F32x8;
+    const WIDTH: usize = 8;
+    #[inline(always)]
+    fn load(s: &[f32]) -> avx::F32x8 {
+        avx::F32x8::load(s)
+    }
+    #[inline(always)]
+    fn store(v: avx::F32x8, s: &mut [f32]) {
+        v.store(s)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx {
+    //! The AVX2 twin of `sse::F32x4`: the same IEEE operations in the same
+    //! order, eight lanes wide (no FMA, so results equal the SSE2 and scalar
+    //! paths bit for bit).
+    use super::Lane;
+    use std::arch::x86_64::*;
+    use std::ops::{Add, BitAnd, BitOr, Mul, Neg, Sub};
+
+    #[derive(Clone, Copy)]
+    pub struct F32x8(__m256);
+
+    #[derive(Clone, Copy)]
+    pub struct M8(__m256);
+
+    impl F32x8 {
+        #[inline(always)]
+        pub fn load(s: &[f32]) -> Self {
+            assert!(s.len() >= 8);
+            // SAFETY: 8 readable f32; AVX is enabled wherever this inlines.
+            F32x8(unsafe { _mm256_loadu_ps(s.as_ptr()) })
+        }
+        #[inline(always)]
+        pub fn store(self, s: &mut [f32]) {
+            assert!(s.len() >= 8);
+            // SAFETY: 8 writable f32.
+            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), self.0) }
+        }
+    }
+
+    impl Add for F32x8 {
+        type Output = F32x8;
+        #[inline(always)]
+        fn add(self, o: F32x8) -> F32x8 {
+            F32x8(unsafe { _mm256_add_ps(self.0, o.0) })
+        }
+    }
+    impl Sub for F32x8 {
+        type Output = F32x8;
+        #[inline(always)]
+        fn sub(self, o: F32x8) -> F32x8 {
+            F32x8(unsafe { _mm256_sub_ps(self.0, o.0) })
+        }
+    }
+    impl Mul for F32x8 {
+        type Output = F32x8;
+        #[inline(always)]
+        fn mul(self, o: F32x8) -> F32x8 {
+            F32x8(unsafe { _mm256_mul_ps(self.0, o.0) })
+        }
+    }
+    impl Neg for F32x8 {
+        type Output = F32x8;
+        #[inline(always)]
+        fn neg(self) -> F32x8 {
+            F32x8(unsafe { _mm256_xor_ps(self.0, _mm256_set1_ps(-0.0)) })
+        }
+    }
+    impl BitAnd for M8 {
+        type Output = M8;
+        #[inline(always)]
+        fn bitand(self, o: M8) -> M8 {
+            M8(unsafe { _mm256_and_ps(self.0, o.0) })
+        }
+    }
+    impl BitOr for M8 {
+        type Output = M8;
+        #[inline(always)]
+        fn bitor(self, o: M8) -> M8 {
+            M8(unsafe { _mm256_or_ps(self.0, o.0) })
+        }
+    }
+
+    impl Lane for F32x8 {
+        type Mask = M8;
+        #[inline(always)]
+        fn splat(v: f64) -> Self {
+            F32x8(unsafe { _mm256_set1_ps(v as f32) })
+        }
+        #[inline(always)]
+        fn mask(b: bool) -> M8 {
+            M8(unsafe { _mm256_castsi256_ps(_mm256_set1_epi32(if b { -1 } else { 0 })) })
+        }
+        #[inline(always)]
+        fn gt(self, o: Self) -> M8 {
+            M8(unsafe { _mm256_cmp_ps::<_CMP_GT_OQ>(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn lt(self, o: Self) -> M8 {
+            M8(unsafe { _mm256_cmp_ps::<_CMP_LT_OQ>(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn ge(self, o: Self) -> M8 {
+            M8(unsafe { _mm256_cmp_ps::<_CMP_GE_OQ>(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn le(self, o: Self) -> M8 {
+            M8(unsafe { _mm256_cmp_ps::<_CMP_LE_OQ>(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn eq(self, o: Self) -> M8 {
+            M8(unsafe { _mm256_cmp_ps::<_CMP_EQ_OQ>(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn ne(self, o: Self) -> M8 {
+            M8(unsafe { _mm256_cmp_ps::<_CMP_NEQ_UQ>(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn is_nan(self) -> M8 {
+            M8(unsafe { _mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0) })
+        }
+        #[inline(always)]
+        fn select(m: M8, a: Self, b: Self) -> Self {
+            F32x8(unsafe { _mm256_blendv_ps(b.0, a.0, m.0) })
+        }
+        #[inline(always)]
+        fn exp_bounded(self) -> Self {
+            super::exp_f32(self)
+        }
+    }
+
+    impl super::F32Lane for F32x8 {
+        #[inline(always)]
+        fn scale_pow2(p: Self, shifted: Self) -> Self {
+            let scale = unsafe {
+                let n = _mm256_sub_epi32(_mm256_castps_si256(shifted.0), _mm256_set1_epi32((12_582_912.0f32).to_bits() as i32));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127))))
+            };
+            p * F32x8(scale)
+        }
+    }
+}
+
 
 #[cfg(test)]
 mod tests {

@@ -18,8 +18,8 @@
 
 use super::lane::{clamp, Lane, Wide};
 #[cfg(target_arch = "x86_64")]
-use super::lane::Sse;
-#[cfg(not(target_arch = "x86_64"))]
+use super::lane::{Avx2, Sse};
+#[cfg(any(test, not(target_arch = "x86_64")))]
 use super::lane::ScalarF32;
 use super::lane::ScalarF64;
 use super::{mask_totals, min_rows_per_task};
@@ -154,12 +154,32 @@ pub fn policy_loss(p: &PolicyLossProblem) -> PolicyLossOutput {
         return run::<ScalarF64>(p);
     }
     #[cfg(target_arch = "x86_64")]
-    return run::<Sse>(p);
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present.
+            return run_with::<Avx2>(p, |p, plan, i, s| unsafe { row_avx2(p, plan, i, s) });
+        }
+        run::<Sse>(p)
+    }
     #[cfg(not(target_arch = "x86_64"))]
     run::<ScalarF32>(p)
 }
 
+/// [`row`] compiled with AVX2, so the `F32x8` intrinsics inline.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_avx2(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<f32>) -> RowStats {
+    row::<Avx2>(p, plan, i, s)
+}
+
+/// A row kernel: inputs, plan, row index, per-thread scratch.
+type RowFn<F> = fn(&PolicyLossProblem, &AggPlan, usize, &mut Scratch<F>) -> RowStats;
+
 fn run<W: Wide>(p: &PolicyLossProblem) -> PolicyLossOutput {
+    run_with::<W>(p, row::<W>)
+}
+
+fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> PolicyLossOutput {
     let cols = p.log_prob.cols;
     let totals = p.norm.needs_mask_totals(p.agg).then(|| mask_totals(&p.response_mask));
     let mask_is_f64 = p.response_mask.desc.dtype == DType::F64;
@@ -168,7 +188,7 @@ fn run<W: Wide>(p: &PolicyLossProblem) -> PolicyLossOutput {
     let rows: Vec<RowStats> = (0..p.log_prob.rows)
         .into_par_iter()
         .with_min_len(min_rows_per_task(cols))
-        .map_init(|| Scratch::<W::F>::new(cols), |s, i| row::<W>(p, &plan, i, s))
+        .map_init(|| Scratch::<W::F>::new(cols), |s, i| row_fn(p, &plan, i, s))
         .collect();
 
     let mut out = PolicyLossOutput::default();
@@ -193,6 +213,7 @@ fn run<W: Wide>(p: &PolicyLossProblem) -> PolicyLossOutput {
 /// sequence log-ratio for GSPO/LUSPO), then the token pass.
 /// One row: load, reduce what the row needs first (its length, and the
 /// sequence log-ratio for GSPO/LUSPO), then the token pass.
+#[inline(always)]
 fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<W::F>) -> RowStats {
     let old = p.old_log_prob.row(i, &mut s.old);
     let lp = p.log_prob.row(i, &mut s.lp);
@@ -203,26 +224,77 @@ fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch
     let (tokens, seq) = row_sums::<W>(old, lp, mask, with_seq);
     let mut st = RowStats { tokens, ..Default::default() };
     let ctx = RowCtx { old, lp, adv, mask, w, coef: W::F::of(plan.row_coef(tokens)), seq_mode: plan.mode.is_seq_mode() };
+    // No closure here: `row` is inlined into `row_avx2`, and a closure
+    // would be compiled without AVX2 (its intrinsics would become calls).
     // SAFETY: row i is written by this task only.
-    unsafe {
-        p.grad.with_row(i, &mut s.grad, |g| match p.mode {
-            LossMode::Vanilla => ctx.token_pass::<W, _>(g, &mut st, &Vanilla(p.clip)),
-            LossMode::Gspo | LossMode::Luspo => {
-                // verl: sum(d * m) / clamp(sum(m), min=1)
-                let log_s = W::F::of(seq / tokens.max(1.0));
-                let (x, pass) = clamp(log_s, W::F::neg_infinity(), W::F::of(10.0), p.clip.clamp_closed);
-                let sr = x.exp();
-                let ds = <W::F as Lane>::select(pass, sr, <W::F as Lane>::splat(0.0));
-                ctx.token_pass::<W, _>(g, &mut st, &Gspo { clip: p.clip, s: sr.f64(), ds: ds.f64() })
-            }
-        })
-    };
+    let direct = unsafe { p.grad.direct_row::<W::F>(i) };
+    let converted = direct.is_none();
+    let g = direct.unwrap_or(&mut s.grad);
+    match p.mode {
+        LossMode::Vanilla => ctx.token_pass::<W, _>(g, &mut st, &Vanilla(p.clip)),
+        LossMode::Gspo | LossMode::Luspo => {
+            // verl: sum(d * m) / clamp(sum(m), min=1)
+            let log_s = W::F::of(seq / tokens.max(1.0));
+            let (x, pass) = clamp(log_s, W::F::neg_infinity(), W::F::of(10.0), p.clip.clamp_closed);
+            let sr = x.exp();
+            let ds = <W::F as Lane>::select(pass, sr, <W::F as Lane>::splat(0.0));
+            ctx.token_pass::<W, _>(g, &mut st, &Gspo { clip: p.clip, s: sr.f64(), ds: ds.f64() })
+        }
+    }
+    if converted {
+        // SAFETY: as above.
+        unsafe { p.grad.store_row(i, &s.grad) };
+    }
     st
+}
+
+/// Eight f32 summation lanes, whatever the vector width: token `j` of a
+/// block always goes to lane `j % 8`, each lane adds its tokens in order,
+/// and the lanes are folded in order in f64. So the scalar, SSE2 and AVX2
+/// paths give bitwise the same sums (and each lane adds at most
+/// `BLOCK / 8` terms in f32).
+struct Lanes8<W: Wide> {
+    /// `8 / W::WIDTH` vectors hold lanes `[k W, (k + 1) W)`.
+    v: [W::V; 8],
+}
+
+impl<W: Wide> Lanes8<W> {
+    #[inline(always)]
+    fn new() -> Self {
+        Lanes8 { v: [W::V::splat(0.0); 8] }
+    }
+
+    /// Adds the vector of tokens `j .. j + WIDTH` (`j` a multiple of WIDTH).
+    #[inline(always)]
+    fn add(&mut self, j: usize, x: W::V) {
+        let k = (j / W::WIDTH) % (8 / W::WIDTH);
+        self.v[k] = self.v[k] + x;
+    }
+
+    /// The eight lanes, for the scalar tail to add into.
+    #[inline(always)]
+    fn lanes(&self) -> [W::F; 8] {
+        let mut out = [<W::F as Lane>::splat(0.0); 8];
+        for k in 0..8 / W::WIDTH {
+            W::store(self.v[k], &mut out[k * W::WIDTH..]);
+        }
+        out
+    }
+}
+
+/// Lanes folded in order, in f64.
+#[inline(always)]
+fn fold8<F: Real>(lanes: &[F; 8]) -> f64 {
+    let mut t = 0.0;
+    for x in lanes {
+        t += x.f64();
+    }
+    t
 }
 
 /// `(sum_t m, sum_t (lp - old) m)` of a row (the second only `with_seq`),
 /// a plain product so a NaN anywhere in the row propagates, as in verl.
-/// Summed per lane in `F` within blocks of [`BLOCK`], then in f64.
+/// Summed in [`Lanes8`] within blocks of [`BLOCK`], then in f64.
 #[inline(always)]
 fn row_sums<W: Wide>(old: &[W::F], lp: &[W::F], mask: &[W::F], with_seq: bool) -> (f64, f64) {
     let n = mask.len();
@@ -231,41 +303,28 @@ fn row_sums<W: Wide>(old: &[W::F], lp: &[W::F], mask: &[W::F], with_seq: bool) -
     while start < n {
         let end = (start + BLOCK).min(n);
         let (o, l, m) = (&old[start..end], &lp[start..end], &mask[start..end]);
-        let (mut am, mut ad) = (W::V::splat(0.0), W::V::splat(0.0));
+        let (mut am, mut ad) = (Lanes8::<W>::new(), Lanes8::<W>::new());
         let mut j = 0;
-        if with_seq {
-            while j + W::WIDTH <= m.len() {
-                let mv = W::load(&m[j..]);
-                am = am + mv;
-                ad = ad + (W::load(&l[j..]) - W::load(&o[j..])) * mv;
-                j += W::WIDTH;
-            }
-        } else {
-            while j + W::WIDTH <= m.len() {
-                am = am + W::load(&m[j..]);
-                j += W::WIDTH;
-            }
-        }
-        let (mut bm, mut bd) = (fold::<W>(am), fold::<W>(ad));
-        for j in j..m.len() {
-            bm += m[j].f64();
+        while j + W::WIDTH <= m.len() {
+            let mv = W::load(&m[j..]);
+            am.add(j, mv);
             if with_seq {
-                bd += ((l[j] - o[j]) * m[j]).f64();
+                ad.add(j, (W::load(&l[j..]) - W::load(&o[j..])) * mv);
             }
+            j += W::WIDTH;
         }
-        tokens += bm;
-        seq += bd;
+        let (mut bm, mut bd) = (am.lanes(), ad.lanes());
+        for j in j..m.len() {
+            bm[j % 8] = bm[j % 8] + m[j];
+            bd[j % 8] = bd[j % 8] + (l[j] - o[j]) * m[j];
+        }
+        tokens += fold8(&bm);
+        if with_seq {
+            seq += fold8(&bd);
+        }
         start = end;
     }
     (tokens, seq)
-}
-
-/// The sum of a vector's lanes, in f64, lane 0 first.
-#[inline(always)]
-fn fold<W: Wide>(v: W::V) -> f64 {
-    let mut lanes = [<W::F as Lane>::splat(0.0); 16];
-    W::store(v, &mut lanes);
-    lanes[..W::WIDTH].iter().map(|x| x.f64()).sum()
 }
 
 /// One row's inputs and what its token pass shares across tokens.
@@ -301,9 +360,8 @@ impl<F: Real + Lane> RowCtx<'_, F> {
     /// Accumulates the row's sums and writes `g[t] = d loss / d lp_t`.
     ///
     /// Tokens go in blocks of [`BLOCK`]: `W::WIDTH` tokens at a time through
-    /// [`terms`], summed per lane in `F` within the block (at most
-    /// `BLOCK / WIDTH` terms per lane), then the lanes and the one-by-one tail
-    /// (same code, scalar) are added into the f64 row sums in a fixed order.
+    /// [`terms`] (the tail one by one through the same code), summed in
+    /// [`Lanes8`] within the block, then into the f64 row sums.
     #[inline(always)]
     fn token_pass<W: Wide<F = F>, R: TokenRule>(&self, g: &mut [F], st: &mut RowStats, rule: &R) {
         let n = g.len();
@@ -315,26 +373,33 @@ impl<F: Real + Lane> RowCtx<'_, F> {
             let (o, l, a, m) = (&self.old[start..end], &self.lp[start..end], &self.adv[start..end], &self.mask[start..end]);
             let w = self.w.map(|w| &w[start..end]);
             let g = &mut g[start..end];
-            let mut acc = [W::V::splat(0.0); 4];
+            let mut acc = [Lanes8::<W>::new(), Lanes8::<W>::new(), Lanes8::<W>::new(), Lanes8::<W>::new()];
             let mut j = 0;
             while j + W::WIDTH <= len {
-                let wv = w.map_or(W::V::splat(1.0), |w| W::load(&w[j..]));
+                let wv = match w {
+                    Some(w) => W::load(&w[j..]),
+                    None => W::V::splat(1.0),
+                };
                 let t = terms(rule, W::load(&o[j..]), W::load(&l[j..]), W::load(&a[j..]), W::load(&m[j..]), wv, coef_v, self.seq_mode);
                 for k in 0..4 {
-                    acc[k] = acc[k] + t[k];
+                    acc[k].add(j, t[k]);
                 }
                 W::store(t[4], &mut g[j..]);
                 j += W::WIDTH;
             }
-            let mut sums = acc.map(fold::<W>);
+            let mut lanes = [acc[0].lanes(), acc[1].lanes(), acc[2].lanes(), acc[3].lanes()];
             for j in j..len {
-                let wj = w.map_or(F::one(), |w| w[j]);
+                let wj = match w {
+                    Some(w) => w[j],
+                    None => F::one(),
+                };
                 let t = terms(rule, o[j], l[j], a[j], m[j], wj, coef, self.seq_mode);
                 for k in 0..4 {
-                    sums[k] += t[k].f64();
+                    lanes[k][j % 8] = lanes[k][j % 8] + t[k];
                 }
                 g[j] = t[4];
             }
+            let sums = [fold8(&lanes[0]), fold8(&lanes[1]), fold8(&lanes[2]), fold8(&lanes[3])];
             st.loss += sums[0];
             st.kl -= sums[1];
             st.clipped += sums[2];
@@ -346,3 +411,84 @@ impl<F: Real + Lane> RowCtx<'_, F> {
 
 /// Tokens per block of [`RowCtx::token_pass`].
 const BLOCK: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PolicyLossArgs;
+    use crate::spec::Normalizers;
+    use crate::tensor::Desc;
+
+    /// Runs one width on a random batch with masked tails, clipping on both
+    /// sides, negative advantages and IS weights; returns outputs and grad.
+    fn run_width(mode: &str, agg: &str, width: &str) -> (PolicyLossOutput, Vec<f32>) {
+        let (b, t) = (7usize, 301usize);
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let old: Vec<f32> = (0..b * t).map(|_| -3.0 * rnd()).collect();
+        // per-row offsets push GSPO's sequence ratio out of the clip range too
+        let lp: Vec<f32> = old.iter().enumerate().map(|(k, &o)| o + 0.2 * ((k / t) as f32 - 3.0) + 1.5 * (rnd() - 0.5)).collect();
+        let adv: Vec<f32> = (0..b * t).map(|_| 2.0 * (rnd() - 0.5)).collect();
+        let w: Vec<f32> = (0..b * t).map(|_| 0.5 + rnd()).collect();
+        let mask: Vec<bool> = (0..b * t).map(|k| (k % t) < 40 * (k / t) + 3).collect();
+        let mut grad = vec![0f32; b * t];
+        let d = |a: &'static str, v: &[f32]| Desc::from_slice(a, v, &[b, t]);
+        let (o, l, a, ww) = (d("old_log_prob", &old), d("log_prob", &lp), d("advantages", &adv), d("rollout_is_weights", &w));
+        let m = Desc::from_slice("response_mask", &mask, &[b, t]);
+        let g = Desc::from_mut_slice("grad", &mut grad, &[b, t]);
+        let p = PolicyLossProblem::new(&PolicyLossArgs {
+            old_log_prob: &o,
+            log_prob: &l,
+            advantages: &a,
+            response_mask: &m,
+            rollout_is_weights: Some(&ww),
+            grad: &g,
+            mode,
+            loss_agg_mode: agg,
+            clip_ratio: 0.2,
+            clip_ratio_low: None,
+            clip_ratio_high: Some(0.28),
+            clip_ratio_c: 3.0,
+            clamp_closed: false,
+            norm: Normalizers::default(),
+        })
+        .unwrap();
+        let out = match width {
+            "scalar" => run::<ScalarF32>(&p),
+            #[cfg(target_arch = "x86_64")]
+            "sse" => run::<Sse>(&p),
+            #[cfg(target_arch = "x86_64")]
+            "avx2" => run_with::<Avx2>(&p, |p, plan, i, s| unsafe { row_avx2(p, plan, i, s) }),
+            _ => unreachable!(),
+        };
+        drop(p);
+        (out, grad)
+    }
+
+    #[test]
+    fn every_simd_width_gives_bitwise_the_scalar_result() {
+        let mut widths = vec![];
+        #[cfg(target_arch = "x86_64")]
+        {
+            widths.push("sse");
+            if std::is_x86_feature_detected!("avx2") {
+                widths.push("avx2");
+            }
+        }
+        for mode in ["vanilla", "gspo", "luspo"] {
+            for agg in ["token-mean", "seq-mean-token-mean"] {
+                let (want, want_g) = run_width(mode, agg, "scalar");
+                assert!(want.loss.is_finite() && want.pg_clipfrac > 0.0, "{mode}: the batch must clip");
+                for w in &widths {
+                    let (got, got_g) = run_width(mode, agg, w);
+                    assert_eq!(got, want, "{mode} {agg} {w}");
+                    let same = got_g.iter().zip(&want_g).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{mode} {agg} {w}: gradients differ");
+                }
+            }
+        }
+    }
+}
