@@ -240,6 +240,8 @@ pub trait Real: Float + Send + Sync + Default + std::fmt::Debug + 'static {
     const DTYPE: DType;
     /// Converts an `f64` (rounding to nearest).
     fn of(v: f64) -> Self;
+    /// Converts an `f32` (exact for both types; no trip through f64).
+    fn of_f32(v: f32) -> Self;
     /// Widens to `f64`.
     fn f64(self) -> f64;
     /// Reads element `k` of a `dtype` buffer and converts it.
@@ -261,6 +263,11 @@ macro_rules! real_impl {
             #[inline(always)]
             fn of(v: f64) -> Self {
                 v as $t
+            }
+            #[inline(always)]
+            fn of_f32(v: f32) -> Self {
+                let f: fn(f32) -> $t = $from_f32;
+                f(v)
             }
             #[inline(always)]
             fn f64(self) -> f64 {
@@ -358,12 +365,12 @@ unsafe fn load_contiguous<F: Real>(p: *const u8, dtype: DType, out: &mut [F]) {
     }
     match dtype {
         DType::F64 => conv(p, out, |v: f64| F::of(v)),
-        DType::F32 => conv(p, out, |v: f32| F::of(v as f64)),
-        DType::BF16 => conv(p, out, |v: bf16| F::of(v.to_f32() as f64)),
-        DType::F16 => conv(p, out, |v: f16| F::of(v.to_f32() as f64)),
-        DType::Bool | DType::U8 => conv(p, out, |v: u8| F::of(v as f64)),
-        DType::I8 => conv(p, out, |v: i8| F::of(v as f64)),
-        DType::I16 => conv(p, out, |v: i16| F::of(v as f64)),
+        DType::F32 => conv(p, out, |v: f32| F::of_f32(v)),
+        DType::BF16 => conv(p, out, |v: bf16| F::of_f32(v.to_f32())),
+        DType::F16 => conv(p, out, |v: f16| F::of_f32(v.to_f32())),
+        DType::Bool | DType::U8 => conv(p, out, |v: u8| F::of_f32(v as f32)),
+        DType::I8 => conv(p, out, |v: i8| F::of_f32(v as f32)),
+        DType::I16 => conv(p, out, |v: i16| F::of_f32(v as f32)),
         DType::I32 => conv(p, out, |v: i32| F::of(v as f64)),
         DType::I64 => conv(p, out, |v: i64| F::of(v as f64)),
     }
