@@ -11,8 +11,13 @@
 //!   value with `d s_it / d lp_it = s_it` (0 where the clamp at 10 bites);
 //!   `l = max(-A s_it, -A clip(s_it, lo, hi))`.
 //!
-//! Gradients follow torch's conventions exactly: `clamp` passes the gradient
-//! strictly inside its bounds, `maximum`/`minimum` split it in half on ties.
+//! Gradients follow torch's conventions exactly: `maximum`/`minimum` split it
+//! in half on ties, `clamp` passes it strictly inside its bounds or, as older
+//! torch does, also on them (`Clip::clamp_closed`).
+//!
+//! float32 math runs 8 tokens at a time with AVX2 (detected at run time), else
+//! 4 with SSE2 (x86-64) or 1; the token formula is written once over
+//! [`Lane`] and sums go through [`Lanes8`], so every width gives the same bits.
 //! The token loss is `w * l`; the aggregation multiplies `m * l` by the row
 //! coefficient of [`AggPlan`], which is also the gradient's factor.
 
@@ -147,8 +152,7 @@ impl<F: Real> Scratch<F> {
     }
 }
 
-/// Runs the loss on the CPU, writing `d loss / d log_prob` into `p.grad`;
-/// float32 math runs four tokens at a time in SSE2 on x86-64.
+/// Runs the loss on the CPU, writing `d loss / d log_prob` into `p.grad`.
 pub fn policy_loss(p: &PolicyLossProblem) -> PolicyLossOutput {
     if p.wants_f64() {
         return run::<ScalarF64>(p);
