@@ -262,11 +262,13 @@ mod python {
 
     /// Group advantages of verl's outcome estimators: writes the B×T
     /// advantages into `out`. `index` is an integer vector of group labels
-    /// (see `group_ids` for arbitrary Python labels).
+    /// (see `group_ids` for arbitrary Python labels). CUDA tensors also need
+    /// `order` (a stable argsort of `index`, int64 on the device), `scratch`
+    /// and `stream` (see `luspo_rs._cuda`).
     #[pyfunction]
     #[pyo3(signature = (
         token_level_rewards, response_mask, index, out, *, estimator,
-        norm_adv_by_std_in_grpo=true, epsilon=1e-6, f_norm=1.0
+        norm_adv_by_std_in_grpo=true, epsilon=1e-6, f_norm=1.0, order=None, scratch=None, stream=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn advantage(
@@ -279,11 +281,16 @@ mod python {
         norm_adv_by_std_in_grpo: bool,
         epsilon: f64,
         f_norm: f64,
+        order: Option<&Bound<'_, PyAny>>,
+        scratch: Option<&Bound<'_, PyAny>>,
+        stream: Option<usize>,
     ) -> PyResult<()> {
-        let r = import("token_level_rewards", token_level_rewards, false)?;
-        let m = import("response_mask", response_mask, false)?;
-        let i = import("index", index, false)?;
-        let o = import("out", out, true)?;
+        let cs = stream.map(ConsumerStream);
+        let s = cs.as_ref().map(|s| s as &dyn DlpackStream);
+        let r = import_on("token_level_rewards", token_level_rewards, false, s)?;
+        let m = import_on("response_mask", response_mask, false, s)?;
+        let i = import_on("index", index, false, s)?;
+        let o = import_on("out", out, true, s)?;
         let problem = cpu::advantage::AdvantageProblem::new(
             &r.desc,
             &m.desc,
@@ -295,7 +302,23 @@ mod python {
             f_norm,
         )
         .map_err(to_py)?;
-        cpu_only(&r.desc)?;
+        if let Device::Cuda(_) = r.desc.device {
+            let ord = order.filter(|o| !o.is_none()).ok_or_else(|| {
+                PyValueError::new_err("order: required for CUDA tensors (a stable argsort of index, int64, on the device)")
+            })?;
+            let ord = import_on("order", ord, false, s)?;
+            let st = cs.as_ref().ok_or_else(|| {
+                PyValueError::new_err("stream: required for CUDA tensors (torch.cuda.current_stream().cuda_stream)")
+            })?;
+            let sc = scratch.filter(|o| !o.is_none()).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "scratch: required for CUDA tensors (float64, {} elements, on the device)",
+                    cuda::advantage_scratch_len(problem.rewards.rows)
+                ))
+            })?;
+            let sc = import_on("scratch", sc, true, s)?;
+            return py.detach(|| cuda::advantage(&problem, &ord.desc, &sc.desc, st.0)).map_err(cuda_err);
+        }
         py.detach(|| cpu::advantage::compute(&problem));
         Ok(())
     }
@@ -338,8 +361,10 @@ mod python {
 
     /// verl's `kl_penalty`: writes the estimate into `out` and, when given,
     /// `d out / d logprob` into `grad` (`d / d ref_logprob` is its negative).
+    /// CUDA tensors are processed on `stream` without waiting.
     #[pyfunction]
-    #[pyo3(signature = (logprob, ref_logprob, out, grad, kl_penalty, *, clamp_closed=false))]
+    #[pyo3(signature = (logprob, ref_logprob, out, grad, kl_penalty, *, clamp_closed=false, stream=None))]
+    #[allow(clippy::too_many_arguments)]
     fn kl_penalty(
         py: Python<'_>,
         logprob: &Bound<'_, PyAny>,
@@ -348,17 +373,25 @@ mod python {
         grad: Option<&Bound<'_, PyAny>>,
         kl_penalty: &str,
         clamp_closed: bool,
+        stream: Option<usize>,
     ) -> PyResult<()> {
-        let l = import("logprob", logprob, false)?;
-        let r = import("ref_logprob", ref_logprob, false)?;
-        let o = import("out", out, true)?;
+        let cs = stream.map(ConsumerStream);
+        let s = cs.as_ref().map(|s| s as &dyn DlpackStream);
+        let l = import_on("logprob", logprob, false, s)?;
+        let r = import_on("ref_logprob", ref_logprob, false, s)?;
+        let o = import_on("out", out, true, s)?;
         let g = match grad.filter(|g| !g.is_none()) {
-            Some(g) => Some(import("grad", g, true)?),
+            Some(g) => Some(import_on("grad", g, true, s)?),
             None => None,
         };
         let problem = cpu::kl::KlProblem::new(&l.desc, &r.desc, &o.desc, g.as_ref().map(|g| &g.desc), kl_penalty, clamp_closed)
             .map_err(to_py)?;
-        cpu_only(&l.desc)?;
+        if let Device::Cuda(_) = l.desc.device {
+            let st = cs.as_ref().ok_or_else(|| {
+                PyValueError::new_err("stream: required for CUDA tensors (torch.cuda.current_stream().cuda_stream)")
+            })?;
+            return py.detach(|| cuda::kl_penalty(&problem, st.0)).map_err(cuda_err);
+        }
         py.detach(|| cpu::kl::compute(&problem));
         Ok(())
     }

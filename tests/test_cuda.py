@@ -1,6 +1,7 @@
 """The CUDA backend on a GPU: parity with verl running on the same GPU and
 with our CPU path, bitwise determinism, zero-copy, and no host sync (CUDA
-graph capture and ``torch.cuda.set_sync_debug_mode("error")``).
+graph capture and ``torch.cuda.set_sync_debug_mode("error")``), for the
+policy losses, ``agg_loss``, ``kl_penalty`` and the group advantage estimators.
 
 Skipped, with the reason, where torch sees no GPU. Run on a GPU machine with
 ``python -m pytest -q tests/test_cuda.py``.
@@ -8,12 +9,19 @@ Skipped, with the reason, where torch sees no GPU. Run on a GPU machine with
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import AGG_MODES, MODES, make_batch, verl_reference
+from test_advantage_parity import ESTIMATORS, group_layout
+from test_advantage_parity import make_batch as make_adv_batch
+from test_kl_parity import MODES as KL_MODES
+from test_kl_parity import inputs as kl_inputs
+from verl.trainer.ppo import core_algos as verl_ca
 
 import luspo_rs
 from luspo_rs import _core
+from luspo_rs import core_algos as ours
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU visible to torch: the CUDA kernels cannot run here"
@@ -181,3 +189,186 @@ def test_second_gpu_runs_its_own_kernels():
     b = run("gspo", *cuda(old, lp, adv, mask), "token-mean")
     for x, y in zip(a, b):
         assert torch.equal(x.cpu(), y.cpu())
+
+
+# --------------------------------------------------------------------------- kl_penalty
+
+
+def kl_weights(lp):
+    return torch.randn(lp.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(lp.dtype).to(lp.device)
+
+
+def kl_run(fn, mode, lp, ref, w=None):
+    """Value and the gradients in both inputs of ``(fn(lp, ref, mode) * w).sum()``."""
+    w = kl_weights(lp) if w is None else w
+    a = lp.detach().clone().requires_grad_()
+    b = ref.detach().clone().requires_grad_()
+    v = fn(a, b, mode)
+    (v * w).sum().backward()
+    return v.detach(), a.grad, b.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", KL_MODES)
+def test_kl_penalty_matches_verl_and_cpu_on_the_gpu(mode, dtype):
+    lp, ref = kl_inputs(dtype)
+    got = kl_run(ours.kl_penalty, mode, lp.cuda(), ref.cuda())
+    assert all(t.is_cuda and t.dtype == dtype for t in got)
+    cpu = kl_run(ours.kl_penalty, mode, lp, ref)
+    for what, g, c in zip(("value", "d logprob", "d ref_logprob"), got, cpu):
+        close(g, c, TOL_CPU[dtype], f"{what} vs CPU")
+    # verl on the same GPU, in f32 for 16-bit inputs
+    up = torch.float32 if dtype == torch.bfloat16 else dtype
+    want = kl_run(verl_ca.kl_penalty, mode, lp.cuda().to(up), ref.cuda().to(up))
+    for what, g, w in zip(("value", "d logprob", "d ref_logprob"), got, want):
+        close(g, w, TOL_CPU[dtype], f"{what} vs verl")
+
+
+def test_kl_penalty_any_rank_and_strided():
+    lp, ref = kl_inputs(torch.float32, shape=(4, 6, 10))
+    got = kl_run(ours.kl_penalty, "k3", lp.cuda(), ref.cuda())
+    want = kl_run(ours.kl_penalty, "k3", lp, ref)
+    for g, w in zip(got, want):
+        close(g, w, TOL_CPU[torch.float32], "3-D")
+    lp, ref = kl_inputs(torch.float32, shape=(30, 20))
+    t = lambda x: x.t().contiguous().t()  # noqa: E731
+    a = kl_run(ours.kl_penalty, "mse", t(lp.cuda()), ref.cuda()[:, :])
+    b = kl_run(ours.kl_penalty, "mse", lp, ref)
+    for g, w in zip(a, b):
+        close(g, w, TOL_CPU[torch.float32], "strided")
+
+
+def test_kl_penalty_bitwise_deterministic():
+    lp, ref = kl_inputs(torch.float32, shape=(64, 3000))
+    lp, ref = lp.cuda(), ref.cuda()
+    first = kl_run(ours.kl_penalty, "k3", lp, ref)
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(first, kl_run(ours.kl_penalty, "k3", lp, ref)))
+
+
+def test_kl_penalty_mixed_devices_are_a_value_error():
+    lp, ref = kl_inputs(torch.float32)
+    with pytest.raises(ValueError, match="ref_logprob"):
+        ours.kl_penalty(lp.cuda(), ref, "k1")
+
+
+# --------------------------------------------------------------------------- advantages
+
+ADV_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+
+
+def adv(fn_owner, name, rewards, mask, index, **kw):
+    out, ret = getattr(fn_owner, ESTIMATORS[name])(token_level_rewards=rewards.clone(), response_mask=mask, index=index, **kw)
+    return out, ret
+
+
+def as_index(index, kind):
+    """The uid array as verl passes it, int labels as numpy, or int labels as a CUDA tensor."""
+    if kind == "cuda_tensor":
+        return torch.from_numpy(np.unique(index, return_inverse=True)[1].astype(np.int64) * 13 - 5).cuda()
+    if kind == "int":
+        return np.unique(index, return_inverse=True)[1].astype(np.int64) * 7919 + 3
+    return index
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("index_kind", ["uid", "int", "cuda_tensor"])
+@pytest.mark.parametrize("layout", ["1", "16", "mixed"])
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_estimator_matches_verl_and_cpu_on_the_gpu(name, layout, index_kind, dtype):
+    rng = np.random.default_rng(hash((name, layout, index_kind, str(dtype))) % (1 << 32))
+    rewards, mask, uid = make_adv_batch(group_layout(layout, rng), "uid", rng, dtype=dtype, T=40)
+    index = as_index(uid, index_kind)
+    got, got_ret = adv(ours, name, rewards.cuda(), mask.cuda(), index)
+    assert got.is_cuda and got.dtype == dtype and got_ret is got
+    cpu, _ = adv(ours, name, rewards, mask, uid)
+    close(got, cpu, ADV_TOL[dtype], "vs CPU")
+    want, _ = adv(verl_ca, name, rewards.cuda(), mask.cuda(), uid)
+    close(got, want, ADV_TOL[dtype], "vs verl")
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_estimator_bitwise_equal_to_cpu_on_exact_scores(name):
+    # 0/1 outcome rewards (one per row, tied groups): the row scores are exact, the group
+    # statistics run in row order in f64 with the same operations as the CPU, so every
+    # value is bitwise the CPU's (reinforce_plus_plus_baseline's batch whitening sums in
+    # another order: close only).
+    rng = np.random.default_rng(5)
+    rewards, mask, uid = make_adv_batch(group_layout("mixed", rng), "uid", rng, binary=True, mask_dtype=torch.int64)
+    got, _ = adv(ours, name, rewards.cuda(), mask.cuda(), uid)
+    cpu, _ = adv(ours, name, rewards, mask, uid)
+    if name == "reinforce_plus_plus_baseline":
+        close(got, cpu, ADV_TOL[torch.float32], "vs CPU")
+    else:
+        assert torch.equal(got.cpu(), cpu)
+
+
+@pytest.mark.parametrize("name", ["grpo", "opo", "reinforce_plus_plus_baseline"])
+@pytest.mark.parametrize(
+    "rdtype,mdtype",
+    [(torch.bfloat16, torch.bool), (torch.float16, torch.float32), (torch.float32, torch.bool), (torch.float64, torch.int64)],
+    ids=str,
+)
+def test_estimator_dtypes_match_cpu(name, rdtype, mdtype):
+    rng = np.random.default_rng(8)
+    rewards, mask, uid = make_adv_batch(group_layout("mixed", rng), "uid", rng, dtype=rdtype, mask_dtype=mdtype)
+    got, _ = adv(ours, name, rewards.cuda(), mask.cuda(), uid)
+    cpu, _ = adv(ours, name, rewards, mask, uid)
+    assert got.dtype == cpu.dtype
+    close(got, cpu, TOL_CPU[cpu.dtype], f"{rdtype} rewards, {mdtype} mask")
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["grpo", "dr_grpo"])
+def test_grpo_options_and_gpg_f_norm_on_the_gpu(norm):
+    rng = np.random.default_rng(4)
+    rewards, mask, uid = make_adv_batch(group_layout("mixed", rng), "uid", rng)
+    kw = dict(norm_adv_by_std_in_grpo=norm, epsilon=1e-3)
+    close(adv(ours, "grpo", rewards.cuda(), mask.cuda(), uid, **kw)[0],
+          adv(verl_ca, "grpo", rewards.cuda(), mask.cuda(), uid, **kw)[0], ADV_TOL[torch.float32], "grpo options")
+    close(adv(ours, "gpg", rewards.cuda(), mask.cuda(), uid, f_norm=2.5)[0],
+          adv(verl_ca, "gpg", rewards.cuda(), mask.cuda(), uid, f_norm=2.5)[0], ADV_TOL[torch.float32], "gpg f_norm")
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_estimator_bitwise_deterministic_and_stream_ordered(name):
+    rng = np.random.default_rng(6)
+    rewards, mask, uid = make_adv_batch([8] * 256, "uid", rng, T=700)
+    rewards, mask = rewards.cuda(), mask.cuda()
+    first, _ = adv(ours, name, rewards, mask, uid)
+    for _ in range(3):
+        assert torch.equal(adv(ours, name, rewards, mask, uid)[0], first)
+    # on a side stream: queued there, correct once that stream is done
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        side, _ = adv(ours, name, rewards, mask, uid)
+    s.synchronize()
+    assert torch.equal(side, first)
+
+
+def test_estimator_mixed_devices_are_a_value_error():
+    rng = np.random.default_rng(1)
+    rewards, mask, uid = make_adv_batch([2, 3], "uid", rng)
+    with pytest.raises(ValueError, match="response_mask"):
+        ours.compute_grpo_outcome_advantage(rewards.cuda(), mask, uid)
+
+
+def test_kl_and_estimators_do_not_sync_the_host():
+    rng = np.random.default_rng(2)
+    rewards, mask, uid = make_adv_batch([4] * 64, "uid", rng, T=300)
+    rewards, mask = rewards.cuda(), mask.cuda()
+    ints = as_index(uid, "int")
+    lp, ref = (t.cuda() for t in kl_inputs(torch.float32))
+    w = kl_weights(lp)  # a host-to-device copy: outside the check
+    kl_run(ours.kl_penalty, "k3", lp, ref, w)  # compile + load outside the check
+    adv(ours, "grpo", rewards, mask, uid)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in ("k1", "abs", "k2", "k3", "k3+"):
+            kl_run(ours.kl_penalty, mode, lp, ref, w)
+        for name in sorted(ESTIMATORS):
+            adv(ours, name, rewards, mask, uid)
+            adv(ours, name, rewards, mask, ints)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -13,7 +13,23 @@ import pytest
 import luspo_rs  # noqa: F401  (sets the NVRTC search hints)
 from luspo_rs import _core, _cuda
 
-KERNELS = ("luspo_policy_rows_f32", "luspo_policy_rows_f64", "luspo_agg_rows_f32", "luspo_agg_rows_f64", "luspo_finalize")
+KERNELS = (
+    "luspo_policy_rows_f32",
+    "luspo_policy_rows_f64",
+    "luspo_agg_rows_f32",
+    "luspo_agg_rows_f64",
+    "luspo_finalize",
+    # kl_penalty
+    "luspo_kl_f32",
+    "luspo_kl_f64",
+    # group advantages
+    "luspo_adv_rows_f32",
+    "luspo_adv_rows_f64",
+    "luspo_adv_groups",
+    "luspo_adv_batch",
+    "luspo_adv_write_f32",
+    "luspo_adv_write_f64",
+)
 
 
 def _nvrtc():

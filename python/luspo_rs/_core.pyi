@@ -95,12 +95,20 @@ def advantage(
     norm_adv_by_std_in_grpo: bool = True,
     epsilon: float = 1e-6,
     f_norm: float = 1.0,
+    order: Optional[Any] = None,
+    scratch: Optional[Any] = None,
+    stream: Optional[int] = None,
 ) -> None:
     """Group outcome advantages (``grpo``, ``grpo_vectorized``, ``rloo``,
     ``rloo_vectorized``, ``reinforce_plus_plus_baseline``, ``opo``, ``gpg``)
     with verl 0.9.x semantics: writes the ``(B, T)`` advantages into ``out``
     (float, shape of ``token_level_rewards``). ``index`` is a 1-D integer
-    tensor/array of group labels of length ``B``."""
+    tensor/array of group labels of length ``B``.
+
+    CUDA tensors: ``index`` must be int64 on the device, ``order`` a stable
+    argsort of it (int64, on the device), ``scratch`` a contiguous float64
+    device tensor of at least ``5 * B + 2`` elements, and ``stream`` the
+    ``CUstream`` to queue the kernels on; the call returns at once."""
 
 def group_ids(index: Any, out: Any) -> int:
     """Dense group ids (first-appearance order) of arbitrary hashable labels,
@@ -109,11 +117,20 @@ def group_ids(index: Any, out: Any) -> int:
     the number of groups."""
 
 def kl_penalty(
-    logprob: Any, ref_logprob: Any, out: Any, grad: Optional[Any], kl_penalty: str, *, clamp_closed: bool = False
+    logprob: Any,
+    ref_logprob: Any,
+    out: Any,
+    grad: Optional[Any],
+    kl_penalty: str,
+    *,
+    clamp_closed: bool = False,
+    stream: Optional[int] = None,
 ) -> None:
     """verl's ``kl_penalty`` (``kl``/``k1``, ``abs``, ``mse``/``k2``,
     ``low_var_kl``/``k3``, each optionally with ``+``): writes the estimate
-    into ``out`` and, if ``grad`` is given, ``d out / d logprob`` into it."""
+    into ``out`` and, if ``grad`` is given, ``d out / d logprob`` into it.
+    CUDA tensors need ``stream`` (the kernel is queued there; the call
+    returns at once)."""
 
 def num_threads() -> int:
     """Threads of the CPU kernels (set ``RAYON_NUM_THREADS`` before the first call)."""

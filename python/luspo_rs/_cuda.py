@@ -1,4 +1,4 @@
-"""The CUDA side of the autograd Functions in :mod:`luspo_rs.functional`.
+"""The CUDA side of :mod:`luspo_rs.functional` and :mod:`luspo_rs.core_algos`.
 
 For CUDA tensors the native kernels (``src/cuda``) run on the caller's
 current stream and return at once: nothing here reads a value back to the
@@ -15,6 +15,14 @@ Backward multiplies ``grad`` by ``grad_output * scale`` in place (it has to
 multiply by ``grad_output`` anyway), so no second ``B x T`` buffer exists at
 any time; a second backward through the same graph (``retain_graph=True``)
 is refused by autograd's saved-tensor version check.
+
+``kl_penalty`` is elementwise (``out`` and ``d out / d logprob`` in one
+kernel). The group advantages take the group labels as an int64 device
+vector plus a stable argsort of it (each group a contiguous run, in row
+order), computed on the host where the labels live and copied to the device
+in one non-blocking copy from pinned memory, and a float64 scratch of
+``5 * B + 2`` elements (row scores and mask moments, per-row scalars, the
+batch whitening statistics).
 
 Normalisers (``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
 ``loss_scale_factor``) may be CUDA 0-d tensors, as verl's actors compute
@@ -152,3 +160,35 @@ def backward(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
     """``grad * (grad_output * scale)``, in place in the saved buffer."""
     grad, out = ctx.saved_tensors
     return grad.mul_(grad_loss.to(torch.float64) * out[4])
+
+
+def stream_of(x: torch.Tensor) -> int:
+    """The ``CUstream`` handle of torch's current stream on ``x``'s device."""
+    return torch.cuda.current_stream(x.device).cuda_stream
+
+
+def kl_penalty(logprob, ref_logprob, out, grad, mode, clamp_closed) -> None:
+    """Queues the ``kl_penalty`` kernel on the current stream of ``logprob``'s device."""
+    _core.kl_penalty(logprob, ref_logprob, out, grad, mode, clamp_closed=clamp_closed, stream=stream_of(logprob))
+
+
+def advantage(estimator: str, rewards, mask, labels: torch.Tensor, dtype: torch.dtype, **params) -> torch.Tensor:
+    """Queues a group advantage estimator on the current stream and returns
+    the ``(B, T)`` output tensor (not yet computed: stream order guarantees
+    it for every later use on that stream).
+
+    ``labels``: integer group labels of the rows, on the host (one
+    non-blocking copy to the device) or already on the device."""
+    device = rewards.device
+    labels = labels.to(torch.int64)
+    order = torch.sort(labels, stable=True).indices
+    if labels.device.type == "cpu":
+        groups = torch.stack((labels, order)).pin_memory().to(device, non_blocking=True)
+        labels, order = groups[0], groups[1]
+    out = torch.empty(rewards.shape, dtype=dtype, device=device)
+    rows = rewards.shape[0] if rewards.dim() > 0 else 0
+    scratch = torch.empty(5 * rows + 2, dtype=torch.float64, device=device)
+    _core.advantage(
+        rewards, mask, labels, out, estimator=estimator, order=order, scratch=scratch, stream=stream_of(rewards), **params
+    )
+    return out

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import _core
+from . import _core, _cuda
 from .functional import agg_loss as _agg_loss
 from .functional import policy_loss as _policy_loss
 from .functional import torch_clamp_closed
@@ -181,7 +181,10 @@ class KlPenaltyFunction(torch.autograd.Function):
         grad = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad = torch.empty(logprob.shape, dtype=dtype, device=logprob.device)
-        _core.kl_penalty(logprob.detach(), ref_logprob.detach(), out, grad, mode, clamp_closed=torch_clamp_closed())
+        if logprob.is_cuda:
+            _cuda.kl_penalty(logprob.detach(), ref_logprob.detach(), out, grad, mode, torch_clamp_closed())
+        else:
+            _core.kl_penalty(logprob.detach(), ref_logprob.detach(), out, grad, mode, clamp_closed=torch_clamp_closed())
         ctx.save_for_backward(grad)
         ctx.dtypes = (logprob.dtype, ref_logprob.dtype)
         return out
@@ -206,7 +209,8 @@ def kl_penalty(logprob: torch.FloatTensor, ref_logprob: torch.FloatTensor, kl_pe
     for name, t in (("logprob", logprob), ("ref_logprob", ref_logprob)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if logprob.device.type != "cpu" or ref_logprob.device.type != "cpu":
+    native = ("cpu", "cuda")
+    if logprob.device.type not in native or ref_logprob.device.type not in native:
         return _kl_penalty_torch(logprob, ref_logprob, kl_penalty)
     shape = logprob.shape
     if logprob.dim() != 2 and logprob.shape == ref_logprob.shape and logprob.numel() > 0:
@@ -218,7 +222,8 @@ def kl_penalty(logprob: torch.FloatTensor, ref_logprob: torch.FloatTensor, kl_pe
 
 def _kl_penalty_torch(logprob: torch.Tensor, ref_logprob: torch.Tensor, mode: str) -> torch.Tensor:
     """The same estimators in plain torch ops, for devices the native module
-    has no kernel for (CUDA): autograd differentiates them as verl's."""
+    has no kernel for (neither CPU nor CUDA, e.g. MPS): autograd
+    differentiates them as verl's."""
     base, straight_through = (mode[:-1], True) if mode.endswith("+") else (mode, False)
     d = logprob - ref_logprob
     if base in ("kl", "k1"):
@@ -318,18 +323,16 @@ def _advantage(estimator, token_level_rewards, response_mask, index, **params):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if index is None:
         raise ValueError(f"index: the {estimator} estimator needs the group labels (the batch's uid array)")
-    device = token_level_rewards.device
     rewards, mask = token_level_rewards.detach(), response_mask.detach()
-    if device.type != "cpu":  # no CUDA kernel for this op yet: compute on the host
-        rewards, mask = rewards.cpu(), mask.cpu()
     gid = group_index(index)
+    dtype = torch.promote_types(rewards.dtype, mask.dtype) if rewards.dtype.is_floating_point else rewards.dtype
+    if rewards.is_cuda:
+        out = _cuda.advantage(estimator, rewards, mask, gid, dtype, **params)
+        return out, out
     if gid.device.type != "cpu":
         gid = gid.cpu()
-    dtype = torch.promote_types(rewards.dtype, mask.dtype) if rewards.dtype.is_floating_point else rewards.dtype
     out = _empty_host(tuple(rewards.shape), dtype)
     _core.advantage(rewards, mask, gid, out, estimator=estimator, **params)
-    if device.type != "cpu":
-        out = out.to(device)
     return out, out
 
 

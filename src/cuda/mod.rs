@@ -4,17 +4,22 @@
 //! libraries are opened with `dlopen` ([`sys`]), so nothing here is needed
 //! to build or import the crate.
 //!
-//! A call launches two kernels and returns at once: a block per row writes
-//! the gradient (divided by the batch-wide aggregation factor, see
-//! `kernels.cu`) and the row's partial sums into a `(rows, 5)` float64
-//! scratch buffer; one block reduces those rows in a fixed order into
-//! `out = [loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower, scale]`. Every
-//! buffer is the caller's (torch allocates them); nothing is copied,
-//! allocated or synchronised here.
+//! A policy loss or `agg_loss` call launches two kernels and returns at
+//! once: a block per row writes the gradient (divided by the batch-wide
+//! aggregation factor, see `kernels.cu`) and the row's partial sums into a
+//! `(rows, 5)` float64 scratch buffer; one block reduces those rows in a
+//! fixed order into `out = [loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower,
+//! scale]`. `kl_penalty` is one elementwise kernel; the group advantages are
+//! three or four (row scores, group statistics in row order, batch
+//! statistics, the B×T write; see [`advantage`]). Every buffer is the
+//! caller's (torch allocates them); nothing is copied, allocated or
+//! synchronised here.
 
 pub mod sys;
 
+use crate::cpu::advantage::{AdvantageProblem, Estimator};
 use crate::cpu::agg::AggProblem;
+use crate::cpu::kl::{KlKind, KlProblem};
 use crate::error::Error;
 use crate::policy::PolicyLossProblem;
 use crate::spec::{AggMode, LossMode, Normalizers};
@@ -166,6 +171,14 @@ struct DeviceState {
     agg_f32: CUfunction,
     agg_f64: CUfunction,
     finalize: CUfunction,
+    kl_f32: CUfunction,
+    kl_f64: CUfunction,
+    adv_rows_f32: CUfunction,
+    adv_rows_f64: CUfunction,
+    adv_groups: CUfunction,
+    adv_batch: CUfunction,
+    adv_write_f32: CUfunction,
+    adv_write_f64: CUfunction,
 }
 
 // SAFETY: context and function handles are process-wide driver objects,
@@ -247,6 +260,14 @@ fn device(d: &Driver, ordinal: i32) -> Result<Arc<DeviceState>> {
             agg_f32: get("luspo_agg_rows_f32")?,
             agg_f64: get("luspo_agg_rows_f64")?,
             finalize: get("luspo_finalize")?,
+            kl_f32: get("luspo_kl_f32")?,
+            kl_f64: get("luspo_kl_f64")?,
+            adv_rows_f32: get("luspo_adv_rows_f32")?,
+            adv_rows_f64: get("luspo_adv_rows_f64")?,
+            adv_groups: get("luspo_adv_groups")?,
+            adv_batch: get("luspo_adv_batch")?,
+            adv_write_f32: get("luspo_adv_write_f32")?,
+            adv_write_f64: get("luspo_adv_write_f64")?,
         }
     };
     let s = Arc::new(state);
@@ -354,29 +375,35 @@ pub fn threads_per_row(cols: usize) -> u32 {
 /// Checks the caller-allocated `out` (>= 5 float64) and `scratch`
 /// (>= 5 * rows float64) buffers: contiguous, writable, on `device`.
 fn check_buffers(device: Device, rows: usize, out: &Desc, scratch: &Desc) -> Result<()> {
-    for (d, need) in [(out, OUT_LEN), (scratch, NSTAT * rows)] {
-        if d.device != device {
-            return Err(Error::value_error(d.arg, format!("is on {} but the inputs are on {device}", d.device)).into());
+    check_f64(device, out, OUT_LEN)?;
+    check_f64(device, scratch, NSTAT * rows)
+}
+
+/// Whether `d` is a contiguous tensor (size-1 dimensions may have any stride).
+fn is_contiguous(d: &Desc) -> bool {
+    let mut expect = 1isize;
+    for k in (0..d.shape.len()).rev() {
+        if d.shape[k] > 1 && d.strides[k] != expect {
+            return false;
         }
-        let n: usize = d.shape.iter().product();
-        let contiguous = {
-            let mut expect = 1isize;
-            let mut ok = true;
-            for k in (0..d.shape.len()).rev() {
-                if d.shape[k] > 1 && d.strides[k] != expect {
-                    ok = false;
-                }
-                expect *= d.shape[k] as isize;
-            }
-            ok
-        };
-        if d.dtype != DType::F64 || n < need || d.read_only || !contiguous {
-            return Err(Error::value_error(
-                d.arg,
-                format!("expected a writable contiguous float64 tensor with at least {need} elements"),
-            )
-            .into());
-        }
+        expect *= d.shape[k] as isize;
+    }
+    true
+}
+
+/// Checks a caller-allocated float64 buffer: at least `need` elements,
+/// contiguous, writable, on `device`.
+fn check_f64(device: Device, d: &Desc, need: usize) -> Result<()> {
+    if d.device != device {
+        return Err(Error::value_error(d.arg, format!("is on {} but the inputs are on {device}", d.device)).into());
+    }
+    let n: usize = d.shape.iter().product();
+    if d.dtype != DType::F64 || n < need || d.read_only || !is_contiguous(d) {
+        return Err(Error::value_error(
+            d.arg,
+            format!("expected a writable contiguous float64 tensor with at least {need} elements"),
+        )
+        .into());
     }
     Ok(())
 }
@@ -482,6 +509,159 @@ pub fn agg_loss(p: &AggProblem, scratch: &Desc, out: &Desc, stream: usize) -> Re
     }
 }
 
+#[repr(C)]
+struct KlArgs {
+    lp: View,
+    rf: View,
+    out: View,
+    grad: View,
+    rows: i64,
+    cols: i64,
+    kind: i64,
+    straight_through: i64,
+    clamp_closed: i64,
+}
+
+/// Enqueues verl's `kl_penalty` on `stream`: the estimate into `p.out` and,
+/// when given, `d out / d logprob` into `p.grad`, elementwise (a block per
+/// row). Returns as soon as the kernel is queued.
+pub fn kl_penalty(p: &KlProblem, stream: usize) -> Result<()> {
+    let (rows, cols) = (p.logprob.rows, p.logprob.cols);
+    let d = driver()?;
+    let s = device_state(&d, p.logprob.desc.device)?;
+    let mut a = KlArgs {
+        lp: view(&p.logprob),
+        rf: view(&p.ref_logprob),
+        out: view_mut(&p.out),
+        grad: p.grad.as_ref().map(view_mut).unwrap_or(NO_VIEW),
+        rows: rows as i64,
+        cols: cols as i64,
+        kind: match p.mode.kind {
+            KlKind::K1 => 0,
+            KlKind::Abs => 1,
+            KlKind::K2 => 2,
+            KlKind::K3 => 3,
+        },
+        straight_through: p.mode.straight_through as i64,
+        clamp_closed: p.clamp_closed as i64,
+    };
+    // f64 math when any operand is float64, as `cpu::kl::compute`.
+    let f64_math = [&p.logprob.desc, &p.ref_logprob.desc, &p.out.desc].iter().any(|d| d.dtype == DType::F64);
+    let f = if f64_math { s.kl_f64 } else { s.kl_f32 };
+    let _g = CtxGuard::push(&d, s.ctx)?;
+    // SAFETY: the struct matches kernels.cu; the tensors are kept alive by
+    // the caller and used on its stream.
+    unsafe { launch(&d, f, grid(rows)?, threads_per_row(cols), stream, &mut a as *mut _ as *mut c_void) }
+}
+
+/// float64 values of the advantage scratch per row (`ADV_NSTAT` in kernels.cu),
+/// after which come 2 batch values.
+pub const ADV_NSTAT: usize = 5;
+
+/// Length of the float64 scratch [`advantage`] needs for `rows` rows.
+pub fn advantage_scratch_len(rows: usize) -> usize {
+    ADV_NSTAT * rows + 2
+}
+
+#[repr(C)]
+struct AdvArgs {
+    rewards: View,
+    mask: View,
+    out: View,
+    index: *const i64,
+    index_stride: i64,
+    order: *const i64,
+    order_stride: i64,
+    scratch: *mut f64,
+    rows: i64,
+    cols: i64,
+    estimator: i64,
+    epsilon: f64,
+    single: f64,
+    f_norm: f64,
+    need_mask: i64,
+}
+
+/// Checks an int64 vector of `rows` elements on `device` (any stride).
+fn check_i64_vector(device: Device, d: &Desc, rows: usize) -> Result<()> {
+    if d.device != device {
+        return Err(Error::value_error(d.arg, format!("is on {} but the inputs are on {device}", d.device)).into());
+    }
+    if d.dtype != DType::I64 || d.shape != [rows] {
+        return Err(Error::value_error(
+            d.arg,
+            format!("expected an int64 tensor of shape ({rows},) on the device, got {} {:?}", d.dtype.name(), d.shape),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Enqueues a group advantage estimator on `stream`, with the semantics of
+/// `cpu::advantage::compute`. `p.index` holds int64 group labels on the
+/// device and `order` a stable argsort of them (int64, on the device), so
+/// that each group is a contiguous run of `order` in row order; `scratch`
+/// is float64 of at least [`advantage_scratch_len`] elements. Launches three
+/// or four kernels (scores, group statistics, batch statistics for `gpg` and
+/// `reinforce_plus_plus_baseline`, the B×T write) and returns at once.
+pub fn advantage(p: &AdvantageProblem, order: &Desc, scratch: &Desc, stream: usize) -> Result<()> {
+    let (rows, cols) = (p.rewards.rows, p.rewards.cols);
+    let device = p.rewards.desc.device;
+    check_i64_vector(device, &p.index, rows)?;
+    check_i64_vector(device, order, rows)?;
+    check_f64(device, scratch, advantage_scratch_len(rows))?;
+    let d = driver()?;
+    let s = device_state(&d, device)?;
+    let estimator = match p.estimator {
+        Estimator::Grpo { norm_by_std: true } => 0,
+        Estimator::Grpo { norm_by_std: false } => 1,
+        Estimator::Rloo => 2,
+        Estimator::RlooVectorized => 3,
+        Estimator::ReinforcePlusPlusBaseline => 4,
+        Estimator::Opo => 5,
+        Estimator::Gpg => 6,
+    };
+    let mut a = AdvArgs {
+        rewards: view(&p.rewards),
+        mask: view(&p.mask),
+        out: view_mut(&p.out),
+        index: p.index.ptr as *const i64,
+        index_stride: p.index.strides[0] as i64,
+        order: order.ptr as *const i64,
+        order_stride: order.strides[0] as i64,
+        scratch: scratch.ptr as *mut f64,
+        rows: rows as i64,
+        cols: cols as i64,
+        estimator,
+        epsilon: p.epsilon,
+        // verl's singleton std is a float32 `tensor(1.0)`: `std + eps` is float32.
+        single: (1.0f32 + p.epsilon as f32) as f64,
+        f_norm: p.f_norm,
+        need_mask: matches!(p.estimator, Estimator::Opo | Estimator::ReinforcePlusPlusBaseline) as i64,
+    };
+    // f64 math when the rewards or the output are float64, as `cpu::advantage::compute`.
+    let f64_math = p.rewards.desc.dtype == DType::F64 || p.out.desc.dtype == DType::F64;
+    let (rows_fn, write_fn) =
+        if f64_math { (s.adv_rows_f64, s.adv_write_f64) } else { (s.adv_rows_f32, s.adv_write_f32) };
+    let batch = matches!(p.estimator, Estimator::Gpg | Estimator::ReinforcePlusPlusBaseline);
+    let (g, tpr) = (grid(rows)?, threads_per_row(cols));
+    let args = &mut a as *mut _ as *mut c_void;
+    let _g = CtxGuard::push(&d, s.ctx)?;
+    // SAFETY: the struct matches kernels.cu; the tensors are kept alive by
+    // the caller and used on its stream, so stream order protects them.
+    unsafe {
+        launch(&d, rows_fn, g, tpr, stream, args)?;
+        launch(&d, s.adv_groups, g.div_ceil(GROUP_THREADS), GROUP_THREADS, stream, args)?;
+        if batch {
+            launch(&d, s.adv_batch, 1, 256, stream, args)?;
+        }
+        launch(&d, write_fn, g, tpr, stream, args)
+    }
+}
+
+/// Threads per block of `luspo_adv_groups` (one thread per sorted row).
+const GROUP_THREADS: u32 = 128;
+
 fn device_state(d: &Driver, dev: Device) -> Result<Arc<DeviceState>> {
     device(d, ordinal(dev)?)
 }
@@ -512,11 +692,35 @@ mod tests {
         assert_eq!(std::mem::size_of::<PolicyArgs>(), 6 * 32 + 5 * 8 + 3 * 8 + 8);
         assert_eq!(std::mem::size_of::<AggArgs>(), 3 * 32 + 4 * 8);
         assert_eq!(std::mem::size_of::<FinalizeArgs>(), 9 * 8);
+        // KlArgs: 4 views + 5 words; AdvArgs: 3 views + 5 pointers/strides
+        // + 3 words + 3 doubles + 1 word.
+        assert_eq!(std::mem::size_of::<KlArgs>(), 4 * 32 + 5 * 8);
+        assert_eq!(std::mem::size_of::<AdvArgs>(), 3 * 32 + 5 * 8 + 3 * 8 + 3 * 8 + 8);
+        assert_eq!(std::mem::offset_of!(AdvArgs, scratch), 3 * 32 + 4 * 8);
+        assert_eq!(std::mem::offset_of!(AdvArgs, epsilon), 3 * 32 + 8 * 8);
+        assert_eq!(std::mem::offset_of!(KlArgs, kind), 4 * 32 + 2 * 8);
     }
 
     /// Compiles the kernels to PTX for sm_80 and sm_90 when an NVRTC is
     /// found (`LUSPO_RS_NVRTC`, CUDA_HOME, system paths, or the venv's
     /// PyTorch wheels next to this checkout); skipped with a message if none.
+    /// Every entry point [`device`] loads.
+    const KERNELS: [&str; 13] = [
+        "luspo_policy_rows_f32",
+        "luspo_policy_rows_f64",
+        "luspo_agg_rows_f32",
+        "luspo_agg_rows_f64",
+        "luspo_finalize",
+        "luspo_kl_f32",
+        "luspo_kl_f64",
+        "luspo_adv_rows_f32",
+        "luspo_adv_rows_f64",
+        "luspo_adv_groups",
+        "luspo_adv_batch",
+        "luspo_adv_write_f32",
+        "luspo_adv_write_f64",
+    ];
+
     #[test]
     fn kernels_compile_with_nvrtc_when_present() {
         let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
@@ -539,7 +743,7 @@ mod tests {
         for (ma, mi) in [(8, 0), (9, 0)] {
             let ptx = compile(&nv, ma, mi, Target::Ptx).unwrap();
             let ptx = String::from_utf8_lossy(&ptx);
-            for k in ["luspo_policy_rows_f32", "luspo_policy_rows_f64", "luspo_agg_rows_f32", "luspo_finalize"] {
+            for k in KERNELS {
                 assert!(ptx.contains(&format!(".entry {k}")), "sm_{ma}{mi}: {k} missing from PTX");
             }
             assert!(!compile(&nv, ma, mi, Target::Cubin).unwrap().is_empty());
