@@ -16,7 +16,8 @@ import textwrap
 
 def run(*pieces: str, **env: str) -> str:
     code = "".join(textwrap.dedent(p) for p in pieces)
-    full_env = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_MODULES", "LUSPO_RS_TAKE_OVER")}
+    drop = ("VERL_USE_EXTERNAL_MODULES", "VERL_USE_EXTERNAL_PLUGINS", "LUSPO_RS_TAKE_OVER")
+    full_env = {k: v for k, v in os.environ.items() if k not in drop}
     full_env.update(env)
     r = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=full_env
@@ -64,8 +65,39 @@ def test_env_var_registers_luspo_in_verls_registry():
         print("OK")
         """,
         VERL_USE_EXTERNAL_MODULES="luspo_rs.verl",
+        # entry-point discovery off: only the variable can have registered it
+        VERL_USE_EXTERNAL_PLUGINS="none",
     )
     assert out == "OK"
+
+
+def test_installed_package_registers_luspo_through_verls_entry_points():
+    # no VERL_USE_EXTERNAL_MODULES: verl finds luspo_rs.verl in the
+    # "verl.plugins" entry points of the installed package
+    out = run(
+        """
+        import verl
+        from verl.trainer.ppo.core_algos import get_policy_loss_fn
+        import luspo_rs.core_algos
+        assert get_policy_loss_fn("luspo") is luspo_rs.core_algos.compute_policy_loss_luspo
+        from verl.trainer.ppo import core_algos as ca
+        assert ca.get_policy_loss_fn("vanilla").__module__ == "verl.trainer.ppo.core_algos"
+        print("OK")
+        """
+    )
+    assert out == "OK"
+
+
+def test_entry_point_discovery_can_be_switched_off():
+    out = run(
+        """
+        import verl
+        from verl.trainer.ppo import core_algos as ca
+        print("luspo" in ca.POLICY_LOSS_REGISTRY)
+        """,
+        VERL_USE_EXTERNAL_PLUGINS="none",
+    )
+    assert out == "False"
 
 
 def test_take_over_env_var_replaces_verls_functions():
@@ -106,7 +138,7 @@ def test_take_over_by_call_and_reimport_is_harmless():
         """
         import importlib, sys
         from verl.trainer.ppo import core_algos as ca
-        assert "luspo" not in ca.POLICY_LOSS_REGISTRY  # no env var: nothing registered
+        assert "luspo" not in ca.POLICY_LOSS_REGISTRY  # no env var, no entry points: nothing registered
         import luspo_rs.verl as plugin
         original = ca.get_policy_loss_fn("vanilla")
         assert not plugin.taken_over()
@@ -121,7 +153,8 @@ def test_take_over_by_call_and_reimport_is_harmless():
         assert ca.get_policy_loss_fn("vanilla") is original
         assert "luspo" in ca.POLICY_LOSS_REGISTRY
         print("OK")
-        """
+        """,
+        VERL_USE_EXTERNAL_PLUGINS="none",
     )
     assert out == "OK"
 
