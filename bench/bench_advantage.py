@@ -57,6 +57,7 @@ def main() -> None:
     from verl.trainer.ppo import core_algos as verl_ca
 
     import luspo_rs
+    from luspo_rs import _alloc as ours_alloc
     from luspo_rs import core_algos as ours
 
     B, T, G = args.batch, args.length, args.group
@@ -81,7 +82,7 @@ def main() -> None:
     t_ours = timeit(lambda: ours.compute_grpo_outcome_advantage(rewards, mask, index), args.repeat)
     rows.append(("luspo_rs grpo", t_ours))
     def cold():  # no idle output buffer to reuse: a fresh huge-page mapping is faulted in
-        ours._pool.clear()
+        ours_alloc.pool.clear()
         ours.compute_grpo_outcome_advantage(rewards, mask, index)
 
     rows.append(("luspo_rs grpo (cold)", timeit(cold, args.repeat)))

@@ -38,17 +38,20 @@ def main(argv=None):
     cfg = ActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28,
                       ppo_micro_batch_size_per_gpu=1, rollout_n=1)
 
+    x_ref = lp.clone().requires_grad_()
+    x_ours = lp.clone().requires_grad_()
+
     def verl_step():
-        x = lp.clone().requires_grad_()
-        loss, _ = core_algos.compute_policy_loss_gspo(old, x, adv, mask, "seq-mean-token-sum", cfg)
+        x_ref.grad = None
+        loss, _ = core_algos.compute_policy_loss_gspo(old, x_ref, adv, mask, "seq-mean-token-sum", cfg)
         loss.backward()
-        return loss.detach(), x.grad
+        return loss.detach(), x_ref.grad
 
     def ours_step():
-        x = lp.clone().requires_grad_()
-        loss, metrics = luspo_rs.policy_loss(old, x, adv, mask, mode="luspo", clip_ratio=0.2, clip_ratio_high=0.28)
+        x_ours.grad = None
+        loss, metrics = luspo_rs.policy_loss(old, x_ours, adv, mask, mode="luspo", clip_ratio=0.2, clip_ratio_high=0.28)
         loss.backward()
-        return loss.detach(), x.grad, metrics
+        return loss.detach(), x_ours.grad, metrics
 
     ref_loss, ref_grad = verl_step()
     loss, grad, metrics = ours_step()

@@ -17,6 +17,7 @@ from verl.trainer.ppo import core_algos as verl_ca
 from verl.workers.config import ActorConfig
 
 from luspo_rs import core_algos as ours
+from luspo_rs._alloc import empty_host
 
 TOL = dict(atol=1e-6, rtol=1e-5)
 
@@ -191,18 +192,18 @@ def test_estimators_on_index_with_numpy_ints_and_many_groups():
 
 def test_large_outputs_reuse_only_buffers_no_tensor_references():
     shape = (2048, 1024)  # 8 MiB: the huge-page path
-    a = ours._empty_host(shape, torch.float32)
+    a = empty_host(shape, torch.float32)
     a.fill_(1.0)
     view, numpy_view, ptr = a[:3], None, a.data_ptr()
     del a
-    b = ours._empty_host(shape, torch.float32)
+    b = empty_host(shape, torch.float32)
     assert b.data_ptr() != ptr  # a view of the first buffer is alive
     assert view.sum().item() == 3 * 1024
     numpy_view, ptr_b = b.numpy(), b.data_ptr()
     del b
-    c = ours._empty_host(shape, torch.float32)
+    c = empty_host(shape, torch.float32)
     assert c.data_ptr() != ptr_b  # a numpy array still uses the second one
     del view
-    d = ours._empty_host(shape, torch.float32)
+    d = empty_host(shape, torch.float32)
     assert d.data_ptr() == ptr  # the first buffer is free again: reused
     assert numpy_view.shape == shape and c.shape == d.shape == shape and d.dtype == torch.float32

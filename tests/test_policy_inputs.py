@@ -179,3 +179,18 @@ def test_backward_twice_with_retain_graph_accumulates_exactly():
     loss.backward(retain_graph=True)
     loss.backward()
     torch.testing.assert_close(y.grad, 2 * once.grad, rtol=0, atol=0)
+
+
+def test_large_gradients_from_the_buffer_pool_are_never_reused_while_referenced():
+    # an 8 MiB gradient comes from luspo_rs._alloc's huge-page pool; a
+    # gradient the caller still holds must survive later calls untouched
+    old, lp, adv, mask = make_batch(512, 4096, seed=13, spread=0.5)
+    held = []
+    for k in range(6):  # more calls than the pool keeps buffers
+        x = (lp + 0.01 * k).requires_grad_()
+        call(old, x, adv, mask, mode="luspo")[0].backward()
+        held.append((x.grad, x.grad.clone()))
+    ptrs = {g.data_ptr() for g, _ in held}
+    assert len(ptrs) == len(held)
+    for g, copy in held:
+        assert torch.equal(g, copy)

@@ -27,14 +27,13 @@ Known, deliberate differences from verl (documented in the README):
 
 from __future__ import annotations
 
-import mmap
-import sys
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from . import _core, _cuda
+from ._alloc import empty_host
 from .functional import agg_loss as _agg_loss
 from .functional import policy_loss as _policy_loss
 from .functional import torch_clamp_closed
@@ -271,52 +270,6 @@ def group_index(index: Any) -> torch.Tensor:
     return ids
 
 
-#: Outputs at least this large are allocated on transparent huge pages (Linux).
-_HUGE_OUTPUT_BYTES = 8 << 20
-_HUGE_PAGE = 2 << 20
-#: At most this many idle huge-page buffers are kept for reuse.
-_POOL_SIZE = 4
-_pool: list[mmap.mmap] = []
-
-
-def _empty_host(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty`` on the CPU, backed by transparent huge pages when large.
-
-    torch's CPU allocator returns fresh 4 KiB-page mappings for large tensors,
-    and first-touch page faults then dominate a bandwidth-bound kernel (about
-    40 ms per 64 MB on a small VM, 5x the cost of writing the data). A 2 MiB-
-    aligned anonymous mapping with ``MADV_HUGEPAGE`` faults 512x less often,
-    and a mapping whose tensors are all gone is reused by the next call (a
-    small cache, like torch's CUDA caching allocator): no page is faulted or
-    zeroed again. A buffer is reused only when no tensor references it any
-    more: ``torch.frombuffer`` holds a buffer export, i.e. a reference to the
-    mapping, for as long as any view of the storage lives.
-
-    The result is an ordinary CPU tensor, except that its storage cannot be
-    resized in place.
-    """
-    numel = 1
-    for d in shape:
-        numel *= d
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if nbytes < _HUGE_OUTPUT_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(shape, dtype=dtype)
-    buf = None
-    for k in range(len(_pool)):
-        # only the pool's reference and getrefcount's argument left -> no tensor uses it
-        if len(_pool[k]) >= nbytes + _HUGE_PAGE and sys.getrefcount(_pool[k]) <= 2:
-            buf = _pool.pop(k)
-            break
-    if buf is None:
-        buf = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    _pool.insert(0, buf)
-    del _pool[_POOL_SIZE:]
-    raw = torch.frombuffer(buf, dtype=torch.uint8)
-    skip = -raw.data_ptr() % _HUGE_PAGE
-    return raw[skip : skip + nbytes].view(dtype).view(shape)
-
-
 def _advantage(estimator, token_level_rewards, response_mask, index, **params):
     for name, t in (("token_level_rewards", token_level_rewards), ("response_mask", response_mask)):
         if not isinstance(t, torch.Tensor):
@@ -331,7 +284,7 @@ def _advantage(estimator, token_level_rewards, response_mask, index, **params):
         return out, out
     if gid.device.type != "cpu":
         gid = gid.cpu()
-    out = _empty_host(tuple(rewards.shape), dtype)
+    out = empty_host(tuple(rewards.shape), dtype)
     _core.advantage(rewards, mask, gid, out, estimator=estimator, **params)
     return out, out
 

@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 import torch
 
 from . import _core, _cuda
+from ._alloc import empty_host
 
 Number = Union[int, float, torch.Tensor]
 
@@ -81,7 +82,7 @@ class PolicyLossFunction(torch.autograd.Function):
             return _cuda.policy_forward(
                 ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor
             )
-        grad = torch.empty(log_prob.shape, dtype=log_prob.dtype, device=log_prob.device)
+        grad = empty_host(tuple(log_prob.shape), log_prob.dtype)
         out = torch.empty(len(STATS), dtype=torch.float64, device=log_prob.device)
         _core.policy_loss(
             old_log_prob,
