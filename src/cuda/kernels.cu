@@ -393,7 +393,9 @@ extern "C" __global__ void luspo_finalize(FinalizeArgs a) {
         a.out[1] = v[3] / denom;
         a.out[2] = v[4] / denom;
         a.out[3] = v[5] / denom;
-        a.out[4] = scale;
+        // gradient factor: with no valid token (n or g = 0) every gradient
+        // element is 0, as in verl; keep it 0 instead of 0 * inf = NaN
+        a.out[4] = isfinite(scale) ? scale : 0.0;
     }
 }
 
