@@ -78,6 +78,19 @@ def test_matches_cpu_path_and_verl_on_the_gpu(mode, agg, dtype, with_weights):
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("mode", MODES)
+def test_all_rows_masked_matches_verl_on_the_gpu(mode, agg):
+    # verl: NaN loss where it divides by a count taken from the mask, and a
+    # zero gradient everywhere (not 0 * inf)
+    old, lp, adv, mask = cuda(*make_batch(3, 6, seed=6))
+    mask = torch.zeros_like(mask)
+    ref_loss, ref_grad, _ = verl_reference(mode, old, lp, adv, mask, agg, **CLIP)
+    loss, grad, _ = run(mode, old, lp, adv, mask, agg)
+    close(loss, ref_loss, TOL_CPU[torch.float32], "loss")
+    close(grad, ref_grad, TOL_CPU[torch.float32], "grad")
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
 def test_agg_loss_matches_cpu(agg):
     g = torch.Generator().manual_seed(3)
     l = torch.randn(7, 129, generator=g)
