@@ -701,9 +701,6 @@ mod tests {
         assert_eq!(std::mem::offset_of!(KlArgs, kind), 4 * 32 + 2 * 8);
     }
 
-    /// Compiles the kernels to PTX for sm_80 and sm_90 when an NVRTC is
-    /// found (`LUSPO_RS_NVRTC`, CUDA_HOME, system paths, or the venv's
-    /// PyTorch wheels next to this checkout); skipped with a message if none.
     /// Every entry point [`device`] loads.
     const KERNELS: [&str; 13] = [
         "luspo_policy_rows_f32",
@@ -721,6 +718,9 @@ mod tests {
         "luspo_adv_write_f64",
     ];
 
+    /// Compiles the kernels to PTX for sm_80 and sm_90 when an NVRTC is
+    /// found (`LUSPO_RS_NVRTC`, CUDA_HOME, system paths, or the venv's
+    /// PyTorch wheels next to this checkout); skipped with a message if none.
     #[test]
     fn kernels_compile_with_nvrtc_when_present() {
         let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
