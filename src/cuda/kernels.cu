@@ -70,6 +70,7 @@ struct FinalizeArgs {
     double batch_num_tokens;        // <= 0: use the batch's own sum(mask)
     double global_batch_size;       // <= 0: use the batch's rows with L_i > 0
     double loss_scale_factor;       // <= 0: use cols
+    i64 mask_f64;                   // the mask is float64 (see plus_eps)
 };
 
 // ---- element conversion (no cuda_fp16.h / cuda_bf16.h needed) ----
@@ -232,12 +233,18 @@ __device__ __forceinline__ void block_sum(double *v) {
     for (int k = 0; k < N; ++k) v[k] = sh[k][0];
 }
 
+// sum + 1e-8 as verl computes it (spec.rs plus_eps): torch adds the epsilon
+// in the mask's float type, float32 for bool / integer masks.
+__device__ __forceinline__ double plus_eps(double sum, bool mask_f64) {
+    return mask_f64 ? sum + 1e-8 : (double)((float)sum + 1e-8f);
+}
+
 // The row's share of the aggregation, relative to the batch-wide scale
 // (spec.rs AggPlan::row_coef divided by AggPlan's scale).
-__device__ __forceinline__ double row_rel(i64 agg, double tokens) {
+__device__ __forceinline__ double row_rel(i64 agg, double tokens, bool mask_f64) {
     if (agg == AGG_TOKEN_MEAN || agg == AGG_TOKEN_SUM) return 1.0;
     if (tokens <= 0.0) return 0.0;
-    if (agg == AGG_SEQ_MEAN) return 1.0 / (tokens + 1e-8);
+    if (agg == AGG_SEQ_MEAN) return 1.0 / plus_eps(tokens, mask_f64);
     return 1.0;
 }
 
@@ -260,7 +267,7 @@ __device__ void policy_rows(const PolicyArgs &a) {
     }
     block_sum<2>(r1);
     const double tokens = r1[0];
-    const F rel = cvt<F>(row_rel(a.agg, tokens));
+    const F rel = cvt<F>(row_rel(a.agg, tokens, a.mask.dtype == 0));
 
     // GSPO / LUSPO sequence ratio s_i = exp(min(log s_i, 10)) and its derivative.
     F sr = zero, dsr = zero;
@@ -339,7 +346,7 @@ __device__ void agg_rows(const AggArgs &a) {
     for (i64 t = threadIdx.x; t < T; t += blockDim.x) r1[0] += (double)load<F>(a.mask, i, t);
     block_sum<1>(r1);
     const double tokens = r1[0];
-    const F rel = cvt<F>(row_rel(a.agg, tokens));
+    const F rel = cvt<F>(row_rel(a.agg, tokens, a.mask.dtype == 0));
     double s[1] = {0.0};
     for (i64 t = threadIdx.x; t < T; t += blockDim.x) {
         F l = load<F>(a.loss, i, t), m = load<F>(a.mask, i, t);
@@ -369,7 +376,7 @@ extern "C" __global__ void luspo_finalize(FinalizeArgs a) {
     for (i64 i = threadIdx.x; i < a.rows; i += blockDim.x) {
         const double *p = a.partials + i * NSTAT;
         double L = p[S_TOKENS];
-        v[0] += (seq_mode && L <= 0.0) ? 0.0 : row_rel(a.agg, L) * p[S_LOSS];
+        v[0] += (seq_mode && L <= 0.0) ? 0.0 : row_rel(a.agg, L, a.mask_f64 != 0) * p[S_LOSS];
         v[1] += L;
         v[2] += L > 0.0 ? 1.0 : 0.0;
         v[3] += p[S_CLIPPED];
@@ -388,7 +395,7 @@ extern "C" __global__ void luspo_finalize(FinalizeArgs a) {
         case AGG_SEQ_SUM_NORM: scale = a.dp_size / g / lsf; break;
         default: scale = a.dp_size / g; break;
         }
-        double denom = v[1] + 1e-8;  // verl's masked_mean
+        double denom = plus_eps(v[1], a.mask_f64 != 0);  // verl's masked_mean
         a.out[0] = scale * v[0];
         a.out[1] = v[3] / denom;
         a.out[2] = v[4] / denom;

@@ -353,6 +353,7 @@ struct FinalizeArgs {
     batch_num_tokens: f64,
     global_batch_size: f64,
     loss_scale_factor: f64,
+    mask_f64: i64,
 }
 
 fn agg_code(a: AggMode) -> i64 {
@@ -426,17 +427,18 @@ unsafe fn launch(d: &Driver, f: CUfunction, grid: u32, block: u32, stream: usize
     ))
 }
 
-fn finalize_args(partials: &Desc, out: &Desc, rows: usize, cols: usize, agg: AggMode, n: &Normalizers) -> FinalizeArgs {
+fn finalize_args(partials: &Desc, out: &Desc, mask: &Mat, agg: AggMode, n: &Normalizers) -> FinalizeArgs {
     FinalizeArgs {
         partials: partials.ptr as *const f64,
         out: out.ptr as *mut f64,
-        rows: rows as i64,
-        cols: cols as i64,
+        rows: mask.rows as i64,
+        cols: mask.cols as i64,
         agg: agg_code(agg),
         dp_size: n.dp_size,
         batch_num_tokens: n.batch_num_tokens.unwrap_or(-1.0),
         global_batch_size: n.global_batch_size.unwrap_or(-1.0),
         loss_scale_factor: n.loss_scale_factor.unwrap_or(-1.0),
+        mask_f64: (mask.desc.dtype == DType::F64) as i64,
     }
 }
 
@@ -471,7 +473,7 @@ pub fn policy_loss(p: &PolicyLossProblem, scratch: &Desc, out: &Desc, stream: us
         c: p.clip.c,
         clamp_closed: p.clip.clamp_closed as i64,
     };
-    let mut f = finalize_args(scratch, out, rows, cols, p.agg, &p.norm);
+    let mut f = finalize_args(scratch, out, &p.response_mask, p.agg, &p.norm);
     let rows_fn = if p.wants_f64() { s.policy_f64 } else { s.policy_f32 };
     let _g = CtxGuard::push(&d, s.ctx)?;
     // SAFETY: the structs match kernels.cu; the tensors are kept alive by
@@ -499,7 +501,7 @@ pub fn agg_loss(p: &AggProblem, scratch: &Desc, out: &Desc, stream: usize) -> Re
         cols: cols as i64,
         agg: agg_code(p.agg),
     };
-    let mut f = finalize_args(scratch, out, rows, cols, p.agg, &p.norm);
+    let mut f = finalize_args(scratch, out, &p.loss_mask, p.agg, &p.norm);
     let rows_fn = if p.loss_mat.desc.dtype == DType::F64 { s.agg_f64 } else { s.agg_f32 };
     let _g = CtxGuard::push(&d, s.ctx)?;
     // SAFETY: as in `policy_loss`.
@@ -691,7 +693,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<View>(), 32);
         assert_eq!(std::mem::size_of::<PolicyArgs>(), 6 * 32 + 5 * 8 + 3 * 8 + 8);
         assert_eq!(std::mem::size_of::<AggArgs>(), 3 * 32 + 4 * 8);
-        assert_eq!(std::mem::size_of::<FinalizeArgs>(), 9 * 8);
+        assert_eq!(std::mem::size_of::<FinalizeArgs>(), 10 * 8);
         // KlArgs: 4 views + 5 words; AdvArgs: 3 views + 5 pointers/strides
         // + 3 words + 3 doubles + 1 word.
         assert_eq!(std::mem::size_of::<KlArgs>(), 4 * 32 + 5 * 8);
