@@ -3,6 +3,8 @@ Makefile) and synthetic rollout batches."""
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -80,3 +82,9 @@ TOLERANCES = {
     torch.float32: dict(atol=1e-6, rtol=1e-5),
     torch.float64: dict(atol=1e-12, rtol=1e-10),
 }
+
+
+def stable_seed(*parts) -> int:
+    """A seed from test parameters that is the same in every process
+    (``hash()`` of strings is salted per interpreter, so it is not)."""
+    return zlib.crc32(repr(parts).encode())
