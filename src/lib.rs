@@ -37,7 +37,7 @@ mod python {
     /// An imported DLPack tensor and its validated description; the import
     /// keeps the producer's memory alive until it is dropped.
     struct Imported {
-        _owner: ImportedDlpack,
+        _owner: Option<ImportedDlpack>,
         desc: Desc,
     }
 
@@ -49,14 +49,24 @@ mod python {
     /// `torch.cuda.current_stream().cuda_stream`), handed to `__dlpack__` so
     /// the producer orders its work before ours without a host sync (and
     /// does nothing when it is already its current stream).
-    struct ConsumerStream(usize);
+    struct ConsumerStream {
+        handle: usize,
+        /// Whether `handle` is torch's current stream on a device, asked once per call.
+        is_current: std::cell::Cell<Option<(i32, bool)>>,
+    }
+
+    impl ConsumerStream {
+        fn new(handle: usize) -> Self {
+            ConsumerStream { handle, is_current: std::cell::Cell::new(None) }
+        }
+    }
 
     // SAFETY: the handle is the caller's live stream for the whole call and
     // is only given to producers of CUDA tensors.
     unsafe impl DlpackStream for ConsumerStream {
         fn as_python_arg(&self, _py: Python<'_>, device: dlpark::ffi::DLDevice) -> PyResult<StreamArg> {
             Ok(if device.device_type == dlpark::ffi::DLDeviceType::CUDA {
-                dlpark::python::consumer::stream::cuda(self.0 as *mut std::ffi::c_void)
+                dlpark::python::consumer::stream::cuda(self.handle as *mut std::ffi::c_void)
             } else {
                 dlpark::python::consumer::stream::none()
             })
@@ -65,7 +75,7 @@ mod python {
         unsafe fn wait_for_producer(&self, _device: dlpark::ffi::DLDevice, producer: *mut std::ffi::c_void) -> PyResult<bool> {
             // Same stream: already ordered. Otherwise use the Python
             // protocol, whose producer makes our stream wait on an event.
-            Ok(producer as usize == self.0)
+            Ok(producer as usize == self.handle)
         }
     }
 
@@ -76,27 +86,145 @@ mod python {
         }
     }
 
-    /// The `scratch` buffer and `stream` the CUDA path needs (allocated and
-    /// read by `luspo_rs.functional`).
-    fn cuda_extras<'a>(
-        scratch: Option<&Bound<'a, PyAny>>,
-        stream: Option<&ConsumerStream>,
-    ) -> PyResult<(Imported, usize)> {
-        let st = stream.ok_or_else(|| {
-            PyValueError::new_err("stream: required for CUDA tensors (torch.cuda.current_stream().cuda_stream)")
-        })?;
-        let sc = scratch
-            .filter(|o| !o.is_none())
-            .ok_or_else(|| PyValueError::new_err("scratch: required for CUDA tensors (float64, 5 * batch elements, on the device)"))?;
-        Ok((import_on("scratch", sc, true, Some(st))?, st.0))
+    /// The buffers the loss kernels write on CUDA (allocated by
+    /// `luspo_rs._cuda`), imported, and the stream.
+    struct CudaLossBuffers {
+        loss: Imported,
+        scratch: Imported,
+        factor: Option<Imported>,
+        stream: usize,
+    }
+
+    impl CudaLossBuffers {
+        fn import(
+            loss: Option<&Bound<'_, PyAny>>,
+            scratch: Option<&Bound<'_, PyAny>>,
+            factor: Option<&Bound<'_, PyAny>>,
+            stream: Option<&ConsumerStream>,
+        ) -> PyResult<Self> {
+            let st = stream.ok_or_else(|| {
+                PyValueError::new_err("stream: required for CUDA tensors (torch.cuda.current_stream().cuda_stream)")
+            })?;
+            let required = |name: &'static str, o: Option<&Bound<'_, PyAny>>, what: &str| {
+                let o = o.filter(|o| !o.is_none()).ok_or_else(|| {
+                    PyValueError::new_err(format!("{name}: required for CUDA tensors ({what}, on the device)"))
+                })?;
+                import_on(name, o, true, Some(st))
+            };
+            Ok(CudaLossBuffers {
+                loss: required("loss", loss, "a 0-d tensor in the input's dtype")?,
+                scratch: required("scratch", scratch, "float64, cuda_loss_scratch_len(batch) elements")?,
+                factor: import_opt_on("factor", factor, Some(st))?,
+                stream: st.handle,
+            })
+        }
+
+        fn buffers<'a>(&'a self, metrics: Option<&'a Desc>) -> cuda::LossBuffers<'a> {
+            cuda::LossBuffers {
+                loss: &self.loss.desc,
+                metrics,
+                scratch: &self.scratch.desc,
+                factor: self.factor.as_ref().map(|f| &f.desc),
+            }
+        }
+    }
+
+    /// What the torch fast path needs, read once: `torch.Tensor`,
+    /// `torch.strided`, the current-stream query and the dtypes we read.
+    struct Torch {
+        tensor: Py<pyo3::types::PyType>,
+        strided: Py<PyAny>,
+        current_stream: Py<PyAny>,
+        dtypes: Vec<(Py<PyAny>, DType)>,
+    }
+
+    static TORCH: pyo3::sync::PyOnceLock<Option<Torch>> = pyo3::sync::PyOnceLock::new();
+
+    fn torch(py: Python<'_>) -> Option<&'static Torch> {
+        TORCH
+            .get_or_init(py, || {
+                let t = py.import("torch").ok()?;
+                let dtypes = [
+                    ("float64", DType::F64),
+                    ("float32", DType::F32),
+                    ("bfloat16", DType::BF16),
+                    ("float16", DType::F16),
+                    ("bool", DType::Bool),
+                    ("uint8", DType::U8),
+                    ("int8", DType::I8),
+                    ("int16", DType::I16),
+                    ("int32", DType::I32),
+                    ("int64", DType::I64),
+                ]
+                .into_iter()
+                .map(|(n, d)| Some((t.getattr(n).ok()?.unbind(), d)))
+                .collect::<Option<Vec<_>>>()?;
+                Some(Torch {
+                    tensor: t.getattr("Tensor").ok()?.cast_into::<pyo3::types::PyType>().ok()?.unbind(),
+                    strided: t.getattr("strided").ok()?.unbind(),
+                    current_stream: t.getattr("_C").ok()?.getattr("_cuda_getCurrentRawStream").ok()?.unbind(),
+                    dtypes,
+                })
+            })
+            .as_ref()
+    }
+
+    /// A torch tensor's description read from its attributes, without a
+    /// DLPack round trip (about ten times cheaper per tensor, which is most
+    /// of a small call's host time). Zero-copy like DLPack: the caller's
+    /// tensor stays alive for the call. `None` sends the tensor down the
+    /// DLPack path instead: not a torch tensor, a dtype, layout or device we
+    /// do not read here, a negated view, or a CUDA tensor when `stream` is
+    /// not torch's current stream (DLPack then orders the two streams).
+    fn torch_desc(arg: &'static str, obj: &Bound<'_, PyAny>, stream: Option<&ConsumerStream>) -> PyResult<Option<Desc>> {
+        use pyo3::intern;
+        let py = obj.py();
+        let Some(t) = torch(py) else { return Ok(None) };
+        if !obj.is_instance(t.tensor.bind(py))? {
+            return Ok(None);
+        }
+        let dt = obj.getattr(intern!(py, "dtype"))?;
+        let Some(&(_, dtype)) = t.dtypes.iter().find(|(o, _)| o.bind(py).is(&dt)) else { return Ok(None) };
+        if !obj.getattr(intern!(py, "layout"))?.is(t.strided.bind(py)) || obj.call_method0(intern!(py, "is_neg"))?.is_truthy()? {
+            return Ok(None);
+        }
+        let device = if obj.getattr(intern!(py, "is_cuda"))?.is_truthy()? {
+            let index: i32 = obj.call_method0(intern!(py, "get_device"))?.extract()?;
+            if let Some(s) = stream {
+                let current = match s.is_current.get() {
+                    Some((i, c)) if i == index => c,
+                    _ => {
+                        let c = t.current_stream.bind(py).call1((index,))?.extract::<usize>()? == s.handle;
+                        s.is_current.set(Some((index, c)));
+                        c
+                    }
+                };
+                if !current {
+                    return Ok(None);
+                }
+            }
+            Device::Cuda(index)
+        } else if obj.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
+            Device::Cpu
+        } else {
+            return Ok(None);
+        };
+        let shape: Vec<usize> = obj.getattr(intern!(py, "shape"))?.extract()?;
+        let strides: Vec<isize> = obj.call_method0(intern!(py, "stride"))?.extract()?;
+        let ptr: usize = obj.call_method0(intern!(py, "data_ptr"))?.extract()?;
+        Ok(Some(Desc { arg, ptr: ptr as *mut u8, dtype, device, shape, strides, read_only: false }))
     }
 
     fn import_on(
         arg: &'static str,
         obj: &Bound<'_, PyAny>,
         writable: bool,
-        stream: Option<&dyn DlpackStream>,
+        stream: Option<&ConsumerStream>,
     ) -> PyResult<Imported> {
+        if let Some(desc) = torch_desc(arg, obj, stream)? {
+            return Ok(Imported { _owner: None, desc });
+        }
+        let stream = stream.map(|s| s as &dyn DlpackStream);
         if !obj.hasattr("__dlpack__")? {
             return Err(PyTypeError::new_err(format!(
                 "{arg}: expected a tensor or array supporting DLPack (__dlpack__), got {}",
@@ -113,13 +241,13 @@ mod python {
         if writable && read_only {
             return Err(PyValueError::new_err(format!("{arg}: the output buffer is read-only")));
         }
-        Ok(Imported { _owner: owner, desc })
+        Ok(Imported { _owner: Some(owner), desc })
     }
 
     fn import_opt_on(
         arg: &'static str,
         obj: Option<&Bound<'_, PyAny>>,
-        stream: Option<&dyn DlpackStream>,
+        stream: Option<&ConsumerStream>,
     ) -> PyResult<Option<Imported>> {
         obj.filter(|o| !o.is_none()).map(|o| import_on(arg, o, false, stream)).transpose()
     }
@@ -151,15 +279,17 @@ mod python {
         Ok(())
     }
 
-    /// Fused policy loss. Writes `d loss / d log_prob` into `grad` and
-    /// `[loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower]` into `out`.
+    /// Fused policy loss. Writes `d loss / d log_prob` into `grad`. On the
+    /// CPU, `out` gets `[loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower]`; on
+    /// CUDA, `out` gets the three metrics, `loss` (0-d, log_prob's dtype) the
+    /// loss, and `scratch`, `factor` and `stream` are as `luspo_rs._cuda` says.
     #[pyfunction]
     #[pyo3(signature = (
         old_log_prob, log_prob, advantages, response_mask, grad, out, *,
         mode, loss_agg_mode, clip_ratio, clip_ratio_low=None, clip_ratio_high=None,
         clip_ratio_c=3.0, rollout_is_weights=None, dp_size=1.0, batch_num_tokens=None,
         global_batch_size=None, loss_scale_factor=None, scratch=None, stream=None,
-        clamp_closed=false
+        clamp_closed=false, loss=None, factor=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn policy_loss(
@@ -184,9 +314,11 @@ mod python {
         scratch: Option<&Bound<'_, PyAny>>,
         stream: Option<usize>,
         clamp_closed: bool,
+        loss: Option<&Bound<'_, PyAny>>,
+        factor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let cs = stream.map(ConsumerStream);
-        let s = cs.as_ref().map(|s| s as &dyn DlpackStream);
+        let cs = stream.map(ConsumerStream::new);
+        let s = cs.as_ref();
         let old = import_on("old_log_prob", old_log_prob, false, s)?;
         let lp = import_on("log_prob", log_prob, false, s)?;
         let adv = import_on("advantages", advantages, false, s)?;
@@ -212,19 +344,21 @@ mod python {
         })
         .map_err(to_py)?;
         if let Device::Cuda(_) = lp.desc.device {
-            let (sc, st) = cuda_extras(scratch, cs.as_ref())?;
-            return py.detach(|| cuda::policy_loss(&problem, &sc.desc, &o.desc, st)).map_err(cuda_err);
+            let b = CudaLossBuffers::import(loss, scratch, factor, cs.as_ref())?;
+            return py.detach(|| cuda::policy_loss(&problem, &b.buffers(Some(&o.desc)), b.stream)).map_err(cuda_err);
         }
         let r = py.detach(|| cpu::policy_loss::policy_loss(&problem));
         write_out(&o.desc, &[r.loss, r.pg_clipfrac, r.ppo_kl, r.pg_clipfrac_lower])
     }
 
     /// verl's `agg_loss`; writes `d loss / d loss_mat` into `grad` and
-    /// returns the loss.
+    /// returns the loss on the CPU. On CUDA it returns None and writes the
+    /// loss into `out` (0-d, loss_mat's dtype); `scratch`, `factor` and
+    /// `stream` are as for `policy_loss`.
     #[pyfunction]
     #[pyo3(signature = (
         loss_mat, loss_mask, grad, loss_agg_mode, *, dp_size=1.0, batch_num_tokens=None,
-        global_batch_size=None, loss_scale_factor=None, out=None, scratch=None, stream=None
+        global_batch_size=None, loss_scale_factor=None, out=None, scratch=None, stream=None, factor=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn agg_loss(
@@ -240,21 +374,18 @@ mod python {
         out: Option<&Bound<'_, PyAny>>,
         scratch: Option<&Bound<'_, PyAny>>,
         stream: Option<usize>,
+        factor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Option<f64>> {
-        let cs = stream.map(ConsumerStream);
-        let s = cs.as_ref().map(|s| s as &dyn DlpackStream);
+        let cs = stream.map(ConsumerStream::new);
+        let s = cs.as_ref();
         let l = import_on("loss_mat", loss_mat, false, s)?;
         let m = import_on("loss_mask", loss_mask, false, s)?;
         let g = import_on("grad", grad, true, s)?;
         let norm = Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor };
         let problem = cpu::agg::AggProblem::new(&l.desc, &m.desc, &g.desc, loss_agg_mode, norm).map_err(to_py)?;
         if let Device::Cuda(_) = l.desc.device {
-            let o = out
-                .filter(|o| !o.is_none())
-                .ok_or_else(|| PyValueError::new_err("out: required for CUDA tensors (float64, 5 elements, on the device)"))?;
-            let o = import_on("out", o, true, s)?;
-            let (sc, st) = cuda_extras(scratch, cs.as_ref())?;
-            py.detach(|| cuda::agg_loss(&problem, &sc.desc, &o.desc, st)).map_err(cuda_err)?;
+            let b = CudaLossBuffers::import(out, scratch, factor, cs.as_ref())?;
+            py.detach(|| cuda::agg_loss(&problem, &b.buffers(None), b.stream)).map_err(cuda_err)?;
             return Ok(None);
         }
         Ok(Some(py.detach(|| cpu::agg::agg_loss(&problem))))
@@ -285,8 +416,8 @@ mod python {
         scratch: Option<&Bound<'_, PyAny>>,
         stream: Option<usize>,
     ) -> PyResult<()> {
-        let cs = stream.map(ConsumerStream);
-        let s = cs.as_ref().map(|s| s as &dyn DlpackStream);
+        let cs = stream.map(ConsumerStream::new);
+        let s = cs.as_ref();
         let r = import_on("token_level_rewards", token_level_rewards, false, s)?;
         let m = import_on("response_mask", response_mask, false, s)?;
         let i = import_on("index", index, false, s)?;
@@ -317,7 +448,8 @@ mod python {
                 ))
             })?;
             let sc = import_on("scratch", sc, true, s)?;
-            return py.detach(|| cuda::advantage(&problem, &ord.desc, &sc.desc, st.0)).map_err(cuda_err);
+            let st = st.handle;
+            return py.detach(|| cuda::advantage(&problem, &ord.desc, &sc.desc, st)).map_err(cuda_err);
         }
         py.detach(|| cpu::advantage::compute(&problem));
         Ok(())
@@ -375,8 +507,8 @@ mod python {
         clamp_closed: bool,
         stream: Option<usize>,
     ) -> PyResult<()> {
-        let cs = stream.map(ConsumerStream);
-        let s = cs.as_ref().map(|s| s as &dyn DlpackStream);
+        let cs = stream.map(ConsumerStream::new);
+        let s = cs.as_ref();
         let l = import_on("logprob", logprob, false, s)?;
         let r = import_on("ref_logprob", ref_logprob, false, s)?;
         let o = import_on("out", out, true, s)?;
@@ -390,10 +522,30 @@ mod python {
             let st = cs.as_ref().ok_or_else(|| {
                 PyValueError::new_err("stream: required for CUDA tensors (torch.cuda.current_stream().cuda_stream)")
             })?;
-            return py.detach(|| cuda::kl_penalty(&problem, st.0)).map_err(cuda_err);
+            let st = st.handle;
+            return py.detach(|| cuda::kl_penalty(&problem, st)).map_err(cuda_err);
         }
         py.detach(|| cpu::kl::compute(&problem));
         Ok(())
+    }
+
+    /// Backward of the CUDA loss kernels: `grad *= grad_output` in place on
+    /// `stream`, skipped on the device when `grad_output` is 1.
+    #[pyfunction]
+    fn cuda_scale_grad(grad: &Bound<'_, PyAny>, grad_output: &Bound<'_, PyAny>, stream: usize) -> PyResult<()> {
+        let cs = ConsumerStream::new(stream);
+        let g = import_on("grad", grad, true, Some(&cs))?;
+        let go = import_on("grad_output", grad_output, false, Some(&cs))?;
+        if g.desc.device == Device::Cpu {
+            return Err(PyValueError::new_err("grad: expected a CUDA tensor"));
+        }
+        cuda::scale_grad(&g.desc, &go.desc, stream).map_err(cuda_err)
+    }
+
+    /// float64 elements of the `scratch` the CUDA loss kernels need for `rows` rows.
+    #[pyfunction]
+    fn cuda_loss_scratch_len(rows: usize) -> usize {
+        cuda::loss_scratch_len(rows)
     }
 
     /// Number of threads the CPU kernels use (rayon's global pool;
@@ -440,6 +592,8 @@ mod python {
         m.add_function(wrap_pyfunction!(policy_loss, m)?)?;
         m.add_function(wrap_pyfunction!(agg_loss, m)?)?;
         m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+        m.add_function(wrap_pyfunction!(cuda_scale_grad, m)?)?;
+        m.add_function(wrap_pyfunction!(cuda_loss_scratch_len, m)?)?;
         m.add_function(wrap_pyfunction!(advantage, m)?)?;
         m.add_function(wrap_pyfunction!(group_ids, m)?)?;
         m.add_function(wrap_pyfunction!(kl_penalty, m)?)?;

@@ -51,7 +51,10 @@ def cuda(*ts):
 
 
 def close(a, b, tol, what):
-    torch.testing.assert_close(a.double().cpu(), b.double().cpu(), equal_nan=True, msg=lambda m: f"{what}: {m}", **tol)
+    """``a`` and ``b`` (tensors on any device, or Python numbers as verl's
+    metrics are) compared in float64 on the CPU."""
+    as64 = lambda x: torch.as_tensor(x).to("cpu", torch.float64)  # noqa: E731
+    torch.testing.assert_close(as64(a), as64(b), equal_nan=True, msg=lambda m: f"{what}: {m}", **tol)
 
 
 @pytest.mark.parametrize("with_weights", [False, True], ids=["no_is", "is_weights"])
@@ -74,7 +77,11 @@ def test_matches_cpu_path_and_verl_on_the_gpu(mode, agg, dtype, with_weights):
                                            None if w is None else w.cuda().to(up), **CLIP)
     close(g_loss, r_loss, TOL_CPU[dtype], "loss vs verl")
     close(g_grad, r_grad, TOL_CPU[dtype], "grad vs verl")
-    close(g_met[0], r_met["pg_clipfrac"], TOL_CPU[torch.float32], "pg_clipfrac vs verl")
+    # every metric verl reports (Python floats), against ours
+    ours_met = dict(zip(("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"), g_met))
+    assert r_met, "verl reported no metrics"
+    for k, v in r_met.items():
+        close(ours_met[k], v, TOL_CPU[torch.float32], f"{k} vs verl")
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)
@@ -98,7 +105,7 @@ def test_agg_loss_matches_cpu(agg):
     m[2] = False
     out = []
     for dev in ("cpu", "cuda"):
-        x = l.to(dev).requires_grad_(True)
+        x = l.to(dev, copy=True).requires_grad_(True)  # a fresh leaf on each device
         loss = luspo_rs.agg_loss(x, m.to(dev), agg)
         loss.backward()
         out.append((loss.detach().cpu(), x.grad.cpu()))
@@ -119,14 +126,36 @@ def test_bitwise_deterministic_over_runs(mode):
 def test_writes_into_the_torch_buffers_without_copies():
     old, lp, adv, mask = cuda(*make_batch(4, 64))
     grad = torch.full_like(lp, float("nan"))
-    out = torch.full((5,), float("nan"), dtype=torch.float64, device="cuda")
-    scratch = torch.full((4, 5), float("nan"), dtype=torch.float64, device="cuda")
-    ptrs = (grad.data_ptr(), out.data_ptr(), scratch.data_ptr())
-    _core.policy_loss(old, lp, adv, mask, grad, out, mode="gspo", loss_agg_mode="token-mean", clip_ratio=0.2,
-                      scratch=scratch, stream=torch.cuda.current_stream().cuda_stream)
+    loss = torch.full((), float("nan"), device="cuda")
+    metrics = torch.full((3,), float("nan"), dtype=torch.float64, device="cuda")
+    scratch = torch.full((_core.cuda_loss_scratch_len(4),), float("nan"), dtype=torch.float64, device="cuda")
+    ptrs = (grad.data_ptr(), loss.data_ptr(), metrics.data_ptr(), scratch.data_ptr())
+    _core.policy_loss(old, lp, adv, mask, grad, metrics, mode="gspo", loss_agg_mode="token-mean", clip_ratio=0.2,
+                      loss=loss, scratch=scratch, stream=torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
-    assert (grad.data_ptr(), out.data_ptr(), scratch.data_ptr()) == ptrs
-    assert torch.isfinite(grad).all() and torch.isfinite(out).all() and torch.isfinite(scratch).all()
+    assert (grad.data_ptr(), loss.data_ptr(), metrics.data_ptr(), scratch.data_ptr()) == ptrs
+    # every element written (the poison is gone), and equal to what the autograd path returns
+    assert torch.isfinite(grad).all() and torch.isfinite(loss) and torch.isfinite(metrics).all()
+    want_loss, want_grad, want_met = run("gspo", old, lp, adv, mask, "token-mean", clip_ratio=0.2, clip_ratio_low=None,
+                                         clip_ratio_high=None)
+    assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad) and torch.equal(metrics, want_met)
+
+
+def test_backward_scales_by_grad_output_in_place():
+    old, lp, adv, mask = cuda(*make_batch(6, 333, spread=0.5))
+    for mode in MODES:
+        _, g1, _ = run(mode, old, lp, adv, mask, "token-mean")
+        for seed in (0.5, -3.0, float("nan")):
+            x = lp.detach().clone().requires_grad_(True)
+            loss, _ = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, loss_agg_mode="token-mean", **CLIP)
+            (loss * seed).backward()
+            close(x.grad, g1 * seed, TOL_CPU[torch.float32], f"{mode}: seed {seed}")
+        # a second backward through the graph is refused, not silently wrong
+        x = lp.detach().clone().requires_grad_(True)
+        loss, _ = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, **CLIP)
+        (2 * loss).backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 def test_strided_inputs_are_read_in_place():

@@ -2,19 +2,20 @@
 
 For CUDA tensors the native kernels (``src/cuda``) run on the caller's
 current stream and return at once: nothing here reads a value back to the
-host. torch allocates every buffer the kernels write:
+host. torch allocates every buffer the kernels write. A policy loss or
+``agg_loss`` call writes
 
-* ``grad`` — ``d loss / d x`` *divided by* the batch-wide aggregation factor
-  (``dp_size / N``, ``dp_size / G``, ...), which needs every row and is only
-  known once all rows are done;
-* ``out`` — float64 ``[loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower, scale]``
-  on the device;
-* ``scratch`` — float64 ``(B, 5)`` row partials, reduced in a fixed order.
+* ``grad`` — the final ``d loss / d x`` (the one ``B x T`` buffer);
+* ``loss`` — a 0-d tensor in ``x``'s dtype, and for the policy loss
+  ``metrics``, float64 ``[pg_clipfrac, ppo_kl, pg_clipfrac_lower]``;
+* ``scratch`` — float64 row sums and two tickets, ``cuda_loss_scratch_len(B)``.
 
-Backward multiplies ``grad`` by ``grad_output * scale`` in place (it has to
-multiply by ``grad_output`` anyway), so no second ``B x T`` buffer exists at
-any time; a second backward through the same graph (``retain_graph=True``)
-is refused by autograd's saved-tensor version check.
+Backward multiplies the saved ``grad`` by ``grad_output`` in place on the
+device, and leaves it untouched when ``grad_output`` is 1 (``loss.backward()``),
+so the gradient costs one ``B x T`` write in all. The buffer is then handed to
+autograd as the gradient, without a copy. Because it may have been scaled in
+place, a second backward through the same graph (``retain_graph=True``) is
+refused by autograd's saved-tensor version check.
 
 ``kl_penalty`` is elementwise (``out`` and ``d out / d logprob`` in one
 kernel). The group advantages take the group labels as an int64 device
@@ -27,8 +28,8 @@ batch whitening statistics).
 Normalisers (``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
 ``loss_scale_factor``) may be CUDA 0-d tensors, as verl's actors compute
 them: they are never ``.item()``-ed; the kernels run with 1 in their place
-and ``loss`` and ``scale`` are multiplied by the tensor factor on the device
-afterwards. Their values cannot be validated without a sync, so a CUDA
+and multiply the scale (so the loss and the gradient) by their combined
+``factor``, a float64 device scalar. Their values cannot be validated without a sync, so a CUDA
 normaliser that is 0 or NaN gives a NaN / inf loss instead of a ValueError.
 """
 
@@ -42,8 +43,8 @@ import torch
 
 from . import _core
 
-#: Length of the native ``out`` buffer and of a row of ``scratch``.
-OUT_LEN = 5
+#: Length of the policy loss's ``metrics`` buffer.
+METRICS_LEN = 3
 
 
 def nvrtc_dirs() -> list[str]:
@@ -100,71 +101,70 @@ def split_normalisers(agg_mode: str, values: dict[str, Any], device: torch.devic
     return host, factor
 
 
-def _buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    out = torch.empty(OUT_LEN, dtype=torch.float64, device=x.device)
-    scratch = torch.empty((x.shape[0] if x.dim() > 0 else 1, OUT_LEN), dtype=torch.float64, device=x.device)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    return grad, out, scratch, stream
+def stream_of(x: torch.Tensor) -> int:
+    """The ``CUstream`` handle of torch's current stream on ``x``'s device."""
+    return _current_stream(x.get_device())
 
 
-def _check_same_device(x: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.device != x.device:
-            raise ValueError(f"{name}: is on {t.device} but the differentiated input is on {x.device}; all tensors must be on one device")
+def _current_stream_public(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+# torch's own raw query (what Triton uses) costs a fraction of the public one.
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _current_stream_public)
+
+
+def _loss_buffers(x: torch.Tensor):
+    """``grad``, ``loss`` and ``scratch`` of one loss-kernel call on ``x``."""
+    device = x.device
+    grad = torch.empty(x.shape, dtype=x.dtype, device=device)
+    loss = torch.empty((), dtype=x.dtype, device=device)
+    rows = x.shape[0] if x.dim() > 0 else 0
+    scratch = torch.empty(_core.cuda_loss_scratch_len(rows), dtype=torch.float64, device=device)
+    return grad, loss, scratch
 
 
 def policy_forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor):
     """Forward of ``PolicyLossFunction`` for CUDA tensors; returns ``(loss, metrics)``."""
-    _check_same_device(
-        log_prob,
-        old_log_prob=old_log_prob,
-        advantages=advantages,
-        response_mask=response_mask,
-        rollout_is_weights=rollout_is_weights,
-    )
-    grad, out, scratch, stream = _buffers(log_prob)
+    grad, loss, scratch = _loss_buffers(log_prob)
+    metrics = torch.empty(METRICS_LEN, dtype=torch.float64, device=log_prob.device)
     _core.policy_loss(
         old_log_prob,
         log_prob.detach(),
         advantages,
         response_mask,
         grad,
-        out,
+        metrics,
         rollout_is_weights=rollout_is_weights,
+        loss=loss,
         scratch=scratch,
-        stream=stream,
+        factor=factor,
+        stream=stream_of(log_prob),
         **options,
     )
-    if factor is not None:
-        out[0::4].mul_(factor)  # loss and scale
-    ctx.save_for_backward(grad, out)
-    loss = out[0].to(log_prob.dtype)
-    metrics = out[1:4]
+    ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(metrics)
     return loss, metrics
 
 
 def agg_forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor):
     """Forward of ``AggLossFunction`` for CUDA tensors; returns the loss."""
-    _check_same_device(loss_mat, loss_mask=loss_mask)
-    grad, out, scratch, stream = _buffers(loss_mat)
-    _core.agg_loss(loss_mat.detach(), loss_mask, grad, loss_agg_mode, out=out, scratch=scratch, stream=stream, **options)
-    if factor is not None:
-        out[0::4].mul_(factor)
-    ctx.save_for_backward(grad, out)
-    return out[0].to(loss_mat.dtype)
+    grad, loss, scratch = _loss_buffers(loss_mat)
+    _core.agg_loss(
+        loss_mat.detach(), loss_mask, grad, loss_agg_mode, out=loss, scratch=scratch, factor=factor,
+        stream=stream_of(loss_mat), **options
+    )
+    ctx.save_for_backward(grad)
+    return loss
 
 
 def backward(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
-    """``grad * (grad_output * scale)``, in place in the saved buffer."""
-    grad, out = ctx.saved_tensors
-    return grad.mul_(grad_loss.to(torch.float64) * out[4])
-
-
-def stream_of(x: torch.Tensor) -> int:
-    """The ``CUstream`` handle of torch's current stream on ``x``'s device."""
-    return torch.cuda.current_stream(x.device).cuda_stream
+    """``grad * grad_output``, in place in the saved buffer (untouched when
+    ``grad_output`` is 1), which then becomes the gradient."""
+    (grad,) = ctx.saved_tensors
+    _core.cuda_scale_grad(grad, grad_loss, stream_of(grad))
+    torch.autograd.graph.increment_version(grad)
+    return grad
 
 
 def kl_penalty(logprob, ref_logprob, out, grad, mode, clamp_closed) -> None:

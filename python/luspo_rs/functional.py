@@ -77,6 +77,8 @@ class PolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor=None):
+        # no zero gradient is built for the metrics output (a fill kernel on CUDA)
+        ctx.set_materialize_grads(False)
         if log_prob.is_cuda:
             ctx.cuda = True
             return _cuda.policy_forward(
@@ -102,6 +104,8 @@ class PolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
+        if grad_loss is None:  # only the metrics were used
+            return None, None, None, None, None, None, None
         if getattr(ctx, "cuda", False):
             return _cuda.backward(ctx, grad_loss), None, None, None, None, None, None
         return _scaled(ctx, grad_loss), None, None, None, None, None, None

@@ -4,16 +4,17 @@
 //! libraries are opened with `dlopen` ([`sys`]), so nothing here is needed
 //! to build or import the crate.
 //!
-//! A policy loss or `agg_loss` call launches two kernels and returns at
-//! once: a block per row writes the gradient (divided by the batch-wide
-//! aggregation factor, see `kernels.cu`) and the row's partial sums into a
-//! `(rows, 5)` float64 scratch buffer; one block reduces those rows in a
-//! fixed order into `out = [loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower,
-//! scale]`. `kl_penalty` is one elementwise kernel; the group advantages are
-//! three or four (row scores, group statistics in row order, batch
-//! statistics, the B×T write; see [`advantage`]). Every buffer is the
-//! caller's (torch allocates them); nothing is copied, allocated or
-//! synchronised here.
+//! A policy loss or `agg_loss` call zeroes two tickets and launches two
+//! kernels, then returns: a team of threads per row sums the row's mask
+//! (and GSPO's log-ratio) and the last block to finish derives the
+//! batch-wide scale; then the token pass writes the final gradient and the
+//! row sums, and its last block writes the loss and verl's metrics (see
+//! "the loss kernels" in `kernels.cu`). Backward is [`scale_grad`], which
+//! leaves the gradient untouched when `grad_output` is 1. `kl_penalty` is
+//! one elementwise kernel; the group advantages are three or four (row
+//! scores, group statistics in row order, batch statistics, the B×T write;
+//! see [`advantage`]). Every buffer is the caller's (torch allocates them);
+//! nothing is copied, allocated or synchronised here.
 
 pub mod sys;
 
@@ -33,9 +34,21 @@ use sys::{CUcontext, CUfunction, Driver, Nvrtc};
 /// The kernel source, embedded in the crate.
 pub const SOURCE: &str = include_str!("kernels.cu");
 
-/// Number of values written to `out` and of partials per row.
-pub const OUT_LEN: usize = 5;
-const NSTAT: usize = 5;
+/// float64 values of the loss kernels' scratch: a head, then per row
+/// (`SCRATCH_HEAD` and `ROW_STRIDE` in kernels.cu).
+pub const LOSS_SCRATCH_HEAD: usize = 4;
+pub const LOSS_ROW_STRIDE: usize = 8;
+
+/// Length of the float64 scratch [`policy_loss`] and [`agg_loss`] need for `rows` rows.
+pub fn loss_scratch_len(rows: usize) -> usize {
+    LOSS_SCRATCH_HEAD + LOSS_ROW_STRIDE * rows
+}
+
+/// The metrics [`policy_loss`] writes: `[pg_clipfrac, ppo_kl, pg_clipfrac_lower]`.
+pub const METRICS_LEN: usize = 3;
+
+/// Largest block of the loss kernels (`MAX_THREADS` in kernels.cu).
+const MAX_THREADS: u32 = 512;
 
 /// A CUDA-side failure.
 #[derive(Debug)]
@@ -104,7 +117,56 @@ pub enum Target {
     Cubin,
 }
 
-/// Compiles [`SOURCE`] for compute capability `major.minor`. A rejected
+/// [`SOURCE`] after the `#define`s of `LUSPO_RS_CUDA_DEFINES` (e.g.
+/// "LUSPO_RUNS=2 LUSPO_MIN_BLOCKS=1"): the kernels' compile-time tuning
+/// knobs, for benchmarking variants without a rebuild.
+fn full_source() -> String {
+    let defines: String = std::env::var("LUSPO_RS_CUDA_DEFINES")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|d| format!("#define {}\n", d.replacen('=', " ", 1)))
+        .collect();
+    format!("{defines}{SOURCE}")
+}
+
+/// Where compiled kernels are kept between processes: `LUSPO_RS_CACHE_DIR`
+/// (empty: no cache), else `$XDG_CACHE_HOME/luspo_rs`, else `~/.cache/luspo_rs`.
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("LUSPO_RS_CACHE_DIR") {
+        return (!d.is_empty()).then(|| PathBuf::from(d));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("luspo_rs"))
+}
+
+/// The cubin for `sm_{major}{minor}`: read from the cache when a process
+/// compiled the same source with the same NVRTC before (NVRTC takes
+/// seconds, a read milliseconds), else compiled and written there (by a
+/// rename, so a reader never sees half a file). A cache that cannot be read
+/// or written is skipped.
+fn cubin(nvrtc: &Nvrtc, major: i32, minor: i32) -> std::result::Result<Vec<u8>, String> {
+    use std::hash::{Hash, Hasher};
+    let src = full_source();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (src.as_str(), nvrtc.version(), major, minor, env!("CARGO_PKG_VERSION")).hash(&mut h);
+    let path = cache_dir().map(|d| d.join(format!("kernels-sm_{major}{minor}-{:016x}.cubin", h.finish())));
+    if let Some(img) = path.as_ref().and_then(|p| std::fs::read(p).ok()).filter(|b| b.starts_with(b"\x7fELF")) {
+        return Ok(img);
+    }
+    let img = compile(nvrtc, major, minor, Target::Cubin)?;
+    if let Some(p) = path {
+        let tmp = p.with_extension(format!("{}.tmp", std::process::id()));
+        let written = p.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) && std::fs::write(&tmp, &img).is_ok();
+        if !(written && std::fs::rename(&tmp, &p).is_ok()) {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(img)
+}
+
+/// Compiles [`full_source`] for compute capability `major.minor`. A rejected
 /// architecture and any compile error come back with NVRTC's log.
 pub fn compile(nvrtc: &Nvrtc, major: i32, minor: i32, target: Target) -> std::result::Result<Vec<u8>, String> {
     let arch = match target {
@@ -118,7 +180,7 @@ pub fn compile(nvrtc: &Nvrtc, major: i32, minor: i32, target: Target) -> std::re
         .map(|s| CString::new(*s).unwrap())
         .collect();
     let opt_ptrs: Vec<*const std::ffi::c_char> = opts.iter().map(|s| s.as_ptr()).collect();
-    let src = CString::new(SOURCE).unwrap();
+    let src = CString::new(full_source()).map_err(|e| e.to_string())?;
     let name = CString::new("luspo_rs_kernels.cu").unwrap();
     let mut prog: sys::NvrtcProgram = std::ptr::null_mut();
     // SAFETY: NVRTC calls with valid C strings and out-parameters; the
@@ -166,11 +228,11 @@ pub fn compile(nvrtc: &Nvrtc, major: i32, minor: i32, target: Target) -> std::re
 /// A device's primary context (the one PyTorch uses) and the loaded kernels.
 struct DeviceState {
     ctx: CUcontext,
-    policy_f32: CUfunction,
-    policy_f64: CUfunction,
-    agg_f32: CUfunction,
-    agg_f64: CUfunction,
-    finalize: CUfunction,
+    /// `luspo_loss_rows_*` indexed by [`Variant`], and `luspo_loss_tokens_*`
+    /// by [`Variant`] and token rule (vanilla, GSPO / LUSPO, agg_loss).
+    loss_rows: [CUfunction; 6],
+    loss_tokens: [[CUfunction; 3]; 6],
+    scale_grad: CUfunction,
     kl_f32: CUfunction,
     kl_f64: CUfunction,
     adv_rows_f32: CUfunction,
@@ -239,7 +301,7 @@ fn device(d: &Driver, ordinal: i32) -> Result<Arc<DeviceState>> {
             )));
         }
         let nv = rt(nvrtc())?;
-        let image = rt(compile(&nv, major, minor, Target::Cubin).map_err(|e| {
+        let image = rt(cubin(&nv, major, minor).map_err(|e| {
             format!("cuda:{ordinal} (sm_{major}{minor}) is not supported by this NVRTC, or the kernels failed to compile: {e}")
         }))?;
         let mut ctx: CUcontext = std::ptr::null_mut();
@@ -255,11 +317,23 @@ fn device(d: &Driver, ordinal: i32) -> Result<Arc<DeviceState>> {
         };
         DeviceState {
             ctx,
-            policy_f32: get("luspo_policy_rows_f32")?,
-            policy_f64: get("luspo_policy_rows_f64")?,
-            agg_f32: get("luspo_agg_rows_f32")?,
-            agg_f64: get("luspo_agg_rows_f64")?,
-            finalize: get("luspo_finalize")?,
+            loss_rows: {
+                let mut f = [std::ptr::null_mut(); 6];
+                for (k, v) in Variant::ALL.iter().enumerate() {
+                    f[k] = get(&format!("luspo_loss_rows_{}", v.suffix()))?;
+                }
+                f
+            },
+            loss_tokens: {
+                let mut f = [[std::ptr::null_mut(); 3]; 6];
+                for (k, v) in Variant::ALL.iter().enumerate() {
+                    for (j, rule) in TOKEN_RULES.iter().enumerate() {
+                        f[k][j] = get(&format!("luspo_loss_tokens_{}_{rule}", v.suffix()))?;
+                    }
+                }
+                f
+            },
+            scale_grad: get("luspo_scale_grad")?,
             kl_f32: get("luspo_kl_f32")?,
             kl_f64: get("luspo_kl_f64")?,
             adv_rows_f32: get("luspo_adv_rows_f32")?,
@@ -312,15 +386,19 @@ fn view_mut(m: &MatMut) -> View {
 
 const NO_VIEW: View = View { ptr: std::ptr::null(), rs: 0, cs: 0, dtype: 1 };
 
+/// The loss kernels' arguments (`LossArgs` in kernels.cu).
 #[repr(C)]
-struct PolicyArgs {
+struct LossArgs {
     old_lp: View,
     lp: View,
     adv: View,
     mask: View,
     w: View,
     grad: View,
-    partials: *mut f64,
+    loss: View,
+    metrics: *mut f64,
+    scratch: *mut f64,
+    factor: *const f64,
     rows: i64,
     cols: i64,
     mode: i64,
@@ -329,31 +407,96 @@ struct PolicyArgs {
     hi: f64,
     c: f64,
     clamp_closed: i64,
-}
-
-#[repr(C)]
-struct AggArgs {
-    loss: View,
-    mask: View,
-    grad: View,
-    partials: *mut f64,
-    rows: i64,
-    cols: i64,
-    agg: i64,
-}
-
-#[repr(C)]
-struct FinalizeArgs {
-    partials: *const f64,
-    out: *mut f64,
-    rows: i64,
-    cols: i64,
-    agg: i64,
     dp_size: f64,
     batch_num_tokens: f64,
     global_batch_size: f64,
     loss_scale_factor: f64,
-    mask_f64: i64,
+    team: i64,
+    vec: i64,
+}
+
+/// `MODE_AGG` in kernels.cu: the loss kernels computing verl's `agg_loss`.
+const MODE_AGG: i64 = 3;
+/// The token kernels' rules, by name suffix: vanilla, GSPO / LUSPO, agg_loss.
+const TOKEN_RULES: [&str; 3] = ["vanilla", "seq", "agg"];
+/// `LossArgs.vec` bits (`VEC_FLOAT`, `VEC_MASK` in kernels.cu).
+const VEC_FLOAT: i64 = 1;
+const VEC_MASK: i64 = 2;
+const VEC_MASK16: i64 = 4;
+
+/// Which instantiation of the loss kernels runs: 16-byte runs of one float
+/// storage type, or element-wise loads of any dtypes (f32 or f64 math).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    F32,
+    Bf16,
+    F16,
+    F64,
+    Any32,
+    Any64,
+}
+
+impl Variant {
+    const ALL: [Variant; 6] = [Variant::F32, Variant::Bf16, Variant::F16, Variant::F64, Variant::Any32, Variant::Any64];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Variant::F32 => "f32",
+            Variant::Bf16 => "bf16",
+            Variant::F16 => "f16",
+            Variant::F64 => "f64",
+            Variant::Any32 => "any32",
+            Variant::Any64 => "any64",
+        }
+    }
+
+    /// Tokens per run (`S::V` in kernels.cu): one 16-byte load of f32 or
+    /// f64, one 8-byte load of bf16 or f16.
+    fn run(self) -> usize {
+        match self {
+            Variant::F32 | Variant::Any32 | Variant::Bf16 | Variant::F16 => 4,
+            Variant::F64 | Variant::Any64 => 2,
+        }
+    }
+
+    /// The vector variant for float operands stored as `d`, computing in f64 or f32.
+    fn choose(d: DType, f64_math: bool, vector: bool) -> Variant {
+        match (vector, d, f64_math) {
+            (true, DType::F64, true) => Variant::F64,
+            (true, DType::F32, false) => Variant::F32,
+            (true, DType::BF16, false) => Variant::Bf16,
+            (true, DType::F16, false) => Variant::F16,
+            (_, _, true) => Variant::Any64,
+            _ => Variant::Any32,
+        }
+    }
+}
+
+/// Threads per row of the loss kernels: a power of two in [32, 512], about
+/// four runs of `run` tokens per thread. Depends on `cols` and the variant
+/// only, so the summation order (and every bit of the result) is the same
+/// run after run.
+fn team_size(cols: usize, run: usize) -> u32 {
+    (cols.div_ceil(4 * run)).next_power_of_two().clamp(32, MAX_THREADS as usize) as u32
+}
+
+/// Whether a `(rows, cols)` float operand can be read (or written) in
+/// 16-byte runs: stored as `dtype`, contiguous rows starting on 16 bytes.
+/// An absent or per-row (broadcast) operand is read element-wise either way.
+fn runs_ok(v: &View, rows: usize, dtype: DType) -> bool {
+    if v.ptr.is_null() || v.cs == 0 {
+        return true;
+    }
+    let size = dtype.size() as i64;
+    v.dtype == dtype_code(dtype) && v.cs == 1 && (v.ptr as usize) % 16 == 0 && (rows <= 1 || (v.rs * size) % 16 == 0)
+}
+
+/// Whether the mask can be read in runs of `run` bytes: a 1-byte dtype,
+/// contiguous rows starting on `run` bytes.
+fn mask_runs_ok(m: &View, rows: usize, run: usize) -> bool {
+    let run = run as i64;
+    let one_byte = m.dtype == dtype_code(DType::U8) || m.dtype == dtype_code(DType::I8);
+    one_byte && m.cs == 1 && (m.ptr as usize as i64) % run == 0 && (rows <= 1 || m.rs % run == 0)
 }
 
 fn agg_code(a: AggMode) -> i64 {
@@ -371,13 +514,6 @@ fn agg_code(a: AggMode) -> i64 {
 /// so every bit of the result) is the same run after run.
 pub fn threads_per_row(cols: usize) -> u32 {
     (cols.div_ceil(8)).next_power_of_two().clamp(64, 512) as u32
-}
-
-/// Checks the caller-allocated `out` (>= 5 float64) and `scratch`
-/// (>= 5 * rows float64) buffers: contiguous, writable, on `device`.
-fn check_buffers(device: Device, rows: usize, out: &Desc, scratch: &Desc) -> Result<()> {
-    check_f64(device, out, OUT_LEN)?;
-    check_f64(device, scratch, NSTAT * rows)
 }
 
 /// Whether `d` is a contiguous tensor (size-1 dimensions may have any stride).
@@ -427,88 +563,211 @@ unsafe fn launch(d: &Driver, f: CUfunction, grid: u32, block: u32, stream: usize
     ))
 }
 
-fn finalize_args(partials: &Desc, out: &Desc, mask: &Mat, agg: AggMode, n: &Normalizers) -> FinalizeArgs {
-    FinalizeArgs {
-        partials: partials.ptr as *const f64,
-        out: out.ptr as *mut f64,
-        rows: mask.rows as i64,
-        cols: mask.cols as i64,
-        agg: agg_code(agg),
+/// The caller's buffers of one loss-kernel call (torch allocates them).
+pub struct LossBuffers<'a> {
+    /// 0-d, the loss in the differentiated input's dtype.
+    pub loss: &'a Desc,
+    /// float64, [`METRICS_LEN`] values (policy loss only).
+    pub metrics: Option<&'a Desc>,
+    /// float64, [`loss_scratch_len`] values.
+    pub scratch: &'a Desc,
+    /// A device float64 scalar multiplying the loss and the gradient (the
+    /// normalisers given as CUDA tensors), or none.
+    pub factor: Option<&'a Desc>,
+}
+
+impl LossBuffers<'_> {
+    fn check(&self, device: Device, rows: usize, dtype: DType, metrics: bool) -> Result<()> {
+        let l = self.loss;
+        if l.device != device || l.dtype != dtype || !l.shape.is_empty() || l.read_only {
+            return Err(Error::value_error(
+                l.arg,
+                format!("expected a writable 0-d {} tensor on {device}", dtype.name()),
+            )
+            .into());
+        }
+        match (self.metrics, metrics) {
+            (Some(m), true) => check_f64(device, m, METRICS_LEN)?,
+            (None, false) => {}
+            (_, want) => {
+                return Err(Error::value_error("out", if want { "required" } else { "unexpected" }).into());
+            }
+        }
+        check_f64(device, self.scratch, loss_scratch_len(rows))?;
+        if let Some(f) = self.factor {
+            check_f64(device, f, 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// What differs between the policy loss and `agg_loss` in one launch of the loss kernels.
+struct LossLaunch<'a> {
+    old_lp: View,
+    lp: &'a Mat,
+    adv: View,
+    mask: &'a Mat,
+    w: Option<&'a Mat>,
+    grad: &'a MatMut,
+    mode: i64,
+    agg: AggMode,
+    norm: &'a Normalizers,
+    clip: (f64, f64, f64, bool),
+    f64_math: bool,
+}
+
+/// Zeroes the tickets and enqueues both loss kernels on `stream`.
+fn launch_loss(l: &LossLaunch<'_>, b: &LossBuffers<'_>, device: Device, stream: usize) -> Result<()> {
+    let (rows, cols) = (l.lp.rows, l.lp.cols);
+    b.check(device, rows, l.grad.desc.dtype, l.mode != MODE_AGG)?;
+    let d = driver()?;
+    let s = device_state(&d, device)?;
+    let (lp, grad, mask, w) = (view(l.lp), view_mut(l.grad), view(l.mask), l.w.map(view).unwrap_or(NO_VIEW));
+    // 16-byte runs when every (rows, cols) float operand, the gradient
+    // included, is stored as log_prob is and laid out for them.
+    let dt = l.lp.desc.dtype;
+    let vector = [&lp, &l.old_lp, &l.adv, &w, &grad].iter().all(|v| runs_ok(v, rows, dt));
+    let variant = Variant::choose(dt, l.f64_math, vector);
+    let run = variant.run();
+    let team = team_size(cols, run);
+    let block = team.max(256);
+    let blocks = grid(rows.div_ceil((block / team) as usize).max(1))?;
+    let vec = if vector && variant != Variant::Any32 && variant != Variant::Any64 { VEC_FLOAT } else { 0 }
+        | if mask_runs_ok(&mask, rows, run) { VEC_MASK } else { 0 }
+        | if mask_runs_ok(&mask, rows, 16) { VEC_MASK16 } else { 0 };
+    let n = l.norm;
+    let (lo, hi, c, closed) = l.clip;
+    let mut a = LossArgs {
+        old_lp: l.old_lp,
+        lp,
+        adv: l.adv,
+        mask,
+        w,
+        grad,
+        loss: View { ptr: b.loss.ptr, rs: 0, cs: 0, dtype: dtype_code(b.loss.dtype) },
+        metrics: b.metrics.map_or(std::ptr::null_mut(), |m| m.ptr as *mut f64),
+        scratch: b.scratch.ptr as *mut f64,
+        factor: b.factor.map_or(std::ptr::null(), |f| f.ptr as *const f64),
+        rows: rows as i64,
+        cols: cols as i64,
+        mode: l.mode,
+        agg: agg_code(l.agg),
+        lo,
+        hi,
+        c,
+        clamp_closed: closed as i64,
         dp_size: n.dp_size,
         batch_num_tokens: n.batch_num_tokens.unwrap_or(-1.0),
         global_batch_size: n.global_batch_size.unwrap_or(-1.0),
         loss_scale_factor: n.loss_scale_factor.unwrap_or(-1.0),
-        mask_f64: (mask.desc.dtype == DType::F64) as i64,
+        team: team as i64,
+        vec,
+    };
+    let k = Variant::ALL.iter().position(|v| *v == variant).unwrap();
+    let args = &mut a as *mut _ as *mut c_void;
+    let _g = CtxGuard::push(&d, s.ctx)?;
+    // SAFETY: the struct matches kernels.cu; the tensors are kept alive by
+    // the caller and used on its stream, so stream order protects them.
+    unsafe {
+        rt(d.check("cuMemsetD32Async", (d.cuMemsetD32Async)(b.scratch.ptr as u64, 0, 2, stream as sys::CUstream)))?;
+        launch(&d, s.loss_rows[k], blocks, block, stream, args)?;
+        let rule = match l.mode {
+            0 => 0,
+            MODE_AGG => 2,
+            _ => 1,
+        };
+        launch(&d, s.loss_tokens[k][rule], blocks, block, stream, args)
     }
+}
+
+fn clip_of(p: &PolicyLossProblem) -> (f64, f64, f64, bool) {
+    (1.0 - p.clip.low, 1.0 + p.clip.high, p.clip.c, p.clip.clamp_closed)
 }
 
 /// Enqueues the fused policy loss on `stream` (a `CUstream` of the inputs'
-/// device, 0 for the legacy default stream). Writes `d loss / d log_prob`
-/// divided by `out[4]` into `p.grad`, the row partials into `scratch`, and
-/// `[loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower, scale]` into `out`.
-/// Returns as soon as both kernels are queued.
-pub fn policy_loss(p: &PolicyLossProblem, scratch: &Desc, out: &Desc, stream: usize) -> Result<()> {
-    let (rows, cols) = (p.log_prob.rows, p.log_prob.cols);
-    check_buffers(p.device, rows, out, scratch)?;
-    let d = driver()?;
-    let s = device(&d, ordinal(p.device)?)?;
-    let mut a = PolicyArgs {
-        old_lp: view(&p.old_log_prob),
-        lp: view(&p.log_prob),
-        adv: view(&p.advantages),
-        mask: view(&p.response_mask),
-        w: p.rollout_is_weights.as_ref().map(view).unwrap_or(NO_VIEW),
-        grad: view_mut(&p.grad),
-        partials: scratch.ptr as *mut f64,
-        rows: rows as i64,
-        cols: cols as i64,
-        mode: match p.mode {
-            LossMode::Vanilla => 0,
-            LossMode::Gspo => 1,
-            LossMode::Luspo => 2,
-        },
-        agg: agg_code(p.agg),
-        lo: 1.0 - p.clip.low,
-        hi: 1.0 + p.clip.high,
-        c: p.clip.c,
-        clamp_closed: p.clip.clamp_closed as i64,
+/// device, 0 for the legacy default stream): the final `d loss / d log_prob`
+/// into `p.grad`, the loss into `b.loss`, verl's metrics into `b.metrics`.
+/// Returns as soon as the work is queued (a memset and two kernels).
+pub fn policy_loss(p: &PolicyLossProblem, b: &LossBuffers<'_>, stream: usize) -> Result<()> {
+    let mode = match p.mode {
+        LossMode::Vanilla => 0,
+        LossMode::Gspo => 1,
+        LossMode::Luspo => 2,
     };
-    let mut f = finalize_args(scratch, out, &p.response_mask, p.agg, &p.norm);
-    let rows_fn = if p.wants_f64() { s.policy_f64 } else { s.policy_f32 };
-    let _g = CtxGuard::push(&d, s.ctx)?;
-    // SAFETY: the structs match kernels.cu; the tensors are kept alive by
-    // the caller and used on its stream, so stream order protects them.
-    unsafe {
-        launch(&d, rows_fn, grid(rows)?, threads_per_row(cols), stream, &mut a as *mut _ as *mut c_void)?;
-        launch(&d, s.finalize, 1, 256, stream, &mut f as *mut _ as *mut c_void)
-    }
+    let l = LossLaunch {
+        old_lp: view(&p.old_log_prob),
+        lp: &p.log_prob,
+        adv: view(&p.advantages),
+        mask: &p.response_mask,
+        w: p.rollout_is_weights.as_ref(),
+        grad: &p.grad,
+        mode,
+        agg: p.agg,
+        norm: &p.norm,
+        clip: clip_of(p),
+        f64_math: p.wants_f64(),
+    };
+    launch_loss(&l, b, p.device, stream)
 }
 
-/// Enqueues verl's `agg_loss` on `stream`: `d loss / d loss_mat` divided by
-/// `out[4]` into `p.grad`, and `[loss, 0, 0, 0, scale]` into `out`.
-pub fn agg_loss(p: &AggProblem, scratch: &Desc, out: &Desc, stream: usize) -> Result<()> {
-    let (rows, cols) = (p.loss_mat.rows, p.loss_mat.cols);
-    let device = p.loss_mat.desc.device;
-    check_buffers(device, rows, out, scratch)?;
+/// Enqueues verl's `agg_loss` on `stream`: the final `d loss / d loss_mat`
+/// into `p.grad` and the loss into `b.loss` (`b.metrics` must be none).
+pub fn agg_loss(p: &AggProblem, b: &LossBuffers<'_>, stream: usize) -> Result<()> {
+    let l = LossLaunch {
+        old_lp: NO_VIEW,
+        lp: &p.loss_mat,
+        adv: NO_VIEW,
+        mask: &p.loss_mask,
+        w: None,
+        grad: &p.grad,
+        mode: MODE_AGG,
+        agg: p.agg,
+        norm: &p.norm,
+        clip: (0.0, 0.0, 0.0, false),
+        f64_math: p.loss_mat.desc.dtype == DType::F64,
+    };
+    launch_loss(&l, b, p.loss_mat.desc.device, stream)
+}
+
+#[repr(C)]
+struct ScaleArgs {
+    grad: View,
+    grad_output: View,
+    n: i64,
+}
+
+/// Enqueues `grad *= grad_output` in place (backward of the loss kernels):
+/// `grad` a contiguous float tensor on the device, `grad_output` a 1-element
+/// float tensor there. Where `grad_output` is 1 the kernel leaves `grad`
+/// untouched (no pass over it), which is the `loss.backward()` case.
+pub fn scale_grad(grad: &Desc, grad_output: &Desc, stream: usize) -> Result<()> {
+    let device = grad.device;
+    if !grad.dtype.is_float() || grad.read_only || !is_contiguous(grad) || (grad.ptr as usize) % 16 != 0 {
+        return Err(Error::value_error(grad.arg, "expected a writable contiguous float tensor, 16-byte aligned").into());
+    }
+    let n: usize = grad.shape.iter().product();
+    if grad_output.device != device || !grad_output.dtype.is_float() || grad_output.shape.iter().product::<usize>() != 1 {
+        return Err(Error::value_error(
+            grad_output.arg,
+            format!("expected a 1-element float tensor on {device}"),
+        )
+        .into());
+    }
+    if n == 0 {
+        return Ok(());
+    }
     let d = driver()?;
     let s = device_state(&d, device)?;
-    let mut a = AggArgs {
-        loss: view(&p.loss_mat),
-        mask: view(&p.loss_mask),
-        grad: view_mut(&p.grad),
-        partials: scratch.ptr as *mut f64,
-        rows: rows as i64,
-        cols: cols as i64,
-        agg: agg_code(p.agg),
+    let mut a = ScaleArgs {
+        grad: View { ptr: grad.ptr, rs: 0, cs: 1, dtype: dtype_code(grad.dtype) },
+        grad_output: View { ptr: grad_output.ptr, rs: 0, cs: 0, dtype: dtype_code(grad_output.dtype) },
+        n: n as i64,
     };
-    let mut f = finalize_args(scratch, out, &p.loss_mask, p.agg, &p.norm);
-    let rows_fn = if p.loss_mat.desc.dtype == DType::F64 { s.agg_f64 } else { s.agg_f32 };
+    // a grid-stride loop: a few blocks per multiprocessor are enough for a stream
+    let blocks = grid(n.div_ceil(256 * 8).clamp(1, 1024))?;
     let _g = CtxGuard::push(&d, s.ctx)?;
-    // SAFETY: as in `policy_loss`.
-    unsafe {
-        launch(&d, rows_fn, grid(rows)?, threads_per_row(cols), stream, &mut a as *mut _ as *mut c_void)?;
-        launch(&d, s.finalize, 1, 256, stream, &mut f as *mut _ as *mut c_void)
-    }
+    // SAFETY: the struct matches kernels.cu; the caller keeps both tensors alive on its stream.
+    unsafe { launch(&d, s.scale_grad, blocks, 256, stream, &mut a as *mut _ as *mut c_void) }
 }
 
 #[repr(C)]
@@ -680,6 +939,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn teams_are_powers_of_two_in_range() {
+        for cols in [1, 7, 64, 300, 513, 4096, 16384, 1 << 20] {
+            for run in [2, 4, 8] {
+                let t = team_size(cols, run);
+                assert!(t.is_power_of_two() && (32..=MAX_THREADS).contains(&t), "{cols} {run} -> {t}");
+            }
+        }
+        assert_eq!(team_size(16384, 4), 512);
+        assert_eq!(team_size(300, 4), 32);
+    }
+
+    #[test]
+    fn runs_need_one_dtype_contiguous_rows_and_alignment() {
+        let v = |ptr: usize, rs: i64, cs: i64, dt: DType| View { ptr: ptr as *const u8, rs, cs, dtype: dtype_code(dt) };
+        assert!(runs_ok(&v(4096, 1024, 1, DType::F32), 8, DType::F32));
+        assert!(!runs_ok(&v(4096, 1024, 1, DType::BF16), 8, DType::F32));
+        assert!(!runs_ok(&v(4100, 1024, 1, DType::F32), 8, DType::F32));
+        assert!(!runs_ok(&v(4096, 1023, 1, DType::F32), 8, DType::F32));
+        assert!(runs_ok(&v(4096, 1023, 1, DType::F32), 1, DType::F32));
+        assert!(!runs_ok(&v(4096, 1, 1024, DType::F32), 8, DType::F32));
+        assert!(runs_ok(&v(4100, 1, 0, DType::BF16), 8, DType::F32), "per-row views are read once per row");
+        assert!(runs_ok(&NO_VIEW, 8, DType::F32));
+        assert!(mask_runs_ok(&v(4096, 300, 1, DType::Bool), 8, 4));
+        assert!(!mask_runs_ok(&v(4096, 301, 1, DType::Bool), 8, 4));
+        assert!(!mask_runs_ok(&v(4096, 300, 1, DType::F32), 8, 4));
+    }
+
+    #[test]
     fn block_sizes_are_powers_of_two_in_range() {
         for cols in [1, 7, 64, 513, 4096, 16384, 1 << 20] {
             let t = threads_per_row(cols);
@@ -689,11 +976,13 @@ mod tests {
 
     #[test]
     fn struct_layouts_match_kernels_cu() {
-        // View: 4 x 8 bytes; PolicyArgs: 6 views + 5 words + 3 doubles + 1 word.
+        // View: 4 x 8 bytes; LossArgs: 7 views + 3 pointers + 4 words + 3 doubles
+        // + 1 word + 4 doubles + 2 words; ScaleArgs: 2 views + 1 word.
         assert_eq!(std::mem::size_of::<View>(), 32);
-        assert_eq!(std::mem::size_of::<PolicyArgs>(), 6 * 32 + 5 * 8 + 3 * 8 + 8);
-        assert_eq!(std::mem::size_of::<AggArgs>(), 3 * 32 + 4 * 8);
-        assert_eq!(std::mem::size_of::<FinalizeArgs>(), 10 * 8);
+        assert_eq!(std::mem::size_of::<LossArgs>(), 7 * 32 + 3 * 8 + 4 * 8 + 3 * 8 + 8 + 4 * 8 + 2 * 8);
+        assert_eq!(std::mem::offset_of!(LossArgs, rows), 7 * 32 + 3 * 8);
+        assert_eq!(std::mem::offset_of!(LossArgs, dp_size), 7 * 32 + 3 * 8 + 4 * 8 + 4 * 8);
+        assert_eq!(std::mem::size_of::<ScaleArgs>(), 2 * 32 + 8);
         // KlArgs: 4 views + 5 words; AdvArgs: 3 views + 5 pointers/strides
         // + 3 words + 3 doubles + 1 word.
         assert_eq!(std::mem::size_of::<KlArgs>(), 4 * 32 + 5 * 8);
@@ -705,11 +994,11 @@ mod tests {
 
     /// Every entry point [`device`] loads.
     const KERNELS: [&str; 13] = [
-        "luspo_policy_rows_f32",
-        "luspo_policy_rows_f64",
-        "luspo_agg_rows_f32",
-        "luspo_agg_rows_f64",
-        "luspo_finalize",
+        "luspo_loss_rows_f32",
+        "luspo_loss_tokens_f32_vanilla",
+        "luspo_loss_tokens_bf16_seq",
+        "luspo_loss_tokens_any64_agg",
+        "luspo_scale_grad",
         "luspo_kl_f32",
         "luspo_kl_f64",
         "luspo_adv_rows_f32",
@@ -742,6 +1031,18 @@ mod tests {
                 return;
             }
         };
+        // the cubin cache: written on the first call, read on the second,
+        // and a damaged entry is compiled again
+        let dir = std::env::temp_dir().join(format!("luspo_rs_cache_test_{}", std::process::id()));
+        std::env::set_var("LUSPO_RS_CACHE_DIR", &dir);
+        let first = cubin(&nv, 9, 0).unwrap();
+        let entries: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert_eq!(std::fs::read(&entries[0]).unwrap(), first);
+        assert_eq!(cubin(&nv, 9, 0).unwrap(), first);
+        std::fs::write(&entries[0], b"not a cubin").unwrap();
+        assert!(cubin(&nv, 9, 0).unwrap().starts_with(b"\x7fELF"));
+        std::fs::remove_dir_all(&dir).unwrap();
         for (ma, mi) in [(8, 0), (9, 0)] {
             let ptx = compile(&nv, ma, mi, Target::Ptx).unwrap();
             let ptx = String::from_utf8_lossy(&ptx);
