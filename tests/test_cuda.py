@@ -326,7 +326,9 @@ def test_estimator_matches_verl_and_cpu_on_the_gpu(name, layout, index_kind, dty
     cpu, _ = adv(ours, name, rewards, mask, uid)
     close(got, cpu, ADV_TOL[dtype], "vs CPU")
     want, _ = adv(verl_ca, name, rewards.cuda(), mask.cuda(), uid)
-    close(got, want, ADV_TOL[dtype], "vs verl")
+    # verl's grpo_vectorized has float32 group statistics whatever the dtype
+    # (test_advantage_parity.float64_tol): float32 precision only.
+    close(got, want, ADV_TOL[torch.float32] if name == "grpo_vectorized" else ADV_TOL[dtype], "vs verl")
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))

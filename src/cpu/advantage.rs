@@ -14,12 +14,16 @@
 //! * `gpg`: `alpha * (s_i - mu_g) / f_norm`, `alpha = B / max(#{s_i != 0}, 1)` [`alpha s_i / f_norm`];
 //! * `reinforce_plus_plus_baseline`: `v_it = (s_i - mu_g) m_it` [`s_i m_it`], then
 //!   verl's `masked_whiten` over the whole batch:
-//!   `(v - mean) / sqrt(var + 1e-8) * m` with `mean`, unbiased `var` over `m`.
+//!   `(v - mean) / sqrt(var + 1e-8) * m` with `mean`, unbiased `var` over `m`;
+//!   with `N = sum m`, verl divides by `N + 1e-8` and multiplies by the Bessel
+//!   factor `N / (N - 1)`, both computed in float32 unless the mask is float64
+//!   (torch's dtype of `mask.sum()`, see [`plus_eps`] and [`bessel`]).
 //!
 //! Every other estimator writes `a_i * m_it`.
 
 use super::{min_rows_per_task, sum_f64};
 use crate::error::{Error, Result};
+use crate::spec::plus_eps;
 use crate::tensor::{same_device, DType, Desc, Mat, MatMut, Real};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -222,16 +226,19 @@ fn run<F: Real>(p: &AdvantageProblem) {
     // Whitening of reinforce_plus_plus_baseline: v_it = a_i m_it, statistics
     // over all tokens weighted by m (verl's masked_mean / masked_var).
     let whiten = (p.estimator == Estimator::ReinforcePlusPlusBaseline).then(|| {
+        let mask_f64 = p.mask.desc.dtype == DType::F64;
         let n: f64 = stats.iter().map(|s| s.m1).sum();
+        // verl's masked_mean divides by `mask.sum() + 1e-8`, float32 unless the mask is float64.
+        let denom = plus_eps(n, mask_f64);
         let sum_v: f64 = stats.iter().zip(&scalars).map(|(s, &a)| a * s.m2).sum();
-        let mean = sum_v / (n + 1e-8);
+        let mean = sum_v / denom;
         // sum m (a m - mean)^2 = a^2 m3 - 2 a mean m2 + mean^2 m1
         let ss: f64 = stats
             .iter()
             .zip(&scalars)
             .map(|(s, &a)| a * a * s.m3 - 2.0 * a * mean * s.m2 + mean * mean * s.m1)
             .sum();
-        let var = ss / (n + 1e-8) * n / (n - 1.0);
+        let var = ss / denom * bessel(n, mask_f64);
         (mean, 1.0 / (var + 1e-8).sqrt())
     });
 
@@ -263,6 +270,20 @@ fn run<F: Real>(p: &AdvantageProblem) {
         },
     );
     fence();
+}
+
+/// verl's `masked_var` Bessel factor `mask_sum / (mask_sum - 1)` for a mask
+/// summing to `n`: `mask.sum()` is float32 for float32 masks and int64 for
+/// bool / integer masks, whose true division gives float32 (torch's default
+/// dtype), so the factor is rounded to float32 unless the mask is float64.
+#[inline]
+fn bessel(n: f64, mask_is_f64: bool) -> f64 {
+    if mask_is_f64 {
+        n / (n - 1.0)
+    } else {
+        let n = n as f32;
+        (n / (n - 1.0)) as f64
+    }
 }
 
 /// `out = a * m` for a contiguous int64 mask row whose values fit in i32
@@ -462,6 +483,43 @@ mod tests {
         assert!(mean.abs() < 1e-9);
         let var: f64 = o.iter().map(|v| v * v).sum::<f64>() / 7.0;
         assert!((var - 1.0).abs() < 1e-6, "{var}");
+    }
+
+    #[test]
+    fn rfpp_whitening_counts_in_float32_unless_the_mask_is_f64() {
+        // N = 7 valid tokens: verl's Bessel factor 7/6 rounds in float32 and its
+        // `7 + 1e-8` is 7 there, for a float32 mask; a float64 mask keeps both.
+        let r = [0.3, 1.7, -2.2, 0.9, 4.1, -0.6, 2.5];
+        let idx = [1i64, 1, 2, 2, 2, 3, 3];
+        let est = "reinforce_plus_plus_baseline";
+        let out64 = run_est(est, true, &r, &[1.0f64; 7], &idx, 1);
+        let m32 = [1.0f32; 7];
+        let mut out32 = vec![0.0f64; 7];
+        let rd = Desc::from_slice("token_level_rewards", &r, &[7, 1]);
+        let md = Desc::from_slice("response_mask", &m32, &[7, 1]);
+        let id = Desc::from_slice("index", &idx, &[7]);
+        let od = Desc::from_mut_slice("out", &mut out32, &[7, 1]);
+        compute(&AdvantageProblem::new(&rd, &md, &id, &od, est, true, 1e-6, 1.0).unwrap());
+        let mut a = [0.0f64; 7];
+        for g in [1, 2, 3] {
+            let rows: Vec<usize> = (0..7).filter(|&i| idx[i] == g).collect();
+            let mu = rows.iter().map(|&i| r[i]).sum::<f64>() / rows.len() as f64;
+            for &i in &rows {
+                a[i] = r[i] - mu;
+            }
+        }
+        let want = |eps: f64, bessel: f64| -> Vec<f64> {
+            let mean = a.iter().sum::<f64>() / (7.0 + eps);
+            let ss: f64 = a.iter().map(|x| (x - mean) * (x - mean)).sum();
+            let rstd = 1.0 / (ss / (7.0 + eps) * bessel + 1e-8).sqrt();
+            a.iter().map(|x| (x - mean) * rstd).collect()
+        };
+        let (w32, w64) = (want(0.0, (7.0f32 / 6.0f32) as f64), want(1e-8, 7.0 / 6.0));
+        for i in 0..7 {
+            assert!((out32[i] - w32[i]).abs() < 1e-12, "{out32:?} vs {w32:?}");
+            assert!((out64[i] - w64[i]).abs() < 1e-12, "{out64:?} vs {w64:?}");
+        }
+        assert!(out32.iter().zip(&out64).any(|(x, y)| (x - y).abs() > 1e-9));
     }
 
     #[test]

@@ -837,6 +837,7 @@ struct AdvArgs {
     double single;                  // (double)(1.0f + (float)epsilon): verl's float32 singleton std + eps
     double f_norm;
     i64 need_mask;                  // opo / rf++: accumulate the mask moments
+    i64 mask_f64;                   // the mask is float64 (rf++ whitening: plus_eps, bessel)
 };
 
 template <typename F>
@@ -923,7 +924,10 @@ extern "C" __global__ void luspo_adv_groups(AdvArgs a) {
 
 // gpg: a_i = alpha * a_i / f_norm, alpha = B / max(#{s_i != 0}, 1).
 // rf++: the whitening statistics of v_it = a_i m_it over the batch, into
-// scratch[rows * ADV_NSTAT + {0, 1}] = (mean, 1 / sqrt(var + 1e-8)).
+// scratch[rows * ADV_NSTAT + {0, 1}] = (mean, 1 / sqrt(var + 1e-8)); with
+// N = sum m, verl's masked_mean divides by N + 1e-8 and masked_var multiplies
+// by N / (N - 1), both in float32 unless the mask is float64
+// (src/cpu/advantage.rs plus_eps, bessel).
 extern "C" __global__ void luspo_adv_batch(AdvArgs a) {
     double *st = a.scratch;
     const i64 n = a.rows;
@@ -947,7 +951,9 @@ extern "C" __global__ void luspo_adv_batch(AdvArgs a) {
     }
     block_sum<2>(v);
     const double tokens = v[0];
-    const double mean = v[1] / (tokens + 1e-8);
+    const bool mask_f64 = a.mask_f64 != 0;
+    const double denom = plus_eps(tokens, mask_f64);
+    const double mean = v[1] / denom;
     double s[1] = {0.0};
     for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
         const double *p = st + i * ADV_NSTAT;
@@ -956,7 +962,9 @@ extern "C" __global__ void luspo_adv_batch(AdvArgs a) {
     }
     block_sum<1>(s);
     if (threadIdx.x == 0) {
-        double var = s[0] / (tokens + 1e-8) * tokens / (tokens - 1.0);
+        const float t32 = (float)tokens;
+        const double bessel = mask_f64 ? tokens / (tokens - 1.0) : (double)(t32 / (t32 - 1.0f));
+        double var = s[0] / denom * bessel;
         st[n * ADV_NSTAT] = mean;
         st[n * ADV_NSTAT + 1] = 1.0 / sqrt(var + 1e-8);
     }

@@ -841,6 +841,7 @@ struct AdvArgs {
     single: f64,
     f_norm: f64,
     need_mask: i64,
+    mask_f64: i64,
 }
 
 /// Checks an int64 vector of `rows` elements on `device` (any stride).
@@ -899,6 +900,7 @@ pub fn advantage(p: &AdvantageProblem, order: &Desc, scratch: &Desc, stream: usi
         single: (1.0f32 + p.epsilon as f32) as f64,
         f_norm: p.f_norm,
         need_mask: matches!(p.estimator, Estimator::Opo | Estimator::ReinforcePlusPlusBaseline) as i64,
+        mask_f64: (p.mask.desc.dtype == DType::F64) as i64,
     };
     // f64 math when the rewards or the output are float64, as `cpu::advantage::compute`.
     let f64_math = p.rewards.desc.dtype == DType::F64 || p.out.desc.dtype == DType::F64;
@@ -984,9 +986,9 @@ mod tests {
         assert_eq!(std::mem::offset_of!(LossArgs, dp_size), 7 * 32 + 3 * 8 + 4 * 8 + 4 * 8);
         assert_eq!(std::mem::size_of::<ScaleArgs>(), 2 * 32 + 8);
         // KlArgs: 4 views + 5 words; AdvArgs: 3 views + 5 pointers/strides
-        // + 3 words + 3 doubles + 1 word.
+        // + 3 words + 3 doubles + 2 words.
         assert_eq!(std::mem::size_of::<KlArgs>(), 4 * 32 + 5 * 8);
-        assert_eq!(std::mem::size_of::<AdvArgs>(), 3 * 32 + 5 * 8 + 3 * 8 + 3 * 8 + 8);
+        assert_eq!(std::mem::size_of::<AdvArgs>(), 3 * 32 + 5 * 8 + 3 * 8 + 3 * 8 + 2 * 8);
         assert_eq!(std::mem::offset_of!(AdvArgs, scratch), 3 * 32 + 4 * 8);
         assert_eq!(std::mem::offset_of!(AdvArgs, epsilon), 3 * 32 + 8 * 8);
         assert_eq!(std::mem::offset_of!(KlArgs, kind), 4 * 32 + 2 * 8);
