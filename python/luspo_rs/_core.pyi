@@ -6,8 +6,9 @@ bounds: ``True`` passes the gradient there (torch 2.11), ``False`` does not
 installed torch.
 
 Every tensor argument is any object with ``__dlpack__`` (torch tensors, numpy
-arrays). Outputs (``grad``, ``out``) are written in place and must be
-writable; nothing is copied. Errors are ``TypeError`` (dtype) or
+arrays); torch tensors are read from their attributes (data pointer, dtype,
+shape, strides, device) without a DLPack export. Outputs (``grad``, ``out``)
+are written in place and must be writable; nothing is copied. Errors are ``TypeError`` (dtype) or
 ``ValueError`` (shape, rank, device, value), each naming the argument.
 """
 
@@ -35,19 +36,22 @@ def policy_loss(
     scratch: Optional[Any] = None,
     stream: Optional[int] = None,
     clamp_closed: bool = False,
+    loss: Optional[Any] = None,
+    factor: Optional[Any] = None,
 ) -> None:
     """Fused policy loss: writes ``d loss / d log_prob`` into ``grad`` (shape
     and device of ``log_prob``, float dtype) and
     ``[loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower]`` into ``out`` (a
     contiguous float64 tensor of 4 elements).
 
-    CUDA tensors: the kernels are queued on ``stream`` (a ``CUstream``
-    handle, ``torch.cuda.current_stream().cuda_stream``) and the call returns
-    at once. ``out`` is a float64 device tensor of 5 elements receiving
-    ``[loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower, scale]``, ``grad``
-    receives ``d loss / d log_prob`` divided by ``scale``, and ``scratch`` is
-    a float64 device tensor of at least ``5 * B`` elements (row partials).
-    Errors from the CUDA driver or NVRTC are ``RuntimeError``."""
+    CUDA tensors: a memset and two kernels are queued on ``stream`` (a
+    ``CUstream`` handle, ``torch.cuda.current_stream().cuda_stream``) and the
+    call returns at once. ``grad`` receives the final gradient, ``loss`` (a
+    0-d tensor in ``log_prob``'s dtype) the loss, ``out`` (3 float64) the
+    metrics ``[pg_clipfrac, ppo_kl, pg_clipfrac_lower]``; ``scratch`` is a
+    float64 device tensor of ``cuda_loss_scratch_len(B)`` elements and
+    ``factor`` an optional float64 device scalar multiplying the loss and the
+    gradient. Errors from the CUDA driver or NVRTC are ``RuntimeError``."""
 
 def agg_loss(
     loss_mat: Any,
@@ -62,14 +66,23 @@ def agg_loss(
     out: Optional[Any] = None,
     scratch: Optional[Any] = None,
     stream: Optional[int] = None,
+    factor: Optional[Any] = None,
 ) -> Optional[float]:
     """verl's ``agg_loss``: returns the scalar and writes
     ``d loss / d loss_mat`` into ``grad``.
 
-    CUDA tensors: returns ``None`` without waiting; ``out`` (5 float64 on the
-    device) receives ``[loss, 0, 0, 0, scale]`` and ``grad`` receives
-    ``d loss / d loss_mat`` divided by ``scale``; ``scratch`` and ``stream``
-    as in :func:`policy_loss`."""
+    CUDA tensors: returns ``None`` without waiting; ``out`` (0-d, in
+    ``loss_mat``'s dtype, on the device) receives the loss and ``grad`` the
+    final gradient; ``scratch``, ``factor`` and ``stream`` as in
+    :func:`policy_loss`."""
+
+def cuda_loss_scratch_len(rows: int) -> int:
+    """float64 elements of the ``scratch`` the CUDA loss kernels need for ``rows`` rows."""
+
+def cuda_scale_grad(grad: Any, grad_output: Any, stream: int) -> None:
+    """Backward of the CUDA loss kernels: queues ``grad *= grad_output`` in
+    place on ``stream``; the kernel leaves ``grad`` untouched when
+    ``grad_output`` (a 1-element float device tensor) is 1."""
 
 def cuda_set_nvrtc_hints(dirs: list[str]) -> None:
     """Directories searched for ``libnvrtc`` after ``LUSPO_RS_NVRTC`` and
