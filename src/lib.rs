@@ -209,9 +209,16 @@ mod python {
         } else {
             return Ok(None);
         };
-        let shape: Vec<usize> = obj.getattr(intern!(py, "shape"))?.extract()?;
-        let strides: Vec<isize> = obj.call_method0(intern!(py, "stride"))?.extract()?;
-        let ptr: usize = obj.call_method0(intern!(py, "data_ptr"))?.extract()?;
+        // A tensor without plain storage (a functorch wrapper, a fake tensor)
+        // has no data pointer: DLPack then says what is wrong with it.
+        let layout = (|| -> PyResult<(Vec<usize>, Vec<isize>, usize)> {
+            Ok((
+                obj.getattr(intern!(py, "shape"))?.extract()?,
+                obj.call_method0(intern!(py, "stride"))?.extract()?,
+                obj.call_method0(intern!(py, "data_ptr"))?.extract()?,
+            ))
+        })();
+        let Ok((shape, strides, ptr)) = layout else { return Ok(None) };
         Ok(Some(Desc { arg, ptr: ptr as *mut u8, dtype, device, shape, strides, read_only: false }))
     }
 
