@@ -37,7 +37,7 @@ mod python {
     /// An imported DLPack tensor and its validated description; the import
     /// keeps the producer's memory alive until it is dropped.
     struct Imported {
-        _owner: Option<ImportedDlpack>,
+        _owner: ImportedDlpack,
         desc: Desc,
     }
 
@@ -49,24 +49,14 @@ mod python {
     /// `torch.cuda.current_stream().cuda_stream`), handed to `__dlpack__` so
     /// the producer orders its work before ours without a host sync (and
     /// does nothing when it is already its current stream).
-    struct ConsumerStream {
-        handle: usize,
-        /// Whether `handle` is torch's current stream on a device, asked once per call.
-        is_current: std::cell::Cell<Option<(i32, bool)>>,
-    }
-
-    impl ConsumerStream {
-        fn new(handle: usize) -> Self {
-            ConsumerStream { handle, is_current: std::cell::Cell::new(None) }
-        }
-    }
+    struct ConsumerStream(usize);
 
     // SAFETY: the handle is the caller's live stream for the whole call and
     // is only given to producers of CUDA tensors.
     unsafe impl DlpackStream for ConsumerStream {
         fn as_python_arg(&self, _py: Python<'_>, device: dlpark::ffi::DLDevice) -> PyResult<StreamArg> {
             Ok(if device.device_type == dlpark::ffi::DLDeviceType::CUDA {
-                dlpark::python::consumer::stream::cuda(self.handle as *mut std::ffi::c_void)
+                dlpark::python::consumer::stream::cuda(self.0 as *mut std::ffi::c_void)
             } else {
                 dlpark::python::consumer::stream::none()
             })
@@ -75,7 +65,7 @@ mod python {
         unsafe fn wait_for_producer(&self, _device: dlpark::ffi::DLDevice, producer: *mut std::ffi::c_void) -> PyResult<bool> {
             // Same stream: already ordered. Otherwise use the Python
             // protocol, whose producer makes our stream wait on an event.
-            Ok(producer as usize == self.handle)
+            Ok(producer as usize == self.0)
         }
     }
 
@@ -115,7 +105,7 @@ mod python {
                 loss: required("loss", loss, "a 0-d tensor in the input's dtype")?,
                 scratch: required("scratch", scratch, "float64, cuda_loss_scratch_len(batch) elements")?,
                 factor: import_opt_on("factor", factor, Some(st))?,
-                stream: st.handle,
+                stream: st.0,
             })
         }
 
@@ -129,108 +119,12 @@ mod python {
         }
     }
 
-    /// What the torch fast path needs, read once: `torch.Tensor`,
-    /// `torch.strided`, the current-stream query and the dtypes we read.
-    struct Torch {
-        tensor: Py<pyo3::types::PyType>,
-        strided: Py<PyAny>,
-        current_stream: Py<PyAny>,
-        dtypes: Vec<(Py<PyAny>, DType)>,
-    }
-
-    static TORCH: pyo3::sync::PyOnceLock<Option<Torch>> = pyo3::sync::PyOnceLock::new();
-
-    fn torch(py: Python<'_>) -> Option<&'static Torch> {
-        TORCH
-            .get_or_init(py, || {
-                let t = py.import("torch").ok()?;
-                let dtypes = [
-                    ("float64", DType::F64),
-                    ("float32", DType::F32),
-                    ("bfloat16", DType::BF16),
-                    ("float16", DType::F16),
-                    ("bool", DType::Bool),
-                    ("uint8", DType::U8),
-                    ("int8", DType::I8),
-                    ("int16", DType::I16),
-                    ("int32", DType::I32),
-                    ("int64", DType::I64),
-                ]
-                .into_iter()
-                .map(|(n, d)| Some((t.getattr(n).ok()?.unbind(), d)))
-                .collect::<Option<Vec<_>>>()?;
-                Some(Torch {
-                    tensor: t.getattr("Tensor").ok()?.cast_into::<pyo3::types::PyType>().ok()?.unbind(),
-                    strided: t.getattr("strided").ok()?.unbind(),
-                    current_stream: t.getattr("_C").ok()?.getattr("_cuda_getCurrentRawStream").ok()?.unbind(),
-                    dtypes,
-                })
-            })
-            .as_ref()
-    }
-
-    /// A torch tensor's description read from its attributes, without a
-    /// DLPack round trip (about ten times cheaper per tensor, which is most
-    /// of a small call's host time). Zero-copy like DLPack: the caller's
-    /// tensor stays alive for the call. `None` sends the tensor down the
-    /// DLPack path instead: not a torch tensor, a dtype, layout or device we
-    /// do not read here, a negated view, or a CUDA tensor when `stream` is
-    /// not torch's current stream (DLPack then orders the two streams).
-    fn torch_desc(arg: &'static str, obj: &Bound<'_, PyAny>, stream: Option<&ConsumerStream>) -> PyResult<Option<Desc>> {
-        use pyo3::intern;
-        let py = obj.py();
-        let Some(t) = torch(py) else { return Ok(None) };
-        if !obj.is_instance(t.tensor.bind(py))? {
-            return Ok(None);
-        }
-        let dt = obj.getattr(intern!(py, "dtype"))?;
-        let Some(&(_, dtype)) = t.dtypes.iter().find(|(o, _)| o.bind(py).is(&dt)) else { return Ok(None) };
-        if !obj.getattr(intern!(py, "layout"))?.is(t.strided.bind(py)) || obj.call_method0(intern!(py, "is_neg"))?.is_truthy()? {
-            return Ok(None);
-        }
-        let device = if obj.getattr(intern!(py, "is_cuda"))?.is_truthy()? {
-            let index: i32 = obj.call_method0(intern!(py, "get_device"))?.extract()?;
-            if let Some(s) = stream {
-                let current = match s.is_current.get() {
-                    Some((i, c)) if i == index => c,
-                    _ => {
-                        let c = t.current_stream.bind(py).call1((index,))?.extract::<usize>()? == s.handle;
-                        s.is_current.set(Some((index, c)));
-                        c
-                    }
-                };
-                if !current {
-                    return Ok(None);
-                }
-            }
-            Device::Cuda(index)
-        } else if obj.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
-            Device::Cpu
-        } else {
-            return Ok(None);
-        };
-        // A tensor without plain storage (a functorch wrapper, a fake tensor)
-        // has no data pointer: DLPack then says what is wrong with it.
-        let layout = (|| -> PyResult<(Vec<usize>, Vec<isize>, usize)> {
-            Ok((
-                obj.getattr(intern!(py, "shape"))?.extract()?,
-                obj.call_method0(intern!(py, "stride"))?.extract()?,
-                obj.call_method0(intern!(py, "data_ptr"))?.extract()?,
-            ))
-        })();
-        let Ok((shape, strides, ptr)) = layout else { return Ok(None) };
-        Ok(Some(Desc { arg, ptr: ptr as *mut u8, dtype, device, shape, strides, read_only: false }))
-    }
-
     fn import_on(
         arg: &'static str,
         obj: &Bound<'_, PyAny>,
         writable: bool,
         stream: Option<&ConsumerStream>,
     ) -> PyResult<Imported> {
-        if let Some(desc) = torch_desc(arg, obj, stream)? {
-            return Ok(Imported { _owner: None, desc });
-        }
         let stream = stream.map(|s| s as &dyn DlpackStream);
         if !obj.hasattr("__dlpack__")? {
             return Err(PyTypeError::new_err(format!(
@@ -248,7 +142,7 @@ mod python {
         if writable && read_only {
             return Err(PyValueError::new_err(format!("{arg}: the output buffer is read-only")));
         }
-        Ok(Imported { _owner: Some(owner), desc })
+        Ok(Imported { _owner: owner, desc })
     }
 
     fn import_opt_on(
@@ -324,7 +218,7 @@ mod python {
         loss: Option<&Bound<'_, PyAny>>,
         factor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let cs = stream.map(ConsumerStream::new);
+        let cs = stream.map(ConsumerStream);
         let s = cs.as_ref();
         let old = import_on("old_log_prob", old_log_prob, false, s)?;
         let lp = import_on("log_prob", log_prob, false, s)?;
@@ -383,7 +277,7 @@ mod python {
         stream: Option<usize>,
         factor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Option<f64>> {
-        let cs = stream.map(ConsumerStream::new);
+        let cs = stream.map(ConsumerStream);
         let s = cs.as_ref();
         let l = import_on("loss_mat", loss_mat, false, s)?;
         let m = import_on("loss_mask", loss_mask, false, s)?;
@@ -423,7 +317,7 @@ mod python {
         scratch: Option<&Bound<'_, PyAny>>,
         stream: Option<usize>,
     ) -> PyResult<()> {
-        let cs = stream.map(ConsumerStream::new);
+        let cs = stream.map(ConsumerStream);
         let s = cs.as_ref();
         let r = import_on("token_level_rewards", token_level_rewards, false, s)?;
         let m = import_on("response_mask", response_mask, false, s)?;
@@ -455,7 +349,7 @@ mod python {
                 ))
             })?;
             let sc = import_on("scratch", sc, true, s)?;
-            let st = st.handle;
+            let st = st.0;
             return py.detach(|| cuda::advantage(&problem, &ord.desc, &sc.desc, st)).map_err(cuda_err);
         }
         py.detach(|| cpu::advantage::compute(&problem));
@@ -514,7 +408,7 @@ mod python {
         clamp_closed: bool,
         stream: Option<usize>,
     ) -> PyResult<()> {
-        let cs = stream.map(ConsumerStream::new);
+        let cs = stream.map(ConsumerStream);
         let s = cs.as_ref();
         let l = import_on("logprob", logprob, false, s)?;
         let r = import_on("ref_logprob", ref_logprob, false, s)?;
@@ -529,7 +423,7 @@ mod python {
             let st = cs.as_ref().ok_or_else(|| {
                 PyValueError::new_err("stream: required for CUDA tensors (torch.cuda.current_stream().cuda_stream)")
             })?;
-            let st = st.handle;
+            let st = st.0;
             return py.detach(|| cuda::kl_penalty(&problem, st)).map_err(cuda_err);
         }
         py.detach(|| cpu::kl::compute(&problem));
@@ -540,7 +434,7 @@ mod python {
     /// `stream`, skipped on the device when `grad_output` is 1.
     #[pyfunction]
     fn cuda_scale_grad(grad: &Bound<'_, PyAny>, grad_output: &Bound<'_, PyAny>, stream: usize) -> PyResult<()> {
-        let cs = ConsumerStream::new(stream);
+        let cs = ConsumerStream(stream);
         let g = import_on("grad", grad, true, Some(&cs))?;
         let go = import_on("grad_output", grad_output, false, Some(&cs))?;
         if g.desc.device == Device::Cpu {

@@ -6,9 +6,8 @@ bounds: ``True`` passes the gradient there (torch 2.11), ``False`` does not
 installed torch.
 
 Every tensor argument is any object with ``__dlpack__`` (torch tensors, numpy
-arrays); torch tensors are read from their attributes (data pointer, dtype,
-shape, strides, device) without a DLPack export. Outputs (``grad``, ``out``)
-are written in place and must be writable; nothing is copied. Errors are ``TypeError`` (dtype) or
+arrays). Outputs (``grad``, ``out``) are written in place and must be
+writable; nothing is copied. Errors are ``TypeError`` (dtype) or
 ``ValueError`` (shape, rank, device, value), each naming the argument.
 """
 
