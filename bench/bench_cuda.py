@@ -87,8 +87,8 @@ def copy_bandwidth(nbytes, warmup, iters):
     return 2 * nbytes / (ms * 1e-3)  # read + write
 
 
-def host_overhead_us(fn, iters=300):
-    """Median synced wall time of ``fn`` in microseconds."""
+def host_overhead_us(fn, iters=300, sync=True):
+    """Median wall time of ``fn`` in microseconds, each call synced (or not)."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
@@ -96,8 +96,10 @@ def host_overhead_us(fn, iters=300):
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        if sync:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
     return 1e6 * statistics.median(times)
 
 

@@ -3,7 +3,7 @@
 One command on a GPU machine:  python bench/bench_cuda_host.py
 
 At B=8, T=256 float32 it times, in this process and nothing else, the median
-wall time (of 500, three repeats) of
+wall time (of 500 after 20 warm-up calls, three repeats) of
 
 * the native call alone (``luspo_rs._core.policy_loss`` with 8 CUDA tensors:
   the DLPack imports, validation and the three launches), not synced;
@@ -12,29 +12,11 @@ wall time (of 500, three repeats) of
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
-from bench_cuda import CLIP, make_inputs
+from bench_cuda import CLIP, host_overhead_us, make_inputs
 
 import luspo_rs
 from luspo_rs import _core
-
-
-def median_us(fn, n=500, sync=False):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    torch.cuda.synchronize()
-    return 1e6 * statistics.median(times)
 
 
 def main():
@@ -57,7 +39,7 @@ def main():
         x.grad = None
         luspo_rs.policy_loss(old, x, adv, mask, mode="luspo", **CLIP)[0].backward()
 
-    runs = [(median_us(native), median_us(step, sync=True)) for _ in range(3)]
+    runs = [(host_overhead_us(native, 500, sync=False), host_overhead_us(step, 500)) for _ in range(3)]
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     print("native call (8 CUDA tensors), us:", ", ".join(f"{a:.1f}" for a, _ in runs))
     print("forward + backward, synced, us:  ", ", ".join(f"{b:.1f}" for _, b in runs))
