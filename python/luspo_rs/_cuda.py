@@ -29,8 +29,9 @@ Normalisers (``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
 ``loss_scale_factor``) may be CUDA 0-d tensors, as verl's actors compute
 them: they are never ``.item()``-ed; the kernels run with 1 in their place
 and multiply the scale (so the loss and the gradient) by their combined
-``factor``, a float64 device scalar. Their values cannot be validated without a sync, so a CUDA
-normaliser that is 0 or NaN gives a NaN / inf loss instead of a ValueError.
+``factor``, a float64 device scalar. Their values cannot be validated
+without a sync, so a CUDA normaliser that is 0 or NaN gives a NaN / inf loss
+instead of a ValueError.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _current_stream_public(index: int) -> int:
     return torch.cuda.current_stream(index).cuda_stream
 
 
-# torch's own raw query (what Triton uses) costs a fraction of the public one.
+# torch's raw query (the one Triton uses) returns the handle without building a Stream object.
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _current_stream_public)
 
 
