@@ -129,6 +129,26 @@ def test_nan_in_valid_token_propagates_like_verl(mode, agg):
     assert_close(grad[[0, 2, 3]], ref_grad[[0, 2, 3]], dtype=torch.float32, what="grad of clean rows")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_advantage_gives_verls_nan_gradient(mode, agg, dtype):
+    # A NaN advantage makes the loss NaN; at clipped tokens (ratio e^0.5 is
+    # past 1 + 0.28) the gradient must be NaN too, as verl's is: torch's
+    # maximum passes the gradient to both operands when one is NaN. A finite
+    # gradient there would slip past a trainer's non-finite-grad-norm guard.
+    old = torch.zeros(2, 2, dtype=dtype)
+    lp = torch.tensor([[0.5, -0.5], [0.0, 0.1]], dtype=dtype)
+    adv = torch.ones(2, 2, dtype=dtype)
+    adv[0] = float("nan")
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    ref_loss, ref_grad, _ = verl_reference(mode, old, lp, adv, mask, agg, **CLIP)
+    loss, grad, _ = ours(mode, old, lp, adv, mask, agg, **CLIP)
+    assert torch.isnan(ref_grad[0]).all(), "the reference is what this test assumes"
+    assert_close(loss, ref_loss, dtype=dtype, what="loss")
+    assert_close(grad, ref_grad, dtype=dtype, what="grad")  # NaN exactly where verl's is
+
+
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("mode", MODES)
 def test_nan_in_masked_position_matches_verl_loss(mode, agg):

@@ -46,12 +46,14 @@ struct Tok<L: Lane> {
 // The helpers below are selects and IEEE ops only (see `lane`), so the
 // same code runs on a scalar and on a vector of tokens.
 
-/// `torch.maximum(a, b)` with its gradient: NaN propagates, ties split.
+/// `torch.maximum(a, b)` with its gradient: NaN propagates (to the value
+/// and, through both operands, to the gradient), ties split.
 #[inline(always)]
 fn maximum<L: Lane>(a: L, da: L, b: L, db: L) -> (L, L) {
     let v = L::select(a.gt(b), a, b);
     let v = L::select(a.is_nan(), a, v);
-    let dv = L::select(a.gt(b), da, db);
+    // a NaN operand: torch's backward masks neither side, so both gradients pass
+    let dv = L::select(a.gt(b), da, L::select(a.lt(b), db, da + db));
     (v, L::select(a.eq(b), (da + db) * L::splat(0.5), dv))
 }
 
@@ -60,7 +62,7 @@ fn maximum<L: Lane>(a: L, da: L, b: L, db: L) -> (L, L) {
 fn minimum<L: Lane>(a: L, da: L, b: L, db: L) -> (L, L) {
     let v = L::select(a.lt(b), a, b);
     let v = L::select(a.is_nan(), a, v);
-    let dv = L::select(a.lt(b), da, db);
+    let dv = L::select(a.lt(b), da, L::select(a.gt(b), db, da + db));
     (v, L::select(a.eq(b), (da + db) * L::splat(0.5), dv))
 }
 
