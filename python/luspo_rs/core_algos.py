@@ -36,7 +36,7 @@ from . import _core, _cuda
 from ._alloc import empty_host
 from .functional import agg_loss as _agg_loss
 from .functional import policy_loss as _policy_loss
-from .functional import torch_clamp_closed
+from .functional import refuse_double_backward, torch_clamp_closed
 
 __all__ = [
     "agg_loss",
@@ -190,6 +190,7 @@ class KlPenaltyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward("luspo_rs.core_algos.kl_penalty")
         (grad,) = ctx.saved_tensors
         g = grad_out * grad
         d_lp = g.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None

@@ -59,6 +59,18 @@ def _as_float(name: str, value: Optional[Number]) -> Optional[float]:
     return float(value)
 
 
+def refuse_double_backward(op: str) -> None:
+    """Raises in a backward run with ``create_graph=True``: the fused kernels
+    compute the gradient, not a differentiable graph of it, so any second
+    derivative taken through it would silently be 0."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: create_graph=True (double backward, Hessian-vector products) is not supported: "
+            "the fused kernel computes the gradient, not a graph of it; use verl's reference "
+            "implementation for higher-order derivatives"
+        )
+
+
 def _scaled(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
     """``grad_loss * saved_grad`` for the CPU path. ``loss.backward()`` seeds
     ``grad_loss = 1``: then the saved buffer is the gradient itself and is
@@ -106,6 +118,7 @@ class PolicyLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_metrics):
         if grad_loss is None:  # only the metrics were used
             return None, None, None, None, None, None, None
+        refuse_double_backward("luspo_rs.policy_loss")
         if getattr(ctx, "cuda", False):
             return _cuda.backward(ctx, grad_loss), None, None, None, None, None, None
         return _scaled(ctx, grad_loss), None, None, None, None, None, None
@@ -210,6 +223,11 @@ class AggLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            # create_graph=True: agg_loss is linear in loss_mat, so its gradient
+            # is the saved constant times grad_output, differentiably
+            (grad,) = ctx.saved_tensors
+            return grad * grad_loss, None, None, None, None
         if getattr(ctx, "cuda", False):
             return _cuda.backward(ctx, grad_loss), None, None, None, None
         return _scaled(ctx, grad_loss), None, None, None, None
