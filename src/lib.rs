@@ -248,7 +248,7 @@ mod python {
             let b = CudaLossBuffers::import(loss, scratch, factor, cs.as_ref())?;
             return py.detach(|| cuda::policy_loss(&problem, &b.buffers(Some(&o.desc)), b.stream)).map_err(cuda_err);
         }
-        let r = py.detach(|| cpu::policy_loss::policy_loss(&problem));
+        let r = py.detach(|| cpu::pool::install(|| cpu::policy_loss::policy_loss(&problem)));
         write_out(&o.desc, &[r.loss, r.pg_clipfrac, r.ppo_kl, r.pg_clipfrac_lower])
     }
 
@@ -289,7 +289,7 @@ mod python {
             py.detach(|| cuda::agg_loss(&problem, &b.buffers(None), b.stream)).map_err(cuda_err)?;
             return Ok(None);
         }
-        Ok(Some(py.detach(|| cpu::agg::agg_loss(&problem))))
+        Ok(Some(py.detach(|| cpu::pool::install(|| cpu::agg::agg_loss(&problem)))))
     }
 
     /// Group advantages of verl's outcome estimators: writes the B×T
@@ -352,7 +352,7 @@ mod python {
             let st = st.0;
             return py.detach(|| cuda::advantage(&problem, &ord.desc, &sc.desc, st)).map_err(cuda_err);
         }
-        py.detach(|| cpu::advantage::compute(&problem));
+        py.detach(|| cpu::pool::install(|| cpu::advantage::compute(&problem)));
         Ok(())
     }
 
@@ -426,7 +426,7 @@ mod python {
             let st = st.0;
             return py.detach(|| cuda::kl_penalty(&problem, st)).map_err(cuda_err);
         }
-        py.detach(|| cpu::kl::compute(&problem));
+        py.detach(|| cpu::pool::install(|| cpu::kl::compute(&problem)));
         Ok(())
     }
 
@@ -449,11 +449,11 @@ mod python {
         cuda::loss_scratch_len(rows)
     }
 
-    /// Number of threads the CPU kernels use (rayon's global pool;
-    /// `RAYON_NUM_THREADS` sets it before the first call).
+    /// Number of threads the CPU kernels use (this process's pool, see
+    /// `cpu::pool`; `RAYON_NUM_THREADS` sets it before the first call).
     #[pyfunction]
     fn num_threads() -> usize {
-        rayon::current_num_threads()
+        cpu::pool::pool().current_num_threads()
     }
 
     /// Directories searched for NVRTC before the system paths.

@@ -7,6 +7,7 @@ pub mod agg;
 pub mod lane;
 pub mod kl;
 pub mod policy_loss;
+pub mod pool;
 
 use crate::spec::MaskTotals;
 use crate::tensor::{Mat, Real};
