@@ -212,6 +212,13 @@ def kl_penalty(logprob: torch.FloatTensor, ref_logprob: torch.FloatTensor, kl_pe
     native = ("cpu", "cuda")
     if logprob.device.type not in native or ref_logprob.device.type not in native:
         return _kl_penalty_torch(logprob, ref_logprob, kl_penalty)
+    if logprob.numel() == 0 and logprob.shape == ref_logprob.shape:
+        # an empty batch or response: verl returns an empty tensor (torch ops on
+        # no elements cost nothing; the mode is still checked there)
+        for name, t in (("logprob", logprob), ("ref_logprob", ref_logprob)):
+            if not t.is_floating_point():
+                raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        return _kl_penalty_torch(logprob, ref_logprob, kl_penalty)
     shape = logprob.shape
     if logprob.dim() != 2 and logprob.shape == ref_logprob.shape and logprob.numel() > 0:
         cols = shape[-1] if logprob.dim() > 0 else 1
