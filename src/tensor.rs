@@ -115,10 +115,22 @@ impl Desc {
             (DLDataTypeCode::INT, 32) => DType::I32,
             (DLDataTypeCode::INT, 64) => DType::I64,
             (code, bits) => {
+                let name = match code {
+                    DLDataTypeCode::COMPLEX => format!("complex{bits}"),
+                    DLDataTypeCode::FLOAT => format!("float{bits}"),
+                    DLDataTypeCode::INT => format!("int{bits}"),
+                    DLDataTypeCode::UINT => format!("uint{bits}"),
+                    DLDataTypeCode::BOOL => format!("bool ({bits} bits)"),
+                    DLDataTypeCode::BFLOAT => format!("bfloat{bits}"),
+                    other => format!("DLPack type code {} ({bits} bits)", other.0),
+                };
                 return Err(Error::type_error(
                     arg,
-                    format!("unsupported dtype (DLPack code {}, {} bits)", code.0, bits),
-                ))
+                    format!(
+                        "unsupported dtype {name}: expected float32, float64, bfloat16 or float16 \
+                         (masks: bool or integers up to 64 bits)"
+                    ),
+                ));
             }
         };
         let device = match t.device().device_type {

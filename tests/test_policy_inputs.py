@@ -4,6 +4,9 @@ nothing B×T beyond the gradient is saved for backward."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -194,3 +197,46 @@ def test_large_gradients_from_the_buffer_pool_are_never_reused_while_referenced(
     assert len(ptrs) == len(held)
     for g, copy in held:
         assert torch.equal(g, copy)
+
+
+def test_messages_name_the_argument_for_the_inputs_issue_8_listed():
+    old, lp, adv, mask = make_batch(2, 3)
+    with pytest.raises(TypeError, match="^mode: expected a string, got NoneType"):
+        luspo_rs.policy_loss(old, lp, adv, mask, mode=None)
+    with pytest.raises(TypeError, match="^loss_agg_mode: expected a string"):
+        luspo_rs.policy_loss(old, lp, adv, mask, mode="gspo", loss_agg_mode=None)
+    with pytest.raises(TypeError, match="^loss_agg_mode: expected a string"):
+        luspo_rs.agg_loss(lp, mask, None)
+    with pytest.raises(TypeError, match="^old_log_prob: unsupported dtype complex64: expected float32"):
+        luspo_rs.policy_loss(old.to(torch.complex64), lp, adv, mask, mode="gspo")
+    with pytest.raises(ValueError, match="^old_log_prob: arrays with negative strides are not supported"):
+        luspo_rs.policy_loss(old.numpy()[:, ::-1], lp, adv, mask, mode="gspo")
+
+
+def test_torch_func_transforms_are_refused_by_name():
+    from torch.func import grad
+
+    old, lp, adv, mask = make_batch(2, 3)
+    with pytest.raises(RuntimeError, match="^log_prob: luspo_rs.policy_loss does not support torch.func"):
+        grad(lambda x: luspo_rs.policy_loss(old, x, adv, mask, mode="gspo")[0])(lp)
+
+
+def test_torch_compile_in_a_fresh_process_gives_the_eager_result():
+    # The clamp probe runs at import, no longer inside the first compiled
+    # call (where fullgraph=True refused it, issue 8). fullgraph=True still
+    # stops at the native call, which Dynamo cannot trace (torch's message
+    # names luspo_rs._core.policy_loss); the default compile breaks the
+    # graph there and must give the eager numbers.
+    code = """
+import torch, luspo_rs
+g = torch.Generator().manual_seed(0)
+old, lp, adv = (torch.randn(4, 9, generator=g) for _ in range(3))
+mask = torch.rand(4, 9, generator=g) > 0.3
+f = lambda x: luspo_rs.policy_loss(old, x, adv, mask, mode="luspo")[0]
+a = lp.clone().requires_grad_(True); b = lp.clone().requires_grad_(True)
+la = torch.compile(f)(a); la.backward(); lb = f(b); lb.backward()
+assert torch.equal(la, lb) and torch.equal(a.grad, b.grad), (la, lb)
+print("same")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("same"), r.stderr[-2000:]

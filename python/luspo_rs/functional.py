@@ -9,7 +9,6 @@ go through :mod:`luspo_rs._cuda` (caller's stream, no host sync, in-place backwa
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional, Union
 
 import torch
@@ -23,27 +22,56 @@ Number = Union[int, float, torch.Tensor]
 STATS = ("loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
 
 
-@functools.lru_cache(maxsize=None)
-def torch_clamp_closed() -> bool:
-    """Whether the installed torch's ``clamp`` (with number bounds, as verl
-    calls it) passes the gradient to a value lying exactly on a bound.
-
-    torch 2.11 does (the closed interval); torch 2.15 does not. The kernels
-    follow whichever torch is installed, measured once here, so that
-    gradients match verl's to the bit even on the bounds.
-    """
+def _probe_clamp_closed() -> bool:
     with torch.inference_mode(False), torch.enable_grad():
         x = torch.tensor([0.5, 1.5], requires_grad=True)
         torch.clamp(x, 0.5, 1.5).sum().backward()
     return bool(x.grad.eq(1.0).all())
 
 
+# Measured once, at import: run lazily inside torch.compile or a torch.func
+# transform, the probe's own backward would be traced or refused there.
+_CLAMP_CLOSED = _probe_clamp_closed()
+
+
+def torch_clamp_closed() -> bool:
+    """Whether the installed torch's ``clamp`` (with number bounds, as verl
+    calls it) passes the gradient to a value lying exactly on a bound.
+
+    torch 2.11 does (the closed interval); torch 2.15 does not. The kernels
+    follow whichever torch is installed, measured once at import, so that
+    gradients match verl's to the bit even on the bounds.
+    """
+    return _CLAMP_CLOSED
+
+
 def _as_tensor(name: str, value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach()
     if hasattr(value, "__dlpack__") or hasattr(value, "__array_interface__"):
+        strides = getattr(value, "strides", None)
+        if strides is not None and any(st < 0 for st in strides):
+            raise ValueError(f"{name}: arrays with negative strides are not supported; pass a copy (numpy.ascontiguousarray)")
         return torch.as_tensor(value)
     raise TypeError(f"{name}: expected a torch.Tensor (or an array supporting DLPack), got {type(value).__name__}")
+
+
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def _check_entry(op: str, name: str, x: Any, **modes: Any) -> None:
+    """Argument checks every entry point makes first: the differentiated
+    tensor, no torch.func transform, and string modes."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if _is_functorch_wrapped(x):
+        raise RuntimeError(
+            f"{name}: {op} does not support torch.func transforms (grad, vmap, jacrev, ...); "
+            "use loss.backward() or torch.autograd.grad"
+        )
+    for mode_name, value in modes.items():
+        if not isinstance(value, str):
+            raise TypeError(f"{mode_name}: expected a string, got {type(value).__name__}")
 
 
 def _as_float(name: str, value: Optional[Number]) -> Optional[float]:
@@ -170,8 +198,7 @@ def policy_loss(
         differentiable in ``log_prob``; ``metrics`` maps ``"pg_clipfrac"``,
         ``"ppo_kl"``, ``"pg_clipfrac_lower"`` to 0-d float64 tensors (verl's metrics).
     """
-    if not isinstance(log_prob, torch.Tensor):
-        raise TypeError(f"log_prob: expected a torch.Tensor, got {type(log_prob).__name__}")
+    _check_entry("luspo_rs.policy_loss", "log_prob", log_prob, mode=mode, loss_agg_mode=loss_agg_mode)
     options = dict(
         mode=mode,
         loss_agg_mode=loss_agg_mode,
@@ -255,8 +282,7 @@ def agg_loss(
 
     Returns a scalar in ``loss_mat``'s dtype, differentiable in ``loss_mat``.
     """
-    if not isinstance(loss_mat, torch.Tensor):
-        raise TypeError(f"loss_mat: expected a torch.Tensor, got {type(loss_mat).__name__}")
+    _check_entry("luspo_rs.agg_loss", "loss_mat", loss_mat, loss_agg_mode=loss_agg_mode)
     norms = dict(
         dp_size=dp_size,
         batch_num_tokens=batch_num_tokens,
