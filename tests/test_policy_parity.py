@@ -236,3 +236,36 @@ def test_closed_clamp_convention_gives_the_full_gradient_on_the_bound(mode):
         grads[closed] = g
     torch.testing.assert_close(grads[True], 2 * grads[False], rtol=0, atol=0)
     assert grads[True].abs().min() > 0
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "gspo"])
+def test_gradient_differs_from_verl_only_at_clip_bound_ties(mode):
+    # The one documented exception to gradient parity (issue 8): where the
+    # ratio lies within an ulp of a clip bound, our exp and torch's can round
+    # to different sides of it, and that token's gradient is then verl's x2,
+    # x0.5 or 0 (a tie split, or the clamp passing or stopping it). Log-ratios
+    # are drawn at log(bound) plus a few f32 ulps, so ties are plentiful.
+    g = torch.Generator().manual_seed(12)
+    B, T = 64, 1024
+    lo, hi = torch.tensor(1 - CLIP["clip_ratio_low"]), torch.tensor(1 + CLIP["clip_ratio_high"])
+    bound = torch.where(torch.rand(B, T, generator=g) < 0.5, lo, hi).log()
+    d = bound + torch.randint(-4, 5, (B, T), generator=g).float() * 6e-8
+    if mode == "gspo":  # a sequence ratio at a bound: every token of the row carries the row mean
+        d = d[:, :1].expand(B, T).contiguous()
+    old = -torch.rand(B, T, generator=g)
+    lp = old + d
+    adv = torch.randn(B, T, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    _, ref_grad, _ = verl_reference(mode, old, lp, adv, mask, "token-mean", **CLIP)
+    _, grad, _ = ours(mode, old, lp, adv, mask, "token-mean", **CLIP)
+    off = ~torch.isclose(grad, ref_grad, atol=1e-9, rtol=1e-5)
+    # torch's own ratio for each token (as verl computes it), against the f32 bounds
+    r = torch.exp(lp - old) if mode == "vanilla" else torch.exp(((lp - old) * mask).sum(-1, keepdim=True) / T).expand(B, T)
+    ulp = torch.finfo(torch.float32).eps
+    near = ((r - lo).abs() <= 2 * ulp) | ((r - hi).abs() <= 2 * ulp)
+    assert near.sum() > 100, "the draw must put many ratios at the bounds"
+    assert not (off & ~near).any(), f"{int((off & ~near).sum())} gradients differ away from a clip bound"
+    q = (grad[off] / ref_grad[off]).abs().tolist()  # inf where verl's is 0
+    assert all(abs(x - 2) < 1e-4 or abs(x - 0.5) < 1e-4 or x == 0 or x == math.inf for x in q), (
+        f"differences at ties are x2, x0.5, 0 or from 0, got {sorted(set(round(x, 4) for x in q))}"
+    )
