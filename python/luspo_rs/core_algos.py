@@ -220,7 +220,7 @@ def kl_penalty(logprob: torch.FloatTensor, ref_logprob: torch.FloatTensor, kl_pe
                 raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
         return _kl_penalty_torch(logprob, ref_logprob, kl_penalty)
     shape = logprob.shape
-    if logprob.dim() != 2 and logprob.shape == ref_logprob.shape and logprob.numel() > 0:
+    if logprob.dim() != 2 and logprob.shape == ref_logprob.shape:
         cols = shape[-1] if logprob.dim() > 0 else 1
         out = KlPenaltyFunction.apply(logprob.reshape(-1, cols), ref_logprob.reshape(-1, cols), kl_penalty)
         return out.reshape(shape)

@@ -28,9 +28,10 @@ enum { AGG_TOKEN_MEAN = 0, AGG_TOKEN_SUM = 1, AGG_SEQ_SUM = 2, AGG_SEQ_MEAN = 3,
 // ROW_STRIDE values per row. The sizes match src/cuda/mod.rs.
 enum { SC_TICKETS = 0, SC_SCALE = 1, SC_TOKENS = 2, SCRATCH_HEAD = 4 };
 enum { R_TOKENS = 0, R_S = 1, R_DS = 2, R_LOSS = 3, R_CLIPPED = 4, R_KL = 5, R_LOWER = 6, ROW_STRIDE = 8 };
-// LossArgs.vec bits: the float operands (16-byte runs), the 1-byte mask
-// (V-byte runs; 16-byte loads in the mask-only row pass).
-enum { VEC_FLOAT = 1, VEC_MASK = 2, VEC_MASK16 = 4 };
+// LossArgs.vec bits: the 1-byte mask can be read in V-byte runs, and in
+// 16-byte loads in the mask-only row pass. (Whether the float operands take
+// 16-byte runs is the kernel variant itself, see src/cuda/mod.rs `Variant`.)
+enum { VEC_MASK = 2, VEC_MASK16 = 4 };
 // Largest block of the loss kernels (and so the largest team).
 #define MAX_THREADS 512
 // Runs each thread of the row pass loads before summing any.
@@ -73,7 +74,7 @@ struct LossArgs {
     double global_batch_size;       // <= 0: use the batch's rows with L_i > 0
     double loss_scale_factor;       // <= 0: use cols
     i64 team;                       // threads per row: a power of two in [32, MAX_THREADS]
-    i64 vec;                        // VEC_* bits: which operands take 16-byte loads
+    i64 vec;                        // VEC_MASK* bits: how the mask is loaded
 };
 
 // ---- element conversion (no cuda_fp16.h / cuda_bf16.h needed) ----

@@ -419,8 +419,7 @@ struct LossArgs {
 const MODE_AGG: i64 = 3;
 /// The token kernels' rules, by name suffix: vanilla, GSPO / LUSPO, agg_loss.
 const TOKEN_RULES: [&str; 3] = ["vanilla", "seq", "agg"];
-/// `LossArgs.vec` bits (`VEC_FLOAT`, `VEC_MASK` in kernels.cu).
-const VEC_FLOAT: i64 = 1;
+/// `LossArgs.vec` bits (`VEC_MASK`, `VEC_MASK16` in kernels.cu).
 const VEC_MASK: i64 = 2;
 const VEC_MASK16: i64 = 4;
 
@@ -632,8 +631,7 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossBuffers<'_>, device: Device, stream: 
     let team = team_size(cols, run);
     let block = team.max(256);
     let blocks = grid(rows.div_ceil((block / team) as usize).max(1))?;
-    let vec = if vector && variant != Variant::Any32 && variant != Variant::Any64 { VEC_FLOAT } else { 0 }
-        | if mask_runs_ok(&mask, rows, run) { VEC_MASK } else { 0 }
+    let vec = if mask_runs_ok(&mask, rows, run) { VEC_MASK } else { 0 }
         | if mask_runs_ok(&mask, rows, 16) { VEC_MASK16 } else { 0 };
     let n = l.norm;
     let (lo, hi, c, closed) = l.clip;
