@@ -1,6 +1,7 @@
 //! The one error type of the crate. Every failure names the argument it is
-//! about; `src/lib.rs` maps `Kind::Type` to `TypeError` and `Kind::Value` to
-//! `ValueError`, so nothing reaches Python as a panic.
+//! about; `src/lib.rs` maps `Kind::Type` to `TypeError`, `Kind::Value` to
+//! `ValueError` and `Kind::Memory` to `MemoryError`, so nothing reaches Python
+//! as a panic or an abort.
 
 use std::fmt;
 
@@ -11,6 +12,8 @@ pub enum Kind {
     Type,
     /// Wrong value, shape, rank or device of an argument (`ValueError`).
     Value,
+    /// A working buffer sized by an argument could not be allocated (`MemoryError`).
+    Memory,
 }
 
 /// An invalid argument: `arg` is the Python name of the argument, `msg` says
@@ -32,6 +35,22 @@ impl Error {
     pub fn value_error(arg: &'static str, msg: impl Into<String>) -> Self {
         Error { kind: Kind::Value, arg, msg: msg.into() }
     }
+
+    /// A `MemoryError`: a buffer sized by `arg` could not be allocated.
+    pub fn memory(arg: &'static str, msg: impl Into<String>) -> Self {
+        Error { kind: Kind::Memory, arg, msg: msg.into() }
+    }
+}
+
+/// A zero-filled `Vec` of `n` elements, or a `MemoryError` about `arg`
+/// when the allocation fails (where `vec!` would abort the process).
+pub fn try_zeros<T: Clone + Default>(arg: &'static str, n: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::memory(arg, format!("cannot allocate a working buffer of {n} elements of {} bytes", std::mem::size_of::<T>()))
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
 }
 
 impl fmt::Display for Error {

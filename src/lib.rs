@@ -24,13 +24,14 @@ mod python {
     use dlpark::python::from_dlpack;
     use dlpark::python::ImportedDlpack;
     use dlpark::python::{DlpackStream, StreamArg};
-    use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+    use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
     use pyo3::prelude::*;
 
     fn to_py(e: Error) -> PyErr {
         match e.kind {
             Kind::Type => PyTypeError::new_err(e.to_string()),
             Kind::Value => PyValueError::new_err(e.to_string()),
+            Kind::Memory => PyMemoryError::new_err(e.to_string()),
         }
     }
 
@@ -102,7 +103,7 @@ mod python {
                 import_on(name, o, true, Some(st))
             };
             Ok(CudaLossBuffers {
-                loss: required("loss", loss, "a 0-d tensor in the input's dtype")?,
+                loss: required("loss", loss, "a 0-d float tensor")?,
                 scratch: required("scratch", scratch, "float64, cuda_loss_scratch_len(batch) elements")?,
                 factor: import_opt_on("factor", factor, Some(st))?,
                 stream: st.0,
@@ -248,7 +249,7 @@ mod python {
             let b = CudaLossBuffers::import(loss, scratch, factor, cs.as_ref())?;
             return py.detach(|| cuda::policy_loss(&problem, &b.buffers(Some(&o.desc)), b.stream)).map_err(cuda_err);
         }
-        let r = py.detach(|| cpu::pool::install(|| cpu::policy_loss::policy_loss(&problem)));
+        let r = py.detach(|| cpu::pool::install(|| cpu::policy_loss::policy_loss(&problem))).map_err(to_py)?;
         write_out(&o.desc, &[r.loss, r.pg_clipfrac, r.ppo_kl, r.pg_clipfrac_lower])
     }
 
@@ -289,7 +290,7 @@ mod python {
             py.detach(|| cuda::agg_loss(&problem, &b.buffers(None), b.stream)).map_err(cuda_err)?;
             return Ok(None);
         }
-        Ok(Some(py.detach(|| cpu::pool::install(|| cpu::agg::agg_loss(&problem)))))
+        Ok(Some(py.detach(|| cpu::pool::install(|| cpu::agg::agg_loss(&problem))).map_err(to_py)?))
     }
 
     /// Group advantages of verl's outcome estimators: writes the B×T
@@ -352,8 +353,7 @@ mod python {
             let st = st.0;
             return py.detach(|| cuda::advantage(&problem, &ord.desc, &sc.desc, st)).map_err(cuda_err);
         }
-        py.detach(|| cpu::pool::install(|| cpu::advantage::compute(&problem)));
-        Ok(())
+        py.detach(|| cpu::pool::install(|| cpu::advantage::compute(&problem))).map_err(to_py)
     }
 
     /// Dense group ids `0..G` (first-appearance order) of arbitrary hashable
@@ -426,8 +426,7 @@ mod python {
             let st = st.0;
             return py.detach(|| cuda::kl_penalty(&problem, st)).map_err(cuda_err);
         }
-        py.detach(|| cpu::pool::install(|| cpu::kl::compute(&problem)));
-        Ok(())
+        py.detach(|| cpu::pool::install(|| cpu::kl::compute(&problem))).map_err(to_py)
     }
 
     /// Backward of the CUDA loss kernels: `grad *= grad_output` in place on

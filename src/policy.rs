@@ -113,12 +113,17 @@ impl PolicyLossProblem {
 
     /// Whether any float input is float64, in which case the kernels compute
     /// in f64; otherwise in f32 (the math type of verl for 16/32-bit inputs
-    /// is the input type; f32 is at least as precise).
+    /// is the input type; f32 is at least as precise). A float64 mask counts
+    /// for GSPO / LUSPO: verl's sequence mean `sum(d * m) / sum(m)` is then
+    /// float64, and so is the sequence ratio and the loss built on it. The
+    /// vanilla token ratio does not involve the mask (verl computes it in the
+    /// log-probs' type, and so do we; the sums are f64 anyway).
     pub fn wants_f64(&self) -> bool {
         use crate::tensor::DType::F64;
         [&self.old_log_prob, &self.log_prob, &self.advantages]
             .iter()
             .any(|m| m.desc.dtype == F64)
             || self.rollout_is_weights.as_ref().is_some_and(|w| w.desc.dtype == F64)
+            || (self.mode != LossMode::Vanilla && self.response_mask.desc.dtype == F64)
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! Nothing here copies a tensor: a row is either borrowed in place (the
 //! dtype is the compute type and the row is contiguous) or converted into a
-//! per-thread scratch row of length `T`.
+//! per-thread scratch buffer of at most [`PIECE`] elements; longer rows go
+//! through in pieces.
 
 use crate::error::{Error, Result};
 use dlpark::ffi::{DLDataTypeCode, DLDeviceType};
@@ -334,16 +335,18 @@ impl Mat {
         self.desc.ptr.wrapping_offset(i as isize * self.rs * self.desc.dtype.size() as isize)
     }
 
-    /// Row `i` as `F`: borrowed in place when it already is a contiguous `F`
-    /// row, otherwise converted into `scratch` (length `cols`).
+    /// Columns `start .. start + len` of row `i` as `F`: borrowed in place
+    /// when they already are a contiguous `F` run, otherwise converted into
+    /// `scratch` (at least `len` long).
     #[inline]
-    pub fn row<'s, F: Real>(&'s self, i: usize, scratch: &'s mut [F]) -> &'s [F] {
-        debug_assert!(i < self.rows && scratch.len() == self.cols);
-        let p = self.row_ptr(i);
+    pub fn part<'s, F: Real>(&'s self, i: usize, start: usize, len: usize, scratch: &'s mut [F]) -> &'s [F] {
+        debug_assert!(i < self.rows && start + len <= self.cols && scratch.len() >= len);
         let size = self.desc.dtype.size() as isize;
+        let p = self.row_ptr(i).wrapping_offset(start as isize * self.cs * size);
+        let scratch = &mut scratch[..len];
         unsafe {
             if self.desc.dtype == F::DTYPE && self.cs == 1 {
-                return std::slice::from_raw_parts(p as *const F, self.cols);
+                return std::slice::from_raw_parts(p as *const F, len);
             }
             if self.cs == 0 {
                 scratch.fill(F::read(p, self.desc.dtype));
@@ -356,6 +359,12 @@ impl Mat {
             }
         }
         scratch
+    }
+
+    /// Row `i` as `F` (see [`Mat::part`]); `scratch` holds `cols` elements.
+    #[inline]
+    pub fn row<'s, F: Real>(&'s self, i: usize, scratch: &'s mut [F]) -> &'s [F] {
+        self.part(i, 0, self.cols, scratch)
     }
 
     /// Whether the view reads a single value per row.
@@ -409,47 +418,79 @@ impl MatMut {
         Ok(MatMut { desc: desc.clone(), rows, cols, rs: desc.strides[0], cs: desc.strides[1] })
     }
 
-    /// Hands row `i` to `f` as a mutable `F` slice (the buffer itself when it
-    /// is a contiguous `F` row, else `scratch`, stored back after `f`).
+    /// Hands columns `start .. start + len` of row `i` to `f` as a mutable
+    /// `F` slice (the buffer itself when it is a contiguous `F` run, else
+    /// `scratch`, stored back after `f`).
     ///
     /// # Safety
     /// No other task may access row `i` at the same time.
     #[inline]
-    pub unsafe fn with_row<F: Real, R>(&self, i: usize, scratch: &mut [F], f: impl FnOnce(&mut [F]) -> R) -> R {
-        match self.direct_row::<F>(i) {
-            Some(row) => f(row),
+    pub unsafe fn with_part<F: Real, R>(
+        &self,
+        i: usize,
+        start: usize,
+        len: usize,
+        scratch: &mut [F],
+        f: impl FnOnce(&mut [F]) -> R,
+    ) -> R {
+        match self.direct_part::<F>(i, start, len) {
+            Some(run) => f(run),
             None => {
-                let r = f(scratch);
-                self.store_row(i, scratch);
+                let r = f(&mut scratch[..len]);
+                self.store_part(i, start, &scratch[..len]);
                 r
             }
         }
     }
 
-    /// Row `i` itself as a mutable `F` slice, when the buffer holds
-    /// contiguous `F` rows; otherwise `None` (write a scratch row and
-    /// [`MatMut::store_row`] it).
+    /// Columns `start .. start + len` of row `i` as a mutable `F` slice, when
+    /// the buffer holds contiguous `F` rows; otherwise `None` (write a scratch
+    /// run and [`MatMut::store_part`] it).
     ///
     /// # Safety
     /// No other task may access row `i` while the slice lives.
     #[inline(always)]
-    pub unsafe fn direct_row<'a, F: Real>(&'a self, i: usize) -> Option<&'a mut [F]> {
-        let p = self.desc.ptr.wrapping_offset(i as isize * self.rs * self.desc.dtype.size() as isize);
-        (self.desc.dtype == F::DTYPE && self.cs == 1).then(|| std::slice::from_raw_parts_mut(p as *mut F, self.cols))
+    pub unsafe fn direct_part<'a, F: Real>(&'a self, i: usize, start: usize, len: usize) -> Option<&'a mut [F]> {
+        debug_assert!(i < self.rows && start + len <= self.cols);
+        let p = self.desc.ptr.wrapping_offset((i as isize * self.rs + start as isize) * self.desc.dtype.size() as isize);
+        (self.desc.dtype == F::DTYPE && self.cs == 1).then(|| std::slice::from_raw_parts_mut(p as *mut F, len))
     }
 
-    /// Converts and stores `src` (length `cols`) into row `i`.
+    /// Converts and stores `src` into row `i` from column `start` on.
     ///
     /// # Safety
     /// No other task may access row `i` at the same time.
     #[inline]
-    pub unsafe fn store_row<F: Real>(&self, i: usize, src: &[F]) {
+    pub unsafe fn store_part<F: Real>(&self, i: usize, start: usize, src: &[F]) {
+        debug_assert!(i < self.rows && start + src.len() <= self.cols);
         let size = self.desc.dtype.size() as isize;
-        let p = self.desc.ptr.wrapping_offset(i as isize * self.rs * size);
+        let p = self.desc.ptr.wrapping_offset((i as isize * self.rs + start as isize * self.cs) * size);
         for (j, &v) in src.iter().enumerate() {
             v.write(p.wrapping_offset(j as isize * self.cs * size), self.desc.dtype);
         }
     }
+}
+
+/// The most columns of a row a kernel holds in a scratch buffer at once; long
+/// rows go through in pieces of this many. A multiple of every summation
+/// block (8 lanes, 64-token blocks), so a row's sums come out bitwise the
+/// same as over the whole row. `cargo test` uses 128, so its small batches
+/// go through the piecewise path too.
+#[cfg(not(test))]
+pub const PIECE: usize = 1 << 16;
+#[cfg(test)]
+pub const PIECE: usize = 128;
+
+/// The `(start, len)` pieces of a row of `cols` columns, in order.
+#[inline]
+pub fn pieces(cols: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..cols).step_by(PIECE).map(move |start| (start, PIECE.min(cols - start)))
+}
+
+/// A per-thread scratch buffer for pieces of rows of `cols` columns (see
+/// [`PIECE`]); a `MemoryError` about `arg` if it cannot be allocated.
+pub fn piece_scratch<F: Real>(arg: &'static str, cols: usize) -> Result<Vec<F>> {
+    crate::error::try_zeros(arg, cols.min(PIECE))
 }
 
 /// All `descs` must be on `device`; the error names the first that is not.

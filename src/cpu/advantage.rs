@@ -21,11 +21,10 @@
 //!
 //! Every other estimator writes `a_i * m_it`.
 
-use super::{min_rows_per_task, sum_f64};
-use crate::error::{Error, Result};
+use super::{fold_rows, for_each_row, Sum8};
+use crate::error::{try_zeros, Error, Result};
 use crate::spec::plus_eps;
-use crate::tensor::{same_device, DType, Desc, Mat, MatMut, Real};
-use rayon::prelude::*;
+use crate::tensor::{piece_scratch, pieces, same_device, DType, Desc, Mat, MatMut, Real};
 use std::collections::HashMap;
 
 /// Which estimator; `grpo_vectorized` is `Grpo` (same numbers in verl).
@@ -133,8 +132,9 @@ impl AdvantageProblem {
     }
 }
 
-/// Dense group ids `0..G` in order of first appearance, and `G`.
-pub fn dense_groups(index: &Desc) -> (Vec<u32>, usize) {
+/// Dense group ids `0..G` in order of first appearance, and `G`; a
+/// `MemoryError` if the ids cannot be allocated.
+pub fn dense_groups(index: &Desc) -> Result<(Vec<u32>, usize)> {
     let n = index.shape[0];
     let stride = index.strides[0];
     let size = index.dtype.size() as isize;
@@ -152,11 +152,14 @@ pub fn dense_groups(index: &Desc) -> (Vec<u32>, usize) {
             }
         }
     };
-    let mut ids = Vec::with_capacity(n);
+    let oom = |_| Error::memory("index", format!("cannot allocate group ids for {n} rows"));
+    let mut ids = Vec::new();
+    ids.try_reserve_exact(n).map_err(oom)?;
     // Labels that already are small non-negative ints take a table, not a hash.
     let (lo, hi) = (0..n).map(read).fold((i64::MAX, i64::MIN), |(a, b), v| (a.min(v), b.max(v)));
     if lo >= 0 && hi < (4 * n as i64).max(1024) {
-        let mut table = vec![u32::MAX; hi as usize + 1];
+        let mut table = try_zeros::<u32>("index", hi as usize + 1)?;
+        table.fill(u32::MAX);
         let mut g = 0u32;
         for i in 0..n {
             let slot = &mut table[read(i) as usize];
@@ -166,15 +169,16 @@ pub fn dense_groups(index: &Desc) -> (Vec<u32>, usize) {
             }
             ids.push(*slot);
         }
-        return (ids, g as usize);
+        return Ok((ids, g as usize));
     }
-    let mut map: HashMap<i64, u32> = HashMap::with_capacity(n);
+    let mut map: HashMap<i64, u32> = HashMap::new();
+    map.try_reserve(n).map_err(oom)?;
     for i in 0..n {
         let next = map.len() as u32;
         ids.push(*map.entry(read(i)).or_insert(next));
     }
     let g = map.len();
-    (ids, g)
+    Ok((ids, g))
 }
 
 /// Per-row statistics of the score pass.
@@ -188,8 +192,10 @@ struct RowStats {
     m3: f64,
 }
 
-/// Computes the advantages into `p.out`.
-pub fn compute(p: &AdvantageProblem) {
+/// Computes the advantages into `p.out`; a `MemoryError` if its working
+/// buffers (per-thread pieces of rows, and a few numbers per row) cannot be
+/// allocated.
+pub fn compute(p: &AdvantageProblem) -> Result<()> {
     if p.rewards.desc.dtype == DType::F64 || p.out.desc.dtype == DType::F64 {
         run::<f64>(p)
     } else {
@@ -197,18 +203,29 @@ pub fn compute(p: &AdvantageProblem) {
     }
 }
 
-fn run<F: Real>(p: &AdvantageProblem) {
+fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
     let (rows, cols) = (p.rewards.rows, p.rewards.cols);
     let need_mask = p.estimator.needs_mask_stats();
-    let stats: Vec<RowStats> = (0..rows)
-        .into_par_iter()
-        .with_min_len(min_rows_per_task(cols))
-        .map_init(
-            || (vec![F::zero(); cols], vec![0.0f64; if need_mask { cols } else { 0 }]),
-            |(sr, sm), i| {
-                let mut st = RowStats { score: sum_f64(p.rewards.row(i, sr)), ..Default::default() };
+    let mut stats = Vec::new();
+    stats
+        .try_reserve_exact(rows)
+        .map_err(|_| Error::memory("token_level_rewards", format!("cannot allocate statistics for {rows} rows")))?;
+    let scratch = || -> Result<_> {
+        let sm = if need_mask { piece_scratch::<f64>(p.mask.desc.arg, cols)? } else { Vec::new() };
+        Ok((piece_scratch::<F>(p.rewards.desc.arg, cols)?, sm))
+    };
+    fold_rows(
+        p.rewards.desc.arg,
+        rows,
+        cols,
+        scratch,
+        |(sr, sm), i| {
+            let mut score = Sum8::default();
+            let mut st = RowStats::default();
+            for (start, len) in pieces(cols) {
+                score.add(p.rewards.part(i, start, len, sr));
                 if need_mask {
-                    for &m in p.mask.row::<f64>(i, sm).iter() {
+                    for &m in p.mask.part::<f64>(i, start, len, sm).iter() {
                         if m != 0.0 {
                             st.m1 += m;
                             st.m2 += m * m;
@@ -216,12 +233,14 @@ fn run<F: Real>(p: &AdvantageProblem) {
                         }
                     }
                 }
-                st
-            },
-        )
-        .collect();
-    let (gid, n_groups) = dense_groups(&p.index);
-    let scalars = row_scalars(p, &stats, &gid, n_groups);
+            }
+            st.score = score.total();
+            st
+        },
+        |st| stats.push(st),
+    )?;
+    let (gid, n_groups) = dense_groups(&p.index)?;
+    let scalars = row_scalars(p, &stats, &gid, n_groups)?;
 
     // Whitening of reinforce_plus_plus_baseline: v_it = a_i m_it, statistics
     // over all tokens weighted by m (verl's masked_mean / masked_var).
@@ -242,34 +261,36 @@ fn run<F: Real>(p: &AdvantageProblem) {
         (mean, 1.0 / (var + 1e-8).sqrt())
     });
 
-    (0..rows).into_par_iter().with_min_len(min_rows_per_task(cols)).for_each_init(
-        || (vec![F::zero(); cols], vec![F::zero(); cols], vec![F::zero(); cols]),
-        |(sm, so, sw), i| {
-            let a = F::of(scalars[i]);
-            if whiten.is_none() && int64_row_times(&p.mask, i, a, so) {
-                // SAFETY: row i is written by this task only.
-                unsafe { store_row(&p.out, i, so, sw) };
-                return;
-            }
-            let m = p.mask.row::<F>(i, sm);
-            match whiten {
-                None => {
-                    for (o, &m) in so.iter_mut().zip(m) {
-                        *o = a * m;
+    let scratch = || -> Result<_> {
+        let v = |arg| piece_scratch::<F>(arg, cols);
+        Ok((v(p.mask.desc.arg)?, v(p.out.desc.arg)?, v(p.out.desc.arg)?))
+    };
+    for_each_row(rows, cols, scratch, |(sm, so, sw), i| {
+        let a = F::of(scalars[i]);
+        for (start, len) in pieces(cols) {
+            let so = &mut so[..len];
+            if whiten.is_some() || !int64_run_times(&p.mask, i, start, a, so) {
+                let m = p.mask.part::<F>(i, start, len, sm);
+                match whiten {
+                    None => {
+                        for (o, &m) in so.iter_mut().zip(m) {
+                            *o = a * m;
+                        }
                     }
-                }
-                Some((mean, rstd)) => {
-                    let (mean, rstd) = (F::of(mean), F::of(rstd));
-                    for (o, &m) in so.iter_mut().zip(m) {
-                        *o = (a * m - mean) * rstd * m;
+                    Some((mean, rstd)) => {
+                        let (mean, rstd) = (F::of(mean), F::of(rstd));
+                        for (o, &m) in so.iter_mut().zip(m) {
+                            *o = (a * m - mean) * rstd * m;
+                        }
                     }
                 }
             }
             // SAFETY: row i is written by this task only.
-            unsafe { store_row(&p.out, i, so, sw) };
-        },
-    );
+            unsafe { store_run(&p.out, i, start, so, sw) };
+        }
+    })?;
     fence();
+    Ok(())
 }
 
 /// verl's `masked_var` Bessel factor `mask_sum / (mask_sum - 1)` for a mask
@@ -286,19 +307,21 @@ fn bessel(n: f64, mask_is_f64: bool) -> f64 {
     }
 }
 
-/// `out = a * m` for a contiguous int64 mask row whose values fit in i32
-/// (0/1 attention masks): narrowing to i32 first lets the conversion to float
-/// vectorise on baseline x86_64, which has no packed i64 -> float conversion.
-/// Returns false (nothing written) for any other row.
+/// `out = a * m` for a contiguous int64 run of a mask row (from column
+/// `start`, `out.len()` long) whose values fit in i32 (0/1 attention masks):
+/// narrowing to i32 first lets the conversion to float vectorise on baseline
+/// x86_64, which has no packed i64 -> float conversion. Returns false
+/// (nothing written) for any other run.
 #[inline]
-fn int64_row_times<F: Real>(mask: &Mat, i: usize, a: F, out: &mut [F]) -> bool {
+fn int64_run_times<F: Real>(mask: &Mat, i: usize, start: usize, a: F, out: &mut [F]) -> bool {
     let d = &mask.desc;
     if d.dtype != DType::I64 || mask.is_per_row() || (d.strides[1] != 1 && mask.cols > 1) {
         return false;
     }
     // SAFETY: row i of a validated contiguous int64 (rows, cols) view.
     let row = unsafe {
-        std::slice::from_raw_parts(d.ptr.wrapping_offset(i as isize * d.strides[0] * 8) as *const i64, mask.cols)
+        let p = d.ptr.wrapping_offset((i as isize * d.strides[0] + start as isize) * 8) as *const i64;
+        std::slice::from_raw_parts(p, out.len())
     };
     if !row.iter().fold(true, |ok, &v| ok & (v as i32 as i64 == v)) {
         return false;
@@ -309,21 +332,22 @@ fn int64_row_times<F: Real>(mask: &Mat, i: usize, a: F, out: &mut [F]) -> bool {
     true
 }
 
-/// Writes a computed row into the output. A contiguous, 16-byte aligned
-/// float32 row is written with non-temporal stores: the B×T output is never
+/// Writes a computed run of row `i`, from column `start`, into the output. A
+/// contiguous, 16-byte aligned float32 run is written with non-temporal
+/// stores: the B×T output is never
 /// read back by this kernel, so streaming it past the caches saves the
 /// read-for-ownership of every output line (a quarter of the traffic).
 ///
 /// # Safety
 /// No other task may write row `i`.
 #[inline]
-unsafe fn store_row<F: Real>(out: &MatMut, i: usize, row: &[F], scratch: &mut [F]) {
+unsafe fn store_run<F: Real>(out: &MatMut, i: usize, start: usize, row: &[F], scratch: &mut [F]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
         let d = &out.desc;
         if F::DTYPE == DType::F32 && d.dtype == DType::F32 && (d.strides[1] == 1 || out.cols == 1) {
-            let dst = d.ptr.wrapping_offset(i as isize * d.strides[0] * 4) as *mut f32;
+            let dst = d.ptr.wrapping_offset((i as isize * d.strides[0] + start as isize) * 4) as *mut f32;
             if (dst as usize) % 16 == 0 {
                 let src = row.as_ptr() as *const f32;
                 let n = row.len();
@@ -339,7 +363,7 @@ unsafe fn store_row<F: Real>(out: &MatMut, i: usize, row: &[F], scratch: &mut [F
             }
         }
     }
-    out.with_row(i, scratch, |o| o.copy_from_slice(row));
+    out.with_part(i, start, row.len(), scratch, |o| o.copy_from_slice(row));
 }
 
 /// Orders the non-temporal stores of every rayon worker before the caller
@@ -354,79 +378,68 @@ fn fence() {
 
 /// Per-row scalar `a_i` (before the broadcast over tokens), from the scores
 /// and group statistics accumulated in row order in f64.
-fn row_scalars(p: &AdvantageProblem, stats: &[RowStats], gid: &[u32], n_groups: usize) -> Vec<f64> {
-    let mut count = vec![0u32; n_groups];
-    let mut sum = vec![0.0f64; n_groups];
+fn row_scalars(p: &AdvantageProblem, stats: &[RowStats], gid: &[u32], n_groups: usize) -> Result<Vec<f64>> {
+    let n = stats.len();
+    let zeros = |k| try_zeros::<f64>("index", k);
+    let mut count = try_zeros::<u32>("index", n_groups)?;
+    let mut sum = zeros(n_groups)?;
     for (s, &g) in stats.iter().zip(gid) {
         count[g as usize] += 1;
         sum[g as usize] += s.score;
     }
-    let mean: Vec<f64> = sum.iter().zip(&count).map(|(&s, &c)| if c > 1 { s / c as f64 } else { 0.0 }).collect();
-    let score = |i: usize| stats[i].score;
-    let n = stats.len();
+    let mut mean = zeros(n_groups)?;
+    for ((m, &s), &c) in mean.iter_mut().zip(&sum).zip(&count) {
+        *m = if c > 1 { s / c as f64 } else { 0.0 };
+    }
+    // the per-group divisor of the estimators that need one
+    let mut div = zeros(if matches!(p.estimator, Estimator::Grpo { norm_by_std: true } | Estimator::Opo) { n_groups } else { 0 })?;
     match p.estimator {
-        Estimator::Grpo { norm_by_std: false } => (0..n).map(|i| score(i) - mean[gid[i] as usize]).collect(),
         Estimator::Grpo { norm_by_std: true } => {
-            let mut ss = vec![0.0f64; n_groups];
             for (i, &g) in gid.iter().enumerate() {
-                let d = score(i) - mean[g as usize];
-                ss[g as usize] += d * d;
+                let d = stats[i].score - mean[g as usize];
+                div[g as usize] += d * d;
             }
             // verl's singleton std is a float32 `tensor(1.0)`, so `std + eps` is
             // rounded to float32 there, whatever the scores' dtype.
             let single = (1.0f32 + p.epsilon as f32) as f64;
-            let denom: Vec<f64> = ss
-                .iter()
-                .zip(&count)
-                .map(|(&s, &c)| if c > 1 { (s / (c - 1) as f64).sqrt() + p.epsilon } else { single })
-                .collect();
-            (0..n).map(|i| (score(i) - mean[gid[i] as usize]) / denom[gid[i] as usize]).collect()
+            for (d, &c) in div.iter_mut().zip(&count) {
+                *d = if c > 1 { (*d / (c - 1) as f64).sqrt() + p.epsilon } else { single };
+            }
         }
-        Estimator::Rloo => (0..n)
-            .map(|i| {
-                let c = count[gid[i] as usize] as f64;
-                if c > 1.0 {
-                    score(i) * c / (c - 1.0) - mean[gid[i] as usize] * c / (c - 1.0)
-                } else {
-                    score(i)
-                }
-            })
-            .collect(),
-        Estimator::RlooVectorized => (0..n)
-            .map(|i| {
-                let c = count[gid[i] as usize] as f64;
-                if c > 1.0 {
-                    (c * score(i) - sum[gid[i] as usize]) / (c - 1.0)
-                } else {
-                    0.0
-                }
-            })
-            .collect(),
-        Estimator::ReinforcePlusPlusBaseline => (0..n).map(|i| score(i) - mean[gid[i] as usize]).collect(),
         Estimator::Opo => {
-            let mut ls = vec![0.0f64; n_groups];
-            let mut l = vec![0.0f64; n_groups];
+            // sum_g(L s) / sum_g(L)
+            let mut l = zeros(n_groups)?;
             for (s, &g) in stats.iter().zip(gid) {
-                ls[g as usize] += s.m1 * s.score;
+                div[g as usize] += s.m1 * s.score;
                 l[g as usize] += s.m1;
             }
-            (0..n)
-                .map(|i| {
-                    let g = gid[i] as usize;
-                    if count[g] > 1 {
-                        score(i) - ls[g] / l[g]
-                    } else {
-                        score(i)
-                    }
-                })
-                .collect()
+            for (d, &l) in div.iter_mut().zip(&l) {
+                *d /= l;
+            }
         }
-        Estimator::Gpg => {
-            let nonzero = stats.iter().filter(|s| s.score != 0.0).count().max(1);
-            let alpha = n as f64 / nonzero as f64;
-            (0..n).map(|i| alpha * (score(i) - mean[gid[i] as usize]) / p.f_norm).collect()
-        }
+        _ => {}
     }
+    let alpha = match p.estimator {
+        Estimator::Gpg => n as f64 / stats.iter().filter(|s| s.score != 0.0).count().max(1) as f64,
+        _ => 0.0,
+    };
+    let mut out = zeros(n)?;
+    for (i, o) in out.iter_mut().enumerate() {
+        let (s, g) = (stats[i].score, gid[i] as usize);
+        let c = count[g] as f64;
+        *o = match p.estimator {
+            Estimator::Grpo { norm_by_std: false } | Estimator::ReinforcePlusPlusBaseline => s - mean[g],
+            Estimator::Grpo { norm_by_std: true } => (s - mean[g]) / div[g],
+            Estimator::Rloo if c > 1.0 => s * c / (c - 1.0) - mean[g] * c / (c - 1.0),
+            Estimator::Rloo => s,
+            Estimator::RlooVectorized if c > 1.0 => (c * s - sum[g]) / (c - 1.0),
+            Estimator::RlooVectorized => 0.0,
+            Estimator::Opo if c > 1.0 => s - div[g],
+            Estimator::Opo => s,
+            Estimator::Gpg => alpha * (s - mean[g]) / p.f_norm,
+        };
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -441,7 +454,7 @@ mod tests {
         let id = Desc::from_slice("index", idx, &[rows]);
         let od = Desc::from_mut_slice("out", &mut out, &[rows, cols]);
         let p = AdvantageProblem::new(&rd, &md, &id, &od, est, norm, 1e-6, 1.0).unwrap();
-        compute(&p);
+        compute(&p).unwrap();
         out
     }
 
@@ -499,7 +512,7 @@ mod tests {
         let md = Desc::from_slice("response_mask", &m32, &[7, 1]);
         let id = Desc::from_slice("index", &idx, &[7]);
         let od = Desc::from_mut_slice("out", &mut out32, &[7, 1]);
-        compute(&AdvantageProblem::new(&rd, &md, &id, &od, est, true, 1e-6, 1.0).unwrap());
+        compute(&AdvantageProblem::new(&rd, &md, &id, &od, est, true, 1e-6, 1.0).unwrap()).unwrap();
         let mut a = [0.0f64; 7];
         for g in [1, 2, 3] {
             let rows: Vec<usize> = (0..7).filter(|&i| idx[i] == g).collect();
@@ -525,10 +538,10 @@ mod tests {
     #[test]
     fn dense_groups_first_appearance_order() {
         let idx = [10i64, -5, 10, 99_999_999, -5];
-        let (g, n) = dense_groups(&Desc::from_slice("index", &idx, &[5]));
+        let (g, n) = dense_groups(&Desc::from_slice("index", &idx, &[5])).unwrap();
         assert_eq!((g, n), (vec![0, 1, 0, 2, 1], 3));
         let idx = [3i32, 0, 3];
-        let (g, n) = dense_groups(&Desc::from_slice("index", &idx, &[3]));
+        let (g, n) = dense_groups(&Desc::from_slice("index", &idx, &[3])).unwrap();
         assert_eq!((g, n), (vec![0, 1, 0], 2));
     }
 

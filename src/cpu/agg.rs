@@ -1,11 +1,10 @@
 //! verl's `agg_loss` for any B×T loss matrix (entropy, KL terms): the scalar
 //! and `d loss / d loss_mat`, in one pass per row.
 
-use super::{mask_totals, min_rows_per_task, sum_f64};
+use super::{fold_rows, mask_totals, Sum8};
 use crate::error::Result;
 use crate::spec::{AggMode, AggPlan, Normalizers};
-use crate::tensor::{same_device, Desc, Mat, MatMut, Real};
-use rayon::prelude::*;
+use crate::tensor::{piece_scratch, pieces, same_device, Desc, Mat, MatMut, Real, PIECE};
 
 /// A validated `agg_loss` call.
 pub struct AggProblem {
@@ -38,8 +37,9 @@ impl AggProblem {
     }
 }
 
-/// Aggregates on the CPU and writes the gradient; returns the loss.
-pub fn agg_loss(p: &AggProblem) -> f64 {
+/// Aggregates on the CPU and writes the gradient; returns the loss, or a
+/// `MemoryError` if its (bounded) working buffers cannot be allocated.
+pub fn agg_loss(p: &AggProblem) -> Result<f64> {
     if p.loss_mat.desc.dtype == crate::tensor::DType::F64 {
         run::<f64>(p)
     } else {
@@ -47,26 +47,50 @@ pub fn agg_loss(p: &AggProblem) -> f64 {
     }
 }
 
-fn run<F: Real>(p: &AggProblem) -> f64 {
+fn run<F: Real>(p: &AggProblem) -> Result<f64> {
     let cols = p.loss_mat.cols;
-    let totals = p.norm.needs_mask_totals(p.agg).then(|| mask_totals(&p.loss_mask));
+    let totals = match p.norm.needs_mask_totals(p.agg) {
+        true => Some(mask_totals(&p.loss_mask)?),
+        false => None,
+    };
     let plan = AggPlan::new(p.agg, &p.norm, totals, cols, p.loss_mask.desc.dtype == crate::tensor::DType::F64);
     let seq_mode = p.agg.is_seq_mode();
-    let rows: Vec<(f64, f64)> = (0..p.loss_mat.rows)
-        .into_par_iter()
-        .with_min_len(min_rows_per_task(cols))
-        .map_init(
-            || (vec![F::zero(); cols], vec![F::zero(); cols], vec![F::zero(); cols]),
-            |(sl, sm, sg), i| {
-                let l = p.loss_mat.row(i, sl);
-                let m = p.loss_mask.row(i, sm);
-                let tokens = sum_f64(m);
+    let scratch = || -> Result<_> {
+        Ok((
+            piece_scratch::<F>(p.loss_mat.desc.arg, cols)?,
+            piece_scratch::<F>(p.loss_mask.desc.arg, cols)?,
+            piece_scratch::<F>(p.grad.desc.arg, cols)?,
+        ))
+    };
+    let mut total = 0.0;
+    fold_rows(
+        p.loss_mat.desc.arg,
+        p.loss_mat.rows,
+        cols,
+        scratch,
+        |(sl, sm, sg), i| {
+            // the row's length first (in pieces when the row is long; a
+            // short row's mask is loaded once, below)
+            let mut len_sum = Sum8::default();
+            if cols > PIECE {
+                for (start, len) in pieces(cols) {
+                    len_sum.add(p.loss_mask.part(i, start, len, sm));
+                }
+            }
+            let mut sum = 0.0f64;
+            let mut tokens = len_sum.total();
+            for (start, len) in pieces(cols) {
+                let l = p.loss_mat.part(i, start, len, sl);
+                let m = p.loss_mask.part(i, start, len, sm);
+                if cols <= PIECE {
+                    len_sum.add(m);
+                    tokens = len_sum.total();
+                }
                 let coef = F::of(plan.row_coef(tokens));
-                let mut sum = 0.0f64;
                 // SAFETY: row i is written by this task only.
                 unsafe {
-                    p.grad.with_row(i, sg, |g| {
-                        for t in 0..cols {
+                    p.grad.with_part(i, start, len, sg, |g| {
+                        for t in 0..len {
                             if m[t] != F::zero() || seq_mode {
                                 sum += (l[t] * m[t]).f64();
                             }
@@ -74,9 +98,10 @@ fn run<F: Real>(p: &AggProblem) -> f64 {
                         }
                     })
                 };
-                (sum, tokens)
-            },
-        )
-        .collect();
-    plan.finish(rows.iter().map(|&(s, l)| plan.row_contribution(s, l)).sum())
+            }
+            (sum, tokens)
+        },
+        |(s, l)| total += plan.row_contribution(s, l),
+    )?;
+    Ok(plan.finish(total))
 }

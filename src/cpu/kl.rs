@@ -13,10 +13,9 @@
 //! does (the clamp shared with the policy loss, `lane::clamp`).
 
 use super::lane::{clamp, Lane};
-use super::min_rows_per_task;
+use super::for_each_row;
 use crate::error::{Error, Result};
-use crate::tensor::{same_device, DType, Desc, Mat, MatMut, Real};
-use rayon::prelude::*;
+use crate::tensor::{piece_scratch, pieces, same_device, DType, Desc, Mat, MatMut, Real};
 
 /// The value estimator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,8 +129,9 @@ fn kl_token<F: Real + Lane<Mask = bool>>(mode: KlMode, closed: bool, lp: F, rf: 
 }
 
 
-/// Writes the estimate (and its gradient, if asked) on the CPU.
-pub fn compute(p: &KlProblem) {
+/// Writes the estimate (and its gradient, if asked) on the CPU; a
+/// `MemoryError` if its (bounded) working buffers cannot be allocated.
+pub fn compute(p: &KlProblem) -> Result<()> {
     let f64_in = [&p.logprob, &p.ref_logprob].iter().any(|m| m.desc.dtype == DType::F64);
     if f64_in || p.out.desc.dtype == DType::F64 {
         run::<f64>(p)
@@ -140,31 +140,34 @@ pub fn compute(p: &KlProblem) {
     }
 }
 
-fn run<F: Real + Lane<Mask = bool>>(p: &KlProblem) {
+fn run<F: Real + Lane<Mask = bool>>(p: &KlProblem) -> Result<()> {
     let cols = p.logprob.cols;
     let (mode, closed) = (p.mode, p.clamp_closed);
-    (0..p.logprob.rows).into_par_iter().with_min_len(min_rows_per_task(cols)).for_each_init(
-        || (vec![F::zero(); cols], vec![F::zero(); cols], vec![F::zero(); cols], vec![F::zero(); cols]),
-        |(sl, sr, so, sg), i| {
-            let lp = p.logprob.row::<F>(i, sl);
-            let rf = p.ref_logprob.row::<F>(i, sr);
+    let scratch = || -> Result<_> {
+        let v = |arg| piece_scratch::<F>(arg, cols);
+        Ok((v(p.logprob.desc.arg)?, v(p.ref_logprob.desc.arg)?, v(p.out.desc.arg)?, v(p.out.desc.arg)?))
+    };
+    for_each_row(p.logprob.rows, cols, scratch, |(sl, sr, so, sg), i| {
+        for (start, len) in pieces(cols) {
+            let lp = p.logprob.part::<F>(i, start, len, sl);
+            let rf = p.ref_logprob.part::<F>(i, start, len, sr);
             // SAFETY: row i of each output is written by this task only.
             unsafe {
-                p.out.with_row(i, so, |o| {
-                    for t in 0..cols {
+                p.out.with_part(i, start, len, so, |o| {
+                    for t in 0..len {
                         o[t] = kl_token(mode, closed, lp[t], rf[t]).0;
                     }
                 });
                 if let Some(g) = &p.grad {
-                    g.with_row(i, sg, |g| {
-                        for t in 0..cols {
+                    g.with_part(i, start, len, sg, |g| {
+                        for t in 0..len {
                             g[t] = kl_token(mode, closed, lp[t], rf[t]).1;
                         }
                     });
                 }
             }
-        },
-    );
+        }
+    })
 }
 
 #[cfg(test)]
@@ -178,7 +181,7 @@ mod tests {
         let r = Desc::from_slice("ref_logprob", rf, &[1, n]);
         let od = Desc::from_mut_slice("out", &mut o, &[1, n]);
         let gd = Desc::from_mut_slice("grad", &mut g, &[1, n]);
-        compute(&KlProblem::new(&l, &r, &od, Some(&gd), mode, false).unwrap());
+        compute(&KlProblem::new(&l, &r, &od, Some(&gd), mode, false).unwrap()).unwrap();
         (o, g)
     }
 

@@ -27,12 +27,12 @@ use super::lane::{Avx2, Sse};
 #[cfg(any(test, not(target_arch = "x86_64")))]
 use super::lane::ScalarF32;
 use super::lane::ScalarF64;
-use super::{mask_totals, min_rows_per_task};
+use super::{fold_rows, mask_totals};
+use crate::error::Result;
 use crate::policy::{PolicyLossOutput, PolicyLossProblem};
 use crate::spec::{plus_eps, AggPlan, Clip, LossMode};
-use crate::tensor::{DType, Real};
+use crate::tensor::{piece_scratch, pieces, DType, Mat, Real, PIECE};
 use num_traits::Float;
-use rayon::prelude::*;
 
 /// One token's loss, its derivative in `lp`, and the metric flags.
 #[derive(Clone, Copy)]
@@ -137,7 +137,7 @@ struct RowStats {
     lower: f64,
 }
 
-/// Per-thread scratch rows.
+/// Per-thread scratch: one piece (see [`PIECE`]) of each input and of the gradient.
 struct Scratch<F> {
     old: Vec<F>,
     lp: Vec<F>,
@@ -148,14 +148,26 @@ struct Scratch<F> {
 }
 
 impl<F: Real> Scratch<F> {
-    fn new(cols: usize) -> Self {
-        let v = || vec![F::zero(); cols];
-        Scratch { old: v(), lp: v(), adv: v(), mask: v(), w: v(), grad: v() }
+    fn new(p: &PolicyLossProblem) -> Result<Self> {
+        let v = |m: &Mat| piece_scratch::<F>(m.desc.arg, m.cols);
+        let w = match &p.rollout_is_weights {
+            Some(w) => v(w)?,
+            None => Vec::new(),
+        };
+        Ok(Scratch {
+            old: v(&p.old_log_prob)?,
+            lp: v(&p.log_prob)?,
+            adv: v(&p.advantages)?,
+            mask: v(&p.response_mask)?,
+            w,
+            grad: piece_scratch::<F>(p.grad.desc.arg, p.grad.cols)?,
+        })
     }
 }
 
-/// Runs the loss on the CPU, writing `d loss / d log_prob` into `p.grad`.
-pub fn policy_loss(p: &PolicyLossProblem) -> PolicyLossOutput {
+/// Runs the loss on the CPU, writing `d loss / d log_prob` into `p.grad`;
+/// a `MemoryError` if its (bounded) working buffers cannot be allocated.
+pub fn policy_loss(p: &PolicyLossProblem) -> Result<PolicyLossOutput> {
     if p.wants_f64() {
         return run::<ScalarF64>(p);
     }
@@ -181,75 +193,95 @@ unsafe fn row_avx2(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scra
 /// A row kernel: inputs, plan, row index, per-thread scratch.
 type RowFn<F> = fn(&PolicyLossProblem, &AggPlan, usize, &mut Scratch<F>) -> RowStats;
 
-fn run<W: Wide>(p: &PolicyLossProblem) -> PolicyLossOutput {
+fn run<W: Wide>(p: &PolicyLossProblem) -> Result<PolicyLossOutput> {
     run_with::<W>(p, row::<W>)
 }
 
-fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> PolicyLossOutput {
+fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> Result<PolicyLossOutput> {
     let cols = p.log_prob.cols;
-    let totals = p.norm.needs_mask_totals(p.agg).then(|| mask_totals(&p.response_mask));
+    let totals = match p.norm.needs_mask_totals(p.agg) {
+        true => Some(mask_totals(&p.response_mask)?),
+        false => None,
+    };
     let mask_is_f64 = p.response_mask.desc.dtype == DType::F64;
     let plan = AggPlan::new(p.agg, &p.norm, totals, cols, mask_is_f64);
 
-    let rows: Vec<RowStats> = (0..p.log_prob.rows)
-        .into_par_iter()
-        .with_min_len(min_rows_per_task(cols))
-        .map_init(|| Scratch::<W::F>::new(cols), |s, i| row_fn(p, &plan, i, s))
-        .collect();
-
     let mut out = PolicyLossOutput::default();
     let mut tokens = 0.0;
-    for r in &rows {
-        out.loss += plan.row_contribution(r.loss, r.tokens);
-        tokens += r.tokens;
-        out.pg_clipfrac += r.clipped;
-        out.ppo_kl += r.kl;
-        out.pg_clipfrac_lower += r.lower;
-    }
+    fold_rows(
+        p.log_prob.desc.arg,
+        p.log_prob.rows,
+        cols,
+        || Scratch::<W::F>::new(p),
+        |s, i| row_fn(p, &plan, i, s),
+        |r| {
+            out.loss += plan.row_contribution(r.loss, r.tokens);
+            tokens += r.tokens;
+            out.pg_clipfrac += r.clipped;
+            out.ppo_kl += r.kl;
+            out.pg_clipfrac_lower += r.lower;
+        },
+    )?;
     // verl's masked_mean: sum / (sum(mask) + 1e-8)
     let denom = plus_eps(tokens, mask_is_f64);
     out.loss = plan.finish(out.loss);
     out.pg_clipfrac /= denom;
     out.ppo_kl /= denom;
     out.pg_clipfrac_lower /= denom;
-    out
+    Ok(out)
 }
 
-/// One row: load, reduce what the row needs first (its length, and the
-/// sequence log-ratio for GSPO/LUSPO), then the token pass.
-/// One row: load, reduce what the row needs first (its length, and the
-/// sequence log-ratio for GSPO/LUSPO), then the token pass.
+/// One row: reduce what the row needs first (its length, and the sequence
+/// log-ratio for GSPO/LUSPO), then the token pass. A row longer than
+/// [`PIECE`] goes through in pieces, each pass loading its own; a shorter
+/// one is loaded once for both passes.
 #[inline(always)]
 fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<W::F>) -> RowStats {
-    let old = p.old_log_prob.row(i, &mut s.old);
-    let lp = p.log_prob.row(i, &mut s.lp);
-    let adv = p.advantages.row(i, &mut s.adv);
-    let mask = p.response_mask.row(i, &mut s.mask);
-    let w = p.rollout_is_weights.as_ref().map(|w| w.row(i, &mut s.w));
+    let cols = p.log_prob.cols;
     let with_seq = p.mode != LossMode::Vanilla;
-    let (tokens, seq) = row_sums::<W>(old, lp, mask, with_seq);
-    let mut st = RowStats { tokens, ..Default::default() };
-    let ctx = RowCtx { old, lp, adv, mask, w, coef: W::F::of(plan.row_coef(tokens)), seq_mode: plan.mode.is_seq_mode() };
-    // No closure here: `row` is inlined into `row_avx2`, and a closure
-    // would be compiled without AVX2 (its intrinsics would become calls).
-    // SAFETY: row i is written by this task only.
-    let direct = unsafe { p.grad.direct_row::<W::F>(i) };
-    let converted = direct.is_none();
-    let g = direct.unwrap_or(&mut s.grad);
-    match p.mode {
-        LossMode::Vanilla => ctx.token_pass::<W, _>(g, &mut st, &Vanilla(p.clip)),
-        LossMode::Gspo | LossMode::Luspo => {
-            // verl: sum(d * m) / clamp(sum(m), min=1)
-            let log_s = W::F::of(seq / tokens.max(1.0));
-            let (x, pass) = clamp(log_s, W::F::neg_infinity(), W::F::of(10.0), p.clip.clamp_closed);
-            let sr = x.exp();
-            let ds = <W::F as Lane>::select(pass, sr, <W::F as Lane>::splat(0.0));
-            ctx.token_pass::<W, _>(g, &mut st, &Gspo { clip: p.clip, s: sr.f64(), ds: ds.f64() })
+    let mut sums = (0.0, 0.0);
+    if cols > PIECE {
+        for (start, len) in pieces(cols) {
+            let old = p.old_log_prob.part(i, start, len, &mut s.old);
+            let lp = p.log_prob.part(i, start, len, &mut s.lp);
+            let mask = p.response_mask.part(i, start, len, &mut s.mask);
+            row_sums::<W>(old, lp, mask, with_seq, &mut sums);
         }
     }
-    if converted {
-        // SAFETY: as above.
-        unsafe { p.grad.store_row(i, &s.grad) };
+    let mut st = RowStats::default();
+    for (start, len) in pieces(cols) {
+        let old = p.old_log_prob.part(i, start, len, &mut s.old);
+        let lp = p.log_prob.part(i, start, len, &mut s.lp);
+        let adv = p.advantages.part(i, start, len, &mut s.adv);
+        let mask = p.response_mask.part(i, start, len, &mut s.mask);
+        let w = p.rollout_is_weights.as_ref().map(|w| w.part(i, start, len, &mut s.w));
+        if cols <= PIECE {
+            row_sums::<W>(old, lp, mask, with_seq, &mut sums);
+        }
+        let (tokens, seq) = sums;
+        st.tokens = tokens;
+        let ctx = RowCtx { old, lp, adv, mask, w, coef: W::F::of(plan.row_coef(tokens)), seq_mode: plan.mode.is_seq_mode() };
+        // No closure here: `row` is inlined into `row_avx2`, and a closure
+        // would be compiled without AVX2 (its intrinsics would become calls).
+        // SAFETY: row i is written by this task only.
+        let direct = unsafe { p.grad.direct_part::<W::F>(i, start, len) };
+        let converted = direct.is_none();
+        let g = direct.unwrap_or(&mut s.grad[..len]);
+        match p.mode {
+            LossMode::Vanilla => ctx.token_pass::<W, _>(g, &mut st, &Vanilla(p.clip)),
+            LossMode::Gspo | LossMode::Luspo => {
+                // verl: sum(d * m) / clamp(sum(m), min=1)
+                let log_s = W::F::of(seq / tokens.max(1.0));
+                let (x, pass) = clamp(log_s, W::F::neg_infinity(), W::F::of(10.0), p.clip.clamp_closed);
+                let sr = x.exp();
+                let ds = <W::F as Lane>::select(pass, sr, <W::F as Lane>::splat(0.0));
+                ctx.token_pass::<W, _>(g, &mut st, &Gspo { clip: p.clip, s: sr.f64(), ds: ds.f64() })
+            }
+        }
+        if converted {
+            // SAFETY: as above.
+            unsafe { p.grad.store_part(i, start, &s.grad[..len]) };
+        }
     }
     st
 }
@@ -298,13 +330,15 @@ fn fold8<F: Real>(lanes: &[F; 8]) -> f64 {
     t
 }
 
-/// `(sum_t m, sum_t (lp - old) m)` of a row (the second only `with_seq`),
-/// a plain product so a NaN anywhere in the row propagates, as in verl.
-/// Summed in [`Lanes8`] within blocks of [`BLOCK`], then in f64.
+/// Adds `(sum_t m, sum_t (lp - old) m)` of a row's piece to `sums` (the
+/// second only `with_seq`), a plain product so a NaN anywhere in the row
+/// propagates, as in verl. Summed in [`Lanes8`] within blocks of [`BLOCK`],
+/// then block by block in f64 (so pieces that are whole blocks add up to
+/// bitwise the whole row's sums).
 #[inline(always)]
-fn row_sums<W: Wide>(old: &[W::F], lp: &[W::F], mask: &[W::F], with_seq: bool) -> (f64, f64) {
+fn row_sums<W: Wide>(old: &[W::F], lp: &[W::F], mask: &[W::F], with_seq: bool, sums: &mut (f64, f64)) {
     let n = mask.len();
-    let (mut tokens, mut seq) = (0.0, 0.0);
+    let (tokens, seq) = (&mut sums.0, &mut sums.1);
     let mut start = 0;
     while start < n {
         let end = (start + BLOCK).min(n);
@@ -324,13 +358,12 @@ fn row_sums<W: Wide>(old: &[W::F], lp: &[W::F], mask: &[W::F], with_seq: bool) -
             bm[j % 8] = bm[j % 8] + m[j];
             bd[j % 8] = bd[j % 8] + (l[j] - o[j]) * m[j];
         }
-        tokens += fold8(&bm);
+        *tokens += fold8(&bm);
         if with_seq {
-            seq += fold8(&bd);
+            *seq += fold8(&bd);
         }
         start = end;
     }
-    (tokens, seq)
 }
 
 /// One row's inputs and what its token pass shares across tokens.
@@ -469,7 +502,8 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             "avx2" => run_with::<Avx2>(&p, |p, plan, i, s| unsafe { row_avx2(p, plan, i, s) }),
             _ => unreachable!(),
-        };
+        }
+        .unwrap();
         drop(p);
         (out, grad)
     }

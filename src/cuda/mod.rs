@@ -564,7 +564,8 @@ unsafe fn launch(d: &Driver, f: CUfunction, grid: u32, block: u32, stream: usize
 
 /// The caller's buffers of one loss-kernel call (torch allocates them).
 pub struct LossBuffers<'a> {
-    /// 0-d, the loss in the differentiated input's dtype.
+    /// 0-d, the loss, in any float dtype (the Python layer picks verl's:
+    /// the promotion of the inputs' dtypes).
     pub loss: &'a Desc,
     /// float64, [`METRICS_LEN`] values (policy loss only).
     pub metrics: Option<&'a Desc>,
@@ -576,14 +577,10 @@ pub struct LossBuffers<'a> {
 }
 
 impl LossBuffers<'_> {
-    fn check(&self, device: Device, rows: usize, dtype: DType, metrics: bool) -> Result<()> {
+    fn check(&self, device: Device, rows: usize, metrics: bool) -> Result<()> {
         let l = self.loss;
-        if l.device != device || l.dtype != dtype || !l.shape.is_empty() || l.read_only {
-            return Err(Error::value_error(
-                l.arg,
-                format!("expected a writable 0-d {} tensor on {device}", dtype.name()),
-            )
-            .into());
+        if l.device != device || !l.dtype.is_float() || !l.shape.is_empty() || l.read_only {
+            return Err(Error::value_error(l.arg, format!("expected a writable 0-d float tensor on {device}")).into());
         }
         match (self.metrics, metrics) {
             (Some(m), true) => check_f64(device, m, METRICS_LEN)?,
@@ -618,7 +615,7 @@ struct LossLaunch<'a> {
 /// Zeroes the tickets and enqueues both loss kernels on `stream`.
 fn launch_loss(l: &LossLaunch<'_>, b: &LossBuffers<'_>, device: Device, stream: usize) -> Result<()> {
     let (rows, cols) = (l.lp.rows, l.lp.cols);
-    b.check(device, rows, l.grad.desc.dtype, l.mode != MODE_AGG)?;
+    b.check(device, rows, l.mode != MODE_AGG)?;
     let d = driver()?;
     let s = device_state(&d, device)?;
     let (lp, grad, mask, w) = (view(l.lp), view_mut(l.grad), view(l.mask), l.w.map(view).unwrap_or(NO_VIEW));
