@@ -35,6 +35,23 @@ def test_agg_loss_matches_verl(agg, dtype, norm):
     assert_close(y.grad, x.grad, dtype=dtype, what="grad")
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32, torch.float64])
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_agg_loss_dtype_is_verls_promotion(agg, mask_dtype):
+    # verl's loss_mat * mask promotes float32 to float64 with a float64 mask
+    loss_mat, mask = batch(torch.float32, seed=1)
+    mask = mask.to(mask_dtype)
+    x = loss_mat.clone().requires_grad_()
+    ref = verl_core_algos.agg_loss(x, mask, agg)
+    ref.backward()
+    y = loss_mat.clone().requires_grad_()
+    ours = luspo_rs.agg_loss(y, mask, agg)
+    ours.backward()
+    assert ours.dtype == ref.dtype and y.grad.dtype == x.grad.dtype == torch.float32
+    assert_close(ours.detach(), ref.detach(), dtype=torch.float32, what="loss")
+    assert_close(y.grad, x.grad, dtype=torch.float32, what="grad")
+
+
 def test_agg_loss_bad_input_names_the_argument():
     loss_mat, mask = batch(torch.float32)
     with pytest.raises(ValueError, match="loss_agg_mode"):

@@ -36,7 +36,7 @@ def compare(mode, old, lp, adv, mask, agg, dtype, weights=None, ref_adv=None, re
         weights if ref_weights is None else ref_weights, **kw
     )
     loss, grad, metrics = ours(mode, old, lp, adv, mask, agg, weights, **kw)
-    assert loss.dtype == lp.dtype and grad.dtype == lp.dtype
+    assert loss.dtype == ref_loss.dtype and grad.dtype == lp.dtype  # verl promotes, e.g. with a float64 mask
     assert_close(loss, ref_loss, dtype=dtype, what="loss")
     assert_close(grad, ref_grad, dtype=dtype, what="grad")
     for k, v in ref_metrics.items():
@@ -269,3 +269,22 @@ def test_gradient_differs_from_verl_only_at_clip_bound_ties(mode):
     assert all(abs(x - 2) < 1e-4 or abs(x - 0.5) < 1e-4 or x == 0 or x == math.inf for x in q), (
         f"differences at ties are x2, x0.5, 0 or from 0, got {sorted(set(round(x, 4) for x in q))}"
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_mask_promotes_like_verl(mode):
+    # verl's sequence mean sum(d * m) / sum(m) is float64 with a float64 mask,
+    # and so are the GSPO ratio and the loss; float32 log-probs keep a float32
+    # gradient. Ours follows: the loss is float64, and for GSPO / LUSPO agrees
+    # to 1e-9 (computing the sequence mean in float32 is off by up to ~2e-8
+    # here). Vanilla's token ratio is float32 in verl too, so its float64 loss
+    # agrees to float32 rounding.
+    old, lp, adv, mask = make_batch(6, 50, seed=11, empty_rows=(2,), spread=0.05)
+    mask = mask.to(torch.float64)
+    for agg in AGG_MODES:
+        ref_loss, ref_grad, _ = verl_reference(mode, old, lp, adv, mask, agg, **CLIP)
+        loss, grad, _ = ours(mode, old, lp, adv, mask, agg, **CLIP)
+        assert loss.dtype == ref_loss.dtype == torch.float64 and grad.dtype == torch.float32
+        tol = 1e-9 if mode != "vanilla" else 1e-6
+        assert abs(loss.item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item())), (agg, loss, ref_loss)
+        assert_close(grad, ref_grad, dtype=torch.float32, what="grad")

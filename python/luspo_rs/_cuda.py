@@ -6,7 +6,7 @@ host. torch allocates every buffer the kernels write. A policy loss or
 ``agg_loss`` call writes
 
 * ``grad`` — the final ``d loss / d x`` (the one ``B x T`` buffer);
-* ``loss`` — a 0-d tensor in ``x``'s dtype, and for the policy loss
+* ``loss`` — a 0-d float tensor (the dtype of verl's loss), and for the policy loss
   ``metrics``, float64 ``[pg_clipfrac, ppo_kl, pg_clipfrac_lower]``;
 * ``scratch`` — float64 row sums and two tickets, ``cuda_loss_scratch_len(B)``.
 
@@ -115,19 +115,19 @@ def _current_stream_public(index: int) -> int:
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _current_stream_public)
 
 
-def _loss_buffers(x: torch.Tensor):
-    """``grad``, ``loss`` and ``scratch`` of one loss-kernel call on ``x``."""
+def _loss_buffers(x: torch.Tensor, loss_dtype: torch.dtype):
+    """``grad``, ``loss`` (in ``loss_dtype``) and ``scratch`` of one loss-kernel call on ``x``."""
     device = x.device
     grad = torch.empty(x.shape, dtype=x.dtype, device=device)
-    loss = torch.empty((), dtype=x.dtype, device=device)
+    loss = torch.empty((), dtype=loss_dtype, device=device)
     rows = x.shape[0] if x.dim() > 0 else 0
     scratch = torch.empty(_core.cuda_loss_scratch_len(rows), dtype=torch.float64, device=device)
     return grad, loss, scratch
 
 
-def policy_forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor):
+def policy_forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor, loss_dtype):
     """Forward of ``PolicyLossFunction`` for CUDA tensors; returns ``(loss, metrics)``."""
-    grad, loss, scratch = _loss_buffers(log_prob)
+    grad, loss, scratch = _loss_buffers(log_prob, loss_dtype)
     metrics = torch.empty(METRICS_LEN, dtype=torch.float64, device=log_prob.device)
     _core.policy_loss(
         old_log_prob,
@@ -148,9 +148,9 @@ def policy_forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollo
     return loss, metrics
 
 
-def agg_forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor):
+def agg_forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor, loss_dtype):
     """Forward of ``AggLossFunction`` for CUDA tensors; returns the loss."""
-    grad, loss, scratch = _loss_buffers(loss_mat)
+    grad, loss, scratch = _loss_buffers(loss_mat, loss_dtype)
     _core.agg_loss(
         loss_mat.detach(), loss_mask, grad, loss_agg_mode, out=loss, scratch=scratch, factor=factor,
         stream=stream_of(loss_mat), **options

@@ -99,6 +99,17 @@ def refuse_double_backward(op: str) -> None:
         )
 
 
+def _result_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype torch's promotion gives an expression of ``tensors`` (the
+    first is the differentiated input, a float tensor; integer and bool
+    masks do not change it), i.e. the dtype of verl's loss."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None and isinstance(t, torch.Tensor):
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _scaled(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
     """``grad_loss * saved_grad`` for the CPU path. ``loss.backward()`` seeds
     ``grad_loss = 1``: then the saved buffer is the gradient itself and is
@@ -116,13 +127,13 @@ class PolicyLossFunction(torch.autograd.Function):
     inputs are treated as constants, as verl's trainers use them)."""
 
     @staticmethod
-    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor=None):
+    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor, loss_dtype):
         # no zero gradient is built for the metrics output (a fill kernel on CUDA)
         ctx.set_materialize_grads(False)
         if log_prob.is_cuda:
             ctx.cuda = True
             return _cuda.policy_forward(
-                ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor
+                ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor, loss_dtype
             )
         grad = empty_host(tuple(log_prob.shape), log_prob.dtype)
         out = torch.empty(len(STATS), dtype=torch.float64, device=log_prob.device)
@@ -137,19 +148,20 @@ class PolicyLossFunction(torch.autograd.Function):
             **options,
         )
         ctx.save_for_backward(grad)
-        loss = out[0].to(log_prob.dtype)
+        loss = out[0].to(loss_dtype)
         metrics = out[1:]
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
+        none = (None,) * 7
         if grad_loss is None:  # only the metrics were used
-            return None, None, None, None, None, None, None
+            return (None, *none)
         refuse_double_backward("luspo_rs.policy_loss")
         if getattr(ctx, "cuda", False):
-            return _cuda.backward(ctx, grad_loss), None, None, None, None, None, None
-        return _scaled(ctx, grad_loss), None, None, None, None, None, None
+            return (_cuda.backward(ctx, grad_loss), *none)
+        return (_scaled(ctx, grad_loss), *none)
 
 
 def policy_loss(
@@ -194,7 +206,9 @@ def policy_loss(
         rollout_is_weights: optional, shaped like ``advantages``.
 
     Returns:
-        ``(loss, metrics)``: ``loss`` is a scalar in ``log_prob``'s dtype,
+        ``(loss, metrics)``: ``loss`` is a scalar in the dtype verl's loss has,
+        torch's promotion of the float inputs' dtypes (``log_prob``'s when
+        they all share it; float64 with a float64 mask, for instance),
         differentiable in ``log_prob``; ``metrics`` maps ``"pg_clipfrac"``,
         ``"ppo_kl"``, ``"pg_clipfrac_lower"`` to 0-d float64 tensors (verl's metrics).
     """
@@ -223,14 +237,12 @@ def policy_loss(
     else:
         options.update({k: _as_float(k, v) for k, v in norms.items()})
     weights = None if rollout_is_weights is None else _as_tensor("rollout_is_weights", rollout_is_weights)
+    old_log_prob = _as_tensor("old_log_prob", old_log_prob)
+    advantages = _as_tensor("advantages", advantages)
+    response_mask = _as_tensor("response_mask", response_mask)
+    loss_dtype = _result_dtype(log_prob, old_log_prob, advantages, response_mask, weights)
     loss, metrics = PolicyLossFunction.apply(
-        log_prob,
-        _as_tensor("old_log_prob", old_log_prob),
-        _as_tensor("advantages", advantages),
-        _as_tensor("response_mask", response_mask),
-        weights,
-        options,
-        factor,
+        log_prob, old_log_prob, advantages, response_mask, weights, options, factor, loss_dtype
     )
     return loss, dict(zip(STATS[1:], metrics.unbind()))
 
@@ -239,14 +251,14 @@ class AggLossFunction(torch.autograd.Function):
     """verl's ``agg_loss``; differentiable in ``loss_mat``."""
 
     @staticmethod
-    def forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor=None):
+    def forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor, loss_dtype):
         if loss_mat.is_cuda:
             ctx.cuda = True
-            return _cuda.agg_forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor)
+            return _cuda.agg_forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor, loss_dtype)
         grad = torch.empty(loss_mat.shape, dtype=loss_mat.dtype, device=loss_mat.device)
         loss = _core.agg_loss(loss_mat.detach(), loss_mask, grad, loss_agg_mode, **options)
         ctx.save_for_backward(grad)
-        return torch.tensor(loss, dtype=loss_mat.dtype, device=loss_mat.device)
+        return torch.tensor(loss, dtype=loss_dtype, device=loss_mat.device)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -254,10 +266,10 @@ class AggLossFunction(torch.autograd.Function):
             # create_graph=True: agg_loss is linear in loss_mat, so its gradient
             # is the saved constant times grad_output, differentiably
             (grad,) = ctx.saved_tensors
-            return grad * grad_loss, None, None, None, None
+            return grad * grad_loss, None, None, None, None, None
         if getattr(ctx, "cuda", False):
-            return _cuda.backward(ctx, grad_loss), None, None, None, None
-        return _scaled(ctx, grad_loss), None, None, None, None
+            return _cuda.backward(ctx, grad_loss), None, None, None, None, None
+        return _scaled(ctx, grad_loss), None, None, None, None, None
 
 
 def agg_loss(
@@ -280,7 +292,9 @@ def agg_loss(
     * ``seq-mean-token-mean``: as above with each row divided by ``L_i + 1e-8``;
     * ``seq-mean-token-sum-norm``: ``seq-mean-token-sum / loss_scale_factor`` (default ``T``).
 
-    Returns a scalar in ``loss_mat``'s dtype, differentiable in ``loss_mat``.
+    Returns a scalar in the dtype verl's has (``loss_mat``'s, promoted with
+    a float mask's as torch promotes ``loss_mat * loss_mask``), differentiable
+    in ``loss_mat``.
     """
     _check_entry("luspo_rs.agg_loss", "loss_mat", loss_mat, loss_agg_mode=loss_agg_mode)
     norms = dict(
@@ -295,4 +309,6 @@ def agg_loss(
         options, factor = _cuda.split_normalisers(loss_agg_mode, norms, loss_mat.device, _as_float)
     else:
         options = {k: _as_float(k, v) for k, v in norms.items()}
-    return AggLossFunction.apply(loss_mat, _as_tensor("loss_mask", loss_mask), loss_agg_mode, options, factor)
+    loss_mask = _as_tensor("loss_mask", loss_mask)
+    loss_dtype = _result_dtype(loss_mat, loss_mask)
+    return AggLossFunction.apply(loss_mat, loss_mask, loss_agg_mode, options, factor, loss_dtype)
