@@ -13,6 +13,13 @@ verl_core_algos = pytest.importorskip(
 )
 from verl.workers.config import ActorConfig  # noqa: E402
 
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: builds wheels or virtualenvs (tens of seconds); part of `make test`, skip with -m 'not slow'"
+    )
+
+
 MODES = ["vanilla", "gspo", "luspo"]
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
