@@ -47,7 +47,7 @@ LR = 0.01
 
 def run_actor_steps() -> dict:  # noqa: C901 - a script, run in a subprocess
     os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531",
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
         VERL_PLATFORM="cpu", VERL_ENGINE_DEVICE="cuda", VERL_USE_EXTERNAL_MODULES="luspo_rs.verl",
     )  # fmt: skip
     import tempfile
@@ -57,6 +57,14 @@ def run_actor_steps() -> dict:  # noqa: C901 - a script, run in a subprocess
 
     import numpy as np
     import torch
+    import torch.distributed
+
+    # The process group's rendezvous: a TCPStore on port 0, i.e. a free port the OS
+    # picks when the store binds it and that the store holds for the whole run (no
+    # fixed port another run or service could hold, no window between picking and
+    # binding). verl's Worker reads MASTER_PORT, so it gets the real one.
+    store = torch.distributed.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, wait_for_workers=False)
+    os.environ["MASTER_PORT"] = str(store.port)
     from verl.plugin.platform.platform_base import PlatformBase
     from verl.plugin.platform.platform_manager import PlatformRegistry
 
@@ -289,7 +297,7 @@ def run_actor_steps() -> dict:  # noqa: C901 - a script, run in a subprocess
         after = params(worker)
         return {k: after[k] - before[k] for k in before}, metrics
 
-    torch.distributed.init_process_group(backend="gloo", rank=0, world_size=1)
+    torch.distributed.init_process_group(backend="gloo", store=store, rank=0, world_size=1)
     results = {"registered": registered}
     deltas = {}
     for mode in ("luspo", "luspo_reference", "gspo"):
