@@ -1,8 +1,8 @@
 //! Times the CPU policy loss without Python: `RAYON_NUM_THREADS=1 cargo run --release --example bench_row`
 //! (B=512, T=4096 fp32), for profiling the kernels with `perf record`.
-use luspo_rs::tensor::Desc;
-use luspo_rs::policy::{PolicyLossArgs, PolicyLossProblem};
-use luspo_rs::spec::Normalizers;
+use luspo_rs::tensor::Tensor;
+use luspo_rs::ops::agg_loss::Normalizers;
+use luspo_rs::ops::policy_loss::{PolicyLossArgs, PolicyLossProblem};
 use std::time::Instant;
 fn main() {
     let (b, t) = (512usize, 4096usize);
@@ -15,9 +15,9 @@ fn main() {
     let mask: Vec<bool> = (0..n).map(|i| (i % t) < 3000).collect();
     let mut grad = vec![0f32; n];
     for mode in ["vanilla", "gspo"] {
-        let d = |a: &'static str, v: &[f32]| Desc::from_slice(a, v, &[b, t]);
-        let (o, l, a, m) = (d("old_log_prob", &old), d("log_prob", &lp), d("advantages", &adv), Desc::from_slice("response_mask", &mask, &[b, t]));
-        let g = Desc::from_mut_slice("grad", &mut grad, &[b, t]);
+        let d = |a: &'static str, v: &[f32]| Tensor::from_slice(a, v, &[b, t]);
+        let (o, l, a, m) = (d("old_log_prob", &old), d("log_prob", &lp), d("advantages", &adv), Tensor::from_slice("response_mask", &mask, &[b, t]));
+        let g = Tensor::from_mut_slice("grad", &mut grad, &[b, t]);
         let p = PolicyLossProblem::new(&PolicyLossArgs { old_log_prob: &o, log_prob: &l, advantages: &a, response_mask: &m, rollout_is_weights: None, grad: &g, mode, loss_agg_mode: "token-mean", clip_ratio: 0.2, clip_ratio_low: None, clip_ratio_high: None, clip_ratio_c: 3.0, clamp_closed: false, norm: Normalizers::default() }).unwrap();
         let mut best = f64::MAX;
         for _ in 0..10 { let t0 = Instant::now(); let r = luspo_rs::cpu::policy_loss::policy_loss(&p).unwrap(); best = best.min(t0.elapsed().as_secs_f64()); std::hint::black_box(r); }

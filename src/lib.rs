@@ -9,17 +9,18 @@
 pub mod cpu;
 pub mod cuda;
 pub mod error;
-pub mod policy;
-pub mod spec;
+pub mod ops;
 pub mod tensor;
 
 #[cfg(feature = "python")]
 mod python {
     use crate::cpu;
     use crate::error::{Error, Kind};
-    use crate::policy::{PolicyLossArgs, PolicyLossProblem};
-    use crate::spec::Normalizers;
-    use crate::tensor::{Desc, Device, DType};
+    use crate::ops::policy_loss::{PolicyLossArgs, PolicyLossProblem};
+    use crate::ops::agg_loss::{AggProblem, Normalizers};
+    use crate::ops::kl_penalty::KlProblem;
+    use crate::ops::advantage::AdvantageProblem;
+    use crate::tensor::{Tensor, Device, DType};
     use crate::cuda::{self, CudaError};
     use dlpark::python::from_dlpack;
     use dlpark::python::ImportedDlpack;
@@ -39,7 +40,7 @@ mod python {
     /// keeps the producer's memory alive until it is dropped.
     struct Imported {
         _owner: ImportedDlpack,
-        desc: Desc,
+        tensor: Tensor,
     }
 
     fn import(arg: &'static str, obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Imported> {
@@ -110,12 +111,12 @@ mod python {
             })
         }
 
-        fn buffers<'a>(&'a self, metrics: Option<&'a Desc>) -> cuda::LossBuffers<'a> {
+        fn buffers<'a>(&'a self, metrics: Option<&'a Tensor>) -> cuda::LossBuffers<'a> {
             cuda::LossBuffers {
-                loss: &self.loss.desc,
+                loss: &self.loss.tensor,
                 metrics,
-                scratch: &self.scratch.desc,
-                factor: self.factor.as_ref().map(|f| &f.desc),
+                scratch: &self.scratch.tensor,
+                factor: self.factor.as_ref().map(|f| &f.tensor),
             }
         }
     }
@@ -139,11 +140,11 @@ mod python {
             .validate()
             .map_err(|e| PyValueError::new_err(format!("{arg}: invalid DLPack tensor: {e}")))?;
         let read_only = owner.flags().contains(dlpark::DlpackFlags::READ_ONLY);
-        let desc = Desc::from_dlpack(arg, &t, read_only).map_err(to_py)?;
+        let tensor = Tensor::from_dlpack(arg, &t, read_only).map_err(to_py)?;
         if writable && read_only {
             return Err(PyValueError::new_err(format!("{arg}: the output buffer is read-only")));
         }
-        Ok(Imported { _owner: owner, desc })
+        Ok(Imported { _owner: owner, tensor })
     }
 
     fn import_opt_on(
@@ -154,19 +155,19 @@ mod python {
         obj.filter(|o| !o.is_none()).map(|o| import_on(arg, o, false, stream)).transpose()
     }
 
-    fn cpu_only(desc: &Desc) -> PyResult<()> {
-        match desc.device {
+    fn cpu_only(tensor: &Tensor) -> PyResult<()> {
+        match tensor.device {
             Device::Cpu => Ok(()),
             Device::Cuda(_) => Err(PyValueError::new_err(format!(
                 "{}: CUDA tensors are not supported by this build of luspo_rs (CPU only)",
-                desc.arg
+                tensor.arg
             ))),
         }
     }
 
     /// Writes the four f64 results into `out` (a contiguous float64 CPU
     /// tensor of at least `values.len()` elements).
-    fn write_out(out: &Desc, values: &[f64]) -> PyResult<()> {
+    fn write_out(out: &Tensor, values: &[f64]) -> PyResult<()> {
         if out.dtype != DType::F64 || out.shape.iter().product::<usize>() < values.len() || out.read_only {
             return Err(PyValueError::new_err(format!(
                 "out: expected a writable float64 tensor with at least {} elements",
@@ -229,12 +230,12 @@ mod python {
         let g = import_on("grad", grad, true, s)?;
         let o = import_on("out", out, true, s)?;
         let problem = PolicyLossProblem::new(&PolicyLossArgs {
-            old_log_prob: &old.desc,
-            log_prob: &lp.desc,
-            advantages: &adv.desc,
-            response_mask: &mask.desc,
-            rollout_is_weights: w.as_ref().map(|w| &w.desc),
-            grad: &g.desc,
+            old_log_prob: &old.tensor,
+            log_prob: &lp.tensor,
+            advantages: &adv.tensor,
+            response_mask: &mask.tensor,
+            rollout_is_weights: w.as_ref().map(|w| &w.tensor),
+            grad: &g.tensor,
             mode,
             loss_agg_mode,
             clip_ratio,
@@ -245,12 +246,12 @@ mod python {
             norm: Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor },
         })
         .map_err(to_py)?;
-        if let Device::Cuda(_) = lp.desc.device {
+        if let Device::Cuda(_) = lp.tensor.device {
             let b = CudaLossBuffers::import(loss, scratch, factor, cs.as_ref())?;
-            return py.detach(|| cuda::policy_loss(&problem, &b.buffers(Some(&o.desc)), b.stream)).map_err(cuda_err);
+            return py.detach(|| cuda::policy_loss(&problem, &b.buffers(Some(&o.tensor)), b.stream)).map_err(cuda_err);
         }
         let r = py.detach(|| cpu::pool::install(|| cpu::policy_loss::policy_loss(&problem))).map_err(to_py)?;
-        write_out(&o.desc, &[r.loss, r.pg_clipfrac, r.ppo_kl, r.pg_clipfrac_lower])
+        write_out(&o.tensor, &[r.loss, r.pg_clipfrac, r.ppo_kl, r.pg_clipfrac_lower])
     }
 
     /// verl's `agg_loss`; writes `d loss / d loss_mat` into `grad` and
@@ -284,13 +285,13 @@ mod python {
         let m = import_on("loss_mask", loss_mask, false, s)?;
         let g = import_on("grad", grad, true, s)?;
         let norm = Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor };
-        let problem = cpu::agg::AggProblem::new(&l.desc, &m.desc, &g.desc, loss_agg_mode, norm).map_err(to_py)?;
-        if let Device::Cuda(_) = l.desc.device {
+        let problem = AggProblem::new(&l.tensor, &m.tensor, &g.tensor, loss_agg_mode, norm).map_err(to_py)?;
+        if let Device::Cuda(_) = l.tensor.device {
             let b = CudaLossBuffers::import(out, scratch, factor, cs.as_ref())?;
             py.detach(|| cuda::agg_loss(&problem, &b.buffers(None), b.stream)).map_err(cuda_err)?;
             return Ok(None);
         }
-        Ok(Some(py.detach(|| cpu::pool::install(|| cpu::agg::agg_loss(&problem))).map_err(to_py)?))
+        Ok(Some(py.detach(|| cpu::pool::install(|| cpu::agg_loss::agg_loss(&problem))).map_err(to_py)?))
     }
 
     /// Group advantages of verl's outcome estimators: writes the B×T
@@ -324,18 +325,18 @@ mod python {
         let m = import_on("response_mask", response_mask, false, s)?;
         let i = import_on("index", index, false, s)?;
         let o = import_on("out", out, true, s)?;
-        let problem = cpu::advantage::AdvantageProblem::new(
-            &r.desc,
-            &m.desc,
-            &i.desc,
-            &o.desc,
+        let problem = AdvantageProblem::new(
+            &r.tensor,
+            &m.tensor,
+            &i.tensor,
+            &o.tensor,
             estimator,
             norm_adv_by_std_in_grpo,
             epsilon,
             f_norm,
         )
         .map_err(to_py)?;
-        if let Device::Cuda(_) = r.desc.device {
+        if let Device::Cuda(_) = r.tensor.device {
             let ord = order.filter(|o| !o.is_none()).ok_or_else(|| {
                 PyValueError::new_err("order: required for CUDA tensors (a stable argsort of index, int64, on the device)")
             })?;
@@ -351,7 +352,7 @@ mod python {
             })?;
             let sc = import_on("scratch", sc, true, s)?;
             let st = st.0;
-            return py.detach(|| cuda::advantage(&problem, &ord.desc, &sc.desc, st)).map_err(cuda_err);
+            return py.detach(|| cuda::advantage(&problem, &ord.tensor, &sc.tensor, st)).map_err(cuda_err);
         }
         py.detach(|| cpu::pool::install(|| cpu::advantage::compute(&problem))).map_err(to_py)
     }
@@ -364,18 +365,18 @@ mod python {
     fn group_ids(index: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<usize> {
         use pyo3::types::{PyDict, PyList};
         let o = import("out", out, true)?;
-        cpu_only(&o.desc)?;
+        cpu_only(&o.tensor)?;
         let list = match index.cast::<PyList>() {
             Ok(l) => l.clone(),
             Err(_) => PyList::new(index.py(), index.try_iter()?.collect::<PyResult<Vec<_>>>()?)?,
         };
         let n = list.len();
-        if o.desc.dtype != DType::I64 || o.desc.shape != [n] || o.desc.strides[0] != 1 {
+        if o.tensor.dtype != DType::I64 || o.tensor.shape != [n] || o.tensor.strides[0] != 1 {
             return Err(PyValueError::new_err(format!("out: expected a contiguous int64 tensor of shape ({n},)")));
         }
         let seen = PyDict::new(index.py());
         // SAFETY: checked above: contiguous int64 of length n, writable.
-        let ids = unsafe { std::slice::from_raw_parts_mut(o.desc.ptr as *mut i64, n) };
+        let ids = unsafe { std::slice::from_raw_parts_mut(o.tensor.ptr as *mut i64, n) };
         for (k, item) in list.iter().enumerate() {
             let id = match seen.get_item(&item).map_err(|e| {
                 PyTypeError::new_err(format!("index: element {k} is not a hashable group label: {e}"))
@@ -417,16 +418,16 @@ mod python {
             Some(g) => Some(import_on("grad", g, true, s)?),
             None => None,
         };
-        let problem = cpu::kl::KlProblem::new(&l.desc, &r.desc, &o.desc, g.as_ref().map(|g| &g.desc), kl_penalty, clamp_closed)
+        let problem = KlProblem::new(&l.tensor, &r.tensor, &o.tensor, g.as_ref().map(|g| &g.tensor), kl_penalty, clamp_closed)
             .map_err(to_py)?;
-        if let Device::Cuda(_) = l.desc.device {
+        if let Device::Cuda(_) = l.tensor.device {
             let st = cs.as_ref().ok_or_else(|| {
                 PyValueError::new_err("stream: required for CUDA tensors (torch.cuda.current_stream().cuda_stream)")
             })?;
             let st = st.0;
             return py.detach(|| cuda::kl_penalty(&problem, st)).map_err(cuda_err);
         }
-        py.detach(|| cpu::pool::install(|| cpu::kl::compute(&problem))).map_err(to_py)
+        py.detach(|| cpu::pool::install(|| cpu::kl_penalty::compute(&problem))).map_err(to_py)
     }
 
     /// Backward of the CUDA loss kernels: `grad *= grad_output` in place on
@@ -436,10 +437,10 @@ mod python {
         let cs = ConsumerStream(stream);
         let g = import_on("grad", grad, true, Some(&cs))?;
         let go = import_on("grad_output", grad_output, false, Some(&cs))?;
-        if g.desc.device == Device::Cpu {
+        if g.tensor.device == Device::Cpu {
             return Err(PyValueError::new_err("grad: expected a CUDA tensor"));
         }
-        cuda::scale_grad(&g.desc, &go.desc, stream).map_err(cuda_err)
+        cuda::scale_grad(&g.tensor, &go.tensor, stream).map_err(cuda_err)
     }
 
     /// float64 elements of the `scratch` the CUDA loss kernels need for `rows` rows.

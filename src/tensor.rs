@@ -80,7 +80,7 @@ impl std::fmt::Display for Device {
 /// A validated description of one DLPack tensor: data pointer (byte offset
 /// applied), element type, shape and strides in elements.
 #[derive(Debug, Clone)]
-pub struct Desc {
+pub struct Tensor {
     pub arg: &'static str,
     pub ptr: *mut u8,
     pub dtype: DType,
@@ -90,13 +90,13 @@ pub struct Desc {
     pub read_only: bool,
 }
 
-// SAFETY: a `Desc` is plain metadata plus the address of memory its Python
+// SAFETY: a `Tensor` is plain metadata plus the address of memory its Python
 // owner keeps alive for the whole call; kernels only read it, or write rows
 // that no other task touches.
-unsafe impl Send for Desc {}
-unsafe impl Sync for Desc {}
+unsafe impl Send for Tensor {}
+unsafe impl Sync for Tensor {}
 
-impl Desc {
+impl Tensor {
     /// Reads a DLPack descriptor. `arg` is the Python argument name used in
     /// every error about it.
     pub fn from_dlpack(arg: &'static str, t: &TensorRef<'_>, read_only: bool) -> Result<Self> {
@@ -152,7 +152,7 @@ impl Desc {
             .map(|&s| s as isize)
             .collect();
         let ptr = (t.data_ptr() as *mut u8).wrapping_add(t.byte_offset() as usize);
-        Ok(Desc { arg, ptr, dtype, device, shape, strides, read_only })
+        Ok(Tensor { arg, ptr, dtype, device, shape, strides, read_only })
     }
 
     /// A contiguous CPU description of caller-owned memory (tests and
@@ -163,7 +163,7 @@ impl Desc {
         for k in (0..shape.len().saturating_sub(1)).rev() {
             strides[k] = strides[k + 1] * shape[k + 1] as isize;
         }
-        Desc {
+        Tensor {
             arg,
             ptr: data.as_ptr() as *mut u8,
             dtype: T::DTYPE,
@@ -174,7 +174,7 @@ impl Desc {
         }
     }
 
-    /// Like [`Desc::from_slice`] for an output buffer.
+    /// Like [`Tensor::from_slice`] for an output buffer.
     pub fn from_mut_slice<T: Element>(arg: &'static str, data: &mut [T], shape: &[usize]) -> Self {
         let mut d = Self::from_slice(arg, data, shape);
         d.read_only = false;
@@ -201,7 +201,7 @@ impl Desc {
                 format!("expected a 2-D (batch, response_length) tensor, got shape {:?}", self.shape),
             ));
         }
-        Ok(Mat { desc: self.clone(), rows: self.shape[0], cols: self.shape[1], rs: self.strides[0], cs: self.strides[1] })
+        Ok(Mat { tensor: self.clone(), rows: self.shape[0], cols: self.shape[1], rs: self.strides[0], cs: self.strides[1] })
     }
 
     /// Views a tensor of shape `(rows, cols)`, `(rows,)` or `(rows, 1)` as
@@ -222,7 +222,7 @@ impl Desc {
                 ))
             }
         };
-        Ok(Mat { desc: self.clone(), rows, cols, rs, cs })
+        Ok(Mat { tensor: self.clone(), rows, cols, rs, cs })
     }
 
     /// Requires exactly `shape`.
@@ -322,7 +322,7 @@ real_impl!(f64, F64, |v| v as f64, |v| v);
 /// stride broadcasts one value per row).
 #[derive(Debug, Clone)]
 pub struct Mat {
-    pub desc: Desc,
+    pub tensor: Tensor,
     pub rows: usize,
     pub cols: usize,
     rs: isize,
@@ -332,7 +332,7 @@ pub struct Mat {
 impl Mat {
     #[inline(always)]
     fn row_ptr(&self, i: usize) -> *const u8 {
-        self.desc.ptr.wrapping_offset(i as isize * self.rs * self.desc.dtype.size() as isize)
+        self.tensor.ptr.wrapping_offset(i as isize * self.rs * self.tensor.dtype.size() as isize)
     }
 
     /// Columns `start .. start + len` of row `i` as `F`: borrowed in place
@@ -341,20 +341,20 @@ impl Mat {
     #[inline]
     pub fn part<'s, F: Real>(&'s self, i: usize, start: usize, len: usize, scratch: &'s mut [F]) -> &'s [F] {
         debug_assert!(i < self.rows && start + len <= self.cols && scratch.len() >= len);
-        let size = self.desc.dtype.size() as isize;
+        let size = self.tensor.dtype.size() as isize;
         let p = self.row_ptr(i).wrapping_offset(start as isize * self.cs * size);
         let scratch = &mut scratch[..len];
         unsafe {
-            if self.desc.dtype == F::DTYPE && self.cs == 1 {
+            if self.tensor.dtype == F::DTYPE && self.cs == 1 {
                 return std::slice::from_raw_parts(p as *const F, len);
             }
             if self.cs == 0 {
-                scratch.fill(F::read(p, self.desc.dtype));
+                scratch.fill(F::read(p, self.tensor.dtype));
             } else if self.cs == 1 {
-                load_contiguous(p, self.desc.dtype, scratch);
+                load_contiguous(p, self.tensor.dtype, scratch);
             } else {
                 for (j, s) in scratch.iter_mut().enumerate() {
-                    *s = F::read(p.wrapping_offset(j as isize * self.cs * size), self.desc.dtype);
+                    *s = F::read(p.wrapping_offset(j as isize * self.cs * size), self.tensor.dtype);
                 }
             }
         }
@@ -400,7 +400,7 @@ unsafe fn load_contiguous<F: Real>(p: *const u8, dtype: DType, out: &mut [F]) {
 /// A writable `(rows, cols)` float view; rows are handed to one task each.
 #[derive(Debug, Clone)]
 pub struct MatMut {
-    pub desc: Desc,
+    pub tensor: Tensor,
     pub rows: usize,
     pub cols: usize,
     rs: isize,
@@ -409,13 +409,13 @@ pub struct MatMut {
 
 impl MatMut {
     /// Views a writable floating-point tensor of exactly `(rows, cols)`.
-    pub fn new(desc: &Desc, rows: usize, cols: usize, like: &str) -> Result<Self> {
-        if desc.read_only {
-            return Err(Error::value_error(desc.arg, "the output buffer is read-only"));
+    pub fn new(tensor: &Tensor, rows: usize, cols: usize, like: &str) -> Result<Self> {
+        if tensor.read_only {
+            return Err(Error::value_error(tensor.arg, "the output buffer is read-only"));
         }
-        desc.expect_float()?;
-        desc.expect_shape(&[rows, cols], like)?;
-        Ok(MatMut { desc: desc.clone(), rows, cols, rs: desc.strides[0], cs: desc.strides[1] })
+        tensor.expect_float()?;
+        tensor.expect_shape(&[rows, cols], like)?;
+        Ok(MatMut { tensor: tensor.clone(), rows, cols, rs: tensor.strides[0], cs: tensor.strides[1] })
     }
 
     /// Hands columns `start .. start + len` of row `i` to `f` as a mutable
@@ -452,8 +452,8 @@ impl MatMut {
     #[inline(always)]
     pub unsafe fn direct_part<'a, F: Real>(&'a self, i: usize, start: usize, len: usize) -> Option<&'a mut [F]> {
         debug_assert!(i < self.rows && start + len <= self.cols);
-        let p = self.desc.ptr.wrapping_offset((i as isize * self.rs + start as isize) * self.desc.dtype.size() as isize);
-        (self.desc.dtype == F::DTYPE && self.cs == 1).then(|| std::slice::from_raw_parts_mut(p as *mut F, len))
+        let p = self.tensor.ptr.wrapping_offset((i as isize * self.rs + start as isize) * self.tensor.dtype.size() as isize);
+        (self.tensor.dtype == F::DTYPE && self.cs == 1).then(|| std::slice::from_raw_parts_mut(p as *mut F, len))
     }
 
     /// Converts and stores `src` into row `i` from column `start` on.
@@ -463,10 +463,10 @@ impl MatMut {
     #[inline]
     pub unsafe fn store_part<F: Real>(&self, i: usize, start: usize, src: &[F]) {
         debug_assert!(i < self.rows && start + src.len() <= self.cols);
-        let size = self.desc.dtype.size() as isize;
-        let p = self.desc.ptr.wrapping_offset((i as isize * self.rs + start as isize * self.cs) * size);
+        let size = self.tensor.dtype.size() as isize;
+        let p = self.tensor.ptr.wrapping_offset((i as isize * self.rs + start as isize * self.cs) * size);
         for (j, &v) in src.iter().enumerate() {
-            v.write(p.wrapping_offset(j as isize * self.cs * size), self.desc.dtype);
+            v.write(p.wrapping_offset(j as isize * self.cs * size), self.tensor.dtype);
         }
     }
 }
@@ -493,9 +493,9 @@ pub fn piece_scratch<F: Real>(arg: &'static str, cols: usize) -> Result<Vec<F>> 
     crate::error::try_zeros(arg, cols.min(PIECE))
 }
 
-/// All `descs` must be on `device`; the error names the first that is not.
-pub fn same_device(device: Device, descs: &[&Desc]) -> Result<()> {
-    for d in descs {
+/// All `tensors` must be on `device`; the error names the first that is not.
+pub fn same_device(device: Device, tensors: &[&Tensor]) -> Result<()> {
+    for d in tensors {
         if d.device != device {
             return Err(Error::value_error(
                 d.arg,
@@ -513,13 +513,13 @@ mod tests {
     #[test]
     fn per_row_broadcasts_and_strided_rows_load() {
         let a = [1.0f32, 2.0, 3.0];
-        let m = Desc::from_slice("advantages", &a, &[3]).matrix_or_per_row(3, 4).unwrap();
+        let m = Tensor::from_slice("advantages", &a, &[3]).matrix_or_per_row(3, 4).unwrap();
         assert!(m.is_per_row());
         let mut s = vec![0.0f64; 4];
         assert_eq!(m.row(1, &mut s), &[2.0, 2.0, 2.0, 2.0]);
 
         let b: Vec<i64> = (0..6).collect();
-        let mut d = Desc::from_slice("response_mask", &b, &[3, 2]);
+        let mut d = Tensor::from_slice("response_mask", &b, &[3, 2]);
         // transpose: view (2, 3) with strides (1, 2)
         d.shape = vec![2, 3];
         d.strides = vec![1, 2];
@@ -531,16 +531,16 @@ mod tests {
     #[test]
     fn shape_errors_name_the_argument() {
         let a = [0.0f32; 6];
-        let e = Desc::from_slice("advantages", &a, &[6]).matrix_or_per_row(2, 3).unwrap_err();
+        let e = Tensor::from_slice("advantages", &a, &[6]).matrix_or_per_row(2, 3).unwrap_err();
         assert_eq!(e.arg, "advantages");
-        let e = Desc::from_slice("log_prob", &a, &[6]).matrix().unwrap_err();
+        let e = Tensor::from_slice("log_prob", &a, &[6]).matrix().unwrap_err();
         assert_eq!(e.arg, "log_prob");
     }
 
     #[test]
     fn bf16_rows_convert() {
         let a: Vec<bf16> = [1.5f32, -2.0].iter().map(|&v| bf16::from_f32(v)).collect();
-        let m = Desc::from_slice("log_prob", &a, &[1, 2]).matrix().unwrap();
+        let m = Tensor::from_slice("log_prob", &a, &[1, 2]).matrix().unwrap();
         let mut s = vec![0.0f32; 2];
         assert_eq!(m.row(0, &mut s), &[1.5, -2.0]);
     }

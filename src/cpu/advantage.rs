@@ -23,167 +23,13 @@
 
 use super::{fold_rows, for_each_row, Sum8};
 use crate::error::{try_zeros, Error, Result};
-use crate::spec::plus_eps;
-use crate::tensor::{piece_scratch, pieces, same_device, DType, Desc, Mat, MatMut, Real};
-use std::collections::HashMap;
-
-/// Which estimator; `grpo_vectorized` is `Grpo` (same numbers in verl).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Estimator {
-    /// GRPO; `norm_by_std = false` is Dr.GRPO.
-    Grpo { norm_by_std: bool },
-    Rloo,
-    /// RLOO as verl's vectorised version: singletons get 0, not their score.
-    RlooVectorized,
-    ReinforcePlusPlusBaseline,
-    Opo,
-    Gpg,
-}
-
-impl Estimator {
-    /// Parses verl's estimator name.
-    pub fn parse(name: &str, norm_adv_by_std_in_grpo: bool) -> Result<Self> {
-        Ok(match name {
-            "grpo" | "grpo_vectorized" => Estimator::Grpo { norm_by_std: norm_adv_by_std_in_grpo },
-            "rloo" => Estimator::Rloo,
-            "rloo_vectorized" => Estimator::RlooVectorized,
-            "reinforce_plus_plus_baseline" => Estimator::ReinforcePlusPlusBaseline,
-            "opo" => Estimator::Opo,
-            "gpg" => Estimator::Gpg,
-            _ => {
-                return Err(Error::value_error(
-                    "estimator",
-                    format!(
-                        "unknown advantage estimator {name:?}; expected one of \"grpo\", \"grpo_vectorized\", \
-                         \"rloo\", \"rloo_vectorized\", \"reinforce_plus_plus_baseline\", \"opo\", \"gpg\""
-                    ),
-                ))
-            }
-        })
-    }
-
-    /// Whether the score pass also needs per-row mask sums.
-    fn needs_mask_stats(self) -> bool {
-        matches!(self, Estimator::Opo | Estimator::ReinforcePlusPlusBaseline)
-    }
-}
-
-/// A validated advantage call.
-pub struct AdvantageProblem {
-    pub rewards: Mat,
-    pub mask: Mat,
-    /// One integer label per row; equal labels form a group.
-    pub index: Desc,
-    /// B×T advantages (also verl's returns), written by the call.
-    pub out: MatMut,
-    pub estimator: Estimator,
-    pub epsilon: f64,
-    pub f_norm: f64,
-}
-
-impl AdvantageProblem {
-    /// Checks shapes, dtypes, devices and parameters; errors name the argument.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        rewards: &Desc,
-        mask: &Desc,
-        index: &Desc,
-        out: &Desc,
-        estimator: &str,
-        norm_adv_by_std_in_grpo: bool,
-        epsilon: f64,
-        f_norm: f64,
-    ) -> Result<Self> {
-        let estimator = Estimator::parse(estimator, norm_adv_by_std_in_grpo)?;
-        rewards.expect_float()?;
-        let r = rewards.matrix()?;
-        if r.rows == 0 {
-            return Err(Error::value_error("token_level_rewards", "empty batch: the batch dimension is 0"));
-        }
-        if r.cols == 0 {
-            return Err(Error::value_error(
-                "token_level_rewards",
-                "empty responses: the response_length dimension is 0",
-            ));
-        }
-        mask.expect_shape(&[r.rows, r.cols], "token_level_rewards")?;
-        let m = mask.matrix()?;
-        if index.dtype.is_float() || index.dtype == DType::Bool {
-            return Err(Error::type_error(
-                "index",
-                format!("expected integer group labels, got {}", index.dtype.name()),
-            ));
-        }
-        if index.shape != [r.rows] {
-            return Err(Error::value_error(
-                "index",
-                format!("expected one label per row, shape ({},), got {:?}", r.rows, index.shape),
-            ));
-        }
-        if !epsilon.is_finite() {
-            return Err(Error::value_error("epsilon", format!("must be finite, got {epsilon}")));
-        }
-        if !(f_norm.is_finite() && f_norm != 0.0) {
-            return Err(Error::value_error("f_norm", format!("must be finite and non-zero, got {f_norm}")));
-        }
-        let o = MatMut::new(out, r.rows, r.cols, "token_level_rewards")?;
-        same_device(rewards.device, &[mask, index, out])?;
-        Ok(AdvantageProblem { rewards: r, mask: m, index: index.clone(), out: o, estimator, epsilon, f_norm })
-    }
-}
-
-/// Dense group ids `0..G` in order of first appearance, and `G`; a
-/// `MemoryError` if the ids cannot be allocated.
-pub fn dense_groups(index: &Desc) -> Result<(Vec<u32>, usize)> {
-    let n = index.shape[0];
-    let stride = index.strides[0];
-    let size = index.dtype.size() as isize;
-    let read = |i: usize| -> i64 {
-        let p = index.ptr.wrapping_offset(i as isize * stride * size);
-        // SAFETY: i < n, the view is validated as an integer vector of length n.
-        unsafe {
-            match index.dtype {
-                DType::I64 => *(p as *const i64),
-                DType::I32 => *(p as *const i32) as i64,
-                DType::I16 => *(p as *const i16) as i64,
-                DType::I8 => *(p as *const i8) as i64,
-                DType::U8 | DType::Bool => *p as i64,
-                _ => unreachable!("index is validated to be an integer vector"),
-            }
-        }
-    };
-    let oom = |_| Error::memory("index", format!("cannot allocate group ids for {n} rows"));
-    let mut ids = Vec::new();
-    ids.try_reserve_exact(n).map_err(oom)?;
-    // Labels that already are small non-negative ints take a table, not a hash.
-    let (lo, hi) = (0..n).map(read).fold((i64::MAX, i64::MIN), |(a, b), v| (a.min(v), b.max(v)));
-    if lo >= 0 && hi < (4 * n as i64).max(1024) {
-        let mut table = try_zeros::<u32>("index", hi as usize + 1)?;
-        table.fill(u32::MAX);
-        let mut g = 0u32;
-        for i in 0..n {
-            let slot = &mut table[read(i) as usize];
-            if *slot == u32::MAX {
-                *slot = g;
-                g += 1;
-            }
-            ids.push(*slot);
-        }
-        return Ok((ids, g as usize));
-    }
-    let mut map: HashMap<i64, u32> = HashMap::new();
-    map.try_reserve(n).map_err(oom)?;
-    for i in 0..n {
-        let next = map.len() as u32;
-        ids.push(*map.entry(read(i)).or_insert(next));
-    }
-    let g = map.len();
-    Ok((ids, g))
-}
+pub use crate::ops::advantage::{dense_groups, AdvantageProblem, Estimator};
+use crate::ops::plus_eps;
+use crate::tensor::{piece_scratch, pieces, DType, Mat, MatMut, Real};
 
 /// Per-row statistics of the score pass.
 #[derive(Clone, Copy, Default)]
-struct RowStats {
+struct RowScore {
     score: f64,
     /// `sum m`, `sum m^2`, `sum m^3` over positions with `m != 0` (only
     /// when the estimator needs them; all equal `L_i` for 0/1 masks).
@@ -196,7 +42,7 @@ struct RowStats {
 /// buffers (per-thread pieces of rows, and a few numbers per row) cannot be
 /// allocated.
 pub fn compute(p: &AdvantageProblem) -> Result<()> {
-    if p.rewards.desc.dtype == DType::F64 || p.out.desc.dtype == DType::F64 {
+    if p.rewards.tensor.dtype == DType::F64 || p.out.tensor.dtype == DType::F64 {
         run::<f64>(p)
     } else {
         run::<f32>(p)
@@ -211,17 +57,17 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
         .try_reserve_exact(rows)
         .map_err(|_| Error::memory("token_level_rewards", format!("cannot allocate statistics for {rows} rows")))?;
     let scratch = || -> Result<_> {
-        let sm = if need_mask { piece_scratch::<f64>(p.mask.desc.arg, cols)? } else { Vec::new() };
-        Ok((piece_scratch::<F>(p.rewards.desc.arg, cols)?, sm))
+        let sm = if need_mask { piece_scratch::<f64>(p.mask.tensor.arg, cols)? } else { Vec::new() };
+        Ok((piece_scratch::<F>(p.rewards.tensor.arg, cols)?, sm))
     };
     fold_rows(
-        p.rewards.desc.arg,
+        p.rewards.tensor.arg,
         rows,
         cols,
         scratch,
         |(sr, sm), i| {
             let mut score = Sum8::default();
-            let mut st = RowStats::default();
+            let mut st = RowScore::default();
             for (start, len) in pieces(cols) {
                 score.add(p.rewards.part(i, start, len, sr));
                 if need_mask {
@@ -245,7 +91,7 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
     // Whitening of reinforce_plus_plus_baseline: v_it = a_i m_it, statistics
     // over all tokens weighted by m (verl's masked_mean / masked_var).
     let whiten = (p.estimator == Estimator::ReinforcePlusPlusBaseline).then(|| {
-        let mask_f64 = p.mask.desc.dtype == DType::F64;
+        let mask_f64 = p.mask.tensor.dtype == DType::F64;
         let n: f64 = stats.iter().map(|s| s.m1).sum();
         // verl's masked_mean divides by `mask.sum() + 1e-8`, float32 unless the mask is float64.
         let denom = plus_eps(n, mask_f64);
@@ -263,7 +109,7 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
 
     let scratch = || -> Result<_> {
         let v = |arg| piece_scratch::<F>(arg, cols);
-        Ok((v(p.mask.desc.arg)?, v(p.out.desc.arg)?, v(p.out.desc.arg)?))
+        Ok((v(p.mask.tensor.arg)?, v(p.out.tensor.arg)?, v(p.out.tensor.arg)?))
     };
     for_each_row(rows, cols, scratch, |(sm, so, sw), i| {
         let a = F::of(scalars[i]);
@@ -314,7 +160,7 @@ fn bessel(n: f64, mask_is_f64: bool) -> f64 {
 /// (nothing written) for any other run.
 #[inline]
 fn int64_run_times<F: Real>(mask: &Mat, i: usize, start: usize, a: F, out: &mut [F]) -> bool {
-    let d = &mask.desc;
+    let d = &mask.tensor;
     if d.dtype != DType::I64 || mask.is_per_row() || (d.strides[1] != 1 && mask.cols > 1) {
         return false;
     }
@@ -345,7 +191,7 @@ unsafe fn store_run<F: Real>(out: &MatMut, i: usize, start: usize, row: &[F], sc
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
-        let d = &out.desc;
+        let d = &out.tensor;
         if F::DTYPE == DType::F32 && d.dtype == DType::F32 && (d.strides[1] == 1 || out.cols == 1) {
             let dst = d.ptr.wrapping_offset((i as isize * d.strides[0] + start as isize) * 4) as *mut f32;
             if (dst as usize) % 16 == 0 {
@@ -378,7 +224,7 @@ fn fence() {
 
 /// Per-row scalar `a_i` (before the broadcast over tokens), from the scores
 /// and group statistics accumulated in row order in f64.
-fn row_scalars(p: &AdvantageProblem, stats: &[RowStats], gid: &[u32], n_groups: usize) -> Result<Vec<f64>> {
+fn row_scalars(p: &AdvantageProblem, stats: &[RowScore], gid: &[u32], n_groups: usize) -> Result<Vec<f64>> {
     let n = stats.len();
     let zeros = |k| try_zeros::<f64>("index", k);
     let mut count = try_zeros::<u32>("index", n_groups)?;
@@ -445,14 +291,15 @@ fn row_scalars(p: &AdvantageProblem, stats: &[RowStats], gid: &[u32], n_groups: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor::Tensor;
 
     fn run_est(est: &str, norm: bool, r: &[f64], m: &[f64], idx: &[i64], cols: usize) -> Vec<f64> {
         let rows = idx.len();
         let mut out = vec![0.0f64; rows * cols];
-        let rd = Desc::from_slice("token_level_rewards", r, &[rows, cols]);
-        let md = Desc::from_slice("response_mask", m, &[rows, cols]);
-        let id = Desc::from_slice("index", idx, &[rows]);
-        let od = Desc::from_mut_slice("out", &mut out, &[rows, cols]);
+        let rd = Tensor::from_slice("token_level_rewards", r, &[rows, cols]);
+        let md = Tensor::from_slice("response_mask", m, &[rows, cols]);
+        let id = Tensor::from_slice("index", idx, &[rows]);
+        let od = Tensor::from_mut_slice("out", &mut out, &[rows, cols]);
         let p = AdvantageProblem::new(&rd, &md, &id, &od, est, norm, 1e-6, 1.0).unwrap();
         compute(&p).unwrap();
         out
@@ -508,10 +355,10 @@ mod tests {
         let out64 = run_est(est, true, &r, &[1.0f64; 7], &idx, 1);
         let m32 = [1.0f32; 7];
         let mut out32 = vec![0.0f64; 7];
-        let rd = Desc::from_slice("token_level_rewards", &r, &[7, 1]);
-        let md = Desc::from_slice("response_mask", &m32, &[7, 1]);
-        let id = Desc::from_slice("index", &idx, &[7]);
-        let od = Desc::from_mut_slice("out", &mut out32, &[7, 1]);
+        let rd = Tensor::from_slice("token_level_rewards", &r, &[7, 1]);
+        let md = Tensor::from_slice("response_mask", &m32, &[7, 1]);
+        let id = Tensor::from_slice("index", &idx, &[7]);
+        let od = Tensor::from_mut_slice("out", &mut out32, &[7, 1]);
         compute(&AdvantageProblem::new(&rd, &md, &id, &od, est, true, 1e-6, 1.0).unwrap()).unwrap();
         let mut a = [0.0f64; 7];
         for g in [1, 2, 3] {
@@ -536,35 +383,25 @@ mod tests {
     }
 
     #[test]
-    fn dense_groups_first_appearance_order() {
-        let idx = [10i64, -5, 10, 99_999_999, -5];
-        let (g, n) = dense_groups(&Desc::from_slice("index", &idx, &[5])).unwrap();
-        assert_eq!((g, n), (vec![0, 1, 0, 2, 1], 3));
-        let idx = [3i32, 0, 3];
-        let (g, n) = dense_groups(&Desc::from_slice("index", &idx, &[3])).unwrap();
-        assert_eq!((g, n), (vec![0, 1, 0], 2));
-    }
-
-    #[test]
     fn bad_input_names_the_argument() {
         let r = [0.0f32; 4];
         let m = [1u8; 4];
         let mut out = [0.0f32; 4];
-        let rd = Desc::from_slice("token_level_rewards", &r, &[2, 2]);
-        let md = Desc::from_slice("response_mask", &m, &[2, 2]);
-        let od = Desc::from_mut_slice("out", &mut out, &[2, 2]);
+        let rd = Tensor::from_slice("token_level_rewards", &r, &[2, 2]);
+        let md = Tensor::from_slice("response_mask", &m, &[2, 2]);
+        let od = Tensor::from_mut_slice("out", &mut out, &[2, 2]);
         let bad = [0i64; 3];
-        let e = AdvantageProblem::new(&rd, &md, &Desc::from_slice("index", &bad, &[3]), &od, "grpo", true, 1e-6, 1.0);
+        let e = AdvantageProblem::new(&rd, &md, &Tensor::from_slice("index", &bad, &[3]), &od, "grpo", true, 1e-6, 1.0);
         assert_eq!(e.err().unwrap().arg, "index");
         let idx = [0i64; 2];
-        let id = Desc::from_slice("index", &idx, &[2]);
+        let id = Tensor::from_slice("index", &idx, &[2]);
         let e = AdvantageProblem::new(&rd, &md, &id, &od, "ppo", true, 1e-6, 1.0);
         assert_eq!(e.err().unwrap().arg, "estimator");
-        let md3 = Desc::from_slice("response_mask", &m[..2], &[1, 2]);
+        let md3 = Tensor::from_slice("response_mask", &m[..2], &[1, 2]);
         let e = AdvantageProblem::new(&rd, &md3, &id, &od, "grpo", true, 1e-6, 1.0);
         assert_eq!(e.err().unwrap().arg, "response_mask");
         let empty: [f32; 0] = [];
-        let ed = Desc::from_slice("token_level_rewards", &empty, &[0, 2]);
+        let ed = Tensor::from_slice("token_level_rewards", &empty, &[0, 2]);
         let e = AdvantageProblem::new(&ed, &md, &id, &od, "grpo", true, 1e-6, 1.0);
         assert_eq!(e.err().unwrap().arg, "token_level_rewards");
     }

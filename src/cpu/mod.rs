@@ -3,14 +3,14 @@
 //! bitwise identical whatever the thread count.
 
 pub mod advantage;
-pub mod agg;
+pub mod agg_loss;
 pub mod lane;
-pub mod kl;
+pub mod kl_penalty;
 pub mod policy_loss;
 pub mod pool;
 
 use crate::error::{Error, Result};
-use crate::spec::MaskTotals;
+use crate::ops::agg_loss::MaskTotals;
 use crate::tensor::{piece_scratch, pieces, Mat, Real};
 use rayon::prelude::*;
 
@@ -121,10 +121,10 @@ pub(crate) fn mask_row_sum(mask: &Mat, i: usize, scratch: &mut [f64]) -> f64 {
 pub(crate) fn mask_totals(mask: &Mat) -> Result<MaskTotals> {
     let mut t = MaskTotals { tokens: 0.0, rows: 0.0 };
     fold_rows(
-        mask.desc.arg,
+        mask.tensor.arg,
         mask.rows,
         mask.cols,
-        || piece_scratch::<f64>(mask.desc.arg, mask.cols),
+        || piece_scratch::<f64>(mask.tensor.arg, mask.cols),
         |s, i| mask_row_sum(mask, i, s),
         |l| {
             t.tokens += l;

@@ -29,8 +29,9 @@ use super::lane::ScalarF32;
 use super::lane::ScalarF64;
 use super::{fold_rows, mask_totals};
 use crate::error::Result;
-use crate::policy::{PolicyLossOutput, PolicyLossProblem};
-use crate::spec::{plus_eps, AggPlan, Clip, LossMode};
+use crate::ops::agg_loss::AggPlan;
+use crate::ops::plus_eps;
+use crate::ops::policy_loss::{Clip, LossMode, PolicyLossOutput, PolicyLossProblem};
 use crate::tensor::{piece_scratch, pieces, DType, Mat, Real, PIECE};
 use num_traits::Float;
 
@@ -127,7 +128,7 @@ impl TokenRule for Gspo {
 
 /// Per-row sums, combined across rows in index order.
 #[derive(Clone, Copy, Default)]
-struct RowStats {
+struct RowSums {
     /// `sum_t m * w * l` (masked positions skipped or multiplied, see `AggMode::is_seq_mode`).
     loss: f64,
     /// `L_i = sum_t m`.
@@ -149,7 +150,7 @@ struct Scratch<F> {
 
 impl<F: Real> Scratch<F> {
     fn new(p: &PolicyLossProblem) -> Result<Self> {
-        let v = |m: &Mat| piece_scratch::<F>(m.desc.arg, m.cols);
+        let v = |m: &Mat| piece_scratch::<F>(m.tensor.arg, m.cols);
         let w = match &p.rollout_is_weights {
             Some(w) => v(w)?,
             None => Vec::new(),
@@ -160,7 +161,7 @@ impl<F: Real> Scratch<F> {
             adv: v(&p.advantages)?,
             mask: v(&p.response_mask)?,
             w,
-            grad: piece_scratch::<F>(p.grad.desc.arg, p.grad.cols)?,
+            grad: piece_scratch::<F>(p.grad.tensor.arg, p.grad.cols)?,
         })
     }
 }
@@ -186,12 +187,12 @@ pub fn policy_loss(p: &PolicyLossProblem) -> Result<PolicyLossOutput> {
 /// [`row`] compiled with AVX2, so the `F32x8` intrinsics inline.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn row_avx2(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<f32>) -> RowStats {
+unsafe fn row_avx2(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<f32>) -> RowSums {
     row::<Avx2>(p, plan, i, s)
 }
 
 /// A row kernel: inputs, plan, row index, per-thread scratch.
-type RowFn<F> = fn(&PolicyLossProblem, &AggPlan, usize, &mut Scratch<F>) -> RowStats;
+type RowFn<F> = fn(&PolicyLossProblem, &AggPlan, usize, &mut Scratch<F>) -> RowSums;
 
 fn run<W: Wide>(p: &PolicyLossProblem) -> Result<PolicyLossOutput> {
     run_with::<W>(p, row::<W>)
@@ -203,13 +204,13 @@ fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> Result<Polic
         true => Some(mask_totals(&p.response_mask)?),
         false => None,
     };
-    let mask_is_f64 = p.response_mask.desc.dtype == DType::F64;
+    let mask_is_f64 = p.response_mask.tensor.dtype == DType::F64;
     let plan = AggPlan::new(p.agg, &p.norm, totals, cols, mask_is_f64);
 
     let mut out = PolicyLossOutput::default();
     let mut tokens = 0.0;
     fold_rows(
-        p.log_prob.desc.arg,
+        p.log_prob.tensor.arg,
         p.log_prob.rows,
         cols,
         || Scratch::<W::F>::new(p),
@@ -236,7 +237,7 @@ fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> Result<Polic
 /// [`PIECE`] goes through in pieces, each pass loading its own; a shorter
 /// one is loaded once for both passes.
 #[inline(always)]
-fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<W::F>) -> RowStats {
+fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<W::F>) -> RowSums {
     let cols = p.log_prob.cols;
     let with_seq = p.mode != LossMode::Vanilla;
     let mut sums = (0.0, 0.0);
@@ -248,7 +249,7 @@ fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch
             row_sums::<W>(old, lp, mask, with_seq, &mut sums);
         }
     }
-    let mut st = RowStats::default();
+    let mut st = RowSums::default();
     for (start, len) in pieces(cols) {
         let old = p.old_log_prob.part(i, start, len, &mut s.old);
         let lp = p.log_prob.part(i, start, len, &mut s.lp);
@@ -402,7 +403,7 @@ impl<F: Real + Lane> RowCtx<'_, F> {
     /// [`terms`] (the tail one by one through the same code), summed in
     /// [`Lanes8`] within the block, then into the f64 row sums.
     #[inline(always)]
-    fn token_pass<W: Wide<F = F>, R: TokenRule>(&self, g: &mut [F], st: &mut RowStats, rule: &R) {
+    fn token_pass<W: Wide<F = F>, R: TokenRule>(&self, g: &mut [F], st: &mut RowSums, rule: &R) {
         let n = g.len();
         let (coef, coef_v) = (self.coef, W::V::splat(self.coef.f64()));
         let mut start = 0;
@@ -454,9 +455,9 @@ const BLOCK: usize = 64;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::PolicyLossArgs;
-    use crate::spec::Normalizers;
-    use crate::tensor::Desc;
+    use crate::ops::agg_loss::Normalizers;
+    use crate::ops::policy_loss::PolicyLossArgs;
+    use crate::tensor::Tensor;
 
     /// Runs one width on a random batch with masked tails, clipping on both
     /// sides, negative advantages and IS weights; returns outputs and grad.
@@ -474,10 +475,10 @@ mod tests {
         let w: Vec<f32> = (0..b * t).map(|_| 0.5 + rnd()).collect();
         let mask: Vec<bool> = (0..b * t).map(|k| (k % t) < 40 * (k / t) + 3).collect();
         let mut grad = vec![0f32; b * t];
-        let d = |a: &'static str, v: &[f32]| Desc::from_slice(a, v, &[b, t]);
+        let d = |a: &'static str, v: &[f32]| Tensor::from_slice(a, v, &[b, t]);
         let (o, l, a, ww) = (d("old_log_prob", &old), d("log_prob", &lp), d("advantages", &adv), d("rollout_is_weights", &w));
-        let m = Desc::from_slice("response_mask", &mask, &[b, t]);
-        let g = Desc::from_mut_slice("grad", &mut grad, &[b, t]);
+        let m = Tensor::from_slice("response_mask", &mask, &[b, t]);
+        let g = Tensor::from_mut_slice("grad", &mut grad, &[b, t]);
         let p = PolicyLossProblem::new(&PolicyLossArgs {
             old_log_prob: &o,
             log_prob: &l,

@@ -18,13 +18,12 @@
 
 pub mod sys;
 
-use crate::cpu::advantage::{AdvantageProblem, Estimator};
-use crate::cpu::agg::AggProblem;
-use crate::cpu::kl::{KlKind, KlProblem};
+use crate::ops::advantage::{AdvantageProblem, Estimator};
+use crate::ops::agg_loss::{AggMode, AggProblem, Normalizers};
+use crate::ops::kl_penalty::{KlKind, KlProblem};
 use crate::error::Error;
-use crate::policy::PolicyLossProblem;
-use crate::spec::{AggMode, LossMode, Normalizers};
-use crate::tensor::{DType, Desc, Device, Mat, MatMut};
+use crate::ops::policy_loss::{LossMode, PolicyLossProblem};
+use crate::tensor::{DType, Tensor, Device, Mat, MatMut};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::path::PathBuf;
@@ -376,12 +375,12 @@ fn dtype_code(d: DType) -> i64 {
 }
 
 fn view(m: &Mat) -> View {
-    let cs = if m.is_per_row() { 0 } else { m.desc.strides[1] as i64 };
-    View { ptr: m.desc.ptr, rs: m.desc.strides[0] as i64, cs, dtype: dtype_code(m.desc.dtype) }
+    let cs = if m.is_per_row() { 0 } else { m.tensor.strides[1] as i64 };
+    View { ptr: m.tensor.ptr, rs: m.tensor.strides[0] as i64, cs, dtype: dtype_code(m.tensor.dtype) }
 }
 
 fn view_mut(m: &MatMut) -> View {
-    View { ptr: m.desc.ptr, rs: m.desc.strides[0] as i64, cs: m.desc.strides[1] as i64, dtype: dtype_code(m.desc.dtype) }
+    View { ptr: m.tensor.ptr, rs: m.tensor.strides[0] as i64, cs: m.tensor.strides[1] as i64, dtype: dtype_code(m.tensor.dtype) }
 }
 
 const NO_VIEW: View = View { ptr: std::ptr::null(), rs: 0, cs: 0, dtype: 1 };
@@ -516,7 +515,7 @@ pub fn threads_per_row(cols: usize) -> u32 {
 }
 
 /// Whether `d` is a contiguous tensor (size-1 dimensions may have any stride).
-fn is_contiguous(d: &Desc) -> bool {
+fn is_contiguous(d: &Tensor) -> bool {
     let mut expect = 1isize;
     for k in (0..d.shape.len()).rev() {
         if d.shape[k] > 1 && d.strides[k] != expect {
@@ -529,7 +528,7 @@ fn is_contiguous(d: &Desc) -> bool {
 
 /// Checks a caller-allocated float64 buffer: at least `need` elements,
 /// contiguous, writable, on `device`.
-fn check_f64(device: Device, d: &Desc, need: usize) -> Result<()> {
+fn check_f64(device: Device, d: &Tensor, need: usize) -> Result<()> {
     if d.device != device {
         return Err(Error::value_error(d.arg, format!("is on {} but the inputs are on {device}", d.device)).into());
     }
@@ -566,14 +565,14 @@ unsafe fn launch(d: &Driver, f: CUfunction, grid: u32, block: u32, stream: usize
 pub struct LossBuffers<'a> {
     /// 0-d, the loss, in any float dtype (the Python layer picks verl's:
     /// the promotion of the inputs' dtypes).
-    pub loss: &'a Desc,
+    pub loss: &'a Tensor,
     /// float64, [`METRICS_LEN`] values (policy loss only).
-    pub metrics: Option<&'a Desc>,
+    pub metrics: Option<&'a Tensor>,
     /// float64, [`loss_scratch_len`] values.
-    pub scratch: &'a Desc,
+    pub scratch: &'a Tensor,
     /// A device float64 scalar multiplying the loss and the gradient (the
     /// normalisers given as CUDA tensors), or none.
-    pub factor: Option<&'a Desc>,
+    pub factor: Option<&'a Tensor>,
 }
 
 impl LossBuffers<'_> {
@@ -621,7 +620,7 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossBuffers<'_>, device: Device, stream: 
     let (lp, grad, mask, w) = (view(l.lp), view_mut(l.grad), view(l.mask), l.w.map(view).unwrap_or(NO_VIEW));
     // 16-byte runs when every (rows, cols) float operand, the gradient
     // included, is stored as log_prob is and laid out for them.
-    let dt = l.lp.desc.dtype;
+    let dt = l.lp.tensor.dtype;
     let vector = [&lp, &l.old_lp, &l.adv, &w, &grad].iter().all(|v| runs_ok(v, rows, dt));
     let variant = Variant::choose(dt, l.f64_math, vector);
     let run = variant.run();
@@ -719,9 +718,9 @@ pub fn agg_loss(p: &AggProblem, b: &LossBuffers<'_>, stream: usize) -> Result<()
         agg: p.agg,
         norm: &p.norm,
         clip: (0.0, 0.0, 0.0, false),
-        f64_math: p.loss_mat.desc.dtype == DType::F64,
+        f64_math: p.loss_mat.tensor.dtype == DType::F64,
     };
-    launch_loss(&l, b, p.loss_mat.desc.device, stream)
+    launch_loss(&l, b, p.loss_mat.tensor.device, stream)
 }
 
 #[repr(C)]
@@ -735,7 +734,7 @@ struct ScaleArgs {
 /// `grad` a contiguous float tensor on the device, `grad_output` a 1-element
 /// float tensor there. Where `grad_output` is 1 the kernel leaves `grad`
 /// untouched (no pass over it), which is the `loss.backward()` case.
-pub fn scale_grad(grad: &Desc, grad_output: &Desc, stream: usize) -> Result<()> {
+pub fn scale_grad(grad: &Tensor, grad_output: &Tensor, stream: usize) -> Result<()> {
     let device = grad.device;
     if !grad.dtype.is_float() || grad.read_only || !is_contiguous(grad) || (grad.ptr as usize) % 16 != 0 {
         return Err(Error::value_error(grad.arg, "expected a writable contiguous float tensor, 16-byte aligned").into());
@@ -784,7 +783,7 @@ struct KlArgs {
 pub fn kl_penalty(p: &KlProblem, stream: usize) -> Result<()> {
     let (rows, cols) = (p.logprob.rows, p.logprob.cols);
     let d = driver()?;
-    let s = device_state(&d, p.logprob.desc.device)?;
+    let s = device_state(&d, p.logprob.tensor.device)?;
     let mut a = KlArgs {
         lp: view(&p.logprob),
         rf: view(&p.ref_logprob),
@@ -801,8 +800,8 @@ pub fn kl_penalty(p: &KlProblem, stream: usize) -> Result<()> {
         straight_through: p.mode.straight_through as i64,
         clamp_closed: p.clamp_closed as i64,
     };
-    // f64 math when any operand is float64, as `cpu::kl::compute`.
-    let f64_math = [&p.logprob.desc, &p.ref_logprob.desc, &p.out.desc].iter().any(|d| d.dtype == DType::F64);
+    // f64 math when any operand is float64, as `cpu::kl_penalty::compute`.
+    let f64_math = [&p.logprob.tensor, &p.ref_logprob.tensor, &p.out.tensor].iter().any(|d| d.dtype == DType::F64);
     let f = if f64_math { s.kl_f64 } else { s.kl_f32 };
     let _g = CtxGuard::push(&d, s.ctx)?;
     // SAFETY: the struct matches kernels.cu; the tensors are kept alive by
@@ -840,7 +839,7 @@ struct AdvArgs {
 }
 
 /// Checks an int64 vector of `rows` elements on `device` (any stride).
-fn check_i64_vector(device: Device, d: &Desc, rows: usize) -> Result<()> {
+fn check_i64_vector(device: Device, d: &Tensor, rows: usize) -> Result<()> {
     if d.device != device {
         return Err(Error::value_error(d.arg, format!("is on {} but the inputs are on {device}", d.device)).into());
     }
@@ -861,9 +860,9 @@ fn check_i64_vector(device: Device, d: &Desc, rows: usize) -> Result<()> {
 /// is float64 of at least [`advantage_scratch_len`] elements. Launches three
 /// or four kernels (scores, group statistics, batch statistics for `gpg` and
 /// `reinforce_plus_plus_baseline`, the B×T write) and returns at once.
-pub fn advantage(p: &AdvantageProblem, order: &Desc, scratch: &Desc, stream: usize) -> Result<()> {
+pub fn advantage(p: &AdvantageProblem, order: &Tensor, scratch: &Tensor, stream: usize) -> Result<()> {
     let (rows, cols) = (p.rewards.rows, p.rewards.cols);
-    let device = p.rewards.desc.device;
+    let device = p.rewards.tensor.device;
     check_i64_vector(device, &p.index, rows)?;
     check_i64_vector(device, order, rows)?;
     check_f64(device, scratch, advantage_scratch_len(rows))?;
@@ -895,10 +894,10 @@ pub fn advantage(p: &AdvantageProblem, order: &Desc, scratch: &Desc, stream: usi
         single: (1.0f32 + p.epsilon as f32) as f64,
         f_norm: p.f_norm,
         need_mask: matches!(p.estimator, Estimator::Opo | Estimator::ReinforcePlusPlusBaseline) as i64,
-        mask_f64: (p.mask.desc.dtype == DType::F64) as i64,
+        mask_f64: (p.mask.tensor.dtype == DType::F64) as i64,
     };
     // f64 math when the rewards or the output are float64, as `cpu::advantage::compute`.
-    let f64_math = p.rewards.desc.dtype == DType::F64 || p.out.desc.dtype == DType::F64;
+    let f64_math = p.rewards.tensor.dtype == DType::F64 || p.out.tensor.dtype == DType::F64;
     let (rows_fn, write_fn) =
         if f64_math { (s.adv_rows_f64, s.adv_write_f64) } else { (s.adv_rows_f32, s.adv_write_f32) };
     let batch = matches!(p.estimator, Estimator::Gpg | Estimator::ReinforcePlusPlusBaseline);

@@ -1,4 +1,4 @@
-//! verl's `kl_penalty` estimators, elementwise, with the derivative in
+//! `kl_penalty` on the CPU: verl's estimators, elementwise, with the derivative in
 //! `logprob` written in the same pass (the derivative in `ref_logprob` is
 //! its negative: every estimator is a function of `d = logprob - ref_logprob`).
 //!
@@ -14,84 +14,9 @@
 
 use super::lane::{clamp, Lane};
 use super::for_each_row;
-use crate::error::{Error, Result};
-use crate::tensor::{piece_scratch, pieces, same_device, DType, Desc, Mat, MatMut, Real};
-
-/// The value estimator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KlKind {
-    K1,
-    Abs,
-    K2,
-    K3,
-}
-
-/// A parsed `kl_penalty` name: the estimator and whether the gradient is
-/// the straight-through `k2` one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KlMode {
-    pub kind: KlKind,
-    pub straight_through: bool,
-}
-
-impl KlMode {
-    /// Parses verl's names, with an optional `+` suffix.
-    pub fn parse(s: &str) -> Result<Self> {
-        let (base, st) = match s.strip_suffix('+') {
-            Some(b) => (b, true),
-            None => (s, false),
-        };
-        let kind = match base {
-            "kl" | "k1" => KlKind::K1,
-            "abs" => KlKind::Abs,
-            "mse" | "k2" => KlKind::K2,
-            "low_var_kl" | "k3" => KlKind::K3,
-            _ => {
-                return Err(Error::value_error(
-                    "kl_penalty",
-                    format!(
-                        "unknown kl_penalty {s:?}; expected one of \"kl\", \"k1\", \"abs\", \"mse\", \"k2\", \
-                         \"low_var_kl\", \"k3\", optionally with a \"+\" suffix (\"full\" is not implemented, as in verl)"
-                    ),
-                ))
-            }
-        };
-        Ok(KlMode { kind, straight_through: st })
-    }
-}
-
-/// A validated `kl_penalty` call.
-pub struct KlProblem {
-    pub logprob: Mat,
-    pub ref_logprob: Mat,
-    pub out: MatMut,
-    /// `d out / d logprob`, when a gradient is wanted.
-    pub grad: Option<MatMut>,
-    pub mode: KlMode,
-    /// torch's clamp convention on the bounds (see `spec::Clip::clamp_closed`).
-    pub clamp_closed: bool,
-}
-
-impl KlProblem {
-    /// Checks shapes, dtypes and devices; errors name the argument.
-    pub fn new(logprob: &Desc, ref_logprob: &Desc, out: &Desc, grad: Option<&Desc>, kl_penalty: &str, clamp_closed: bool) -> Result<Self> {
-        let mode = KlMode::parse(kl_penalty)?;
-        logprob.expect_float()?;
-        ref_logprob.expect_float()?;
-        let lp = logprob.matrix()?;
-        if lp.rows == 0 || lp.cols == 0 {
-            return Err(Error::value_error("logprob", format!("empty tensor of shape {:?}", logprob.shape)));
-        }
-        ref_logprob.expect_shape(&logprob.shape, "logprob")?;
-        let rf = ref_logprob.matrix()?;
-        let o = MatMut::new(out, lp.rows, lp.cols, "logprob")?;
-        let g = grad.map(|g| MatMut::new(g, lp.rows, lp.cols, "logprob")).transpose()?;
-        let mut all = vec![ref_logprob, out];
-        all.extend(grad);
-        same_device(logprob.device, &all)?;
-        Ok(KlProblem { logprob: lp, ref_logprob: rf, out: o, grad: g, mode, clamp_closed })
-    }
-}
+use crate::error::Result;
+pub use crate::ops::kl_penalty::{KlKind, KlMode, KlProblem};
+use crate::tensor::{piece_scratch, pieces, DType, Real};
 
 /// One element: `(value, d value / d logprob)`.
 #[inline(always)]
@@ -132,8 +57,8 @@ fn kl_token<F: Real + Lane<Mask = bool>>(mode: KlMode, closed: bool, lp: F, rf: 
 /// Writes the estimate (and its gradient, if asked) on the CPU; a
 /// `MemoryError` if its (bounded) working buffers cannot be allocated.
 pub fn compute(p: &KlProblem) -> Result<()> {
-    let f64_in = [&p.logprob, &p.ref_logprob].iter().any(|m| m.desc.dtype == DType::F64);
-    if f64_in || p.out.desc.dtype == DType::F64 {
+    let f64_in = [&p.logprob, &p.ref_logprob].iter().any(|m| m.tensor.dtype == DType::F64);
+    if f64_in || p.out.tensor.dtype == DType::F64 {
         run::<f64>(p)
     } else {
         run::<f32>(p)
@@ -145,7 +70,7 @@ fn run<F: Real + Lane<Mask = bool>>(p: &KlProblem) -> Result<()> {
     let (mode, closed) = (p.mode, p.clamp_closed);
     let scratch = || -> Result<_> {
         let v = |arg| piece_scratch::<F>(arg, cols);
-        Ok((v(p.logprob.desc.arg)?, v(p.ref_logprob.desc.arg)?, v(p.out.desc.arg)?, v(p.out.desc.arg)?))
+        Ok((v(p.logprob.tensor.arg)?, v(p.ref_logprob.tensor.arg)?, v(p.out.tensor.arg)?, v(p.out.tensor.arg)?))
     };
     for_each_row(p.logprob.rows, cols, scratch, |(sl, sr, so, sg), i| {
         for (start, len) in pieces(cols) {
@@ -173,14 +98,15 @@ fn run<F: Real + Lane<Mask = bool>>(p: &KlProblem) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor::Tensor;
 
     fn kl(mode: &str, lp: &[f64], rf: &[f64]) -> (Vec<f64>, Vec<f64>) {
         let n = lp.len();
         let (mut o, mut g) = (vec![0.0; n], vec![0.0; n]);
-        let l = Desc::from_slice("logprob", lp, &[1, n]);
-        let r = Desc::from_slice("ref_logprob", rf, &[1, n]);
-        let od = Desc::from_mut_slice("out", &mut o, &[1, n]);
-        let gd = Desc::from_mut_slice("grad", &mut g, &[1, n]);
+        let l = Tensor::from_slice("logprob", lp, &[1, n]);
+        let r = Tensor::from_slice("ref_logprob", rf, &[1, n]);
+        let od = Tensor::from_mut_slice("out", &mut o, &[1, n]);
+        let gd = Tensor::from_mut_slice("grad", &mut g, &[1, n]);
         compute(&KlProblem::new(&l, &r, &od, Some(&gd), mode, false).unwrap()).unwrap();
         (o, g)
     }
@@ -214,12 +140,12 @@ mod tests {
     fn unknown_mode_is_a_value_error() {
         let a = [0.0f32; 2];
         let mut o = [0.0f32; 2];
-        let l = Desc::from_slice("logprob", &a, &[1, 2]);
-        let od = Desc::from_mut_slice("out", &mut o, &[1, 2]);
+        let l = Tensor::from_slice("logprob", &a, &[1, 2]);
+        let od = Tensor::from_mut_slice("out", &mut o, &[1, 2]);
         let e = KlProblem::new(&l, &l, &od, None, "full", false).err().unwrap();
         assert_eq!(e.arg, "kl_penalty");
         let b = [0.0f32; 3];
-        let r = Desc::from_slice("ref_logprob", &b, &[1, 3]);
+        let r = Tensor::from_slice("ref_logprob", &b, &[1, 3]);
         let e = KlProblem::new(&l, &r, &od, None, "k1", false).err().unwrap();
         assert_eq!(e.arg, "ref_logprob");
     }

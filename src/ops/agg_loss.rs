@@ -1,45 +1,10 @@
-//! What a call asks for — loss mode, aggregation, clip parameters and the
-//! global-batch normalisers — parsed and validated once, shared by every
-//! backend.
+//! `agg_loss`: verl's `loss_agg_mode`s, the global-batch normalisers, and
+//! the aggregation resolved to a per-row coefficient ([`AggPlan`]) that both
+//! backends apply (and the policy loss, which aggregates the same way).
 
+use super::plus_eps;
 use crate::error::{Error, Result};
-
-/// The policy-loss family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LossMode {
-    /// PPO/GRPO token-level clipped surrogate with dual clip where `A < 0`
-    /// (verl `compute_policy_loss_vanilla`).
-    Vanilla,
-    /// GSPO: sequence-level ratio with the token-level stop-gradient
-    /// construction (verl `compute_policy_loss_gspo`).
-    Gspo,
-    /// LUSPO: GSPO's per-token loss aggregated `seq-mean-token-sum`, whatever
-    /// `loss_agg_mode` says, so each sequence is weighted by its length.
-    Luspo,
-}
-
-impl LossMode {
-    /// Parses `"vanilla"`, `"gspo"` or `"luspo"`.
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "vanilla" => Ok(LossMode::Vanilla),
-            "gspo" => Ok(LossMode::Gspo),
-            "luspo" => Ok(LossMode::Luspo),
-            _ => Err(Error::value_error(
-                "mode",
-                format!("unknown policy loss mode {s:?}; expected one of \"vanilla\", \"gspo\", \"luspo\""),
-            )),
-        }
-    }
-
-    /// The aggregation this mode really uses: LUSPO forces `seq-mean-token-sum`.
-    pub fn effective_agg(self, requested: AggMode) -> AggMode {
-        match self {
-            LossMode::Luspo => AggMode::SeqMeanTokenSum,
-            _ => requested,
-        }
-    }
-}
+use crate::tensor::{same_device, Mat, MatMut, Tensor};
 
 /// verl's `loss_agg_mode`: how a B×T loss matrix becomes a scalar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,45 +47,6 @@ impl AggMode {
     /// `masked_sum`, which drops masked positions first.
     pub fn is_seq_mode(self) -> bool {
         !matches!(self, AggMode::TokenMean | AggMode::TokenSum)
-    }
-}
-
-/// Clip parameters of the surrogate, already resolved and validated:
-/// the ratio is clipped to `[1 - low, 1 + high]`; `c` is the dual-clip bound.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Clip {
-    pub low: f64,
-    pub high: f64,
-    pub c: f64,
-    /// torch's clamp convention for a value exactly on a bound: torch 2.11
-    /// passes the gradient there (closed interval), 2.15 does not. The
-    /// Python layer measures the installed torch once and says which.
-    pub clamp_closed: bool,
-}
-
-impl Clip {
-    /// `clip_ratio_low`/`clip_ratio_high` default to `clip_ratio` as in verl;
-    /// the clamp convention starts open (set `clamp_closed` after).
-    /// All must be finite and non-negative; `clip_ratio_c` must be `> 1`
-    /// (verl asserts it for the dual clip) — only checked when `check_c`.
-    pub fn new(clip_ratio: f64, low: Option<f64>, high: Option<f64>, c: f64, check_c: bool) -> Result<Self> {
-        fn ratio(arg: &'static str, v: f64) -> Result<f64> {
-            if v.is_finite() && v >= 0.0 {
-                Ok(v)
-            } else {
-                Err(Error::value_error(arg, format!("must be a finite number >= 0, got {v}")))
-            }
-        }
-        let base = ratio("clip_ratio", clip_ratio)?;
-        let low = ratio("clip_ratio_low", low.unwrap_or(base))?;
-        let high = ratio("clip_ratio_high", high.unwrap_or(base))?;
-        if check_c && !(c.is_finite() && c > 1.0) {
-            return Err(Error::value_error(
-                "clip_ratio_c",
-                format!("the dual-clip bound must be a finite number > 1.0, got {c}"),
-            ));
-        }
-        Ok(Clip { low, high, c, clamp_closed: false })
     }
 }
 
@@ -198,15 +124,34 @@ pub struct MaskTotals {
     pub rows: f64,
 }
 
-/// `sum + 1e-8` as verl computes it: torch adds the epsilon in the mask's
-/// float type, which is float32 (the default dtype) for bool and integer
-/// masks, so only a float64 mask keeps the epsilon of a large count.
-#[inline]
-pub fn plus_eps(sum: f64, mask_is_f64: bool) -> f64 {
-    if mask_is_f64 {
-        sum + 1e-8
-    } else {
-        ((sum as f32) + 1e-8f32) as f64
+/// A validated `agg_loss` call.
+pub struct AggProblem {
+    pub loss_mat: Mat,
+    pub loss_mask: Mat,
+    /// `d loss / d loss_mat`, written by the call.
+    pub grad: MatMut,
+    pub agg: AggMode,
+    pub norm: Normalizers,
+}
+
+impl AggProblem {
+    /// Checks shapes, dtypes, devices, mode and normalisers.
+    pub fn new(loss_mat: &Tensor, loss_mask: &Tensor, grad: &Tensor, loss_agg_mode: &str, norm: Normalizers) -> Result<Self> {
+        let agg = AggMode::parse(loss_agg_mode)?;
+        norm.validate(agg)?;
+        loss_mat.expect_float()?;
+        let m = loss_mat.matrix()?;
+        if m.rows == 0 || m.cols == 0 {
+            return Err(crate::error::Error::value_error(
+                "loss_mat",
+                format!("empty loss matrix of shape {:?}", loss_mat.shape),
+            ));
+        }
+        loss_mask.expect_shape(&[m.rows, m.cols], "loss_mat")?;
+        let mask = loss_mask.matrix()?;
+        let g = MatMut::new(grad, m.rows, m.cols, "loss_mat")?;
+        same_device(loss_mat.device, &[loss_mask, grad])?;
+        Ok(AggProblem { loss_mat: m, loss_mask: mask, grad: g, agg, norm })
     }
 }
 
@@ -291,25 +236,10 @@ mod tests {
 
     #[test]
     fn parses_every_mode_and_rejects_unknown() {
-        assert_eq!(LossMode::parse("luspo").unwrap(), LossMode::Luspo);
-        assert_eq!(LossMode::parse("gspo").unwrap(), LossMode::Gspo);
-        assert_eq!(LossMode::parse("vanilla").unwrap(), LossMode::Vanilla);
-        let e = LossMode::parse("ppo").unwrap_err();
-        assert_eq!(e.arg, "mode");
         for s in ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] {
             AggMode::parse(s).unwrap();
         }
         assert_eq!(AggMode::parse("mean").unwrap_err().arg, "loss_agg_mode");
-    }
-
-    #[test]
-    fn clip_defaults_and_validation() {
-        let c = Clip::new(0.2, None, Some(0.28), 3.0, true).unwrap();
-        assert_eq!((c.low, c.high), (0.2, 0.28));
-        assert_eq!(Clip::new(-0.1, None, None, 3.0, true).unwrap_err().arg, "clip_ratio");
-        assert_eq!(Clip::new(0.2, Some(f64::NAN), None, 3.0, true).unwrap_err().arg, "clip_ratio_low");
-        assert_eq!(Clip::new(0.2, None, None, 1.0, true).unwrap_err().arg, "clip_ratio_c");
-        assert!(Clip::new(0.2, None, None, 1.0, false).is_ok());
     }
 
     #[test]
@@ -318,12 +248,6 @@ mod tests {
         assert_eq!(n.validate(AggMode::TokenMean).unwrap_err().arg, "batch_num_tokens");
         assert_eq!(n.validate(AggMode::SeqMeanTokenMean).unwrap_err().arg, "global_batch_size");
         assert!(n.validate(AggMode::TokenSum).is_ok());
-    }
-
-    #[test]
-    fn luspo_forces_seq_mean_token_sum() {
-        assert_eq!(LossMode::Luspo.effective_agg(AggMode::TokenMean), AggMode::SeqMeanTokenSum);
-        assert_eq!(LossMode::Gspo.effective_agg(AggMode::TokenMean), AggMode::TokenMean);
     }
 
     #[test]

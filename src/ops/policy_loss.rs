@@ -1,0 +1,238 @@
+//! `policy_loss`: the loss modes (vanilla PPO/GRPO, GSPO, LUSPO — the LUSPO
+//! rule is [`LossMode::effective_agg`]), the clip parameters, and the
+//! validated, backend-neutral problem both backends start from.
+//! The per-token formulas are in `cpu/policy_loss.rs` and, twinned, in
+//! `cuda/kernels/loss.cu`.
+
+use super::agg_loss::{AggMode, Normalizers};
+use crate::error::{Error, Result};
+use crate::tensor::{same_device, Device, Mat, MatMut, Tensor};
+
+/// The policy-loss family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossMode {
+    /// PPO/GRPO token-level clipped surrogate with dual clip where `A < 0`
+    /// (verl `compute_policy_loss_vanilla`).
+    Vanilla,
+    /// GSPO: sequence-level ratio with the token-level stop-gradient
+    /// construction (verl `compute_policy_loss_gspo`).
+    Gspo,
+    /// LUSPO: GSPO's per-token loss aggregated `seq-mean-token-sum`, whatever
+    /// `loss_agg_mode` says, so each sequence is weighted by its length.
+    Luspo,
+}
+
+impl LossMode {
+    /// Parses `"vanilla"`, `"gspo"` or `"luspo"`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "vanilla" => Ok(LossMode::Vanilla),
+            "gspo" => Ok(LossMode::Gspo),
+            "luspo" => Ok(LossMode::Luspo),
+            _ => Err(Error::value_error(
+                "mode",
+                format!("unknown policy loss mode {s:?}; expected one of \"vanilla\", \"gspo\", \"luspo\""),
+            )),
+        }
+    }
+
+    /// The aggregation this mode really uses: LUSPO forces `seq-mean-token-sum`.
+    pub fn effective_agg(self, requested: AggMode) -> AggMode {
+        match self {
+            LossMode::Luspo => AggMode::SeqMeanTokenSum,
+            _ => requested,
+        }
+    }
+}
+
+/// Clip parameters of the surrogate, already resolved and validated:
+/// the ratio is clipped to `[1 - low, 1 + high]`; `c` is the dual-clip bound.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Clip {
+    pub low: f64,
+    pub high: f64,
+    pub c: f64,
+    /// torch's clamp convention for a value exactly on a bound: torch 2.11
+    /// passes the gradient there (closed interval), 2.15 does not. The
+    /// Python layer measures the installed torch once and says which.
+    pub clamp_closed: bool,
+}
+
+impl Clip {
+    /// `clip_ratio_low`/`clip_ratio_high` default to `clip_ratio` as in verl;
+    /// the clamp convention starts open (set `clamp_closed` after).
+    /// All must be finite and non-negative; `clip_ratio_c` must be `> 1`
+    /// (verl asserts it for the dual clip) — only checked when `check_c`.
+    pub fn new(clip_ratio: f64, low: Option<f64>, high: Option<f64>, c: f64, check_c: bool) -> Result<Self> {
+        fn ratio(arg: &'static str, v: f64) -> Result<f64> {
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(Error::value_error(arg, format!("must be a finite number >= 0, got {v}")))
+            }
+        }
+        let base = ratio("clip_ratio", clip_ratio)?;
+        let low = ratio("clip_ratio_low", low.unwrap_or(base))?;
+        let high = ratio("clip_ratio_high", high.unwrap_or(base))?;
+        if check_c && !(c.is_finite() && c > 1.0) {
+            return Err(Error::value_error(
+                "clip_ratio_c",
+                format!("the dual-clip bound must be a finite number > 1.0, got {c}"),
+            ));
+        }
+        Ok(Clip { low, high, c, clamp_closed: false })
+    }
+}
+
+
+/// The loss and verl's three metrics, as one call returns them.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PolicyLossOutput {
+    /// The aggregated scalar loss.
+    pub loss: f64,
+    /// Fraction of valid tokens where the clipped branch was taken (`pl2 > pl1`).
+    pub pg_clipfrac: f64,
+    /// Masked mean of `old_log_prob - log_prob` (clamped to ±20 in vanilla, as verl).
+    pub ppo_kl: f64,
+    /// Fraction of valid tokens with `A < 0` cut by the dual clip (0 for GSPO/LUSPO).
+    pub pg_clipfrac_lower: f64,
+}
+
+/// Everything one policy-loss call needs, checked.
+#[derive(Debug, Clone)]
+pub struct PolicyLossProblem {
+    pub old_log_prob: Mat,
+    pub log_prob: Mat,
+    pub advantages: Mat,
+    pub response_mask: Mat,
+    pub rollout_is_weights: Option<Mat>,
+    /// `d loss / d log_prob`, written by the call.
+    pub grad: MatMut,
+    pub mode: LossMode,
+    /// The aggregation actually applied (LUSPO forces `seq-mean-token-sum`).
+    pub agg: AggMode,
+    pub clip: Clip,
+    pub norm: Normalizers,
+    pub device: Device,
+}
+
+/// Raw, unchecked arguments of a policy-loss call.
+pub struct PolicyLossArgs<'a> {
+    pub old_log_prob: &'a Tensor,
+    pub log_prob: &'a Tensor,
+    pub advantages: &'a Tensor,
+    pub response_mask: &'a Tensor,
+    pub rollout_is_weights: Option<&'a Tensor>,
+    pub grad: &'a Tensor,
+    pub mode: &'a str,
+    pub loss_agg_mode: &'a str,
+    pub clip_ratio: f64,
+    pub clip_ratio_low: Option<f64>,
+    pub clip_ratio_high: Option<f64>,
+    pub clip_ratio_c: f64,
+    /// See [`Clip::clamp_closed`].
+    pub clamp_closed: bool,
+    pub norm: Normalizers,
+}
+
+impl PolicyLossProblem {
+    /// Validates every argument; errors name the offending one.
+    pub fn new(a: &PolicyLossArgs<'_>) -> Result<Self> {
+        let mode = LossMode::parse(a.mode)?;
+        let requested = AggMode::parse(a.loss_agg_mode)?;
+        let agg = mode.effective_agg(requested);
+        let mut clip = Clip::new(a.clip_ratio, a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c, mode == LossMode::Vanilla)?;
+        clip.clamp_closed = a.clamp_closed;
+        a.norm.validate(agg)?;
+
+        let log_prob = a.log_prob.matrix()?;
+        a.log_prob.expect_float()?;
+        let (rows, cols) = (log_prob.rows, log_prob.cols);
+        if rows == 0 {
+            return Err(Error::value_error("log_prob", "empty batch: the batch dimension is 0"));
+        }
+        if cols == 0 {
+            return Err(Error::value_error("log_prob", "empty responses: the response_length dimension is 0"));
+        }
+        a.old_log_prob.expect_float()?;
+        a.old_log_prob.expect_shape(&[rows, cols], "log_prob")?;
+        let old_log_prob = a.old_log_prob.matrix()?;
+        a.response_mask.expect_shape(&[rows, cols], "log_prob")?;
+        let response_mask = a.response_mask.matrix()?;
+        a.advantages.expect_float()?;
+        let advantages = a.advantages.matrix_or_per_row(rows, cols)?;
+        let rollout_is_weights = match a.rollout_is_weights {
+            Some(w) => {
+                w.expect_float()?;
+                Some(w.matrix_or_per_row(rows, cols)?)
+            }
+            None => None,
+        };
+        let grad = MatMut::new(a.grad, rows, cols, "log_prob")?;
+
+        let device = a.log_prob.device;
+        let mut all = vec![a.old_log_prob, a.advantages, a.response_mask, a.grad];
+        all.extend(a.rollout_is_weights);
+        same_device(device, &all)?;
+
+        Ok(PolicyLossProblem {
+            old_log_prob,
+            log_prob,
+            advantages,
+            response_mask,
+            rollout_is_weights,
+            grad,
+            mode,
+            agg,
+            clip,
+            norm: a.norm,
+            device,
+        })
+    }
+
+    /// Whether any float input is float64, in which case the kernels compute
+    /// in f64; otherwise in f32 (the math type of verl for 16/32-bit inputs
+    /// is the input type; f32 is at least as precise). A float64 mask counts
+    /// for GSPO / LUSPO: verl's sequence mean `sum(d * m) / sum(m)` is then
+    /// float64, and so is the sequence ratio and the loss built on it. The
+    /// vanilla token ratio does not involve the mask (verl computes it in the
+    /// log-probs' type, and so do we; the sums are f64 anyway).
+    pub fn wants_f64(&self) -> bool {
+        use crate::tensor::DType::F64;
+        [&self.old_log_prob, &self.log_prob, &self.advantages]
+            .iter()
+            .any(|m| m.tensor.dtype == F64)
+            || self.rollout_is_weights.as_ref().is_some_and(|w| w.tensor.dtype == F64)
+            || (self.mode != LossMode::Vanilla && self.response_mask.tensor.dtype == F64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_mode_and_rejects_unknown() {
+        assert_eq!(LossMode::parse("luspo").unwrap(), LossMode::Luspo);
+        assert_eq!(LossMode::parse("gspo").unwrap(), LossMode::Gspo);
+        assert_eq!(LossMode::parse("vanilla").unwrap(), LossMode::Vanilla);
+        let e = LossMode::parse("ppo").unwrap_err();
+        assert_eq!(e.arg, "mode");
+    }
+
+    #[test]
+    fn clip_defaults_and_validation() {
+        let c = Clip::new(0.2, None, Some(0.28), 3.0, true).unwrap();
+        assert_eq!((c.low, c.high), (0.2, 0.28));
+        assert_eq!(Clip::new(-0.1, None, None, 3.0, true).unwrap_err().arg, "clip_ratio");
+        assert_eq!(Clip::new(0.2, Some(f64::NAN), None, 3.0, true).unwrap_err().arg, "clip_ratio_low");
+        assert_eq!(Clip::new(0.2, None, None, 1.0, true).unwrap_err().arg, "clip_ratio_c");
+        assert!(Clip::new(0.2, None, None, 1.0, false).is_ok());
+    }
+
+    #[test]
+    fn luspo_forces_seq_mean_token_sum() {
+        assert_eq!(LossMode::Luspo.effective_agg(AggMode::TokenMean), AggMode::SeqMeanTokenSum);
+        assert_eq!(LossMode::Gspo.effective_agg(AggMode::TokenMean), AggMode::TokenMean);
+    }
+}
