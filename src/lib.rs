@@ -347,7 +347,7 @@ mod python {
             let sc = scratch.filter(|o| !o.is_none()).ok_or_else(|| {
                 PyValueError::new_err(format!(
                     "scratch: required for CUDA tensors (float64, {} elements, on the device)",
-                    cuda::advantage_scratch_len(problem.rewards.rows)
+                    crate::ops::abi::advantage_scratch_len(problem.rewards.rows)
                 ))
             })?;
             let sc = import_on("scratch", sc, true, s)?;
@@ -446,7 +446,7 @@ mod python {
     /// float64 elements of the `scratch` the CUDA loss kernels need for `rows` rows.
     #[pyfunction]
     fn cuda_loss_scratch_len(rows: usize) -> usize {
-        cuda::loss_scratch_len(rows)
+        crate::ops::abi::loss_scratch_len(rows)
     }
 
     /// Number of threads the CPU kernels use (this process's pool, see

@@ -15,23 +15,23 @@ from luspo_rs import _core, _cuda
 
 KERNELS = (
     # the policy loss and agg_loss: row pass, and token pass per token rule, per storage variant
-    *(f"luspo_loss_rows_{v}" for v in ("f32", "bf16", "f16", "f64", "any32", "any64")),
+    *(f"loss_rows_{v}" for v in ("f32", "bf16", "f16", "f64", "any32", "any64")),
     *(
-        f"luspo_loss_tokens_{v}_{rule}"
+        f"loss_tokens_{v}_{rule}"
         for v in ("f32", "bf16", "f16", "f64", "any32", "any64")
         for rule in ("vanilla", "seq", "agg")
     ),
-    "luspo_scale_grad",
+    "scale_grad",
     # kl_penalty
-    "luspo_kl_f32",
-    "luspo_kl_f64",
+    "kl_penalty_f32",
+    "kl_penalty_f64",
     # group advantages
-    "luspo_adv_rows_f32",
-    "luspo_adv_rows_f64",
-    "luspo_adv_groups",
-    "luspo_adv_batch",
-    "luspo_adv_write_f32",
-    "luspo_adv_write_f64",
+    "advantage_scores_f32",
+    "advantage_scores_f64",
+    "advantage_groups",
+    "advantage_batch",
+    "advantage_write_f32",
+    "advantage_write_f64",
 )
 
 

@@ -7,7 +7,7 @@
   venv, none of them reinstalled): ``import luspo_rs`` works there, a LUSPO step
   (forward + backward) gives the documented numbers, the ``verl.plugins``
   entry point and the typing files (``_core.pyi``, ``py.typed``) are installed.
-* The sdist holds what a build needs (Cargo.lock, src/ with kernels.cu,
+* The sdist holds what a build needs (Cargo.lock, src/ with the kernel sources,
   python/, README, pyproject) and nothing built; unpacked outside the
   checkout, it builds a wheel on its own (pip's PEP 517 path, ``--locked``,
   cargo offline, a cold target dir), which passes the same checks.
@@ -333,7 +333,8 @@ def test_sdist_has_the_sources_and_nothing_built(sdist):
         members = [m.name for m in tar.getmembers() if m.isfile()]
     (top,) = {m.split("/", 1)[0] for m in members}
     files = {m.split("/", 1)[1] for m in members}
-    required = {"PKG-INFO", "pyproject.toml", "Cargo.toml", "Cargo.lock", "README.md", "src/cuda/kernels.cu"}
+    required = {"PKG-INFO", "pyproject.toml", "Cargo.toml", "Cargo.lock", "README.md"}
+    required |= {f"src/cuda/kernels/{k}" for k in ("common.cuh", "loss.cu", "kl_penalty.cu", "advantage.cu")}
     required |= _source_files()
     missing = sorted(required - files)
     assert not missing, f"{sdist.name} lacks {missing}"

@@ -4,6 +4,7 @@
 //! CPU kernels (`crate::cpu`) and the CUDA launchers (`crate::cuda`) both
 //! start from these problems.
 
+pub mod abi;
 pub mod advantage;
 pub mod agg_loss;
 pub mod kl_penalty;

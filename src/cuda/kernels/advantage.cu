@@ -1,0 +1,178 @@
+// ---- group advantages (verl's outcome estimators) ----
+//
+// Mirrors src/cpu/advantage.rs. Four kernels, all in fixed order:
+//   advantage_scores     a block per row: score s_i = sum_t r_it and, for opo /
+//                      reinforce_plus_plus_baseline, sum m, m^2, m^3 over m != 0;
+//   advantage_groups   a thread per position k of `order` (the rows stably
+//                      sorted by label, so a group is a contiguous run in row
+//                      order); the thread at the start of a run walks its group
+//                      sequentially, in row order as the CPU does, and writes
+//                      every member's scalar a_i;
+//   advantage_batch    one block, only for gpg (alpha) and
+//                      reinforce_plus_plus_baseline (masked whitening);
+//   advantage_write_*  a block per row: out_it = a_i m_it (whitened for rf++).
+// Row scratch: ADV_NSTAT float64 per row, then 2 batch values.
+
+
+struct AdvArgs {
+    View rewards, mask;
+    ViewMut out;
+    const i64 *index;               // (rows,) int64 group labels
+    i64 index_stride;               // in elements
+    const i64 *order;               // (rows,) int64: a stable argsort of index
+    i64 order_stride;
+    double *scratch;                // rows * ADV_NSTAT + 2 float64, contiguous
+    i64 rows, cols, estimator;
+    double epsilon;
+    double single;                  // (double)(1.0f + (float)epsilon): verl's float32 singleton std + eps
+    double f_norm;
+    i64 need_mask;                  // opo / rf++: accumulate the mask moments
+    i64 mask_f64;                   // the mask is float64 (rf++ whitening: plus_eps, bessel)
+};
+
+template <typename F>
+__device__ void adv_rows(const AdvArgs &a) {
+    const i64 i = blockIdx.x, T = a.cols;
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    for (i64 t = threadIdx.x; t < T; t += blockDim.x) {
+        s[0] += (double)load<F>(a.rewards, i, t);
+        if (a.need_mask) {
+            double m = load<double>(a.mask, i, t);
+            if (m != 0.0) {
+                s[1] += m;
+                s[2] += m * m;
+                s[3] += m * m * m;
+            }
+        }
+    }
+    block_sum<4>(s);
+    if (threadIdx.x == 0) {
+        double *p = a.scratch + i * ADV_NSTAT;
+        p[A_SCORE] = s[0];
+        p[A_M1] = s[1];
+        p[A_M2] = s[2];
+        p[A_M3] = s[3];
+    }
+}
+
+extern "C" __global__ void advantage_scores_f32(AdvArgs a) { adv_rows<float>(a); }
+extern "C" __global__ void advantage_scores_f64(AdvArgs a) { adv_rows<double>(a); }
+
+extern "C" __global__ void advantage_groups(AdvArgs a) {
+    const i64 k = (i64)blockIdx.x * blockDim.x + threadIdx.x, n = a.rows;
+    if (k >= n) return;
+    const i64 *ord = a.order;
+    const i64 os = a.order_stride, is = a.index_stride;
+    const i64 label = a.index[ord[k * os] * is];
+    if (k > 0 && a.index[ord[(k - 1) * os] * is] == label) return;  // not the start of a run
+    i64 end = k + 1;
+    while (end < n && a.index[ord[end * os] * is] == label) ++end;
+    double *st = a.scratch;
+#define ROW(j) (ord[(j) * os])
+#define SCORE(j) (st[ROW(j) * ADV_NSTAT + A_SCORE])
+#define SCALAR(j) (st[ROW(j) * ADV_NSTAT + A_SCALAR])
+    double count = (double)(end - k), sum = 0.0;
+    for (i64 j = k; j < end; ++j) sum += SCORE(j);
+    const bool many = end - k > 1;
+    const double mean = many ? sum / count : 0.0;
+    switch (a.estimator) {
+    case EST_GRPO: {
+        double ss = 0.0;
+        for (i64 j = k; j < end; ++j) {
+            double d = SCORE(j) - mean;
+            ss += d * d;
+        }
+        double denom = many ? sqrt(ss / (count - 1.0)) + a.epsilon : a.single;
+        for (i64 j = k; j < end; ++j) SCALAR(j) = (SCORE(j) - mean) / denom;
+        break;
+    }
+    case EST_RLOO:
+        for (i64 j = k; j < end; ++j)
+            SCALAR(j) = many ? SCORE(j) * count / (count - 1.0) - mean * count / (count - 1.0) : SCORE(j);
+        break;
+    case EST_RLOO_VEC:
+        for (i64 j = k; j < end; ++j) SCALAR(j) = many ? (count * SCORE(j) - sum) / (count - 1.0) : 0.0;
+        break;
+    case EST_OPO: {
+        double ls = 0.0, l = 0.0;
+        for (i64 j = k; j < end; ++j) {
+            double m1 = st[ROW(j) * ADV_NSTAT + A_M1];
+            ls += m1 * SCORE(j);
+            l += m1;
+        }
+        for (i64 j = k; j < end; ++j) SCALAR(j) = many ? SCORE(j) - ls / l : SCORE(j);
+        break;
+    }
+    default:  // grpo without std, rf++ baseline, gpg (alpha / f_norm applied by advantage_batch)
+        for (i64 j = k; j < end; ++j) SCALAR(j) = SCORE(j) - mean;
+        break;
+    }
+#undef ROW
+#undef SCORE
+#undef SCALAR
+}
+
+// gpg: a_i = alpha * a_i / f_norm, alpha = B / max(#{s_i != 0}, 1).
+// rf++: the whitening statistics of v_it = a_i m_it over the batch, into
+// scratch[rows * ADV_NSTAT + {0, 1}] = (mean, 1 / sqrt(var + 1e-8)); with
+// N = sum m, verl's masked_mean divides by N + 1e-8 and masked_var multiplies
+// by N / (N - 1), both in float32 unless the mask is float64
+// (src/cpu/advantage.rs plus_eps, bessel).
+extern "C" __global__ void advantage_batch(AdvArgs a) {
+    double *st = a.scratch;
+    const i64 n = a.rows;
+    if (a.estimator == EST_GPG) {
+        double c[1] = {0.0};
+        for (i64 i = threadIdx.x; i < n; i += blockDim.x) c[0] += st[i * ADV_NSTAT + A_SCORE] != 0.0 ? 1.0 : 0.0;
+        block_sum<1>(c);
+        const double alpha = (double)n / fmax(c[0], 1.0);
+        for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
+            double *p = st + i * ADV_NSTAT;
+            p[A_SCALAR] = alpha * p[A_SCALAR] / a.f_norm;
+        }
+        return;
+    }
+    // rf++: sum m, sum a m^2 (= sum v m), then sum m (a m - mean)^2.
+    double v[2] = {0.0, 0.0};
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
+        const double *p = st + i * ADV_NSTAT;
+        v[0] += p[A_M1];
+        v[1] += p[A_SCALAR] * p[A_M2];
+    }
+    block_sum<2>(v);
+    const double tokens = v[0];
+    const bool mask_f64 = a.mask_f64 != 0;
+    const double denom = plus_eps(tokens, mask_f64);
+    const double mean = v[1] / denom;
+    double s[1] = {0.0};
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
+        const double *p = st + i * ADV_NSTAT;
+        double x = p[A_SCALAR];
+        s[0] += x * x * p[A_M3] - 2.0 * x * mean * p[A_M2] + mean * mean * p[A_M1];
+    }
+    block_sum<1>(s);
+    if (threadIdx.x == 0) {
+        const float t32 = (float)tokens;
+        const double bessel = mask_f64 ? tokens / (tokens - 1.0) : (double)(t32 / (t32 - 1.0f));
+        double var = s[0] / denom * bessel;
+        st[n * ADV_NSTAT] = mean;
+        st[n * ADV_NSTAT + 1] = 1.0 / sqrt(var + 1e-8);
+    }
+}
+
+template <typename F>
+__device__ void adv_write(const AdvArgs &a) {
+    const i64 i = blockIdx.x, T = a.cols;
+    const double *st = a.scratch;
+    const F x = cvt<F>(st[i * ADV_NSTAT + A_SCALAR]);
+    const bool whiten = a.estimator == EST_RFPP;
+    const F mean = whiten ? cvt<F>(st[a.rows * ADV_NSTAT]) : cvt<F>(0.0);
+    const F rstd = whiten ? cvt<F>(st[a.rows * ADV_NSTAT + 1]) : cvt<F>(0.0);
+    for (i64 t = threadIdx.x; t < T; t += blockDim.x) {
+        F m = load<F>(a.mask, i, t);
+        store<F>(a.out, i, t, whiten ? (x * m - mean) * rstd * m : x * m);
+    }
+}
+
+extern "C" __global__ void advantage_write_f32(AdvArgs a) { adv_write<float>(a); }
+extern "C" __global__ void advantage_write_f64(AdvArgs a) { adv_write<double>(a); }

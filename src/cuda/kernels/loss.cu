@@ -1,0 +1,512 @@
+// The loss kernels: the policy loss (vanilla, GSPO, LUSPO) and verl's
+// agg_loss, and backward's in-place scale. Twin of src/cpu/policy_loss.rs
+// and src/cpu/agg_loss.rs, token for token (torch's clamp / maximum /
+// minimum gradient conventions, the same NaN rules, the same gradient
+// formula `coef_i * m * (dl * w)`), so the forward writes the final
+// gradient; backward only multiplies by grad_output. Launched by
+// src/cuda/loss.rs. Codes (MODE_*, AGG_*, SC_*, R_*, VEC_*) come from
+// src/ops/abi.rs.
+
+// Runs each thread of the row pass loads before summing any.
+#ifndef ROW_RUNS
+#define ROW_RUNS 2
+#endif
+
+
+// The policy loss and verl's agg_loss share this argument struct and the
+// two kernels of "the loss kernels" below (MODE_AGG: agg_loss, where `lp`
+// holds the loss matrix and old_lp / adv are unused).
+struct LossArgs {
+    View old_lp, lp, adv, mask, w;  // w.ptr == 0: no rollout IS weights
+    ViewMut grad;                   // d loss / d lp, final (backward multiplies by grad_output)
+    ViewMut loss;                   // 0-d: the loss, in its own dtype
+    double *metrics;                // [pg_clipfrac, ppo_kl, pg_clipfrac_lower], or 0 (agg_loss)
+    double *scratch;                // SCRATCH_HEAD + ROW_STRIDE * rows float64, see below
+    const double *factor;           // 0, or a device float64 scalar that multiplies the scale
+    i64 rows, cols, mode, agg;
+    double lo, hi, c;               // clip bounds [1 - low, 1 + high], dual-clip c
+    i64 clamp_closed;               // 1: clamp passes the gradient on its bounds too (torch < 2.15)
+    double dp_size;
+    double batch_num_tokens;        // <= 0: use the batch's own sum(mask)
+    double global_batch_size;       // <= 0: use the batch's rows with L_i > 0
+    double loss_scale_factor;       // <= 0: use cols
+    i64 team;                       // threads per row: a power of two in [32, MAX_THREADS]
+    i64 vec;                        // VEC_MASK* bits: how the mask is loaded
+};
+
+template <typename F>
+__device__ __forceinline__ F clipped_surrogate(F a, F r, F dr, F lo, F hi, bool closed, F *dl, bool *clipped) {
+    F na = -a;
+    F pl1 = na * r;
+    bool pass;
+    F rc = clampg(r, lo, hi, closed, &pass);
+    F pl2 = na * rc;
+    F l = maximumg(pl1, na * dr, pl2, pass ? na * dr : cvt<F>(0.0), dl);
+    *clipped = pl2 > pl1;
+    return l;
+}
+
+// ---- the loss kernels: the policy loss and agg_loss ----
+//
+// A call is a memset of the two tickets and two launches on the caller's
+// stream, and gives the final gradient (backward only multiplies it by
+// grad_output, see scale_grad):
+//
+//   loss_rows_*    a team of `team` threads per row sums L_i = sum(m)
+//                        and, for GSPO / LUSPO, sum((lp - old) m), and
+//                        writes L_i, s_i and d s_i; the last block to finish
+//                        (ticket 0) sums the rows in index order into the
+//                        batch-wide scale (dp / N, dp / G, ...) and N.
+//   loss_tokens_*  the same teams, rows in reverse order (the rows the
+//                        first kernel read last are still in L2): the token
+//                        losses, the gradient `coef_i m (dl w)` with
+//                        coef_i = scale * row weight, and the row sums; the
+//                        last block (ticket 1) sums the rows in index order
+//                        into the loss and verl's metrics.
+//
+// Each thread reads runs of V consecutive tokens (one 16-byte load of the
+// float inputs when LossArgs.vec allows; 8 bytes for 16-bit floats). Sums have a
+// fixed order for given (cols, dtype): a run in F, the runs of a thread in
+// order in f64, then team_sum's tree. No float atomics.
+
+template <bool C, typename A, typename B> struct If { typedef A type; };
+template <typename A, typename B> struct If<false, A, B> { typedef B type; };
+
+// Storage types of the float operands: V elements per 16 bytes, and their
+// conversion to and from the compute type.
+struct SF32 {
+    typedef float raw;
+    enum { V = 4 };
+    static __device__ __forceinline__ float get(raw x) { return x; }
+};
+struct SBF16 {
+    typedef unsigned short raw;
+    enum { V = 4 };
+    static __device__ __forceinline__ float get(raw x) { return bf16_to_f32(x); }
+};
+struct SF16 {
+    typedef unsigned short raw;
+    enum { V = 4 };
+    static __device__ __forceinline__ float get(raw x) { return f16_to_f32(x); }
+};
+struct SF64 {
+    typedef double raw;
+    enum { V = 2 };
+    static __device__ __forceinline__ double get(raw x) { return x; }
+};
+
+struct alignas(16) Raw16 {
+    unsigned int x, y, z, w;
+};
+struct alignas(8) Raw8 {
+    unsigned int x, y;
+};
+// A run of S in one load: 16 bytes (f32, f64), 8 bytes (bf16, f16: four
+// tokens, which keeps the token kernel's registers those of f32).
+template <typename S> struct RunOf {
+    typedef typename If<sizeof(typename S::raw) * S::V == 16, Raw16, Raw8>::type type;
+};
+
+// Elements [t, t + n) of row i of `v` into x[0..V) (zeros past n). With
+// VEC, a full run of a column-contiguous view is one 16-byte load (the host
+// checked alignment); a per-row view (cs == 0) is read once.
+template <typename F, typename S, bool VEC>
+__device__ __forceinline__ void load_run(const View &v, i64 i, i64 t, int n, F *x) {
+    const int V = S::V;
+    if (VEC && n == V && v.cs == 1) {
+        typedef typename RunOf<S>::type Run;
+        const Run r = *(const Run *)(v.ptr + (i * v.rs + t) * (i64)sizeof(typename S::raw));
+        const typename S::raw *e = (const typename S::raw *)&r;
+#pragma unroll
+        for (int k = 0; k < V; ++k) x[k] = (F)S::get(e[k]);
+    } else if (v.cs == 0) {
+        const F a = load<F>(v, i, 0);
+#pragma unroll
+        for (int k = 0; k < V; ++k) x[k] = a;
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) x[k] = k < n ? load<F>(v, i, t + k) : cvt<F>(0.0);
+    }
+}
+
+// The mask run: one V-byte load for an aligned 1-byte mask (bool, uint8,
+// int8), else element by element.
+template <typename F, int V>
+__device__ __forceinline__ void load_mask(const View &m, i64 i, i64 t, int n, bool vec, F *x) {
+    if (vec && n == V) {
+        const unsigned char *p = (const unsigned char *)m.ptr + i * m.rs + t;
+        unsigned char b[V];
+        if (V == 2) *(unsigned short *)b = *(const unsigned short *)p;
+        else if (V == 4) *(unsigned int *)b = *(const unsigned int *)p;
+        else *(u64 *)b = *(const u64 *)p;
+        const bool sgn = m.dtype == DT_I8;
+#pragma unroll
+        for (int k = 0; k < V; ++k) x[k] = sgn ? (F)(float)(signed char)b[k] : (F)(float)b[k];
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) x[k] = k < n ? load<F>(m, i, t + k) : cvt<F>(0.0);
+    }
+}
+
+// Stores x[0..n) into row i of the (contiguous-row) gradient at t.
+template <typename F, typename S, bool VEC>
+__device__ __forceinline__ void store_run(const ViewMut &v, i64 i, i64 t, int n, const F *x) {
+    const int V = S::V;
+    if (VEC && n == V) {
+        typedef typename RunOf<S>::type Run;
+        Run r;
+        typename S::raw *e = (typename S::raw *)&r;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            if (sizeof(typename S::raw) == 8) ((double *)e)[k] = (double)x[k];
+            else if (sizeof(typename S::raw) == 4) ((float *)e)[k] = (float)x[k];
+            else if (v.dtype == DT_BF16) ((unsigned short *)e)[k] = f32_to_bf16((float)x[k]);
+            else ((unsigned short *)e)[k] = f32_to_f16((float)x[k]);
+        }
+        *(Run *)(v.ptr + (i * v.rs + t) * (i64)sizeof(typename S::raw)) = r;
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k)
+            if (k < n) store<F>(v, i, t + k, x[k]);
+    }
+}
+
+__device__ __forceinline__ bool is_seq(i64 agg) { return !(agg == AGG_TOKEN_MEAN || agg == AGG_TOKEN_SUM); }
+
+// The row's weight before the shared scale (ops::agg_loss::AggPlan::row_weight):
+// 1, 1 / (L_i + 1e-8) for seq-mean-token-mean, 0 for empty rows in
+// sequence modes.
+__device__ __forceinline__ double row_weight(i64 agg, double tokens, bool mask_f64) {
+    if (!is_seq(agg)) return 1.0;
+    if (tokens <= 0.0) return 0.0;
+    if (agg == AGG_SEQ_MEAN) return 1.0 / plus_eps(tokens, mask_f64);
+    return 1.0;
+}
+
+// This thread's row in a launch of `team`-thread teams; `reverse` walks the
+// blocks backwards. Rows past the batch get no tokens.
+struct RowOf {
+    i64 i, cols;
+    int tl;
+    bool live;
+};
+__device__ __forceinline__ RowOf row_of(const LossArgs &a, bool reverse) {
+    RowOf r;
+    const int team = (int)a.team;
+    const i64 blk = reverse ? (i64)(gridDim.x - 1 - blockIdx.x) : (i64)blockIdx.x;
+    r.i = blk * (blockDim.x / team) + threadIdx.x / team;
+    r.tl = threadIdx.x & (team - 1);
+    r.live = r.i < a.rows;
+    r.cols = r.live ? a.cols : 0;
+    return r;
+}
+
+template <typename F, typename S, bool VEC>
+__device__ void loss_rows(const LossArgs &a) {
+    const int V = S::V;
+    const RowOf r = row_of(a, false);
+    const bool gspo = a.mode == MODE_GSPO || a.mode == MODE_LUSPO;
+    const bool mvec = (a.vec & VEC_MASK) != 0;
+    // L_i = sum(m); GSPO / LUSPO: sum((lp - old) * m), a plain product so a
+    // NaN anywhere in the row propagates, as in verl.
+    double v[2] = {0.0, 0.0};
+    if (!gspo && (a.vec & VEC_MASK16)) {
+        // mask only, 16 bytes a load; byte sums are exact in any order
+        const bool sgn = a.mask.dtype == DT_I8;
+        const unsigned char *row = (const unsigned char *)a.mask.ptr + r.i * a.mask.rs;
+        i64 acc = 0;
+        for (i64 t = (i64)r.tl * 16; t < r.cols; t += a.team * 16) {
+            if (t + 16 <= r.cols) {
+                const Raw16 q = *(const Raw16 *)(row + t);
+                const unsigned char *b = (const unsigned char *)&q;
+#pragma unroll
+                for (int k = 0; k < 16; ++k) acc += sgn ? (i64)(signed char)b[k] : (i64)b[k];
+            } else {
+                for (i64 k = t; k < r.cols; ++k) acc += sgn ? (i64)(signed char)row[k] : (i64)row[k];
+            }
+        }
+        v[0] = (double)acc;
+    } else {
+        // ROW_RUNS runs loaded before any is summed: more bytes in flight
+        const i64 step = a.team * V;
+        for (i64 t0 = (i64)r.tl * V; t0 < r.cols; t0 += ROW_RUNS * step) {
+            F m[ROW_RUNS][V], l[ROW_RUNS][V], o[ROW_RUNS][V];
+            int n[ROW_RUNS];
+#pragma unroll
+            for (int u = 0; u < ROW_RUNS; ++u) {
+                const i64 t = t0 + u * step;
+                n[u] = t < r.cols ? (int)min((i64)V, r.cols - t) : 0;
+                load_mask<F, V>(a.mask, r.i, t, n[u], mvec, m[u]);
+                if (gspo) {
+                    load_run<F, S, VEC>(a.lp, r.i, t, n[u], l[u]);
+                    load_run<F, S, VEC>(a.old_lp, r.i, t, n[u], o[u]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < ROW_RUNS; ++u) {
+                F sm = cvt<F>(0.0), sd = cvt<F>(0.0);
+#pragma unroll
+                for (int k = 0; k < V; ++k) {
+                    sm += m[u][k];
+                    if (gspo) sd += (l[u][k] - o[u][k]) * m[u][k];
+                }
+                v[0] += (double)sm;
+                v[1] += (double)sd;
+            }
+        }
+    }
+    team_sum<2>(v, (int)a.team);
+    if (r.live && r.tl == 0) {
+        const double tokens = v[0];
+        F sr = cvt<F>(0.0), dsr = cvt<F>(0.0);
+        if (gspo) {
+            // s_i = exp(min(sum / max(L_i, 1), 10)) and d s_i (0 where the clamp bites)
+            F log_s = cvt<F>(v[1] / fmax(tokens, 1.0));
+            bool pass;
+            F x = clampg(log_s, cvt<F>(-__longlong_as_double(0x7ff0000000000000LL)), cvt<F>(10.0), a.clamp_closed != 0, &pass);
+            sr = expg(x);
+            dsr = pass ? sr : cvt<F>(0.0);
+        }
+        double *p = a.scratch + SCRATCH_HEAD + r.i * ROW_STRIDE;
+        p[R_TOKENS] = tokens;
+        p[R_S] = (double)sr;
+        p[R_DS] = (double)dsr;
+    }
+    if (!last_block((unsigned int *)(a.scratch + SC_TICKETS))) return;
+    // The batch: N = sum L_i, G = #{L_i > 0}, in index order.
+    double t[2] = {0.0, 0.0};
+    for (i64 i = threadIdx.x; i < a.rows; i += blockDim.x) {
+        const double L = ((volatile double *)a.scratch)[SCRATCH_HEAD + i * ROW_STRIDE + R_TOKENS];
+        t[0] += L;
+        t[1] += L > 0.0 ? 1.0 : 0.0;
+    }
+    team_sum<2>(t, blockDim.x);
+    if (threadIdx.x == 0) {
+        const double n = a.batch_num_tokens > 0.0 ? a.batch_num_tokens : t[0];
+        const double g = a.global_batch_size > 0.0 ? a.global_batch_size : t[1];
+        const double lsf = a.loss_scale_factor > 0.0 ? a.loss_scale_factor : (double)a.cols;
+        double scale;
+        switch (a.agg) {
+        case AGG_TOKEN_MEAN: scale = a.dp_size / n; break;
+        case AGG_TOKEN_SUM: scale = a.dp_size; break;
+        case AGG_SEQ_SUM_NORM: scale = a.dp_size / g / lsf; break;
+        default: scale = a.dp_size / g; break;
+        }
+        if (a.factor) scale *= *a.factor;
+        a.scratch[SC_SCALE] = scale;
+        a.scratch[SC_TOKENS] = t[0];
+    }
+}
+
+// One token: loss l, dl / dlp, the log-ratio the ppo_kl metric averages,
+// and verl's clip flags (src/cpu/policy_loss.rs, token for token). MODE is
+// MODE_VANILLA, MODE_GSPO (GSPO and LUSPO: the row's s_i, ds_i) or MODE_AGG.
+template <typename F, int MODE>
+__device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F sr, F dsr, F *dloss, F *d, bool *clipped,
+                                        bool *lower) {
+    const F zero = cvt<F>(0.0), lo = cvt<F>(a.lo), hi = cvt<F>(a.hi);
+    const bool closed = a.clamp_closed != 0;
+    *lower = false;
+    if (MODE == MODE_AGG) {
+        *dloss = cvt<F>(1.0);
+        *d = zero;
+        *clipped = false;
+        return lp;
+    }
+    if (MODE == MODE_VANILLA) {
+        bool pass;
+        *d = clampg(lp - old, cvt<F>(-20.0), cvt<F>(20.0), closed, &pass);
+        F r = expg(*d);
+        F dl1;
+        F l1 = clipped_surrogate(A, r, pass ? r : zero, lo, hi, closed, &dl1, clipped);
+        F pl3 = -A * cvt<F>(a.c);
+        const bool neg = A < zero;
+        *lower = l1 > pl3 && neg;
+        F dl2;
+        F l2 = minimumg(pl3, zero, l1, dl1, &dl2);
+        *dloss = neg ? dl2 : dl1;
+        return neg ? l2 : l1;
+    }
+    // lp - sg(lp) is 0 for finite lp and NaN otherwise, as in torch.
+    F z = lp - lp;
+    F r = z == zero ? sr : nan_of<F>(), dr = z == zero ? dsr : nan_of<F>();
+    *d = lp - old;
+    return clipped_surrogate(A, r, dr, lo, hi, closed, dloss, clipped);
+}
+
+// Runs each thread of the token pass loads before computing any.
+#ifndef TOKEN_RUNS
+#define TOKEN_RUNS 1
+#endif
+
+template <typename F, typename S, bool VEC, int MODE>
+__device__ void loss_tokens(const LossArgs &a) {
+    const int V = S::V, U = TOKEN_RUNS;
+    const RowOf r = row_of(a, true);
+    const bool seq_mode = is_seq(a.agg), mask_f64 = a.mask.dtype == DT_F64;
+    const bool mvec = (a.vec & VEC_MASK) != 0, weighted = a.w.ptr != 0;
+    const double scale = a.scratch[SC_SCALE];
+    const double *p = a.scratch + SCRATCH_HEAD + (r.live ? r.i : 0) * ROW_STRIDE;
+    const double tokens = r.live ? p[R_TOKENS] : 0.0;
+    const double rw = row_weight(a.agg, tokens, mask_f64);
+    const F coef = cvt<F>(rw == 0.0 ? 0.0 : scale * rw), zero = cvt<F>(0.0), one = cvt<F>(1.0);
+    const F sr = cvt<F>(r.live ? p[R_S] : 0.0), dsr = cvt<F>(r.live ? p[R_DS] : 0.0);
+    const i64 step = a.team * V;
+    double s[4] = {0.0, 0.0, 0.0, 0.0};  // sum m w l, sum m d, clipped, lower
+    for (i64 t0 = (i64)r.tl * V; t0 < r.cols; t0 += U * step) {
+        F o[U][V], l[U][V], A[U][V], m[U][V], w[U][V];
+        int n[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const i64 t = t0 + u * step;
+            n[u] = t < r.cols ? (int)min((i64)V, r.cols - t) : 0;
+            if (MODE != MODE_AGG) {
+                load_run<F, S, VEC>(a.old_lp, r.i, t, n[u], o[u]);
+                load_run<F, S, VEC>(a.adv, r.i, t, n[u], A[u]);
+            }
+            load_run<F, S, VEC>(a.lp, r.i, t, n[u], l[u]);
+            load_mask<F, V>(a.mask, r.i, t, n[u], mvec, m[u]);
+            if (weighted) load_run<F, S, VEC>(a.w, r.i, t, n[u], w[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (n[u] == 0) break;
+            F g[V];
+            F sl = zero, sd = zero, sc = zero, slo = zero;
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                F dl, d;
+                bool clipped, lower;
+                const F ok = MODE == MODE_AGG ? zero : o[u][k], ak = MODE == MODE_AGG ? zero : A[u][k];
+                F loss = token_loss<F, MODE>(a, ok, l[u][k], ak, sr, dsr, &dl, &d, &clipped, &lower);
+                const F wk = weighted ? w[u][k] : one;
+                const bool in = k < n[u], keep = in && m[u][k] != zero;
+                sl += (keep || (in && seq_mode)) ? loss * wk * m[u][k] : zero;
+                sd += keep ? d * m[u][k] : zero;
+                sc += keep && clipped ? m[u][k] : zero;
+                slo += keep && lower ? m[u][k] : zero;
+                g[k] = keep ? coef * m[u][k] * (dl * wk) : zero;
+            }
+            store_run<F, S, VEC>(a.grad, r.i, t0 + u * step, n[u], g);
+            s[0] += (double)sl;
+            s[1] += (double)sd;
+            s[2] += (double)sc;
+            s[3] += (double)slo;
+        }
+    }
+    team_sum<4>(s, (int)a.team);
+    if (r.live && r.tl == 0) {
+        double *q = a.scratch + SCRATCH_HEAD + r.i * ROW_STRIDE;
+        // the row's share of the loss before the scale; sequence modes drop
+        // empty rows even when their sum is NaN (AggPlan::row_contribution)
+        q[R_LOSS] = (seq_mode && tokens <= 0.0) ? 0.0 : rw * s[0];
+        q[R_CLIPPED] = s[2];
+        q[R_KL] = -s[1];
+        q[R_LOWER] = s[3];
+    }
+    if (!last_block((unsigned int *)(a.scratch + SC_TICKETS) + 1)) return;
+    double b[4] = {0.0, 0.0, 0.0, 0.0};
+    for (i64 i = threadIdx.x; i < a.rows; i += blockDim.x) {
+        const volatile double *q = (volatile double *)a.scratch + SCRATCH_HEAD + i * ROW_STRIDE;
+        b[0] += q[R_LOSS];
+        b[1] += q[R_CLIPPED];
+        b[2] += q[R_KL];
+        b[3] += q[R_LOWER];
+    }
+    team_sum<4>(b, blockDim.x);
+    if (threadIdx.x == 0) {
+        // scale last keeps verl's 0 / 0 = NaN when every row is empty
+        const double loss = scale * b[0];
+        switch (a.loss.dtype) {
+        case DT_F64: *(double *)a.loss.ptr = loss; break;
+        case DT_F32: *(float *)a.loss.ptr = (float)loss; break;
+        // as torch's double -> 16-bit cast: through float
+        case DT_BF16: *(unsigned short *)a.loss.ptr = f32_to_bf16((float)loss); break;
+        default: *(unsigned short *)a.loss.ptr = f32_to_f16((float)loss); break;
+        }
+        if (a.metrics) {
+            const double denom = plus_eps(a.scratch[SC_TOKENS], mask_f64);  // verl's masked_mean
+            a.metrics[0] = b[1] / denom;
+            a.metrics[1] = b[2] / denom;
+            a.metrics[2] = b[3] / denom;
+        }
+    }
+}
+
+// Blocks per multiprocessor the loss kernels are compiled for (registers
+// per thread <= 64K / (blocks * MAX_THREADS)).
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 2
+#endif
+
+#define LOSS_KERNELS(suffix, F, S, VEC)                                                                                \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS) loss_rows_##suffix(LossArgs a) {             \
+        loss_rows<F, S, VEC>(a);                                                                                       \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS)                                              \
+        loss_tokens_##suffix##_vanilla(LossArgs a) {                                                                   \
+        loss_tokens<F, S, VEC, MODE_VANILLA>(a);                                                                       \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS)                                              \
+        loss_tokens_##suffix##_seq(LossArgs a) {                                                                       \
+        loss_tokens<F, S, VEC, MODE_GSPO>(a);                                                                          \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS)                                              \
+        loss_tokens_##suffix##_agg(LossArgs a) {                                                                       \
+        loss_tokens<F, S, VEC, MODE_AGG>(a);                                                                           \
+    }
+LOSS_KERNELS(f32, float, SF32, true)
+LOSS_KERNELS(bf16, float, SBF16, true)
+LOSS_KERNELS(f16, float, SF16, true)
+LOSS_KERNELS(f64, double, SF64, true)
+LOSS_KERNELS(any32, float, SF32, false)
+LOSS_KERNELS(any64, double, SF64, false)
+
+// ---- backward: grad *= grad_output, in place ----
+//
+// `grad` is the loss kernels' final gradient (contiguous, 16-byte aligned,
+// as torch allocates it); with grad_output == 1 (loss.backward()) every
+// block returns at once and the buffer is not touched.
+
+struct ScaleArgs {
+    ViewMut grad;                   // viewed as (1, n)
+    View grad_output;               // 0-d, any float dtype
+    i64 n;
+};
+
+template <typename S>
+__device__ void scale_runs(const ScaleArgs &a, double go) {
+    const int V = S::V;
+    const i64 runs = a.n / V, stride = (i64)gridDim.x * blockDim.x;
+    typedef typename S::raw R;
+    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < runs; j += stride) {
+        typedef typename RunOf<S>::type Run;
+        Run *p = (Run *)((R *)a.grad.ptr + j * V);
+        Run r = *p;
+        R *e = (R *)&r;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const double x = (double)S::get(e[k]) * go;  // exact product, one rounding
+            if (sizeof(R) == 8) ((double *)e)[k] = x;
+            else if (sizeof(R) == 4) ((float *)e)[k] = (float)x;
+            else if (a.grad.dtype == DT_BF16) ((unsigned short *)e)[k] = f64_to_bf16(x);
+            else ((unsigned short *)e)[k] = f64_to_f16(x);
+        }
+        *p = r;
+    }
+    const View g = {a.grad.ptr, a.grad.rs, a.grad.cs, a.grad.dtype};
+    for (i64 t = runs * V + (i64)blockIdx.x * blockDim.x + threadIdx.x; t < a.n; t += stride)
+        store<double>(a.grad, 0, t, load<double>(g, 0, t) * go);
+}
+
+extern "C" __global__ void scale_grad(ScaleArgs a) {
+    const double go = load<double>(a.grad_output, 0, 0);
+    if (go == 1.0) return;
+    switch (a.grad.dtype) {
+    case DT_F64: scale_runs<SF64>(a, go); break;
+    case DT_F32: scale_runs<SF32>(a, go); break;
+    case DT_BF16: scale_runs<SBF16>(a, go); break;
+    default: scale_runs<SF16>(a, go); break;
+    }
+}
+

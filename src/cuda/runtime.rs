@@ -1,0 +1,470 @@
+//! The CUDA runtime the ops' launchers share: the driver and NVRTC
+//! (opened with `dlopen`, see [`super::sys`]), compiling the kernel sources
+//! for each device's architecture with a cubin cache on disk, the per-device
+//! context and loaded kernels, strided views as the kernels take them, and
+//! launching on the caller's stream.
+
+use super::sys::{self, CUcontext, CUfunction, Driver, Nvrtc};
+use crate::error::Error;
+use crate::ops::abi;
+use crate::tensor::{DType, Device, Mat, MatMut, Tensor};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+const LOSS: &str = include_str!("kernels/loss.cu");
+const KL_PENALTY: &str = include_str!("kernels/kl_penalty.cu");
+const ADVANTAGE: &str = include_str!("kernels/advantage.cu");
+
+/// A CUDA-side failure.
+#[derive(Debug)]
+pub enum CudaError {
+    /// A bad argument (wrong device, shape, dtype of a buffer).
+    Arg(Error),
+    /// No driver / NVRTC, unsupported architecture, compile or launch failure.
+    Runtime(String),
+}
+
+impl From<Error> for CudaError {
+    fn from(e: Error) -> Self {
+        CudaError::Arg(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, CudaError>;
+
+pub fn rt<T>(r: std::result::Result<T, String>) -> Result<T> {
+    r.map_err(CudaError::Runtime)
+}
+
+// ---------------------------------------------------------------- libraries
+
+static NVRTC_HINTS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static NVRTC: Mutex<Option<Arc<Nvrtc>>> = Mutex::new(None);
+static DRIVER: OnceLock<std::result::Result<Arc<Driver>, String>> = OnceLock::new();
+
+/// Directories to search for NVRTC before the system paths (the Python layer
+/// passes PyTorch's `site-packages/nvidia/*/lib`).
+pub fn set_nvrtc_hints(dirs: Vec<PathBuf>) {
+    *NVRTC_HINTS.lock().unwrap() = dirs;
+}
+
+/// The loaded NVRTC, loading it on first use (a failure is not cached, so a
+/// later call can succeed after the search path changes).
+pub fn nvrtc() -> std::result::Result<Arc<Nvrtc>, String> {
+    let mut g = NVRTC.lock().unwrap();
+    if let Some(n) = g.as_ref() {
+        return Ok(n.clone());
+    }
+    let hints = NVRTC_HINTS.lock().unwrap().clone();
+    let n = Arc::new(Nvrtc::load(&hints)?);
+    *g = Some(n.clone());
+    Ok(n)
+}
+
+pub fn driver() -> Result<Arc<Driver>> {
+    let d = DRIVER.get_or_init(|| {
+        let d = Driver::load()?;
+        // SAFETY: cuInit(0) is the documented first call.
+        d.check("cuInit", unsafe { (d.cuInit)(0) })?;
+        Ok(Arc::new(d))
+    });
+    rt(d.clone())
+}
+
+// ---------------------------------------------------------------- compile
+
+/// What NVRTC should produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// PTX for the virtual architecture `compute_XY`.
+    Ptx,
+    /// SASS (a cubin) for the real architecture `sm_XY`.
+    Cubin,
+}
+
+/// The kernel sources as one translation unit: the shared constants
+/// ([`abi::prelude`]), `common.cuh`, then one source per op.
+pub fn source() -> String {
+    [abi::prelude().as_str(), COMMON, LOSS, KL_PENALTY, ADVANTAGE].concat()
+}
+
+/// [`source`] after the `#define`s of `LUSPO_RS_CUDA_DEFINES` (e.g.
+/// "TOKEN_RUNS=2 MIN_BLOCKS=1"): the kernels' compile-time tuning knobs,
+/// for benchmarking variants without a rebuild.
+fn full_source() -> String {
+    let defines: String = std::env::var("LUSPO_RS_CUDA_DEFINES")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|d| format!("#define {}\n", d.replacen('=', " ", 1)))
+        .collect();
+    format!("{defines}{}", source())
+}
+
+/// Where compiled kernels are kept between processes: `LUSPO_RS_CACHE_DIR`
+/// (empty: no cache), else `$XDG_CACHE_HOME/luspo_rs`, else `~/.cache/luspo_rs`.
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("LUSPO_RS_CACHE_DIR") {
+        return (!d.is_empty()).then(|| PathBuf::from(d));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("luspo_rs"))
+}
+
+/// The cubin for `sm_{major}{minor}`: read from the cache when a process
+/// compiled the same source with the same NVRTC before (NVRTC takes
+/// seconds, a read milliseconds), else compiled and written there (by a
+/// rename, so a reader never sees half a file). A cache that cannot be read
+/// or written is skipped.
+fn cubin(nvrtc: &Nvrtc, major: i32, minor: i32) -> std::result::Result<Vec<u8>, String> {
+    use std::hash::{Hash, Hasher};
+    let src = full_source();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (src.as_str(), nvrtc.version(), major, minor, env!("CARGO_PKG_VERSION")).hash(&mut h);
+    let path = cache_dir().map(|d| d.join(format!("kernels-sm_{major}{minor}-{:016x}.cubin", h.finish())));
+    if let Some(img) = path.as_ref().and_then(|p| std::fs::read(p).ok()).filter(|b| b.starts_with(b"\x7fELF")) {
+        return Ok(img);
+    }
+    let img = compile(nvrtc, major, minor, Target::Cubin)?;
+    if let Some(p) = path {
+        let tmp = p.with_extension(format!("{}.tmp", std::process::id()));
+        let written = p.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) && std::fs::write(&tmp, &img).is_ok();
+        if !(written && std::fs::rename(&tmp, &p).is_ok()) {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(img)
+}
+
+/// Compiles [`full_source`] for compute capability `major.minor`. A rejected
+/// architecture and any compile error come back with NVRTC's log.
+pub fn compile(nvrtc: &Nvrtc, major: i32, minor: i32, target: Target) -> std::result::Result<Vec<u8>, String> {
+    let arch = match target {
+        Target::Ptx => format!("--gpu-architecture=compute_{major}{minor}"),
+        Target::Cubin => format!("--gpu-architecture=sm_{major}{minor}"),
+    };
+    // No fused multiply-add contraction: closer to the CPU reference, and
+    // the kernels are memory-bound anyway.
+    let opts: Vec<CString> = [arch.as_str(), "--fmad=false", "--std=c++14"]
+        .iter()
+        .map(|s| CString::new(*s).unwrap())
+        .collect();
+    let opt_ptrs: Vec<*const std::ffi::c_char> = opts.iter().map(|s| s.as_ptr()).collect();
+    let src = CString::new(full_source()).map_err(|e| e.to_string())?;
+    let name = CString::new("kernels.cu").unwrap();
+    let mut prog: sys::NvrtcProgram = std::ptr::null_mut();
+    // SAFETY: NVRTC calls with valid C strings and out-parameters; the
+    // program is destroyed on every path below.
+    unsafe {
+        nvrtc.check(
+            "nvrtcCreateProgram",
+            (nvrtc.nvrtcCreateProgram)(&mut prog, src.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null()),
+        )?;
+        let r = (nvrtc.nvrtcCompileProgram)(prog, opt_ptrs.len() as i32, opt_ptrs.as_ptr());
+        let result = if r != 0 {
+            let mut n = 0usize;
+            (nvrtc.nvrtcGetProgramLogSize)(prog, &mut n);
+            let mut log = vec![0u8; n.max(1)];
+            (nvrtc.nvrtcGetProgramLog)(prog, log.as_mut_ptr() as *mut _);
+            let log = String::from_utf8_lossy(&log).trim_end_matches('\0').trim().to_string();
+            let (ma, mi) = nvrtc.version();
+            Err(format!(
+                "NVRTC {ma}.{mi} ({}) could not compile the luspo_rs kernels with {arch}: {}{}",
+                nvrtc.path.display(),
+                nvrtc.check("nvrtcCompileProgram", r).unwrap_err(),
+                if log.is_empty() { String::new() } else { format!("\n{log}") }
+            ))
+        } else {
+            let (size_fn, get_fn, what) = match target {
+                Target::Ptx => (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX, "nvrtcGetPTX"),
+                Target::Cubin => (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, "nvrtcGetCUBIN"),
+            };
+            let mut n = 0usize;
+            match nvrtc.check(what, size_fn(prog, &mut n)) {
+                Ok(()) => {
+                    let mut buf = vec![0u8; n];
+                    nvrtc.check(what, get_fn(prog, buf.as_mut_ptr() as *mut _)).map(|_| buf)
+                }
+                Err(e) => Err(e),
+            }
+        };
+        (nvrtc.nvrtcDestroyProgram)(&mut prog);
+        result
+    }
+}
+
+// ---------------------------------------------------------------- devices
+
+/// A device's primary context (the one PyTorch uses) and the loaded kernels.
+pub struct DeviceState {
+    pub ctx: CUcontext,
+    pub loss: super::loss::Kernels,
+    pub kl_penalty: super::kl_penalty::Kernels,
+    pub advantage: super::advantage::Kernels,
+}
+
+// SAFETY: context and function handles are process-wide driver objects,
+// usable from any thread once the context is made current.
+unsafe impl Send for DeviceState {}
+unsafe impl Sync for DeviceState {}
+
+static DEVICES: Mutex<Option<HashMap<i32, Arc<DeviceState>>>> = Mutex::new(None);
+
+/// Makes `ctx` current for the scope.
+pub struct CtxGuard<'a>(&'a Driver);
+
+impl<'a> CtxGuard<'a> {
+    pub fn push(d: &'a Driver, ctx: CUcontext) -> Result<Self> {
+        // SAFETY: a retained primary context.
+        rt(d.check("cuCtxPushCurrent", unsafe { (d.cuCtxPushCurrent_v2)(ctx) }))?;
+        Ok(CtxGuard(d))
+    }
+}
+
+impl Drop for CtxGuard<'_> {
+    fn drop(&mut self) {
+        let mut c: CUcontext = std::ptr::null_mut();
+        // SAFETY: pops the context pushed by `push`.
+        unsafe { (self.0.cuCtxPopCurrent_v2)(&mut c) };
+    }
+}
+
+/// The compiled kernels for device `ordinal`, compiling them on first use.
+fn device(d: &Driver, ordinal: i32) -> Result<Arc<DeviceState>> {
+    let mut g = DEVICES.lock().unwrap();
+    let map = g.get_or_insert_with(HashMap::new);
+    if let Some(s) = map.get(&ordinal) {
+        return Ok(s.clone());
+    }
+    // SAFETY: driver calls with valid out-parameters; the context is
+    // retained for the life of the process (it is PyTorch's as well).
+    let state = unsafe {
+        let mut count = 0;
+        rt(d.check("cuDeviceGetCount", (d.cuDeviceGetCount)(&mut count)))?;
+        if ordinal < 0 || ordinal >= count {
+            return Err(CudaError::Runtime(format!("cuda:{ordinal} does not exist ({count} CUDA devices visible)")));
+        }
+        let mut dev = 0;
+        rt(d.check("cuDeviceGet", (d.cuDeviceGet)(&mut dev, ordinal)))?;
+        let (mut major, mut minor) = (0, 0);
+        rt(d.check(
+            "cuDeviceGetAttribute",
+            (d.cuDeviceGetAttribute)(&mut major, sys::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+        ))?;
+        rt(d.check(
+            "cuDeviceGetAttribute",
+            (d.cuDeviceGetAttribute)(&mut minor, sys::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+        ))?;
+        if major < 7 {
+            return Err(CudaError::Runtime(format!(
+                "cuda:{ordinal} has compute capability {major}.{minor}; luspo_rs needs 7.0 or newer"
+            )));
+        }
+        let nv = rt(nvrtc())?;
+        let image = rt(cubin(&nv, major, minor).map_err(|e| {
+            format!("cuda:{ordinal} (sm_{major}{minor}) is not supported by this NVRTC, or the kernels failed to compile: {e}")
+        }))?;
+        let mut ctx: CUcontext = std::ptr::null_mut();
+        rt(d.check("cuDevicePrimaryCtxRetain", (d.cuDevicePrimaryCtxRetain)(&mut ctx, dev)))?;
+        let _g = CtxGuard::push(d, ctx)?;
+        let mut module: sys::CUmodule = std::ptr::null_mut();
+        rt(d.check("cuModuleLoadData", (d.cuModuleLoadData)(&mut module, image.as_ptr() as *const c_void)))?;
+        let get = |name: &str| -> Result<CUfunction> {
+            let mut f: CUfunction = std::ptr::null_mut();
+            let c = CString::new(name).unwrap();
+            rt(d.check("cuModuleGetFunction", (d.cuModuleGetFunction)(&mut f, module, c.as_ptr())))?;
+            Ok(f)
+        };
+        DeviceState {
+            ctx,
+            loss: super::loss::Kernels::load(&get)?,
+            kl_penalty: super::kl_penalty::Kernels::load(&get)?,
+            advantage: super::advantage::Kernels::load(&get)?,
+        }
+    };
+    let s = Arc::new(state);
+    map.insert(ordinal, s.clone());
+    Ok(s)
+}
+
+// ---------------------------------------------------------------- launch
+
+/// A strided view as the kernels take it (`View` / `ViewMut` in kernels/common.cuh).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct View {
+    pub ptr: *const u8,
+    pub rs: i64,
+    pub cs: i64,
+    pub dtype: i64,
+}
+
+pub fn dtype_code(d: DType) -> i64 {
+    match d {
+        DType::F64 => abi::DT_F64,
+        DType::F32 => abi::DT_F32,
+        DType::BF16 => abi::DT_BF16,
+        DType::F16 => abi::DT_F16,
+        DType::Bool | DType::U8 => abi::DT_U8,
+        DType::I8 => abi::DT_I8,
+        DType::I16 => abi::DT_I16,
+        DType::I32 => abi::DT_I32,
+        DType::I64 => abi::DT_I64,
+    }
+}
+
+pub fn view(m: &Mat) -> View {
+    let cs = if m.is_per_row() { 0 } else { m.tensor.strides[1] as i64 };
+    View { ptr: m.tensor.ptr, rs: m.tensor.strides[0] as i64, cs, dtype: dtype_code(m.tensor.dtype) }
+}
+
+pub fn view_mut(m: &MatMut) -> View {
+    View { ptr: m.tensor.ptr, rs: m.tensor.strides[0] as i64, cs: m.tensor.strides[1] as i64, dtype: dtype_code(m.tensor.dtype) }
+}
+
+pub const NO_VIEW: View = View { ptr: std::ptr::null(), rs: 0, cs: 0, dtype: 1 };
+
+/// Threads per row block: a power of two, about 8 elements per thread,
+/// between 64 and 512. Depends on `cols` only, so the reduction order (and
+/// so every bit of the result) is the same run after run.
+pub fn threads_per_row(cols: usize) -> u32 {
+    (cols.div_ceil(8)).next_power_of_two().clamp(64, 512) as u32
+}
+
+/// Whether `d` is a contiguous tensor (size-1 dimensions may have any stride).
+pub fn is_contiguous(d: &Tensor) -> bool {
+    let mut expect = 1isize;
+    for k in (0..d.shape.len()).rev() {
+        if d.shape[k] > 1 && d.strides[k] != expect {
+            return false;
+        }
+        expect *= d.shape[k] as isize;
+    }
+    true
+}
+
+/// Checks a caller-allocated float64 buffer: at least `need` elements,
+/// contiguous, writable, on `device`.
+pub fn check_f64(device: Device, d: &Tensor, need: usize) -> Result<()> {
+    if d.device != device {
+        return Err(Error::value_error(d.arg, format!("is on {} but the inputs are on {device}", d.device)).into());
+    }
+    let n: usize = d.shape.iter().product();
+    if d.dtype != DType::F64 || n < need || d.read_only || !is_contiguous(d) {
+        return Err(Error::value_error(
+            d.arg,
+            format!("expected a writable contiguous float64 tensor with at least {need} elements"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+pub fn ordinal(device: Device) -> Result<i32> {
+    match device {
+        Device::Cuda(i) => Ok(i),
+        Device::Cpu => Err(CudaError::Runtime("internal: CPU tensors reached the CUDA backend".into())),
+    }
+}
+
+/// # Safety
+/// `args` must point at the argument struct `f` takes; every pointer in it
+/// must stay valid until the stream reaches the kernel.
+pub unsafe fn launch(d: &Driver, f: CUfunction, grid: u32, block: u32, stream: usize, args: *mut c_void) -> Result<()> {
+    let mut params = [args];
+    rt(d.check(
+        "cuLaunchKernel",
+        (d.cuLaunchKernel)(f, grid, 1, 1, block, 1, 1, 0, stream as sys::CUstream, params.as_mut_ptr(), std::ptr::null_mut()),
+    ))
+}
+
+pub fn device_state(d: &Driver, dev: Device) -> Result<Arc<DeviceState>> {
+    device(d, ordinal(dev)?)
+}
+
+pub fn grid(rows: usize) -> Result<u32> {
+    u32::try_from(rows)
+        .ok()
+        .filter(|&r| r < (1u32 << 31))
+        .ok_or_else(|| CudaError::Runtime(format!("batch of {rows} rows exceeds the CUDA grid limit")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_sizes_are_powers_of_two_in_range() {
+        for cols in [1, 7, 64, 513, 4096, 16384, 1 << 20] {
+            let t = threads_per_row(cols);
+            assert!(t.is_power_of_two() && (64..=512).contains(&t), "{cols} -> {t}");
+        }
+    }
+
+    #[test]
+    fn kernel_sources_define_no_shared_constant() {
+        for src in [COMMON, LOSS, KL_PENALTY, ADVANTAGE] {
+            for (_, items) in abi::ALL {
+                for (name, _) in *items {
+                    assert!(!src.contains(&format!("{name} =")), "{name} is defined in a kernel source, not only in ops/abi.rs");
+                    assert!(!src.contains(&format!("#define {name} ")), "{name} is #defined in a kernel source");
+                }
+            }
+        }
+    }
+
+    /// Every entry point the launchers load.
+    fn kernel_names() -> Vec<String> {
+        let mut names = super::super::loss::Kernels::names();
+        names.extend(super::super::kl_penalty::Kernels::NAMES.iter().map(|s| s.to_string()));
+        names.extend(super::super::advantage::Kernels::NAMES.iter().map(|s| s.to_string()));
+        names
+    }
+    /// Compiles the kernels to PTX for sm_80 and sm_90 when an NVRTC is
+    /// found (`LUSPO_RS_NVRTC`, CUDA_HOME, system paths, or the venv's
+    /// PyTorch wheels next to this checkout); skipped with a message if none.
+    #[test]
+    fn kernels_compile_with_nvrtc_when_present() {
+        let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+        let mut hints = Vec::new();
+        if let Ok(pys) = std::fs::read_dir(&venv) {
+            for py in pys.flatten() {
+                if let Ok(nv) = std::fs::read_dir(py.path().join("site-packages/nvidia")) {
+                    hints.extend(nv.flatten().map(|e| e.path().join("lib")));
+                }
+            }
+        }
+        set_nvrtc_hints(hints);
+        let nv = match nvrtc() {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        // the cubin cache: written on the first call, read on the second,
+        // and a damaged entry is compiled again
+        let dir = std::env::temp_dir().join(format!("luspo_rs_cache_test_{}", std::process::id()));
+        std::env::set_var("LUSPO_RS_CACHE_DIR", &dir);
+        let first = cubin(&nv, 9, 0).unwrap();
+        let entries: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert_eq!(std::fs::read(&entries[0]).unwrap(), first);
+        assert_eq!(cubin(&nv, 9, 0).unwrap(), first);
+        std::fs::write(&entries[0], b"not a cubin").unwrap();
+        assert!(cubin(&nv, 9, 0).unwrap().starts_with(b"\x7fELF"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        for (ma, mi) in [(8, 0), (9, 0)] {
+            let ptx = compile(&nv, ma, mi, Target::Ptx).unwrap();
+            let ptx = String::from_utf8_lossy(&ptx);
+            for k in kernel_names() {
+                assert!(ptx.contains(&format!(".entry {k}(")), "sm_{ma}{mi}: {k} missing from PTX");
+            }
+            assert!(!compile(&nv, ma, mi, Target::Cubin).unwrap().is_empty());
+        }
+    }
+}
