@@ -3,7 +3,10 @@ Makefile) and synthetic rollout batches."""
 
 from __future__ import annotations
 
+import ast
+import typing
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +98,35 @@ def stable_seed(*parts) -> int:
     """A seed from test parameters that is the same in every process
     (``hash()`` of strings is salted per interpreter, so it is not)."""
     return zlib.crc32(repr(parts).encode())
+
+
+def stub_literal(name: str) -> tuple[str, ...]:
+    """The strings of ``name = Literal[...]`` in the native module's stubs
+    (``luspo_rs/_core.pyi``, next to the module that is imported)."""
+    import luspo_rs
+
+    tree = ast.parse(Path(luspo_rs.__file__).with_name("_core.pyi").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == [name]:
+            return tuple(ast.literal_eval(e) for e in node.value.slice.elts)
+    raise AssertionError(f"_core.pyi has no {name} = Literal[...]")
+
+
+def check_public_op(op: str, modes_alias: str, modes) -> None:
+    """``luspo_rs.<op>`` is the public function of module ``luspo_rs.<op>``
+    (not shadowed by the submodule once everything is imported), and its
+    mode literal lists ``modes``, as the native stubs do."""
+    import importlib
+    import sys
+
+    import luspo_rs
+    import luspo_rs.core_algos  # noqa: F401  (its imports must leave the public names alone)
+    import luspo_rs.functional  # noqa: F401
+
+    fn = getattr(luspo_rs, op)
+    assert callable(fn) and fn.__module__ == f"luspo_rs.{op}" and op in luspo_rs.__all__
+    module = sys.modules[f"luspo_rs.{op}"]
+    assert importlib.import_module(f"luspo_rs.{op}") is module and getattr(module, op) is fn
+    alias = getattr(module, modes_alias)
+    assert tuple(typing.get_args(alias)) == stub_literal(modes_alias)
+    assert sorted(typing.get_args(alias)) == sorted(modes)

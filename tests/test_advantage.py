@@ -1,5 +1,6 @@
-"""Parity of luspo-rs's group advantage estimators with verl 0.9.1's own
-functions (imported from the installed verl), over random batches.
+"""Parity of luspo-rs's group advantage estimators (``luspo_rs.advantage``
+and the ``luspo_rs.core_algos`` drop-ins over it) with verl 0.9.1's own
+functions (imported from the installed verl), over random batches; bad input.
 
 Tolerances: float32 inputs 1e-5 abs + 1e-5 rel (verl accumulates in float32,
 we in float64), float64 inputs 1e-10 abs + 1e-10 rel (grpo_vectorized: the
@@ -8,15 +9,18 @@ float32 tolerance, see ``float64_tol``).
 
 from __future__ import annotations
 
+import typing
 import uuid
 
 import numpy as np
 import pytest
 import torch
-from conftest import stable_seed
+from conftest import check_public_op, stable_seed
 from verl.trainer.ppo import core_algos as verl_ca
 
+import luspo_rs
 from luspo_rs import core_algos as ours
+from luspo_rs.advantage import Estimator
 
 ESTIMATORS = {
     "grpo": "compute_grpo_outcome_advantage",
@@ -200,3 +204,82 @@ def test_bad_input_names_the_argument():
         unhashable[i] = [i]
     with pytest.raises(TypeError, match="index"):
         ours.compute_grpo_outcome_advantage(r, m, unhashable)
+
+
+def test_estimators_on_index_with_numpy_ints_and_many_groups():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(64, 8, generator=g)
+    mask = torch.ones(64, 8)
+    index = np.repeat(np.arange(32) * 1_000_003, 2)  # large labels: hashed path
+    want, _ = verl_ca.compute_grpo_outcome_advantage(rewards.clone(), mask, index)
+    got, _ = ours.compute_grpo_outcome_advantage(rewards.clone(), mask, index)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_public_advantage_matches_verl(name):
+    """``luspo_rs.advantage(..., estimator)`` is verl's estimator, and the
+    drop-in's bits."""
+    rng = np.random.default_rng(stable_seed("public", name))
+    rewards, mask, index = make_batch(group_layout("mixed", rng), "uid", rng, mask_dtype=torch.bool)
+    want, _ = getattr(verl_ca, ESTIMATORS[name])(token_level_rewards=rewards.clone(), response_mask=mask, index=index)
+    got = luspo_rs.advantage(rewards, mask, index, name)
+    assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    drop_in, _ = getattr(ours, ESTIMATORS[name])(token_level_rewards=rewards, response_mask=mask, index=index)
+    assert torch.equal(got, drop_in)
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("grpo", dict(norm_adv_by_std_in_grpo=False)),
+        ("grpo", dict(epsilon=1e-2)),
+        ("grpo_vectorized", dict(norm_adv_by_std_in_grpo=False, epsilon=1e-2)),
+        ("gpg", dict(f_norm=2.5)),
+    ],
+    ids=["dr_grpo", "grpo_epsilon", "grpo_vectorized", "gpg_f_norm"],
+)
+def test_public_advantage_parameters_match_verl(name, kw):
+    rng = np.random.default_rng(4)
+    rewards, mask, index = make_batch(group_layout("mixed", rng), "int", rng)
+    want, _ = getattr(verl_ca, ESTIMATORS[name])(rewards.clone(), mask, index, **kw)
+    got = luspo_rs.advantage(rewards, mask, index, name, **kw)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_public_advantage_defaults_to_grpo_and_reads_only_its_parameters():
+    rng = np.random.default_rng(6)
+    rewards, mask, index = make_batch(group_layout("2", rng), "uid", rng)
+    grpo = luspo_rs.advantage(rewards, mask, index)
+    assert torch.equal(grpo, luspo_rs.advantage(rewards, mask, index, "grpo", f_norm=7.0))
+    rloo = luspo_rs.advantage(rewards, mask, index, "rloo")
+    ignored = dict(epsilon=0.5, norm_adv_by_std_in_grpo=False)
+    assert torch.equal(rloo, luspo_rs.advantage(rewards, mask, index, "rloo", **ignored))
+
+
+def test_public_advantage_bad_input_names_the_argument():
+    r, m = torch.zeros(4, 3), torch.ones(4, 3)
+    idx = np.array(["a", "a", "b", "b"], dtype=object)
+    with pytest.raises(ValueError, match="^estimator: unknown advantage estimator"):
+        luspo_rs.advantage(r, m, idx, "ppo")
+    with pytest.raises(TypeError, match="^estimator: expected a string"):
+        luspo_rs.advantage(r, m, idx, None)
+    with pytest.raises(ValueError, match="^index: the grpo estimator needs the group labels"):
+        luspo_rs.advantage(r, m, None)
+    with pytest.raises(TypeError, match="^epsilon: expected a number"):
+        luspo_rs.advantage(r, m, idx, epsilon="small")
+    with pytest.raises(ValueError, match="epsilon"):
+        luspo_rs.advantage(r, m, idx, epsilon=float("nan"))
+    with pytest.raises(TypeError, match="^response_mask: expected a torch.Tensor"):
+        luspo_rs.advantage(r, m.numpy(), idx)
+    with pytest.raises(ValueError, match="index"):
+        luspo_rs.advantage(r, m, idx[:3], "opo")
+
+
+def test_public_function_and_its_modes():
+    check_public_op("advantage", "Estimator", ESTIMATORS)
+    assert list(ours.ESTIMATORS) == list(typing.get_args(Estimator))
+    for name, fn in ours.ESTIMATORS.items():
+        assert fn is getattr(ours, ESTIMATORS[name]) and fn.__name__ == ESTIMATORS[name]
+        assert fn.__module__ == "luspo_rs.core_algos" and fn.__doc__

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import AGG_MODES, assert_close, verl_core_algos
+from conftest import AGG_MODES, assert_close, check_public_op, verl_core_algos
 
 import luspo_rs
 
@@ -62,3 +62,7 @@ def test_agg_loss_bad_input_names_the_argument():
         luspo_rs.agg_loss(loss_mat.long(), mask, "token-mean")
     with pytest.raises(ValueError, match="loss_mat: empty"):
         luspo_rs.agg_loss(torch.zeros(0, 4), torch.zeros(0, 4), "token-mean")
+
+
+def test_public_function_and_its_modes():
+    check_public_op("agg_loss", "AggMode", AGG_MODES)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import AGG_MODES, MODES, make_batch, stable_seed, verl_reference
-from test_advantage_parity import ESTIMATORS, group_layout
-from test_advantage_parity import make_batch as make_adv_batch
-from test_kl_parity import MODES as KL_MODES
-from test_kl_parity import inputs as kl_inputs
+from test_advantage import ESTIMATORS, group_layout
+from test_advantage import make_batch as make_adv_batch
+from test_kl_penalty import MODES as KL_MODES
+from test_kl_penalty import inputs as kl_inputs
 from verl.trainer.ppo import core_algos as verl_ca
 
 import luspo_rs
@@ -327,7 +327,7 @@ def test_estimator_matches_verl_and_cpu_on_the_gpu(name, layout, index_kind, dty
     close(got, cpu, ADV_TOL[dtype], "vs CPU")
     want, _ = adv(verl_ca, name, rewards.cuda(), mask.cuda(), uid)
     # verl's grpo_vectorized has float32 group statistics whatever the dtype
-    # (test_advantage_parity.float64_tol): float32 precision only.
+    # (test_advantage.float64_tol): float32 precision only.
     close(got, want, ADV_TOL[torch.float32] if name == "grpo_vectorized" else ADV_TOL[dtype], "vs verl")
 
 

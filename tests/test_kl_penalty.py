@@ -1,5 +1,6 @@
-"""Parity of ``luspo_rs.core_algos.kl_penalty`` with verl 0.9.1's
-``kl_penalty``: values and gradients (through torch autograd) in both inputs.
+"""Parity of ``luspo_rs.kl_penalty`` (also ``luspo_rs.core_algos.kl_penalty``,
+the same function) with verl 0.9.1's ``kl_penalty``: values and gradients
+(through torch autograd) in both inputs; bad input.
 
 Tolerances: float32 1e-6 abs + 1e-5 rel; float64 1e-12 abs + 1e-12 rel.
 """
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import check_public_op
 from verl.trainer.ppo import core_algos as verl_ca
 
+import luspo_rs
 from luspo_rs import core_algos as ours
+from luspo_rs.kl_penalty import _kl_penalty_torch
 
 MODES = ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"]
 MODES += [m + "+" for m in MODES]
@@ -27,10 +31,10 @@ def inputs(dtype, shape=(16, 40), seed=0, scale=3.0):
     return lp.to(dtype), ref.to(dtype)
 
 
-def both(mode, lp, ref, grad_ref=True):
+def both(mode, lp, ref, grad_ref=True, ours_fn=ours.kl_penalty):
     out = {}
     w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(lp.dtype)
-    for name, fn in (("verl", verl_ca.kl_penalty), ("ours", ours.kl_penalty)):
+    for name, fn in (("verl", verl_ca.kl_penalty), ("ours", ours_fn)):
         a = lp.clone().requires_grad_()
         b = ref.clone().requires_grad_(grad_ref)
         v = fn(a, b, mode)
@@ -111,14 +115,38 @@ def test_bad_input_names_the_argument():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_torch_path_for_other_devices_matches_verl(mode):
-    """Tensors the native module has no kernel for (CUDA) take a plain-torch path;
-    run here on the CPU through the same function."""
+    """Tensors the native module has no kernel for (neither CPU nor CUDA, e.g.
+    MPS) take a plain-torch path; run here on the CPU through the same function."""
     lp, ref = inputs(torch.float64)
     w = torch.randn(lp.shape, dtype=torch.float64)
     a, b = lp.clone().requires_grad_(), lp.clone().requires_grad_()
     want = verl_ca.kl_penalty(a, ref, mode)
-    got = ours._kl_penalty_torch(b, ref, mode)
+    got = _kl_penalty_torch(b, ref, mode)
     (want * w).sum().backward()
     (got * w).sum().backward()
     torch.testing.assert_close(got, want, **TOL[torch.float64])
     torch.testing.assert_close(b.grad, a.grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_public_kl_penalty_matches_verl(mode):
+    """``luspo_rs.kl_penalty``, called by keyword, on a 3-d batch with a float64 reference."""
+    lp, ref = inputs(torch.float32, shape=(4, 5, 6), seed=3)
+    ref = ref.double()
+
+    def public(a, b, m):
+        return luspo_rs.kl_penalty(logprob=a, ref_logprob=b, kl_penalty=m)
+
+    (v_want, dlp_want, dref_want), (v_got, dlp_got, dref_got) = both(mode, lp, ref, ours_fn=public)
+    assert v_got.dtype == v_want.dtype == torch.float64 and v_got.shape == v_want.shape
+    assert dlp_got.dtype == torch.float32 and dref_got.dtype == torch.float64
+    torch.testing.assert_close(v_got, v_want, **TOL[torch.float32])
+    torch.testing.assert_close(dlp_got, dlp_want, **TOL[torch.float32])
+    torch.testing.assert_close(dref_got, dref_want, **TOL[torch.float32])
+
+
+def test_public_function_and_its_modes():
+    check_public_op("kl_penalty", "KlMode", MODES)
+    assert ours.kl_penalty is luspo_rs.kl_penalty  # verl's signature is the public one
+    with pytest.raises(TypeError, match="^kl_penalty: expected a string"):
+        luspo_rs.kl_penalty(torch.zeros(2), torch.zeros(2), None)

@@ -1,6 +1,8 @@
 """Parity of luspo_rs.policy_loss with verl 0.9.1's own policy losses: the
 loss, the gradient through ``loss.backward()`` and the metrics, for every
-mode x aggregation x dtype x IS weights x shape case."""
+mode x aggregation x dtype x IS weights x shape case. Bad input, layouts and
+what backward keeps: ``test_policy_loss_inputs.py``; verl's signatures and
+config handling (``luspo_rs.core_algos``): ``test_core_algos.py``."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import AGG_MODES, MODES, assert_close, make_batch, stable_seed, verl_reference
+from conftest import AGG_MODES, MODES, assert_close, check_public_op, make_batch, stable_seed, verl_reference
 
 import luspo_rs
 
@@ -288,3 +290,7 @@ def test_float64_mask_promotes_like_verl(mode):
         tol = 1e-9 if mode != "vanilla" else 1e-6
         assert abs(loss.item() - ref_loss.item()) <= tol * max(1.0, abs(ref_loss.item())), (agg, loss, ref_loss)
         assert_close(grad, ref_grad, dtype=torch.float32, what="grad")
+
+
+def test_public_function_and_its_modes():
+    check_public_op("policy_loss", "PolicyMode", MODES)

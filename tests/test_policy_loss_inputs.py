@@ -14,6 +14,7 @@ from conftest import make_batch
 
 import luspo_rs
 from luspo_rs import _core
+from luspo_rs._alloc import empty_host
 
 
 @pytest.fixture
@@ -197,6 +198,25 @@ def test_large_gradients_from_the_buffer_pool_are_never_reused_while_referenced(
     assert len(ptrs) == len(held)
     for g, copy in held:
         assert torch.equal(g, copy)
+
+
+def test_large_outputs_reuse_only_buffers_no_tensor_references():
+    shape = (2048, 1024)  # 8 MiB: the huge-page path
+    a = empty_host(shape, torch.float32)
+    a.fill_(1.0)
+    view, numpy_view, ptr = a[:3], None, a.data_ptr()
+    del a
+    b = empty_host(shape, torch.float32)
+    assert b.data_ptr() != ptr  # a view of the first buffer is alive
+    assert view.sum().item() == 3 * 1024
+    numpy_view, ptr_b = b.numpy(), b.data_ptr()
+    del b
+    c = empty_host(shape, torch.float32)
+    assert c.data_ptr() != ptr_b  # a numpy array still uses the second one
+    del view
+    d = empty_host(shape, torch.float32)
+    assert d.data_ptr() == ptr  # the first buffer is free again: reused
+    assert numpy_view.shape == shape and c.shape == d.shape == shape and d.dtype == torch.float32
 
 
 def test_messages_name_the_argument_for_the_inputs_issue_8_listed():

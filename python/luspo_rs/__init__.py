@@ -1,13 +1,23 @@
 """luspo-rs: fused LUSPO, GSPO and GRPO/PPO policy losses for PyTorch RL
-trainers, computed in Rust (rayon) over tensors shared through DLPack.
+trainers, computed in Rust (rayon on the CPU, CUDA kernels on the GPU) over
+tensors shared through DLPack.
 
-Public API:
+Public API, one function per op (each in the module of the same name, with
+its autograd Function):
 
 * :func:`policy_loss` — the fused loss, its gradient and verl's metrics;
-* :func:`agg_loss` — verl's loss aggregation for any ``(B, T)`` loss matrix.
+* :func:`agg_loss` — verl's loss aggregation for any ``(B, T)`` loss matrix;
+* :func:`kl_penalty` — verl's KL estimators, elementwise, differentiable;
+* :func:`advantage` — verl's group advantage estimators by name.
+
+``luspo_rs.core_algos`` holds verl's signatures over them, and
+``luspo_rs.verl`` plugs them into verl.
 """
 
 from ._core import __version__, num_threads
-from .functional import agg_loss, policy_loss
+from .advantage import advantage
+from .agg_loss import agg_loss
+from .kl_penalty import kl_penalty
+from .policy_loss import policy_loss
 
-__all__ = ["__version__", "agg_loss", "num_threads", "policy_loss"]
+__all__ = ["__version__", "advantage", "agg_loss", "kl_penalty", "num_threads", "policy_loss"]

@@ -5,38 +5,59 @@ bounds: ``True`` passes the gradient there (torch 2.11), ``False`` does not
 (torch 2.15); ``luspo_rs.functional.torch_clamp_closed()`` measures the
 installed torch.
 
-Every tensor argument is any object with ``__dlpack__`` (torch tensors, numpy
+Every tensor argument is a :class:`DLPack` producer (torch tensors, numpy
 arrays). Outputs (``grad``, ``out``) are written in place and must be
 writable; nothing is copied. Errors are ``TypeError`` (dtype) or
 ``ValueError`` (shape, rank, device, value), each naming the argument.
+
+The mode literals below are the strings the native module accepts; the
+Python package spells the same ones (``luspo_rs.policy_loss.PolicyMode``,
+``luspo_rs.agg_loss.AggMode``, ``luspo_rs.kl_penalty.KlMode``,
+``luspo_rs.advantage.Estimator``), and a test compares them.
 """
 
-from typing import Any, Optional
+from typing import Any, Hashable, Iterable, Literal, Optional, Protocol
+
+class DLPack(Protocol):
+    """Any object that exports itself through DLPack: ``torch.Tensor``,
+    ``numpy.ndarray``, CuPy and JAX arrays, ..."""
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+
+PolicyMode = Literal["vanilla", "gspo", "luspo"]
+AggMode = Literal["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+KlMode = Literal[
+    "kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3",
+    "kl+", "k1+", "abs+", "mse+", "k2+", "low_var_kl+", "k3+",
+]
+Estimator = Literal["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg"]
+CompileTarget = Literal["ptx", "cubin"]
 
 def policy_loss(
-    old_log_prob: Any,
-    log_prob: Any,
-    advantages: Any,
-    response_mask: Any,
-    grad: Any,
-    out: Any,
+    old_log_prob: DLPack,
+    log_prob: DLPack,
+    advantages: DLPack,
+    response_mask: DLPack,
+    grad: DLPack,
+    out: DLPack,
     *,
-    mode: str,
-    loss_agg_mode: str,
+    mode: PolicyMode,
+    loss_agg_mode: AggMode,
     clip_ratio: float,
     clip_ratio_low: Optional[float] = None,
     clip_ratio_high: Optional[float] = None,
     clip_ratio_c: float = 3.0,
-    rollout_is_weights: Optional[Any] = None,
+    rollout_is_weights: Optional[DLPack] = None,
     dp_size: float = 1.0,
     batch_num_tokens: Optional[float] = None,
     global_batch_size: Optional[float] = None,
     loss_scale_factor: Optional[float] = None,
-    scratch: Optional[Any] = None,
+    scratch: Optional[DLPack] = None,
     stream: Optional[int] = None,
     clamp_closed: bool = False,
-    loss: Optional[Any] = None,
-    factor: Optional[Any] = None,
+    loss: Optional[DLPack] = None,
+    factor: Optional[DLPack] = None,
 ) -> None:
     """Fused policy loss: writes ``d loss / d log_prob`` into ``grad`` (shape
     and device of ``log_prob``, float dtype) and
@@ -53,19 +74,19 @@ def policy_loss(
     gradient. Errors from the CUDA driver or NVRTC are ``RuntimeError``."""
 
 def agg_loss(
-    loss_mat: Any,
-    loss_mask: Any,
-    grad: Any,
-    loss_agg_mode: str,
+    loss_mat: DLPack,
+    loss_mask: DLPack,
+    grad: DLPack,
+    loss_agg_mode: AggMode,
     *,
     dp_size: float = 1.0,
     batch_num_tokens: Optional[float] = None,
     global_batch_size: Optional[float] = None,
     loss_scale_factor: Optional[float] = None,
-    out: Optional[Any] = None,
-    scratch: Optional[Any] = None,
+    out: Optional[DLPack] = None,
+    scratch: Optional[DLPack] = None,
     stream: Optional[int] = None,
-    factor: Optional[Any] = None,
+    factor: Optional[DLPack] = None,
 ) -> Optional[float]:
     """verl's ``agg_loss``: returns the scalar and writes
     ``d loss / d loss_mat`` into ``grad``.
@@ -78,7 +99,7 @@ def agg_loss(
 def cuda_loss_scratch_len(rows: int) -> int:
     """float64 elements of the ``scratch`` the CUDA loss kernels need for ``rows`` rows."""
 
-def cuda_scale_grad(grad: Any, grad_output: Any, stream: int) -> None:
+def cuda_scale_grad(grad: DLPack, grad_output: DLPack, stream: int) -> None:
     """Backward of the CUDA loss kernels: queues ``grad *= grad_output`` in
     place on ``stream``; the kernel leaves ``grad`` untouched when
     ``grad_output`` (a 1-element float device tensor) is 1."""
@@ -92,23 +113,23 @@ def nvrtc_info() -> tuple[str, int, int]:
     """Loads NVRTC if needed; returns ``(path, major, minor)``.
     ``RuntimeError`` if none is found."""
 
-def cuda_compile(major: int, minor: int, target: str = "ptx") -> bytes:
+def cuda_compile(major: int, minor: int, target: CompileTarget = "ptx") -> bytes:
     """Compiles the embedded CUDA kernels for compute capability
     ``major.minor`` to ``"ptx"`` or ``"cubin"`` with NVRTC (no GPU needed);
     ``RuntimeError`` with NVRTC's log on failure."""
 
 def advantage(
-    token_level_rewards: Any,
-    response_mask: Any,
-    index: Any,
-    out: Any,
+    token_level_rewards: DLPack,
+    response_mask: DLPack,
+    index: DLPack,
+    out: DLPack,
     *,
-    estimator: str,
+    estimator: Estimator,
     norm_adv_by_std_in_grpo: bool = True,
     epsilon: float = 1e-6,
     f_norm: float = 1.0,
-    order: Optional[Any] = None,
-    scratch: Optional[Any] = None,
+    order: Optional[DLPack] = None,
+    scratch: Optional[DLPack] = None,
     stream: Optional[int] = None,
 ) -> None:
     """Group outcome advantages (``grpo``, ``grpo_vectorized``, ``rloo``,
@@ -122,18 +143,18 @@ def advantage(
     device tensor of at least ``5 * B + 2`` elements, and ``stream`` the
     ``CUstream`` to queue the kernels on; the call returns at once."""
 
-def group_ids(index: Any, out: Any) -> int:
+def group_ids(index: Iterable[Hashable], out: DLPack) -> int:
     """Dense group ids (first-appearance order) of arbitrary hashable labels,
     equal labels (Python ``==``/``hash``, as a ``dict``) sharing an id; writes
     them into ``out`` (contiguous int64 of length ``len(index)``) and returns
     the number of groups."""
 
 def kl_penalty(
-    logprob: Any,
-    ref_logprob: Any,
-    out: Any,
-    grad: Optional[Any],
-    kl_penalty: str,
+    logprob: DLPack,
+    ref_logprob: DLPack,
+    out: DLPack,
+    grad: Optional[DLPack],
+    kl_penalty: KlMode,
     *,
     clamp_closed: bool = False,
     stream: Optional[int] = None,

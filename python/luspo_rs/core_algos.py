@@ -3,7 +3,10 @@
 Every function here has the signature, argument names, defaults and return
 types of its verl 0.9.x namesake, reads the same config fields, and returns
 the same numbers (to floating-point rounding: luspo-rs accumulates in f64).
-This module does not import verl.
+This module holds only verl's signatures and config handling: the work is
+done by the public functions (:func:`luspo_rs.policy_loss`,
+:func:`luspo_rs.agg_loss`, :func:`luspo_rs.kl_penalty`,
+:func:`luspo_rs.advantage`). It does not import verl.
 
 * policy losses — ``compute_policy_loss_vanilla``, ``compute_policy_loss_gspo``
   and ``compute_policy_loss_luspo`` — return ``(loss, metrics)`` with verl's
@@ -27,18 +30,18 @@ Known, deliberate differences from verl (documented in the README):
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from . import _core, _cuda
-from ._alloc import empty_host
-from .functional import agg_loss as _agg_loss
-from .functional import policy_loss as _policy_loss
-from .functional import refuse_double_backward, torch_clamp_closed
+from .advantage import advantage, group_index
+from .agg_loss import agg_loss as _agg_loss
+from .kl_penalty import kl_penalty  # verl's signature already: the drop-in is the public function
+from .policy_loss import policy_loss as _policy_loss
 
 __all__ = [
+    "ESTIMATORS",
     "agg_loss",
     "compute_gpg_outcome_advantage",
     "compute_grpo_outcome_advantage",
@@ -166,230 +169,99 @@ def agg_loss(
     )
 
 
-# --------------------------------------------------------------------------- KL
-
-
-class KlPenaltyFunction(torch.autograd.Function):
-    """Elementwise KL estimate; differentiable in both inputs. Saves only
-    ``d out / d logprob`` (``d out / d ref_logprob`` is its negative)."""
-
-    @staticmethod
-    def forward(ctx, logprob, ref_logprob, mode):
-        dtype = torch.promote_types(logprob.dtype, ref_logprob.dtype)
-        out = torch.empty(logprob.shape, dtype=dtype, device=logprob.device)
-        grad = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad = torch.empty(logprob.shape, dtype=dtype, device=logprob.device)
-        if logprob.is_cuda:
-            _cuda.kl_penalty(logprob.detach(), ref_logprob.detach(), out, grad, mode, torch_clamp_closed())
-        else:
-            _core.kl_penalty(logprob.detach(), ref_logprob.detach(), out, grad, mode, clamp_closed=torch_clamp_closed())
-        ctx.save_for_backward(grad)
-        ctx.dtypes = (logprob.dtype, ref_logprob.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        refuse_double_backward("luspo_rs.core_algos.kl_penalty")
-        (grad,) = ctx.saved_tensors
-        g = grad_out * grad
-        d_lp = g.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        d_ref = (-g).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return d_lp, d_ref, None
-
-
-def kl_penalty(logprob: torch.FloatTensor, ref_logprob: torch.FloatTensor, kl_penalty) -> torch.FloatTensor:
-    """verl's ``kl_penalty``, fused: with ``d = logprob - ref_logprob``,
-    ``kl``/``k1``: ``d``; ``abs``: ``|d|``; ``mse``/``k2``: ``d^2/2``;
-    ``low_var_kl``/``k3``: ``clamp(exp(k) - k - 1, -10, 10)`` with
-    ``k = clamp(-d, -20, 20)``. A ``+`` suffix keeps the value and takes the
-    gradient of ``k2`` (straight-through). Tensors of equal shape, any rank."""
-    if not isinstance(kl_penalty, str):
-        raise TypeError(f"kl_penalty: expected a string, got {type(kl_penalty).__name__}")
-    for name, t in (("logprob", logprob), ("ref_logprob", ref_logprob)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    native = ("cpu", "cuda")
-    if logprob.device.type not in native or ref_logprob.device.type not in native:
-        return _kl_penalty_torch(logprob, ref_logprob, kl_penalty)
-    if logprob.numel() == 0 and logprob.shape == ref_logprob.shape:
-        # an empty batch or response: verl returns an empty tensor (torch ops on
-        # no elements cost nothing; the mode is still checked there)
-        for name, t in (("logprob", logprob), ("ref_logprob", ref_logprob)):
-            if not t.is_floating_point():
-                raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-        return _kl_penalty_torch(logprob, ref_logprob, kl_penalty)
-    shape = logprob.shape
-    if logprob.dim() != 2 and logprob.shape == ref_logprob.shape:
-        cols = shape[-1] if logprob.dim() > 0 else 1
-        out = KlPenaltyFunction.apply(logprob.reshape(-1, cols), ref_logprob.reshape(-1, cols), kl_penalty)
-        return out.reshape(shape)
-    return KlPenaltyFunction.apply(logprob, ref_logprob, kl_penalty)
-
-
-def _kl_penalty_torch(logprob: torch.Tensor, ref_logprob: torch.Tensor, mode: str) -> torch.Tensor:
-    """The same estimators in plain torch ops, for devices the native module
-    has no kernel for (neither CPU nor CUDA, e.g. MPS): autograd
-    differentiates them as verl's."""
-    base, straight_through = (mode[:-1], True) if mode.endswith("+") else (mode, False)
-    d = logprob - ref_logprob
-    if base in ("kl", "k1"):
-        value = d
-    elif base == "abs":
-        value = d.abs()
-    elif base in ("mse", "k2"):
-        value = 0.5 * d.square()
-    elif base in ("low_var_kl", "k3"):
-        k = (-d).clamp(-20.0, 20.0)
-        value = (k.exp() - k - 1.0).clamp(-10.0, 10.0)
-    else:
-        raise ValueError(
-            f"kl_penalty: unknown kl_penalty {mode!r}; expected one of 'kl', 'k1', 'abs', 'mse', 'k2', "
-            "'low_var_kl', 'k3', optionally with a '+' suffix"
-        )
-    if not straight_through:
-        return value
-    k2 = 0.5 * d.square()
-    return k2 - k2.detach() + value.detach()
-
-
 # --------------------------------------------------------------------------- advantages
+#
+# verl's seven outcome estimators take one of three argument lists; each
+# drop-in is that list over :func:`luspo_rs.advantage` with the estimator's
+# name, returning ``(advantages, returns)``, the same tensor twice, as verl.
 
 
-def group_index(index: Any) -> torch.Tensor:
-    """Integer group labels for ``index``: integer arrays and tensors pass
-    through (no copy when already contiguous int64/int32 on the CPU);
-    anything else (uid strings in an object array, floats, mixed labels) is
-    mapped to dense ids by Python equality, exactly as verl's
-    ``id2score[index[i]]`` dictionary groups them."""
-    if isinstance(index, torch.Tensor):
-        if index.dtype.is_floating_point or index.dtype.is_complex:
-            return group_index(index.detach().cpu().reshape(-1).tolist())
-        t = index.detach().reshape(-1)
-        return t if t.dtype in (torch.int64, torch.int32) else t.to(torch.int64)
-    arr = index if isinstance(index, np.ndarray) else np.asarray(index, dtype=object)
-    arr = arr.reshape(-1)
-    if arr.dtype.kind == "i":
-        return torch.from_numpy(np.ascontiguousarray(arr))
-    if arr.dtype.kind in "ub":
-        return torch.from_numpy(arr.astype(np.int64))
-    ids = torch.empty(arr.shape[0], dtype=torch.int64)
-    _core.group_ids(arr.tolist(), ids)
-    return ids
-
-
-def _advantage(estimator, token_level_rewards, response_mask, index, **params):
-    for name, t in (("token_level_rewards", token_level_rewards), ("response_mask", response_mask)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if index is None:
-        raise ValueError(f"index: the {estimator} estimator needs the group labels (the batch's uid array)")
-    rewards, mask = token_level_rewards.detach(), response_mask.detach()
-    gid = group_index(index)
-    dtype = torch.promote_types(rewards.dtype, mask.dtype) if rewards.dtype.is_floating_point else rewards.dtype
-    if rewards.is_cuda:
-        out = _cuda.advantage(estimator, rewards, mask, gid, dtype, **params)
+def _grpo_args(estimator: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    def drop_in(
+        token_level_rewards: torch.Tensor,
+        response_mask: torch.Tensor,
+        index: np.ndarray,
+        epsilon: float = 1e-6,
+        norm_adv_by_std_in_grpo: bool = True,
+        config: Optional[Any] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = advantage(
+            token_level_rewards, response_mask, index, estimator,
+            norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo, epsilon=epsilon,
+        )  # fmt: skip
         return out, out
-    if gid.device.type != "cpu":
-        gid = gid.cpu()
-    out = empty_host(tuple(rewards.shape), dtype)
-    _core.advantage(rewards, mask, gid, out, estimator=estimator, **params)
-    return out, out
+
+    return drop_in
 
 
-def compute_grpo_outcome_advantage(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: np.ndarray,
-    epsilon: float = 1e-6,
-    norm_adv_by_std_in_grpo: bool = True,
-    config: Optional[Any] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO: ``(s_i - mean_g) / (std_g + epsilon)`` with ``s_i`` the row sum of
-    ``token_level_rewards`` and the unbiased std of its ``index`` group
-    (singletons: mean 0, std 1); without ``norm_adv_by_std_in_grpo``
-    (Dr.GRPO) ``s_i - mean_g``. Broadcast over tokens times ``response_mask``."""
-    return _advantage(
-        "grpo", token_level_rewards, response_mask, index,
-        norm_adv_by_std_in_grpo=bool(norm_adv_by_std_in_grpo), epsilon=float(epsilon),
-    )  # fmt: skip
+def _plain_args(estimator: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    def drop_in(
+        token_level_rewards: torch.Tensor,
+        response_mask: torch.Tensor,
+        index: np.ndarray,
+        epsilon: float = 1e-6,
+        config: Optional[Any] = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = advantage(token_level_rewards, response_mask, index, estimator)  # verl ignores epsilon here
+        return out, out
+
+    return drop_in
 
 
-def compute_grpo_vectorized_outcome_advantage(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: np.ndarray,
-    epsilon: float = 1e-6,
-    norm_adv_by_std_in_grpo: bool = True,
-    config: Optional[Any] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's ``grpo_vectorized``: the same numbers as :func:`compute_grpo_outcome_advantage`."""
-    return _advantage(
-        "grpo_vectorized", token_level_rewards, response_mask, index,
-        norm_adv_by_std_in_grpo=bool(norm_adv_by_std_in_grpo), epsilon=float(epsilon),
-    )  # fmt: skip
+def _gpg_args(estimator: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    def drop_in(
+        token_level_rewards: torch.Tensor,
+        response_mask: torch.Tensor,
+        index: np.ndarray,
+        epsilon: float = 1e-6,
+        f_norm: float = 1.0,
+        alpha: float = 1.0,
+        config=None,
+        **kwargs,
+    ):
+        out = advantage(token_level_rewards, response_mask, index, estimator, f_norm=f_norm)
+        return out, out
+
+    return drop_in
 
 
-def compute_rloo_outcome_advantage(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: np.ndarray,
-    epsilon: float = 1e-6,
-    config: Optional[Any] = None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RLOO: ``n/(n-1) (s_i - mean_g)`` for groups of ``n > 1``; singletons keep ``s_i``."""
-    return _advantage("rloo", token_level_rewards, response_mask, index)
+def _drop_in(estimator: str, args: Callable[[str], Callable[..., Any]], doc: str) -> Callable[..., Any]:
+    fn = args(estimator)
+    fn.__name__ = fn.__qualname__ = f"compute_{estimator}_outcome_advantage"
+    fn.__doc__ = doc
+    return fn
 
 
-def compute_rloo_vectorized_outcome_advantage(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: np.ndarray,
-    epsilon: float = 1e-6,
-    config: Optional[Any] = None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's ``rloo_vectorized``: RLOO, but singletons get 0."""
-    return _advantage("rloo_vectorized", token_level_rewards, response_mask, index)
+#: verl's estimator name -> (verl's argument list, docstring) of ``compute_<name>_outcome_advantage``.
+_ESTIMATOR_TABLE = {
+    "grpo": (_grpo_args, "GRPO: ``(s_i - mean_g) / (std_g + epsilon)`` with ``s_i`` the row sum of "
+             "``token_level_rewards`` and the unbiased std of its ``index`` group (singletons: mean 0, "
+             "std 1); without ``norm_adv_by_std_in_grpo`` (Dr.GRPO) ``s_i - mean_g``. Broadcast over "
+             "tokens times ``response_mask``."),
+    "grpo_vectorized": (_grpo_args, "verl's ``grpo_vectorized``: the same numbers as "
+                        ":func:`compute_grpo_outcome_advantage`."),
+    "rloo": (_plain_args, "RLOO: ``n/(n-1) (s_i - mean_g)`` for groups of ``n > 1``; singletons keep ``s_i``."),
+    "rloo_vectorized": (_plain_args, "verl's ``rloo_vectorized``: RLOO, but singletons get 0."),
+    "reinforce_plus_plus_baseline": (_plain_args, "REINFORCE++ with group baseline: ``(s_i - mean_g) m``, "
+                                     "then whitened over all valid tokens of the batch (verl's "
+                                     "``masked_whiten``) and masked."),
+    "opo": (_plain_args, "OPO: ``s_i`` minus the length-weighted group mean ``sum L s / sum L`` "
+            "(singletons keep ``s_i``), ``L_i = sum_t m_it``."),
+    "gpg": (_gpg_args, "GPG: ``alpha (s_i - mean_g) / f_norm`` with ``alpha = B / max(#{s_i != 0}, 1)`` "
+            "(verl recomputes ``alpha``; the argument is ignored, as there)."),
+}  # fmt: skip
 
+#: verl's estimator name -> our ``compute_<name>_outcome_advantage``, in the
+#: order of :data:`luspo_rs.advantage.Estimator`.
+ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    name: _drop_in(name, args, doc) for name, (args, doc) in _ESTIMATOR_TABLE.items()
+}
 
-def compute_reinforce_plus_plus_baseline_outcome_advantage(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: torch.Tensor,
-    epsilon: float = 1e-6,
-    config: Optional[Any] = None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """REINFORCE++ with group baseline: ``(s_i - mean_g) m``, then whitened over
-    all valid tokens of the batch (verl's ``masked_whiten``) and masked."""
-    return _advantage("reinforce_plus_plus_baseline", token_level_rewards, response_mask, index)
-
-
-def compute_opo_outcome_advantage(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: np.ndarray,
-    epsilon: float = 1e-6,
-    config: Optional[Any] = None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """OPO: ``s_i`` minus the length-weighted group mean ``sum L s / sum L``
-    (singletons keep ``s_i``), ``L_i = sum_t m_it``."""
-    return _advantage("opo", token_level_rewards, response_mask, index)
-
-
-def compute_gpg_outcome_advantage(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: np.ndarray,
-    epsilon: float = 1e-6,
-    f_norm: float = 1.0,
-    alpha: float = 1.0,
-    config=None,
-    **kwargs,
-):
-    """GPG: ``alpha (s_i - mean_g) / f_norm`` with ``alpha = B / max(#{s_i != 0}, 1)``
-    (verl recomputes ``alpha``; the argument is ignored, as there)."""
-    return _advantage("gpg", token_level_rewards, response_mask, index, f_norm=float(f_norm))
+compute_grpo_outcome_advantage = ESTIMATORS["grpo"]
+compute_grpo_vectorized_outcome_advantage = ESTIMATORS["grpo_vectorized"]
+compute_rloo_outcome_advantage = ESTIMATORS["rloo"]
+compute_rloo_vectorized_outcome_advantage = ESTIMATORS["rloo_vectorized"]
+compute_reinforce_plus_plus_baseline_outcome_advantage = ESTIMATORS["reinforce_plus_plus_baseline"]
+compute_opo_outcome_advantage = ESTIMATORS["opo"]
+compute_gpg_outcome_advantage = ESTIMATORS["gpg"]

@@ -44,16 +44,7 @@ ENV_TAKE_OVER = "LUSPO_RS_TAKE_OVER"
 
 #: Registry name -> (verl ``core_algos`` attribute, our drop-in).
 TAKEN_OVER_ESTIMATORS: dict[str, tuple[str, Callable[..., Any]]] = {
-    "grpo": ("compute_grpo_outcome_advantage", _ours.compute_grpo_outcome_advantage),
-    "grpo_vectorized": ("compute_grpo_vectorized_outcome_advantage", _ours.compute_grpo_vectorized_outcome_advantage),
-    "rloo": ("compute_rloo_outcome_advantage", _ours.compute_rloo_outcome_advantage),
-    "rloo_vectorized": ("compute_rloo_vectorized_outcome_advantage", _ours.compute_rloo_vectorized_outcome_advantage),
-    "reinforce_plus_plus_baseline": (
-        "compute_reinforce_plus_plus_baseline_outcome_advantage",
-        _ours.compute_reinforce_plus_plus_baseline_outcome_advantage,
-    ),
-    "opo": ("compute_opo_outcome_advantage", _ours.compute_opo_outcome_advantage),
-    "gpg": ("compute_gpg_outcome_advantage", _ours.compute_gpg_outcome_advantage),
+    name: (fn.__name__, fn) for name, fn in _ours.ESTIMATORS.items()
 }
 
 _TAKEN_OVER_LOSSES = {

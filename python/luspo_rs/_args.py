@@ -1,0 +1,174 @@
+"""Argument handling shared by the four ops (:mod:`.policy_loss`,
+:mod:`.agg_loss`, :mod:`.kl_penalty`, :mod:`.advantage`): type checks that
+name the argument, conversions to what the native module takes, the clamp
+convention of the installed torch, the normalisers of verl's aggregation, and
+what the autograd Functions share in backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from . import _cuda
+
+Number = Union[int, float, torch.Tensor]
+
+# --------------------------------------------------------------------------- torch's clamp convention
+
+
+def _probe_clamp_closed() -> bool:
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.tensor([0.5, 1.5], requires_grad=True)
+        torch.clamp(x, 0.5, 1.5).sum().backward()
+    return bool(x.grad.eq(1.0).all())
+
+
+# Measured once, at import: run lazily inside torch.compile or a torch.func
+# transform, the probe's own backward would be traced or refused there.
+_CLAMP_CLOSED = _probe_clamp_closed()
+
+
+def torch_clamp_closed() -> bool:
+    """Whether the installed torch's ``clamp`` (with number bounds, as verl
+    calls it) passes the gradient to a value lying exactly on a bound.
+
+    torch 2.11 does (the closed interval); torch 2.15 does not. The kernels
+    follow whichever torch is installed, measured once at import, so that
+    gradients match verl's to the bit even on the bounds.
+    """
+    return _CLAMP_CLOSED
+
+
+# --------------------------------------------------------------------------- checks and conversions
+
+
+def require_tensors(**tensors: Any) -> None:
+    """``TypeError`` naming the first argument that is not a ``torch.Tensor``."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def require_strings(**modes: Any) -> None:
+    """``TypeError`` naming the first mode argument that is not a string."""
+    for name, value in modes.items():
+        if not isinstance(value, str):
+            raise TypeError(f"{name}: expected a string, got {type(value).__name__}")
+
+
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def check_entry(op: str, name: str, x: Any, **modes: Any) -> None:
+    """Argument checks a differentiable entry point makes first: the
+    differentiated tensor, no torch.func transform, and string modes."""
+    require_tensors(**{name: x})
+    if _is_functorch_wrapped(x):
+        raise RuntimeError(
+            f"{name}: {op} does not support torch.func transforms (grad, vmap, jacrev, ...); "
+            "use loss.backward() or torch.autograd.grad"
+        )
+    require_strings(**modes)
+
+
+def as_tensor(name: str, value: Any) -> torch.Tensor:
+    """A constant input as a detached tensor; DLPack / array-interface
+    producers (numpy) are viewed without a copy."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if hasattr(value, "__dlpack__") or hasattr(value, "__array_interface__"):
+        strides = getattr(value, "strides", None)
+        if strides is not None and any(st < 0 for st in strides):
+            raise ValueError(f"{name}: arrays with negative strides are not supported; pass a copy (numpy.ascontiguousarray)")
+        return torch.as_tensor(value)
+    raise TypeError(f"{name}: expected a torch.Tensor (or an array supporting DLPack), got {type(value).__name__}")
+
+
+def as_float(name: str, value: Optional[Number]) -> Optional[float]:
+    """verl passes normalisers as ints, floats or 0-d tensors."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def to_float(name: str, value: Any) -> float:
+    """``float(value)`` for an estimator parameter, naming it when that fails."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}") from e
+
+
+def result_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype torch's promotion gives an expression of ``tensors`` (the
+    first is the differentiated input, a float tensor; integer and bool
+    masks do not change it), i.e. the dtype of verl's loss."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None and isinstance(t, torch.Tensor):
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# --------------------------------------------------------------------------- normalisers
+
+
+def normalisers(
+    x: torch.Tensor,
+    agg_mode: str,
+    dp_size: Optional[Number],
+    batch_num_tokens: Optional[Number],
+    global_batch_size: Optional[Number],
+    loss_scale_factor: Optional[Number],
+) -> tuple[dict[str, Optional[float]], Optional[torch.Tensor]]:
+    """verl's global-batch normalisers of an aggregation ``agg_mode`` over
+    ``x``: the native call's keyword options, and the CUDA device factor.
+
+    On the CPU every normaliser becomes a float (0-d tensors are read) and the
+    factor is None. For CUDA ``x``, normalisers given as CUDA tensors stay on
+    the device (no ``.item()``, see :func:`luspo_rs._cuda.split_normalisers`).
+    """
+    values = dict(
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        loss_scale_factor=loss_scale_factor,
+    )
+    if x.is_cuda:
+        return _cuda.split_normalisers(agg_mode, values, x.device, as_float)
+    return {k: as_float(k, v) for k, v in values.items()}, None
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def refuse_double_backward(op: str) -> None:
+    """Raises in a backward run with ``create_graph=True``: the fused kernels
+    compute the gradient, not a differentiable graph of it, so any second
+    derivative taken through it would silently be 0."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: create_graph=True (double backward, Hessian-vector products) is not supported: "
+            "the fused kernel computes the gradient, not a graph of it; use verl's reference "
+            "implementation for higher-order derivatives"
+        )
+
+
+def scaled_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grad_loss * saved_grad`` for the CPU path. ``loss.backward()`` seeds
+    ``grad_loss = 1``: then the saved buffer is the gradient itself and is
+    handed over without a B×T multiply (autograd copies it before
+    accumulating where the buffer is still referenced, e.g. with
+    ``retain_graph=True``)."""
+    (grad,) = ctx.saved_tensors
+    if grad_loss.numel() == 1 and grad_loss.item() == 1.0:
+        return grad
+    return grad * grad_loss

@@ -1,0 +1,71 @@
+"""verl's loss aggregation: its autograd Function and the public entry
+point :func:`agg_loss`."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+from . import _core, _cuda
+from ._args import Number, as_tensor, check_entry, normalisers, result_dtype, scaled_grad
+
+AggMode = Literal["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+class AggLossFunction(torch.autograd.Function):
+    """verl's ``agg_loss``; differentiable in ``loss_mat``."""
+
+    @staticmethod
+    def forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor, loss_dtype):
+        if loss_mat.is_cuda:
+            ctx.cuda = True
+            return _cuda.agg_forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor, loss_dtype)
+        grad = torch.empty(loss_mat.shape, dtype=loss_mat.dtype, device=loss_mat.device)
+        loss = _core.agg_loss(loss_mat.detach(), loss_mask, grad, loss_agg_mode, **options)
+        ctx.save_for_backward(grad)
+        return torch.tensor(loss, dtype=loss_dtype, device=loss_mat.device)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            # create_graph=True: agg_loss is linear in loss_mat, so its gradient
+            # is the saved constant times grad_output, differentiably
+            (grad,) = ctx.saved_tensors
+            return grad * grad_loss, None, None, None, None, None
+        if getattr(ctx, "cuda", False):
+            return _cuda.backward(ctx, grad_loss), None, None, None, None, None
+        return scaled_grad(ctx, grad_loss), None, None, None, None, None
+
+
+def agg_loss(
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_agg_mode: AggMode = "token-mean",
+    *,
+    dp_size: Number = 1,
+    batch_num_tokens: Optional[Number] = None,
+    global_batch_size: Optional[Number] = None,
+    loss_scale_factor: Optional[Number] = None,
+) -> torch.Tensor:
+    """Aggregates a ``(B, T)`` loss matrix into a scalar exactly as verl's
+    ``agg_loss``, with ``L_i = sum_t m_it``:
+
+    * ``token-mean``: ``sum(l m) / batch_num_tokens * dp_size`` (default ``sum(m)``);
+    * ``token-sum``: ``sum(l m) * dp_size``;
+    * ``seq-mean-token-sum``: ``sum_{i: L_i>0} sum_t l m / global_batch_size * dp_size``
+      (default ``global_batch_size`` = rows with ``L_i > 0``);
+    * ``seq-mean-token-mean``: as above with each row divided by ``L_i + 1e-8``;
+    * ``seq-mean-token-sum-norm``: ``seq-mean-token-sum / loss_scale_factor`` (default ``T``).
+
+    Returns a scalar in the dtype verl's has (``loss_mat``'s, promoted with
+    a float mask's as torch promotes ``loss_mat * loss_mask``), differentiable
+    in ``loss_mat`` (twice: it is linear in it).
+    """
+    check_entry("luspo_rs.agg_loss", "loss_mat", loss_mat, loss_agg_mode=loss_agg_mode)
+    options, factor = normalisers(
+        loss_mat, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    )
+    loss_mask = as_tensor("loss_mask", loss_mask)
+    loss_dtype = result_dtype(loss_mat, loss_mask)
+    return AggLossFunction.apply(loss_mat, loss_mask, loss_agg_mode, options, factor, loss_dtype)

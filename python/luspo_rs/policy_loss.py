@@ -1,0 +1,146 @@
+"""The fused policy loss (vanilla PPO/GRPO, GSPO, LUSPO): its autograd
+Function and the public entry point :func:`policy_loss`.
+
+Forward allocates the gradient buffer with torch (``log_prob``'s dtype and
+device), hands every tensor to the native module through DLPack without
+copying, and saves only that buffer for backward. CUDA tensors go through
+:mod:`luspo_rs._cuda` (caller's stream, no host sync, in-place backward).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+from . import _core, _cuda
+from ._alloc import empty_host
+from ._args import Number, as_float, as_tensor, check_entry, normalisers, refuse_double_backward, result_dtype
+from ._args import scaled_grad, torch_clamp_closed
+from .agg_loss import AggMode
+
+PolicyMode = Literal["vanilla", "gspo", "luspo"]
+
+#: Order of the values the native policy loss writes into its ``out`` buffer (CPU).
+STATS = ("loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
+
+
+def effective_agg_mode(mode: str, loss_agg_mode: str) -> str:
+    """The aggregation a policy loss uses: LUSPO is GSPO's token loss
+    aggregated ``seq-mean-token-sum``, whatever ``loss_agg_mode`` says (the
+    native module applies the same rule, ``src/ops/policy_loss.rs``)."""
+    return "seq-mean-token-sum" if mode == "luspo" else loss_agg_mode
+
+
+class PolicyLossFunction(torch.autograd.Function):
+    """Fused policy loss; differentiable in ``log_prob`` only (the other
+    inputs are treated as constants, as verl's trainers use them)."""
+
+    @staticmethod
+    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor, loss_dtype):
+        # no zero gradient is built for the metrics output (a fill kernel on CUDA)
+        ctx.set_materialize_grads(False)
+        if log_prob.is_cuda:
+            ctx.cuda = True
+            return _cuda.policy_forward(
+                ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor, loss_dtype
+            )
+        grad = empty_host(tuple(log_prob.shape), log_prob.dtype)
+        out = torch.empty(len(STATS), dtype=torch.float64, device=log_prob.device)
+        _core.policy_loss(
+            old_log_prob,
+            log_prob.detach(),
+            advantages,
+            response_mask,
+            grad,
+            out,
+            rollout_is_weights=rollout_is_weights,
+            **options,
+        )
+        ctx.save_for_backward(grad)
+        loss = out[0].to(loss_dtype)
+        metrics = out[1:]
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        none = (None,) * 7
+        if grad_loss is None:  # only the metrics were used
+            return (None, *none)
+        refuse_double_backward("luspo_rs.policy_loss")
+        if getattr(ctx, "cuda", False):
+            return (_cuda.backward(ctx, grad_loss), *none)
+        return (scaled_grad(ctx, grad_loss), *none)
+
+
+def policy_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    mode: PolicyMode,
+    loss_agg_mode: AggMode = "token-mean",
+    clip_ratio: float = 0.2,
+    clip_ratio_low: Optional[float] = None,
+    clip_ratio_high: Optional[float] = None,
+    clip_ratio_c: float = 3.0,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    dp_size: Number = 1,
+    batch_num_tokens: Optional[Number] = None,
+    global_batch_size: Optional[Number] = None,
+    loss_scale_factor: Optional[Number] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LUSPO / GSPO / vanilla (PPO, GRPO) policy loss, fused.
+
+    Per token, with ``d = log_prob - old_log_prob``, ``A`` the advantage and
+    ``clip(x) = clamp(x, 1 - clip_ratio_low, 1 + clip_ratio_high)``:
+
+    * ``"vanilla"``: ``r = exp(clamp(d, -20, 20))``,
+      ``l = max(-A r, -A clip(r))``, and ``l = min(l, -A clip_ratio_c)`` where ``A < 0``;
+    * ``"gspo"``: ``s_i = exp(sum_t m d / max(L_i, 1))`` per sequence, token ratio
+      ``s_it = exp(min(lp - sg(lp) + sg(log s_i), 10))``, ``l = max(-A s_it, -A clip(s_it))``;
+    * ``"luspo"``: GSPO's token loss aggregated ``seq-mean-token-sum`` whatever
+      ``loss_agg_mode`` says, i.e. ``J = 1/G sum_i L_i min(s_i A_i, clip(s_i) A_i)``
+      for sequence-level advantages: each sequence weighted by its length ``L_i``.
+
+    Each token loss is multiplied by ``rollout_is_weights`` if given, then
+    aggregated as verl's ``agg_loss(loss_agg_mode, dp_size, batch_num_tokens,
+    global_batch_size, loss_scale_factor)`` (see :func:`luspo_rs.agg_loss`).
+
+    Args:
+        old_log_prob, log_prob: ``(B, T)`` float tensors (float32/64, bfloat16, float16).
+        advantages: ``(B, T)``, or ``(B,)`` / ``(B, 1)`` per sequence.
+        response_mask: ``(B, T)`` bool, integer or float mask.
+        rollout_is_weights: optional, shaped like ``advantages``.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` is a scalar in the dtype verl's loss has,
+        torch's promotion of the float inputs' dtypes (``log_prob``'s when
+        they all share it; float64 with a float64 mask, for instance),
+        differentiable in ``log_prob``; ``metrics`` maps ``"pg_clipfrac"``,
+        ``"ppo_kl"``, ``"pg_clipfrac_lower"`` to 0-d float64 tensors (verl's metrics).
+    """
+    check_entry("luspo_rs.policy_loss", "log_prob", log_prob, mode=mode, loss_agg_mode=loss_agg_mode)
+    options = dict(
+        mode=mode,
+        loss_agg_mode=loss_agg_mode,
+        clip_ratio=as_float("clip_ratio", clip_ratio),
+        clip_ratio_low=as_float("clip_ratio_low", clip_ratio_low),
+        clip_ratio_high=as_float("clip_ratio_high", clip_ratio_high),
+        clip_ratio_c=as_float("clip_ratio_c", clip_ratio_c),
+        clamp_closed=torch_clamp_closed(),
+    )
+    agg = effective_agg_mode(mode, loss_agg_mode)
+    norms, factor = normalisers(log_prob, agg, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    options.update(norms)
+    weights = None if rollout_is_weights is None else as_tensor("rollout_is_weights", rollout_is_weights)
+    old_log_prob = as_tensor("old_log_prob", old_log_prob)
+    advantages = as_tensor("advantages", advantages)
+    response_mask = as_tensor("response_mask", response_mask)
+    loss_dtype = result_dtype(log_prob, old_log_prob, advantages, response_mask, weights)
+    loss, metrics = PolicyLossFunction.apply(
+        log_prob, old_log_prob, advantages, response_mask, weights, options, factor, loss_dtype
+    )
+    return loss, dict(zip(STATS[1:], metrics.unbind()))
