@@ -27,13 +27,13 @@ def main():
     grad = torch.empty_like(lp)
     loss = torch.empty((), device="cuda")
     metrics = torch.empty(3, dtype=torch.float64, device="cuda")
-    scratch = torch.empty(_core.cuda_loss_scratch_len(8), dtype=torch.float64, device="cuda")
+    scratch = torch.empty(_core.loss_scratch_len(8), dtype=torch.float64, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
     x = lp.clone().requires_grad_(True)
 
     def native():
-        _core.policy_loss(old, lp, adv, mask, grad, metrics, mode="luspo", loss_agg_mode="token-mean", clip_ratio=0.2,
-                          rollout_is_weights=w, loss=loss, scratch=scratch, stream=stream)
+        _core.policy_loss(old, lp, adv, mask, grad, loss, metrics, mode="luspo", loss_agg_mode="token-mean",
+                          clip_ratio=0.2, rollout_is_weights=w, scratch=scratch, stream=stream)
 
     def step():
         x.grad = None

@@ -181,6 +181,34 @@ impl Tensor {
         d
     }
 
+    /// Whether the tensor is contiguous (size-1 dimensions may have any stride).
+    pub fn is_contiguous(&self) -> bool {
+        let mut expect = 1isize;
+        for k in (0..self.shape.len()).rev() {
+            if self.shape[k] > 1 && self.strides[k] != expect {
+                return false;
+            }
+            expect *= self.shape[k] as isize;
+        }
+        true
+    }
+
+    /// Checks a caller-allocated float64 buffer: at least `need` elements,
+    /// contiguous, writable, on `device`.
+    pub fn expect_f64_buffer(&self, device: Device, need: usize) -> Result<()> {
+        if self.device != device {
+            return Err(Error::value_error(self.arg, format!("is on {} but the inputs are on {device}", self.device)));
+        }
+        let n: usize = self.shape.iter().product();
+        if self.dtype != DType::F64 || n < need || self.read_only || !self.is_contiguous() {
+            return Err(Error::value_error(
+                self.arg,
+                format!("expected a writable contiguous float64 tensor with at least {need} elements"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Requires a floating-point dtype.
     pub fn expect_float(&self) -> Result<()> {
         if self.dtype.is_float() {

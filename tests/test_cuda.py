@@ -128,10 +128,10 @@ def test_writes_into_the_torch_buffers_without_copies():
     grad = torch.full_like(lp, float("nan"))
     loss = torch.full((), float("nan"), device="cuda")
     metrics = torch.full((3,), float("nan"), dtype=torch.float64, device="cuda")
-    scratch = torch.full((_core.cuda_loss_scratch_len(4),), float("nan"), dtype=torch.float64, device="cuda")
+    scratch = torch.full((_core.loss_scratch_len(4),), float("nan"), dtype=torch.float64, device="cuda")
     ptrs = (grad.data_ptr(), loss.data_ptr(), metrics.data_ptr(), scratch.data_ptr())
-    _core.policy_loss(old, lp, adv, mask, grad, metrics, mode="gspo", loss_agg_mode="token-mean", clip_ratio=0.2,
-                      loss=loss, scratch=scratch, stream=torch.cuda.current_stream().cuda_stream)
+    _core.policy_loss(old, lp, adv, mask, grad, loss, metrics, mode="gspo", loss_agg_mode="token-mean", clip_ratio=0.2,
+                      scratch=scratch, stream=torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     assert (grad.data_ptr(), loss.data_ptr(), metrics.data_ptr(), scratch.data_ptr()) == ptrs
     # every element written (the poison is gone), and equal to what the autograd path returns

@@ -233,8 +233,9 @@ def test_closed_clamp_convention_gives_the_full_gradient_on_the_bound(mode):
     grads = {}
     for closed in (False, True):
         g = torch.empty(2, 4, dtype=torch.float64)
-        _core.policy_loss(old, old.clone(), adv, mask, g, torch.empty(4, dtype=torch.float64), mode=mode,
-                          loss_agg_mode="token-mean", clip_ratio=0.0, clamp_closed=closed)
+        _core.policy_loss(old, old.clone(), adv, mask, g, torch.empty((), dtype=torch.float64),
+                          torch.empty(3, dtype=torch.float64), mode=mode, loss_agg_mode="token-mean", clip_ratio=0.0,
+                          clamp_closed=closed)
         grads[closed] = g
     torch.testing.assert_close(grads[True], 2 * grads[False], rtol=0, atol=0)
     assert grads[True].abs().min() > 0

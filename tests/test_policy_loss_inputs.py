@@ -96,27 +96,32 @@ def test_empty_inputs_are_value_errors(shape):
 def test_native_rejects_read_only_and_misshaped_outputs(batch):
     old, lp, adv, mask = (x.numpy() for x in batch)
     grad = np.empty_like(lp)
-    out = np.empty(4)
+    loss, metrics = np.empty(()), np.empty(3)
+    opts = dict(mode="vanilla", loss_agg_mode="token-mean", clip_ratio=0.2)
     grad.flags.writeable = False
     with pytest.raises((ValueError, BufferError), match="grad"):
-        _core.policy_loss(old, lp, adv, mask, grad, out, mode="vanilla", loss_agg_mode="token-mean", clip_ratio=0.2)
+        _core.policy_loss(old, lp, adv, mask, grad, loss, metrics, **opts)
     with pytest.raises(ValueError, match="grad"):
-        _core.policy_loss(old, lp, adv, mask, np.empty((4, 5), np.float32), out,
-                          mode="vanilla", loss_agg_mode="token-mean", clip_ratio=0.2)
-    with pytest.raises(ValueError, match="out"):
-        _core.policy_loss(old, lp, adv, mask, np.empty_like(lp), np.empty(4, np.float32),
-                          mode="vanilla", loss_agg_mode="token-mean", clip_ratio=0.2)
+        _core.policy_loss(old, lp, adv, mask, np.empty((4, 5), np.float32), loss, metrics, **opts)
+    with pytest.raises(ValueError, match="metrics"):
+        _core.policy_loss(old, lp, adv, mask, np.empty_like(lp), loss, np.empty(3, np.float32), **opts)
+    with pytest.raises(ValueError, match="metrics"):
+        _core.policy_loss(old, lp, adv, mask, np.empty_like(lp), loss, np.empty(2), **opts)
+    with pytest.raises(ValueError, match="loss"):
+        _core.policy_loss(old, lp, adv, mask, np.empty_like(lp), np.empty(1), metrics, **opts)
+    with pytest.raises(ValueError, match="loss"):
+        _core.policy_loss(old, lp, adv, mask, np.empty_like(lp), np.empty((), np.int64), metrics, **opts)
 
 
 def test_numpy_arrays_through_the_native_layer_match_torch(batch):
     old, lp, adv, mask = batch
     ref, metrics = call(old, lp.clone().requires_grad_(), adv, mask, mode="gspo")
     grad = np.empty(tuple(lp.shape), np.float32)
-    out = np.empty(4)
-    _core.policy_loss(old.numpy(), lp.numpy(), adv.numpy(), mask.numpy(), grad, out,
+    loss, out = np.empty((), np.float32), np.empty(3)
+    _core.policy_loss(old.numpy(), lp.numpy(), adv.numpy(), mask.numpy(), grad, loss, out,
                       mode="gspo", loss_agg_mode="token-mean", clip_ratio=0.2)
-    assert out[0] == pytest.approx(ref.item(), rel=1e-6)
-    assert out[2] == pytest.approx(metrics["ppo_kl"].item(), abs=1e-12)
+    assert loss == ref.item()
+    assert out[1] == metrics["ppo_kl"].item()
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "gspo", "luspo"])
@@ -183,6 +188,32 @@ def test_backward_twice_with_retain_graph_accumulates_exactly():
     loss.backward(retain_graph=True)
     loss.backward()
     torch.testing.assert_close(y.grad, 2 * once.grad, rtol=0, atol=0)
+
+
+def test_a_scaled_backward_twice_through_one_graph_raises_instead_of_scaling_twice():
+    # backward scales the saved gradient in place (one contract on CPU and
+    # CUDA); a second pass through the same graph would scale it again, so
+    # autograd's saved-tensor version check must refuse it.
+    old, lp, adv, mask = make_batch(4, 9, seed=4)
+    once = lp.clone().requires_grad_()
+    call(old, once, adv, mask, mode="gspo")[0].backward()
+    x = lp.clone().requires_grad_()
+    loss, _ = call(old, x, adv, mask, mode="gspo")
+    (2.0 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, 2.0 * once.grad, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (2.0 * loss).backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("seed_dtype", [torch.float32, torch.float64])
+def test_native_backward_scale_rounds_like_torch(dtype, seed_dtype):
+    g = torch.randn(5, 300, generator=torch.Generator().manual_seed(1)).to(dtype)
+    seed = torch.tensor(0.3, dtype=seed_dtype)
+    want = g * seed
+    assert _core.scale_grad(g, seed) is True
+    assert g.dtype == want.dtype and torch.equal(g, want)
+    assert _core.scale_grad(g, torch.tensor(1.0)) is False and torch.equal(g, want)
 
 
 def test_large_gradients_from_the_buffer_pool_are_never_reused_while_referenced():

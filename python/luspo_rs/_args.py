@@ -11,7 +11,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import _cuda
+from . import _core, _cuda
+from ._alloc import empty_host
 
 Number = Union[int, float, torch.Tensor]
 
@@ -162,13 +163,40 @@ def refuse_double_backward(op: str) -> None:
         )
 
 
-def scaled_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
-    """``grad_loss * saved_grad`` for the CPU path. ``loss.backward()`` seeds
-    ``grad_loss = 1``: then the saved buffer is the gradient itself and is
-    handed over without a B×T multiply (autograd copies it before
-    accumulating where the buffer is still referenced, e.g. with
-    ``retain_graph=True``)."""
+def scale_grad_in_place(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+    """Backward of both losses, on either device: the saved gradient times
+    ``grad_loss``, in place (``_core.scale_grad``), returned as the gradient.
+    ``loss.backward()``'s seed of 1 costs no pass over it. After a scaling
+    the buffer's version moves on, so a second backward through the same
+    graph (``retain_graph=True``) raises torch's in-place error rather than
+    scaling twice."""
     (grad,) = ctx.saved_tensors
-    if grad_loss.numel() == 1 and grad_loss.item() == 1.0:
-        return grad
-    return grad * grad_loss
+    if _core.scale_grad(grad, grad_loss, stream=stream_of(grad)):
+        torch.autograd.graph.increment_version(grad)
+    return grad
+
+
+# --------------------------------------------------------------------------- buffers
+
+
+def stream_of(x: torch.Tensor) -> Optional[int]:
+    """The caller's stream for the native call: torch's current stream on
+    ``x``'s CUDA device, None on the CPU."""
+    return _cuda.stream_of(x) if x.is_cuda else None
+
+
+def loss_buffers(x: torch.Tensor, loss_dtype: torch.dtype, metrics: bool):
+    """What one loss call writes, allocated by torch on ``x``'s device:
+    ``grad`` (``x``'s shape and dtype; on the CPU from the huge-page pool),
+    the 0-d ``loss`` in ``loss_dtype``, the float64 ``metrics`` (policy loss
+    only), and the CUDA kernels' float64 ``scratch`` (None on the CPU)."""
+    device = x.device
+    if x.is_cuda:
+        grad = torch.empty(x.shape, dtype=x.dtype, device=device)
+        rows = x.shape[0] if x.dim() > 0 else 0
+        scratch = torch.empty(_core.loss_scratch_len(rows), dtype=torch.float64, device=device)
+    else:
+        grad, scratch = empty_host(tuple(x.shape), x.dtype), None
+    loss = torch.empty((), dtype=loss_dtype, device=device)
+    out = torch.empty(_core.METRICS_LEN, dtype=torch.float64, device=device) if metrics else None
+    return grad, loss, out, scratch

@@ -6,7 +6,7 @@ bounds: ``True`` passes the gradient there (torch 2.11), ``False`` does not
 installed torch.
 
 Every tensor argument is a :class:`DLPack` producer (torch tensors, numpy
-arrays). Outputs (``grad``, ``out``) are written in place and must be
+arrays). Outputs (``grad``, ``loss``, ``metrics``, ``out``) are written in place and must be
 writable; nothing is copied. Errors are ``TypeError`` (dtype) or
 ``ValueError`` (shape, rank, device, value), each naming the argument.
 
@@ -40,7 +40,8 @@ def policy_loss(
     advantages: DLPack,
     response_mask: DLPack,
     grad: DLPack,
-    out: DLPack,
+    loss: DLPack,
+    metrics: DLPack,
     *,
     mode: PolicyMode,
     loss_agg_mode: AggMode,
@@ -53,56 +54,59 @@ def policy_loss(
     batch_num_tokens: Optional[float] = None,
     global_batch_size: Optional[float] = None,
     loss_scale_factor: Optional[float] = None,
+    clamp_closed: bool = False,
+    factor: Optional[DLPack] = None,
     scratch: Optional[DLPack] = None,
     stream: Optional[int] = None,
-    clamp_closed: bool = False,
-    loss: Optional[DLPack] = None,
-    factor: Optional[DLPack] = None,
 ) -> None:
-    """Fused policy loss: writes ``d loss / d log_prob`` into ``grad`` (shape
-    and device of ``log_prob``, float dtype) and
-    ``[loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower]`` into ``out`` (a
-    contiguous float64 tensor of 4 elements).
+    """Fused policy loss, the same contract on both devices: writes the final
+    ``d loss / d log_prob`` into ``grad`` (shape and device of ``log_prob``,
+    float dtype), the loss into ``loss`` (0-d, any float dtype), and
+    ``[pg_clipfrac, ppo_kl, pg_clipfrac_lower]`` into ``metrics`` (a
+    contiguous float64 tensor of ``METRICS_LEN`` elements). ``factor``, an
+    optional float64 scalar, multiplies the loss and the gradient.
 
-    CUDA tensors: a memset and two kernels are queued on ``stream`` (a
-    ``CUstream`` handle, ``torch.cuda.current_stream().cuda_stream``) and the
-    call returns at once. ``grad`` receives the final gradient, ``loss`` (a
-    0-d tensor in ``log_prob``'s dtype) the loss, ``out`` (3 float64) the
-    metrics ``[pg_clipfrac, ppo_kl, pg_clipfrac_lower]``; ``scratch`` is a
-    float64 device tensor of ``cuda_loss_scratch_len(B)`` elements and
-    ``factor`` an optional float64 device scalar multiplying the loss and the
-    gradient. Errors from the CUDA driver or NVRTC are ``RuntimeError``."""
+    CUDA tensors also take ``scratch`` (float64, ``loss_scratch_len(B)``
+    elements) and ``stream`` (a ``CUstream`` handle,
+    ``torch.cuda.current_stream().cuda_stream``): a memset and two kernels
+    are queued and the call returns at once. Errors from the CUDA driver or
+    NVRTC are ``RuntimeError``."""
 
 def agg_loss(
     loss_mat: DLPack,
     loss_mask: DLPack,
     grad: DLPack,
-    loss_agg_mode: AggMode,
+    loss: DLPack,
     *,
+    loss_agg_mode: AggMode,
     dp_size: float = 1.0,
     batch_num_tokens: Optional[float] = None,
     global_batch_size: Optional[float] = None,
     loss_scale_factor: Optional[float] = None,
-    out: Optional[DLPack] = None,
+    factor: Optional[DLPack] = None,
     scratch: Optional[DLPack] = None,
     stream: Optional[int] = None,
-    factor: Optional[DLPack] = None,
-) -> Optional[float]:
-    """verl's ``agg_loss``: returns the scalar and writes
-    ``d loss / d loss_mat`` into ``grad``.
-
-    CUDA tensors: returns ``None`` without waiting; ``out`` (0-d, in
-    ``loss_mat``'s dtype, on the device) receives the loss and ``grad`` the
-    final gradient; ``scratch``, ``factor`` and ``stream`` as in
+) -> None:
+    """verl's ``agg_loss``, the same contract on both devices: writes the
+    final ``d loss / d loss_mat`` into ``grad`` and the loss into ``loss``
+    (0-d, any float dtype); ``factor``, ``scratch`` and ``stream`` as in
     :func:`policy_loss`."""
 
-def cuda_loss_scratch_len(rows: int) -> int:
+def scale_grad(grad: DLPack, grad_output: DLPack, stream: Optional[int] = None) -> bool:
+    """Backward of both losses: ``grad *= grad_output`` in place (a
+    contiguous float ``grad``, a 1-element float ``grad_output``). Returns
+    whether ``grad`` may have changed: on the CPU a ``grad_output`` of 1 is
+    skipped (False); on CUDA the kernel is queued on ``stream`` and skips it
+    on the device (True)."""
+
+METRICS_LEN: int
+"""Elements of the policy loss's ``metrics`` buffer."""
+
+def loss_scratch_len(rows: int) -> int:
     """float64 elements of the ``scratch`` the CUDA loss kernels need for ``rows`` rows."""
 
-def cuda_scale_grad(grad: DLPack, grad_output: DLPack, stream: int) -> None:
-    """Backward of the CUDA loss kernels: queues ``grad *= grad_output`` in
-    place on ``stream``; the kernel leaves ``grad`` untouched when
-    ``grad_output`` (a 1-element float device tensor) is 1."""
+def advantage_scratch_len(rows: int) -> int:
+    """float64 elements of the ``scratch`` the CUDA advantage kernels need for ``rows`` rows."""
 
 def cuda_set_nvrtc_hints(dirs: list[str]) -> None:
     """Directories searched for ``libnvrtc`` after ``LUSPO_RS_NVRTC`` and

@@ -84,9 +84,11 @@ def advantage(
     gid = group_index(index)
     dtype = torch.promote_types(rewards.dtype, mask.dtype) if rewards.dtype.is_floating_point else rewards.dtype
     if rewards.is_cuda:
-        return _cuda.advantage(estimator, rewards, mask, gid, dtype, **params)
-    if gid.device.type != "cpu":
-        gid = gid.cpu()
-    out = empty_host(tuple(rewards.shape), dtype)
-    _core.advantage(rewards, mask, gid, out, estimator=estimator, **params)
+        # the labels on the device, their stable argsort and the kernels' scratch
+        gid, cuda = _cuda.advantage_inputs(rewards, gid)
+        out = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)
+    else:
+        gid, cuda = gid.cpu(), {}
+        out = empty_host(tuple(rewards.shape), dtype)
+    _core.advantage(rewards, mask, gid, out, estimator=estimator, **params, **cuda)
     return out

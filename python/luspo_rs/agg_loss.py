@@ -7,8 +7,8 @@ from typing import Literal, Optional
 
 import torch
 
-from . import _core, _cuda
-from ._args import Number, as_tensor, check_entry, normalisers, result_dtype, scaled_grad
+from . import _core
+from ._args import Number, as_tensor, check_entry, loss_buffers, normalisers, result_dtype, scale_grad_in_place, stream_of
 
 AggMode = Literal["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -18,13 +18,20 @@ class AggLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor, loss_dtype):
-        if loss_mat.is_cuda:
-            ctx.cuda = True
-            return _cuda.agg_forward(ctx, loss_mat, loss_mask, loss_agg_mode, options, factor, loss_dtype)
-        grad = torch.empty(loss_mat.shape, dtype=loss_mat.dtype, device=loss_mat.device)
-        loss = _core.agg_loss(loss_mat.detach(), loss_mask, grad, loss_agg_mode, **options)
+        grad, loss, _, scratch = loss_buffers(loss_mat, loss_dtype, metrics=False)
+        _core.agg_loss(
+            loss_mat.detach(),
+            loss_mask,
+            grad,
+            loss,
+            loss_agg_mode=loss_agg_mode,
+            factor=factor,
+            scratch=scratch,
+            stream=stream_of(loss_mat),
+            **options,
+        )
         ctx.save_for_backward(grad)
-        return torch.tensor(loss, dtype=loss_dtype, device=loss_mat.device)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -33,9 +40,7 @@ class AggLossFunction(torch.autograd.Function):
             # is the saved constant times grad_output, differentiably
             (grad,) = ctx.saved_tensors
             return grad * grad_loss, None, None, None, None, None
-        if getattr(ctx, "cuda", False):
-            return _cuda.backward(ctx, grad_loss), None, None, None, None, None
-        return scaled_grad(ctx, grad_loss), None, None, None, None, None
+        return scale_grad_in_place(ctx, grad_loss), None, None, None, None, None
 
 
 def agg_loss(

@@ -7,10 +7,10 @@ that lived here now live with their op (:mod:`luspo_rs.policy_loss`,
 from ._args import refuse_double_backward, torch_clamp_closed
 from .agg_loss import AggLossFunction, agg_loss
 from .kl_penalty import KlPenaltyFunction, kl_penalty
-from .policy_loss import STATS, PolicyLossFunction, policy_loss
+from .policy_loss import METRICS, PolicyLossFunction, policy_loss
 
 __all__ = [
-    "STATS",
+    "METRICS",
     "AggLossFunction",
     "KlPenaltyFunction",
     "PolicyLossFunction",

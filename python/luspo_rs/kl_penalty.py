@@ -7,8 +7,8 @@ from typing import Literal
 
 import torch
 
-from . import _core, _cuda
-from ._args import refuse_double_backward, require_strings, require_tensors, torch_clamp_closed
+from . import _core
+from ._args import refuse_double_backward, require_strings, require_tensors, stream_of, torch_clamp_closed
 
 KlMode = Literal[
     "kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3",
@@ -30,10 +30,9 @@ class KlPenaltyFunction(torch.autograd.Function):
         grad = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad = torch.empty(logprob.shape, dtype=dtype, device=logprob.device)
-        if logprob.is_cuda:
-            _cuda.kl_penalty(logprob.detach(), ref_logprob.detach(), out, grad, mode, torch_clamp_closed())
-        else:
-            _core.kl_penalty(logprob.detach(), ref_logprob.detach(), out, grad, mode, clamp_closed=torch_clamp_closed())
+        _core.kl_penalty(
+            logprob.detach(), ref_logprob.detach(), out, grad, mode, clamp_closed=torch_clamp_closed(), stream=stream_of(logprob)
+        )
         ctx.save_for_backward(grad)
         ctx.dtypes = (logprob.dtype, ref_logprob.dtype)
         return out

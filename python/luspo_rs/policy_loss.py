@@ -1,10 +1,10 @@
 """The fused policy loss (vanilla PPO/GRPO, GSPO, LUSPO): its autograd
 Function and the public entry point :func:`policy_loss`.
 
-Forward allocates the gradient buffer with torch (``log_prob``'s dtype and
-device), hands every tensor to the native module through DLPack without
-copying, and saves only that buffer for backward. CUDA tensors go through
-:mod:`luspo_rs._cuda` (caller's stream, no host sync, in-place backward).
+Forward allocates the outputs with torch (the gradient buffer in
+``log_prob``'s dtype and device), hands every tensor to the native module
+through DLPack without copying, and saves only the gradient for backward.
+CUDA tensors run on the caller's current stream, without a host sync.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ from typing import Literal, Optional
 
 import torch
 
-from . import _core, _cuda
-from ._alloc import empty_host
-from ._args import Number, as_float, as_tensor, check_entry, normalisers, refuse_double_backward, result_dtype
-from ._args import scaled_grad, torch_clamp_closed
+from . import _core
+from ._args import Number, as_float, as_tensor, check_entry, loss_buffers, normalisers, refuse_double_backward
+from ._args import result_dtype, scale_grad_in_place, stream_of, torch_clamp_closed
 from .agg_loss import AggMode
 
 PolicyMode = Literal["vanilla", "gspo", "luspo"]
 
-#: Order of the values the native policy loss writes into its ``out`` buffer (CPU).
-STATS = ("loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
+#: The metrics the native policy loss writes, in order (verl's names).
+METRICS = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
 
 
 def effective_agg_mode(mode: str, loss_agg_mode: str) -> str:
@@ -34,32 +33,30 @@ def effective_agg_mode(mode: str, loss_agg_mode: str) -> str:
 
 class PolicyLossFunction(torch.autograd.Function):
     """Fused policy loss; differentiable in ``log_prob`` only (the other
-    inputs are treated as constants, as verl's trainers use them)."""
+    inputs are treated as constants, as verl's trainers use them). The same
+    native call on both devices writes the final gradient, the loss and the
+    metrics; backward scales the saved gradient in place."""
 
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor, loss_dtype):
         # no zero gradient is built for the metrics output (a fill kernel on CUDA)
         ctx.set_materialize_grads(False)
-        if log_prob.is_cuda:
-            ctx.cuda = True
-            return _cuda.policy_forward(
-                ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor, loss_dtype
-            )
-        grad = empty_host(tuple(log_prob.shape), log_prob.dtype)
-        out = torch.empty(len(STATS), dtype=torch.float64, device=log_prob.device)
+        grad, loss, metrics, scratch = loss_buffers(log_prob, loss_dtype, metrics=True)
         _core.policy_loss(
             old_log_prob,
             log_prob.detach(),
             advantages,
             response_mask,
             grad,
-            out,
+            loss,
+            metrics,
             rollout_is_weights=rollout_is_weights,
+            factor=factor,
+            scratch=scratch,
+            stream=stream_of(log_prob),
             **options,
         )
         ctx.save_for_backward(grad)
-        loss = out[0].to(loss_dtype)
-        metrics = out[1:]
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
@@ -69,9 +66,7 @@ class PolicyLossFunction(torch.autograd.Function):
         if grad_loss is None:  # only the metrics were used
             return (None, *none)
         refuse_double_backward("luspo_rs.policy_loss")
-        if getattr(ctx, "cuda", False):
-            return (_cuda.backward(ctx, grad_loss), *none)
-        return (scaled_grad(ctx, grad_loss), *none)
+        return (scale_grad_in_place(ctx, grad_loss), *none)
 
 
 def policy_loss(
@@ -143,4 +138,4 @@ def policy_loss(
     loss, metrics = PolicyLossFunction.apply(
         log_prob, old_log_prob, advantages, response_mask, weights, options, factor, loss_dtype
     )
-    return loss, dict(zip(STATS[1:], metrics.unbind()))
+    return loss, dict(zip(METRICS, metrics.unbind()))

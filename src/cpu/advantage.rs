@@ -1,25 +1,8 @@
-//! Outcome advantage estimators over groups of responses, with verl 0.9.x
-//! semantics, fused: one pass over `token_level_rewards` (and the mask where
-//! the estimator needs lengths) for the scores, per-group statistics in f64
-//! in row order, one pass writing the B×T advantages.
-//!
-//! With `s_i = sum_t r_it` (all positions, as verl) and `g(i)` the group of
-//! row `i` (`n_g` rows, mean `mu_g`, unbiased std `sd_g`), the per-row scalar
-//! `a_i` is, for groups of `n_g > 1` (singletons in brackets):
-//!
-//! * `grpo` / `grpo_vectorized`: `(s_i - mu_g) / (sd_g + eps)` [`s_i / f32(1 + eps)`];
-//!   without std normalisation (Dr.GRPO) `s_i - mu_g` [`s_i`];
-//! * `rloo`: `n_g / (n_g - 1) * (s_i - mu_g)` [`s_i`]; `rloo_vectorized`: the same [`0`];
-//! * `opo`: `s_i - sum_g(L s) / sum_g(L)` with `L_i = sum_t m_it` [`s_i`];
-//! * `gpg`: `alpha * (s_i - mu_g) / f_norm`, `alpha = B / max(#{s_i != 0}, 1)` [`alpha s_i / f_norm`];
-//! * `reinforce_plus_plus_baseline`: `v_it = (s_i - mu_g) m_it` [`s_i m_it`], then
-//!   verl's `masked_whiten` over the whole batch:
-//!   `(v - mean) / sqrt(var + 1e-8) * m` with `mean`, unbiased `var` over `m`;
-//!   with `N = sum m`, verl divides by `N + 1e-8` and multiplies by the Bessel
-//!   factor `N / (N - 1)`, both computed in float32 unless the mask is float64
-//!   (torch's dtype of `mask.sum()`, see [`plus_eps`] and [`bessel`]).
-//!
-//! Every other estimator writes `a_i * m_it`.
+//! The group advantage estimators on the CPU (twin of
+//! `cuda/kernels/advantage.cu`; the formulas are in `ops/advantage.rs`):
+//! one pass over `token_level_rewards` (and the mask where the estimator
+//! needs lengths) for the scores, per-group statistics in f64 in row order,
+//! one pass writing the B×T advantages.
 
 use super::{fold_rows, for_each_row, Sum8};
 use crate::error::{try_zeros, Error, Result};

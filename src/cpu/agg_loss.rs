@@ -1,5 +1,6 @@
 //! verl's `agg_loss` for any B×T loss matrix (entropy, KL terms): the scalar
-//! and `d loss / d loss_mat`, in one pass per row.
+//! and `d loss / d loss_mat`, in one pass per row. Twin of
+//! `cuda/kernels/loss.cu` (`MODE_AGG`).
 
 use super::{fold_rows, mask_totals, Sum8};
 use crate::error::Result;

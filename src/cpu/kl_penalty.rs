@@ -1,6 +1,7 @@
 //! `kl_penalty` on the CPU: verl's estimators, elementwise, with the derivative in
 //! `logprob` written in the same pass (the derivative in `ref_logprob` is
 //! its negative: every estimator is a function of `d = logprob - ref_logprob`).
+//! Twin of `cuda/kernels/kl_penalty.cu`.
 //!
 //! * `kl` / `k1`: `d`;
 //! * `abs`: `|d|` (torch's `sign(d)` gradient, 0 at 0);

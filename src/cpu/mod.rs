@@ -5,6 +5,7 @@
 pub mod advantage;
 pub mod agg_loss;
 pub mod lane;
+pub mod outputs;
 pub mod kl_penalty;
 pub mod policy_loss;
 pub mod pool;

@@ -1,5 +1,6 @@
 //! The fused policy loss on the CPU: one pass per row computes the loss
-//! terms, verl's metrics and `d loss / d log_prob`.
+//! terms, verl's metrics and `d loss / d log_prob`. Twin of
+//! `cuda/kernels/loss.cu` (the same formulas, token for token).
 //!
 //! Per token, with `d = lp - old`, `A` the advantage, `w` the rollout IS
 //! weight, `[lo, hi] = [1 - clip_ratio_low, 1 + clip_ratio_high]`:

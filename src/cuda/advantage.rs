@@ -3,7 +3,7 @@
 //! the B×T write).
 
 use super::runtime::{
-    check_f64, device_state, driver, grid, launch, threads_per_row, view, view_mut, CtxGuard, Result, View,
+    device_state, driver, grid, launch, threads_per_row, view, view_mut, CtxGuard, Result, View,
 };
 use super::sys::CUfunction;
 use crate::error::Error;
@@ -95,7 +95,7 @@ pub fn advantage(p: &AdvantageProblem, order: &Tensor, scratch: &Tensor, stream:
     let device = p.rewards.tensor.device;
     check_i64_vector(device, &p.index, rows)?;
     check_i64_vector(device, order, rows)?;
-    check_f64(device, scratch, abi::advantage_scratch_len(rows))?;
+    scratch.expect_f64_buffer(device, abi::advantage_scratch_len(rows))?;
     let d = driver()?;
     let s = device_state(&d, device)?;
     let k = &s.advantage;

@@ -10,12 +10,13 @@
 //! when `grad_output` is 1.
 
 use super::runtime::{
-    check_f64, device_state, driver, dtype_code, grid, is_contiguous, launch, rt, view, view_mut, CtxGuard, Result, View,
+    device_state, driver, dtype_code, grid, launch, rt, view, view_mut, CtxGuard, Result, View,
     NO_VIEW,
 };
 use super::sys::{self, CUfunction};
 use crate::error::Error;
 use crate::ops::abi;
+use crate::ops::LossOutputs;
 use crate::ops::agg_loss::{AggMode, AggProblem, Normalizers};
 use crate::ops::policy_loss::{LossMode, PolicyLossProblem};
 use crate::tensor::{DType, Device, Mat, MatMut, Tensor};
@@ -101,8 +102,8 @@ impl Variant {
     }
 }
 
-/// The loss kernels of one device: `loss_rows_*` indexed by [`Variant`],
-/// `loss_tokens_*` by [`Variant`] and token rule, and `scale_grad`.
+/// The loss kernels of one device: `loss_rows_*` indexed by `Variant`,
+/// `loss_tokens_*` by `Variant` and token rule, and `scale_grad`.
 pub struct Kernels {
     rows: [CUfunction; 6],
     tokens: [[CUfunction; 3]; 6],
@@ -170,41 +171,6 @@ fn agg_code(a: AggMode) -> i64 {
     }
 }
 
-/// The caller's buffers of one loss-kernel call (torch allocates them).
-pub struct LossBuffers<'a> {
-    /// 0-d, the loss, in any float dtype (the Python layer picks verl's:
-    /// the promotion of the inputs' dtypes).
-    pub loss: &'a Tensor,
-    /// float64, `abi::METRICS_LEN` values (policy loss only).
-    pub metrics: Option<&'a Tensor>,
-    /// float64, `abi::loss_scratch_len(rows)` values.
-    pub scratch: &'a Tensor,
-    /// A device float64 scalar multiplying the loss and the gradient (the
-    /// normalisers given as CUDA tensors), or none.
-    pub factor: Option<&'a Tensor>,
-}
-
-impl LossBuffers<'_> {
-    fn check(&self, device: Device, rows: usize, metrics: bool) -> Result<()> {
-        let l = self.loss;
-        if l.device != device || !l.dtype.is_float() || !l.shape.is_empty() || l.read_only {
-            return Err(Error::value_error(l.arg, format!("expected a writable 0-d float tensor on {device}")).into());
-        }
-        match (self.metrics, metrics) {
-            (Some(m), true) => check_f64(device, m, abi::METRICS_LEN as usize)?,
-            (None, false) => {}
-            (_, want) => {
-                return Err(Error::value_error("out", if want { "required" } else { "unexpected" }).into());
-            }
-        }
-        check_f64(device, self.scratch, abi::loss_scratch_len(rows))?;
-        if let Some(f) = self.factor {
-            check_f64(device, f, 1)?;
-        }
-        Ok(())
-    }
-}
-
 /// What differs between the policy loss and `agg_loss` in one launch of the loss kernels.
 struct LossLaunch<'a> {
     old_lp: View,
@@ -221,9 +187,10 @@ struct LossLaunch<'a> {
 }
 
 /// Zeroes the tickets and enqueues both loss kernels on `stream`.
-fn launch_loss(l: &LossLaunch<'_>, b: &LossBuffers<'_>, device: Device, stream: usize) -> Result<()> {
+fn launch_loss(l: &LossLaunch<'_>, b: &LossOutputs<'_>, scratch: &Tensor, device: Device, stream: usize) -> Result<()> {
     let (rows, cols) = (l.lp.rows, l.lp.cols);
-    b.check(device, rows, l.mode != abi::MODE_AGG)?;
+    b.check(device, l.mode != abi::MODE_AGG)?;
+    scratch.expect_f64_buffer(device, abi::loss_scratch_len(rows))?;
     let d = driver()?;
     let s = device_state(&d, device)?;
     let (lp, grad, mask, w) = (view(l.lp), view_mut(l.grad), view(l.mask), l.w.map(view).unwrap_or(NO_VIEW));
@@ -249,7 +216,7 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossBuffers<'_>, device: Device, stream: 
         grad,
         loss: View { ptr: b.loss.ptr, rs: 0, cs: 0, dtype: dtype_code(b.loss.dtype) },
         metrics: b.metrics.map_or(std::ptr::null_mut(), |m| m.ptr as *mut f64),
-        scratch: b.scratch.ptr as *mut f64,
+        scratch: scratch.ptr as *mut f64,
         factor: b.factor.map_or(std::ptr::null(), |f| f.ptr as *const f64),
         rows: rows as i64,
         cols: cols as i64,
@@ -272,7 +239,7 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossBuffers<'_>, device: Device, stream: 
     // SAFETY: the struct matches kernels/loss.cu; the tensors are kept alive by
     // the caller and used on its stream, so stream order protects them.
     unsafe {
-        rt(d.check("cuMemsetD32Async", (d.cuMemsetD32Async)(b.scratch.ptr as u64, 0, 2, stream as sys::CUstream)))?;
+        rt(d.check("cuMemsetD32Async", (d.cuMemsetD32Async)(scratch.ptr as u64, 0, 2, stream as sys::CUstream)))?;
         launch(&d, s.loss.rows[k], blocks, block, stream, args)?;
         let rule = match l.mode {
             abi::MODE_VANILLA => 0,
@@ -289,9 +256,10 @@ fn clip_of(p: &PolicyLossProblem) -> (f64, f64, f64, bool) {
 
 /// Enqueues the fused policy loss on `stream` (a `CUstream` of the inputs'
 /// device, 0 for the legacy default stream): the final `d loss / d log_prob`
-/// into `p.grad`, the loss into `b.loss`, verl's metrics into `b.metrics`.
+/// into `p.grad`, the loss into `b.loss`, verl's metrics into `b.metrics`;
+/// `scratch` is float64, `abi::loss_scratch_len(rows)` values on the device.
 /// Returns as soon as the work is queued (a memset and two kernels).
-pub fn policy_loss(p: &PolicyLossProblem, b: &LossBuffers<'_>, stream: usize) -> Result<()> {
+pub fn policy_loss(p: &PolicyLossProblem, b: &LossOutputs<'_>, scratch: &Tensor, stream: usize) -> Result<()> {
     let mode = match p.mode {
         LossMode::Vanilla => abi::MODE_VANILLA,
         LossMode::Gspo => abi::MODE_GSPO,
@@ -310,12 +278,12 @@ pub fn policy_loss(p: &PolicyLossProblem, b: &LossBuffers<'_>, stream: usize) ->
         clip: clip_of(p),
         f64_math: p.wants_f64(),
     };
-    launch_loss(&l, b, p.device, stream)
+    launch_loss(&l, b, scratch, p.device, stream)
 }
 
 /// Enqueues verl's `agg_loss` on `stream`: the final `d loss / d loss_mat`
 /// into `p.grad` and the loss into `b.loss` (`b.metrics` must be none).
-pub fn agg_loss(p: &AggProblem, b: &LossBuffers<'_>, stream: usize) -> Result<()> {
+pub fn agg_loss(p: &AggProblem, b: &LossOutputs<'_>, scratch: &Tensor, stream: usize) -> Result<()> {
     let l = LossLaunch {
         old_lp: NO_VIEW,
         lp: &p.loss_mat,
@@ -329,7 +297,7 @@ pub fn agg_loss(p: &AggProblem, b: &LossBuffers<'_>, stream: usize) -> Result<()
         clip: (0.0, 0.0, 0.0, false),
         f64_math: p.loss_mat.tensor.dtype == DType::F64,
     };
-    launch_loss(&l, b, p.loss_mat.tensor.device, stream)
+    launch_loss(&l, b, scratch, p.loss_mat.tensor.device, stream)
 }
 
 #[repr(C)]
@@ -345,7 +313,7 @@ struct ScaleArgs {
 /// untouched (no pass over it), which is the `loss.backward()` case.
 pub fn scale_grad(grad: &Tensor, grad_output: &Tensor, stream: usize) -> Result<()> {
     let device = grad.device;
-    if !grad.dtype.is_float() || grad.read_only || !is_contiguous(grad) || (grad.ptr as usize) % 16 != 0 {
+    if !grad.dtype.is_float() || grad.read_only || !grad.is_contiguous() || (grad.ptr as usize) % 16 != 0 {
         return Err(Error::value_error(grad.arg, "expected a writable contiguous float tensor, 16-byte aligned").into());
     }
     let n: usize = grad.shape.iter().product();

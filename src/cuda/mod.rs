@@ -30,5 +30,5 @@ pub mod sys;
 
 pub use advantage::advantage;
 pub use kl_penalty::kl_penalty;
-pub use loss::{agg_loss, policy_loss, scale_grad, LossBuffers};
+pub use loss::{agg_loss, policy_loss, scale_grad};
 pub use runtime::{compile, nvrtc, set_nvrtc_hints, source, CudaError, Target};

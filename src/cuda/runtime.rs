@@ -7,7 +7,7 @@
 use super::sys::{self, CUcontext, CUfunction, Driver, Nvrtc};
 use crate::error::Error;
 use crate::ops::abi;
-use crate::tensor::{DType, Device, Mat, MatMut, Tensor};
+use crate::tensor::{DType, Device, Mat, MatMut};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::path::PathBuf;
@@ -333,35 +333,6 @@ pub const NO_VIEW: View = View { ptr: std::ptr::null(), rs: 0, cs: 0, dtype: 1 }
 /// so every bit of the result) is the same run after run.
 pub fn threads_per_row(cols: usize) -> u32 {
     (cols.div_ceil(8)).next_power_of_two().clamp(64, 512) as u32
-}
-
-/// Whether `d` is a contiguous tensor (size-1 dimensions may have any stride).
-pub fn is_contiguous(d: &Tensor) -> bool {
-    let mut expect = 1isize;
-    for k in (0..d.shape.len()).rev() {
-        if d.shape[k] > 1 && d.strides[k] != expect {
-            return false;
-        }
-        expect *= d.shape[k] as isize;
-    }
-    true
-}
-
-/// Checks a caller-allocated float64 buffer: at least `need` elements,
-/// contiguous, writable, on `device`.
-pub fn check_f64(device: Device, d: &Tensor, need: usize) -> Result<()> {
-    if d.device != device {
-        return Err(Error::value_error(d.arg, format!("is on {} but the inputs are on {device}", d.device)).into());
-    }
-    let n: usize = d.shape.iter().product();
-    if d.dtype != DType::F64 || n < need || d.read_only || !is_contiguous(d) {
-        return Err(Error::value_error(
-            d.arg,
-            format!("expected a writable contiguous float64 tensor with at least {need} elements"),
-        )
-        .into());
-    }
-    Ok(())
 }
 
 pub fn ordinal(device: Device) -> Result<i32> {

@@ -1,12 +1,7 @@
 //! `advantage`: verl's outcome advantage estimators (parsed names), the
 //! validated problem, and the dense group ids of the rows. The formulas
 //! below are computed in `cpu/advantage.rs` and, twinned, in
-//! `cuda/kernels/advantage.cu`.
-//!
-//! Outcome advantage estimators over groups of responses, with verl 0.9.x
-//! semantics, fused: one pass over `token_level_rewards` (and the mask where
-//! the estimator needs lengths) for the scores, per-group statistics in f64
-//! in row order, one pass writing the B×T advantages.
+//! `cuda/kernels/advantage.cu`, with verl 0.9.x semantics.
 //!
 //! With `s_i = sum_t r_it` (all positions, as verl) and `g(i)` the group of
 //! row `i` (`n_g` rows, mean `mu_g`, unbiased std `sd_g`), the per-row scalar
@@ -22,7 +17,7 @@
 //!   `(v - mean) / sqrt(var + 1e-8) * m` with `mean`, unbiased `var` over `m`;
 //!   with `N = sum m`, verl divides by `N + 1e-8` and multiplies by the Bessel
 //!   factor `N / (N - 1)`, both computed in float32 unless the mask is float64
-//!   (torch's dtype of `mask.sum()`, see [`plus_eps`] and [`bessel`]).
+//!   (torch's dtype of `mask.sum()`, see `ops::plus_eps` and `cpu::advantage::bessel`).
 //!
 //! Every other estimator writes `a_i * m_it`.
 

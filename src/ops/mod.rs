@@ -10,6 +10,46 @@ pub mod agg_loss;
 pub mod kl_penalty;
 pub mod policy_loss;
 
+use crate::error::{Error, Result};
+use crate::tensor::{Device, Tensor};
+
+/// What `policy_loss` and `agg_loss` write besides the gradient, the same on
+/// both devices (torch allocates every buffer).
+pub struct LossOutputs<'a> {
+    /// 0-d, the loss, in any float dtype (the Python layer picks verl's: the
+    /// promotion of the inputs' dtypes).
+    pub loss: &'a Tensor,
+    /// float64, `abi::METRICS_LEN` values `[pg_clipfrac, ppo_kl,
+    /// pg_clipfrac_lower]` (policy loss only).
+    pub metrics: Option<&'a Tensor>,
+    /// A float64 scalar that multiplies the loss and the gradient, or none:
+    /// normalisers given as CUDA tensors, combined on the device, so no
+    /// value is read back to the host.
+    pub factor: Option<&'a Tensor>,
+}
+
+impl LossOutputs<'_> {
+    /// Checks the buffers against the inputs' device; `metrics` says whether
+    /// the op writes them.
+    pub fn check(&self, device: Device, metrics: bool) -> Result<()> {
+        let l = self.loss;
+        if l.device != device || !l.dtype.is_float() || !l.shape.is_empty() || l.read_only {
+            return Err(Error::value_error(l.arg, format!("expected a writable 0-d float tensor on {device}")));
+        }
+        match (self.metrics, metrics) {
+            (Some(m), true) => m.expect_f64_buffer(device, abi::METRICS_LEN as usize)?,
+            (None, false) => {}
+            (_, want) => {
+                return Err(Error::value_error("metrics", if want { "required" } else { "unexpected for agg_loss" }));
+            }
+        }
+        if let Some(f) = self.factor {
+            f.expect_f64_buffer(device, 1)?;
+        }
+        Ok(())
+    }
+}
+
 /// `sum + 1e-8` as verl computes it: torch adds the epsilon in the mask's
 /// float type, which is float32 (the default dtype) for bool and integer
 /// masks, so only a float64 mask keeps the epsilon of a large count.

@@ -1,7 +1,7 @@
 // ---- group advantages (verl's outcome estimators) ----
 //
 // Mirrors src/cpu/advantage.rs. Four kernels, all in fixed order:
-//   advantage_scores     a block per row: score s_i = sum_t r_it and, for opo /
+//   advantage_scores   a block per row: score s_i = sum_t r_it and, for opo /
 //                      reinforce_plus_plus_baseline, sum m, m^2, m^3 over m != 0;
 //   advantage_groups   a thread per position k of `order` (the rows stably
 //                      sorted by label, so a group is a contiguous run in row

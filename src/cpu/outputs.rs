@@ -1,0 +1,88 @@
+//! The loss ops' outputs on the CPU, as the CUDA kernels write them: the
+//! loss into a 0-d tensor of its dtype, verl's metrics into a float64
+//! buffer, a device-style `factor` applied to the loss and the gradient; and
+//! backward, which scales the saved gradient in place by `grad_output`
+//! (nothing to do for `loss.backward()`'s seed of 1).
+
+use crate::error::{Error, Result};
+use crate::ops::LossOutputs;
+use crate::tensor::{DType, Device, Real, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// The value of a 1-element float tensor on the CPU.
+fn scalar(t: &Tensor) -> Result<f64> {
+    if t.device != Device::Cpu || !t.dtype.is_float() || t.shape.iter().product::<usize>() != 1 {
+        return Err(Error::value_error(t.arg, "expected a 1-element float tensor on the CPU"));
+    }
+    // SAFETY: a validated 1-element float tensor.
+    Ok(unsafe { f64::read(t.ptr, t.dtype) })
+}
+
+/// Writes `loss` (times the factor, if any) and the metrics; the gradient
+/// `grad` (already written) is multiplied by the factor too.
+pub fn write(out: &LossOutputs<'_>, loss: f64, metrics: Option<[f64; 3]>, grad: &Tensor) -> Result<()> {
+    out.check(Device::Cpu, metrics.is_some())?;
+    let mut loss = loss;
+    if let Some(f) = out.factor {
+        let f = scalar(f)?;
+        loss *= f;
+        scale(grad, f)?;
+    }
+    // SAFETY: `check` validated a writable 0-d float tensor and a writable
+    // contiguous float64 buffer of METRICS_LEN values.
+    unsafe {
+        match out.loss.dtype {
+            // torch converts float64 to a 16-bit float through float32, and
+            // any NaN to the positive quiet NaN; so do we
+            DType::BF16 | DType::F16 => {
+                let x = if loss.is_nan() { f32::NAN } else { loss as f32 };
+                x.write(out.loss.ptr, out.loss.dtype)
+            }
+            _ => loss.write(out.loss.ptr, out.loss.dtype),
+        }
+        if let (Some(m), Some(v)) = (out.metrics, metrics) {
+            std::ptr::copy_nonoverlapping(v.as_ptr(), m.ptr as *mut f64, v.len());
+        }
+    }
+    Ok(())
+}
+
+/// `grad *= grad_output` in place, as torch's `grad * grad_output` rounds
+/// it (in f32 for 16- and 32-bit gradients, in f64 for float64). Returns
+/// whether `grad` changed: a `grad_output` of exactly 1 leaves it untouched.
+pub fn scale_grad(grad: &Tensor, grad_output: &Tensor) -> Result<bool> {
+    let g = scalar(grad_output)?;
+    if g == 1.0 {
+        return Ok(false);
+    }
+    scale(grad, g)?;
+    Ok(true)
+}
+
+/// Elements per rayon task of [`scale`].
+const CHUNK: usize = 1 << 16;
+
+fn scale(grad: &Tensor, g: f64) -> Result<()> {
+    if grad.device != Device::Cpu || !grad.dtype.is_float() || grad.read_only || !grad.is_contiguous() {
+        return Err(Error::value_error(grad.arg, "expected a writable contiguous float tensor on the CPU"));
+    }
+    let n: usize = grad.shape.iter().product();
+    /// # Safety: `p` holds `n` contiguous writable `T`, used by no one else now.
+    unsafe fn each<T: Copy + Send + Sync>(p: *mut u8, n: usize, f: impl Fn(T) -> T + Sync) {
+        let xs = std::slice::from_raw_parts_mut(p as *mut T, n);
+        xs.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x = f(*x)));
+    }
+    let g32 = g as f32;
+    // SAFETY: validated above: contiguous, writable, `n` elements of `dtype`.
+    unsafe {
+        match grad.dtype {
+            DType::F64 => each(grad.ptr, n, |x: f64| x * g),
+            DType::F32 => each(grad.ptr, n, |x: f32| x * g32),
+            DType::BF16 => each(grad.ptr, n, |x: bf16| bf16::from_f32(x.to_f32() * g32)),
+            DType::F16 => each(grad.ptr, n, |x: f16| f16::from_f32(x.to_f32() * g32)),
+            _ => unreachable!("checked to be floating point"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! Sizes of the CUDA kernels' working buffers, the CPU pool's size, and the
+//! NVRTC hooks (library search, compiling without a GPU).
+
+use crate::{cpu, cuda, ops::abi};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+/// float64 elements of the `scratch` the CUDA loss kernels need for `rows` rows.
+#[pyfunction]
+pub fn loss_scratch_len(rows: usize) -> usize {
+    abi::loss_scratch_len(rows)
+}
+
+/// float64 elements of the `scratch` the CUDA advantage kernels need for `rows` rows.
+#[pyfunction]
+pub fn advantage_scratch_len(rows: usize) -> usize {
+    abi::advantage_scratch_len(rows)
+}
+
+/// Number of threads the CPU kernels use (this process's pool, see
+/// `cpu::pool`; `RAYON_NUM_THREADS` sets it before the first call).
+#[pyfunction]
+pub fn num_threads() -> usize {
+    cpu::pool::pool().current_num_threads()
+}
+
+/// Directories searched for NVRTC before the system paths.
+#[pyfunction]
+pub fn cuda_set_nvrtc_hints(dirs: Vec<std::path::PathBuf>) {
+    cuda::set_nvrtc_hints(dirs)
+}
+
+fn nvrtc() -> PyResult<std::sync::Arc<cuda::sys::Nvrtc>> {
+    cuda::nvrtc().map_err(|e| PyRuntimeError::new_err(format!("luspo_rs CUDA backend: {e}")))
+}
+
+/// Loads NVRTC if needed and returns `(path, major, minor)`.
+#[pyfunction]
+pub fn nvrtc_info() -> PyResult<(String, i32, i32)> {
+    let n = nvrtc()?;
+    let (a, b) = n.version();
+    Ok((n.path.display().to_string(), a, b))
+}
+
+/// Compiles the embedded kernels for compute capability `major.minor`
+/// (`target` "ptx" or "cubin") and returns the image; no GPU needed.
+#[pyfunction]
+#[pyo3(signature = (major, minor, target="ptx"))]
+pub fn cuda_compile<'py>(py: Python<'py>, major: i32, minor: i32, target: &str) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+    let t = match target {
+        "ptx" => cuda::Target::Ptx,
+        "cubin" => cuda::Target::Cubin,
+        _ => return Err(PyValueError::new_err(format!("target: expected \"ptx\" or \"cubin\", got {target:?}"))),
+    };
+    let n = nvrtc()?;
+    let img = py.detach(|| cuda::compile(&n, major, minor, t)).map_err(PyRuntimeError::new_err)?;
+    Ok(pyo3::types::PyBytes::new(py, &img))
+}
