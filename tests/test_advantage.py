@@ -137,6 +137,18 @@ def test_grpo_norm_by_std_and_epsilon(fn, norm):
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
+def test_gpg_alpha_is_verls_float32_with_float64_rewards():
+    # fuzz finding: verl's alpha = bsz / m.clamp(min=1) is float32 (1/m, then
+    # times bsz) even for float64 rewards; 7 rows, 3 non-zero scores
+    rewards = torch.tensor([[1.0], [1.0], [0.0], [0.0], [1.0], [0.0], [0.0]], dtype=torch.float64)
+    mask = torch.ones(7, 1)
+    index = np.array(list("abcdefg"), dtype=object)
+    want, _ = verl_ca.compute_gpg_outcome_advantage(rewards.clone(), mask, index, f_norm=2.5)
+    got, _ = ours.compute_gpg_outcome_advantage(rewards.clone(), mask, index, f_norm=2.5)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    assert got[0, 0].item() == want[0, 0].item() == 0.9333333969116211
+
+
 def test_gpg_f_norm():
     rng = np.random.default_rng(5)
     rewards, mask, index = make_batch(group_layout("2", rng), "uid", rng)

@@ -216,6 +216,38 @@ def test_native_backward_scale_rounds_like_torch(dtype, seed_dtype):
     assert _core.scale_grad(g, torch.tensor(1.0)) is False and torch.equal(g, want)
 
 
+@pytest.mark.parametrize("mode", ["vanilla", "gspo", "luspo"])
+def test_float16_gradient_scaled_down_by_the_seed_does_not_overflow(mode):
+    # fuzz finding: a float16 gradient over 65504 for a seed of 1 fits once
+    # the seed (0.5) is applied; verl's float16 chain gives a finite value,
+    # and so must we (backward recomputes it with the seed as the factor).
+    old = torch.zeros(1, 4, dtype=torch.float16)
+    lp = torch.full((1, 4), 9.9, dtype=torch.float16)
+    adv = torch.full((1, 4), -4.0, dtype=torch.float16)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    agg = "token-sum" if mode != "luspo" else "seq-mean-token-sum"
+    x = lp.clone().requires_grad_()
+    y = lp.clone().requires_grad_()
+    loss, _ = call(old, x, adv, mask, mode=mode, loss_agg_mode=agg)
+    (0.5 * loss).backward()
+    ref = _verl_loss(mode, old, y, adv, mask, agg)
+    (0.5 * ref).backward()
+    assert torch.isfinite(y.grad).all()
+    torch.testing.assert_close(x.grad.float(), y.grad.float(), rtol=8e-3, atol=0)
+    z = lp.clone().requires_grad_()
+    call(old, z, adv, mask, mode=mode, loss_agg_mode=agg)[0].backward()  # seed 1: the saved gradient
+    w = lp.clone().requires_grad_()
+    _verl_loss(mode, old, w, adv, mask, agg).backward()
+    torch.testing.assert_close(z.grad.float(), w.grad.float(), rtol=8e-3, atol=0)
+
+
+def _verl_loss(mode, old, x, adv, mask, agg):
+    from conftest import verl_config, verl_core_algos
+
+    fn = verl_core_algos.compute_policy_loss_vanilla if mode == "vanilla" else verl_core_algos.compute_policy_loss_gspo
+    return fn(old, x, adv, mask, loss_agg_mode=agg, config=verl_config(clip_ratio=0.2))[0]
+
+
 def test_large_gradients_from_the_buffer_pool_are_never_reused_while_referenced():
     # an 8 MiB gradient comes from luspo_rs._alloc's huge-page pool; a
     # gradient the caller still holds must survive later calls untouched

@@ -56,7 +56,16 @@ class PolicyLossFunction(torch.autograd.Function):
             stream=stream_of(log_prob),
             **options,
         )
-        ctx.save_for_backward(grad)
+        if log_prob.dtype == torch.float16:
+            # float16 overflows at 65504: a gradient computed for a seed of 1
+            # may not fit where the seeded one does, so backward recomputes it
+            # with the seed as `factor` (applied before rounding) unless the
+            # seed is 1. The inputs are saved by reference, not copied.
+            ctx.recompute = (options, factor)
+            ctx.save_for_backward(grad, log_prob.detach(), old_log_prob, advantages, response_mask, rollout_is_weights)
+        else:
+            ctx.recompute = None
+            ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
@@ -66,7 +75,30 @@ class PolicyLossFunction(torch.autograd.Function):
         if grad_loss is None:  # only the metrics were used
             return (None, *none)
         refuse_double_backward("luspo_rs.policy_loss")
+        if ctx.recompute is not None:
+            return (_recompute_half(ctx, grad_loss), *none)
         return (scale_grad_in_place(ctx, grad_loss), *none)
+
+
+def _recompute_half(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+    """Backward for a float16 ``log_prob``: the saved gradient for a seed of
+    1 on the CPU; otherwise the gradient computed again with ``grad_loss`` in
+    the aggregation's scale, so it is rounded to float16 once, after the
+    seed (as torch's chain would not overflow where the result fits). On
+    CUDA the seed is not read back (no sync), so the gradient is always
+    recomputed: one more forward pass."""
+    grad, lp, old, adv, mask, weights = ctx.saved_tensors
+    if not lp.is_cuda and grad_loss.item() == 1.0:
+        return grad
+    options, factor = ctx.recompute
+    seed = grad_loss.detach().reshape(()).to(torch.float64)
+    factor = seed if factor is None else factor * seed
+    grad, loss, metrics, scratch = loss_buffers(lp, torch.float64, metrics=True)
+    _core.policy_loss(
+        old, lp, adv, mask, grad, loss, metrics, rollout_is_weights=weights, factor=factor, scratch=scratch,
+        stream=stream_of(lp), **options,
+    )  # fmt: skip
+    return grad
 
 
 def policy_loss(

@@ -205,6 +205,13 @@ fn fence() {
     }
 }
 
+/// GPG's `alpha = B / max(#{s_i != 0}, 1)` as verl computes it: `bsz /
+/// m.clamp(min=1)` with an int64 tensor `m` is torch's float32
+/// `reciprocal(m) * bsz`, whatever the rewards' dtype.
+fn gpg_alpha(rows: usize, nonzero: usize) -> f64 {
+    ((1.0f32 / nonzero.max(1) as f32) * rows as f32) as f64
+}
+
 /// Per-row scalar `a_i` (before the broadcast over tokens), from the scores
 /// and group statistics accumulated in row order in f64.
 fn row_scalars(p: &AdvantageProblem, stats: &[RowScore], gid: &[u32], n_groups: usize) -> Result<Vec<f64>> {
@@ -249,7 +256,7 @@ fn row_scalars(p: &AdvantageProblem, stats: &[RowScore], gid: &[u32], n_groups: 
         _ => {}
     }
     let alpha = match p.estimator {
-        Estimator::Gpg => n as f64 / stats.iter().filter(|s| s.score != 0.0).count().max(1) as f64,
+        Estimator::Gpg => gpg_alpha(n, stats.iter().filter(|s| s.score != 0.0).count()),
         _ => 0.0,
     };
     let mut out = zeros(n)?;

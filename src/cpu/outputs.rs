@@ -1,8 +1,9 @@
 //! The loss ops' outputs on the CPU, as the CUDA kernels write them: the
-//! loss into a 0-d tensor of its dtype, verl's metrics into a float64
-//! buffer, a device-style `factor` applied to the loss and the gradient; and
-//! backward, which scales the saved gradient in place by `grad_output`
-//! (nothing to do for `loss.backward()`'s seed of 1).
+//! loss into a 0-d tensor of its dtype and verl's metrics into a float64
+//! buffer (a `factor` is already in the loss and the gradient: it is part of
+//! the aggregation's scale, `Normalizers::factor`); and backward, which
+//! scales the saved gradient in place by `grad_output` (nothing to do for
+//! `loss.backward()`'s seed of 1).
 
 use crate::error::{Error, Result};
 use crate::ops::LossOutputs;
@@ -11,7 +12,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// The value of a 1-element float tensor on the CPU.
-fn scalar(t: &Tensor) -> Result<f64> {
+pub fn scalar(t: &Tensor) -> Result<f64> {
     if t.device != Device::Cpu || !t.dtype.is_float() || t.shape.iter().product::<usize>() != 1 {
         return Err(Error::value_error(t.arg, "expected a 1-element float tensor on the CPU"));
     }
@@ -19,16 +20,9 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(unsafe { f64::read(t.ptr, t.dtype) })
 }
 
-/// Writes `loss` (times the factor, if any) and the metrics; the gradient
-/// `grad` (already written) is multiplied by the factor too.
-pub fn write(out: &LossOutputs<'_>, loss: f64, metrics: Option<[f64; 3]>, grad: &Tensor) -> Result<()> {
+/// Writes `loss` and the metrics.
+pub fn write(out: &LossOutputs<'_>, loss: f64, metrics: Option<[f64; 3]>) -> Result<()> {
     out.check(Device::Cpu, metrics.is_some())?;
-    let mut loss = loss;
-    if let Some(f) = out.factor {
-        let f = scalar(f)?;
-        loss *= f;
-        scale(grad, f)?;
-    }
     // SAFETY: `check` validated a writable 0-d float tensor and a writable
     // contiguous float64 buffer of METRICS_LEN values.
     unsafe {

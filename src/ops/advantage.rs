@@ -11,7 +11,7 @@
 //!   without std normalisation (Dr.GRPO) `s_i - mu_g` [`s_i`];
 //! * `rloo`: `n_g / (n_g - 1) * (s_i - mu_g)` [`s_i`]; `rloo_vectorized`: the same [`0`];
 //! * `opo`: `s_i - sum_g(L s) / sum_g(L)` with `L_i = sum_t m_it` [`s_i`];
-//! * `gpg`: `alpha * (s_i - mu_g) / f_norm`, `alpha = B / max(#{s_i != 0}, 1)` [`alpha s_i / f_norm`];
+//! * `gpg`: `alpha * (s_i - mu_g) / f_norm`, `alpha = B / max(#{s_i != 0}, 1)` (in float32, as verl) [`alpha s_i / f_norm`];
 //! * `reinforce_plus_plus_baseline`: `v_it = (s_i - mu_g) m_it` [`s_i m_it`], then
 //!   verl's `masked_whiten` over the whole batch:
 //!   `(v - mean) / sqrt(var + 1e-8) * m` with `mean`, unbiased `var` over `m`;

@@ -58,11 +58,16 @@ pub struct Normalizers {
     pub batch_num_tokens: Option<f64>,
     pub global_batch_size: Option<f64>,
     pub loss_scale_factor: Option<f64>,
+    /// A multiplier of the loss and the gradient on the CPU: the value of
+    /// the `factor` argument (backward's `grad_output` when a float16
+    /// gradient is recomputed). CUDA reads `factor` on the device instead,
+    /// and this stays 1 there.
+    pub factor: f64,
 }
 
 impl Default for Normalizers {
     fn default() -> Self {
-        Normalizers { dp_size: 1.0, batch_num_tokens: None, global_batch_size: None, loss_scale_factor: None }
+        Normalizers { dp_size: 1.0, batch_num_tokens: None, global_batch_size: None, loss_scale_factor: None, factor: 1.0 }
     }
 }
 
@@ -182,7 +187,7 @@ impl AggPlan {
                 norm.dp_size / norm.global_batch_size.unwrap_or(t.rows) / norm.loss_scale_factor.unwrap_or(cols as f64)
             }
         };
-        AggPlan { mode, scale, mask_is_f64 }
+        AggPlan { mode, scale: scale * norm.factor, mask_is_f64 }
     }
 
     /// The per-row factor before the shared scale: 1, or `1 / (L_i + 1e-8)`

@@ -14,6 +14,16 @@ use crate::ops::LossOutputs;
 use crate::{cpu, cuda};
 use pyo3::prelude::*;
 
+/// The value of a CPU `factor`, folded into the aggregation's scale (so it
+/// multiplies the gradient before it is rounded to its dtype); 1 for none or
+/// a CUDA one (read by the kernels on the device).
+fn cpu_factor(f: &Option<super::args::Imported>) -> PyResult<f64> {
+    match f {
+        Some(f) if f.tensor.device == crate::tensor::Device::Cpu => cpu::outputs::scalar(&f.tensor).map_err(to_py),
+        _ => Ok(1.0),
+    }
+}
+
 fn scratch_what(rows: usize) -> String {
     format!("float64, {} elements", abi::loss_scratch_len(rows))
 }
@@ -78,7 +88,7 @@ pub fn policy_loss(
         clip_ratio_high,
         clip_ratio_c,
         clamp_closed,
-        norm: Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor },
+        norm: Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor, factor: cpu_factor(&f)? },
     })
     .map_err(to_py)?;
     let out = LossOutputs { loss: &l.tensor, metrics: Some(&m.tensor), factor: f.as_ref().map(|f| &f.tensor) };
@@ -88,7 +98,7 @@ pub fn policy_loss(
         p.device,
         || {
             let r = cpu::policy_loss::policy_loss(&p)?;
-            cpu::outputs::write(&out, r.loss, Some([r.pg_clipfrac, r.ppo_kl, r.pg_clipfrac_lower]), &g.tensor)
+            cpu::outputs::write(&out, r.loss, Some([r.pg_clipfrac, r.ppo_kl, r.pg_clipfrac_lower]))
         },
         |stream| cuda::policy_loss(&p, &out, needed(&sc, "scratch", scratch_what(p.log_prob.rows))?, stream),
     )
@@ -123,7 +133,7 @@ pub fn agg_loss(
     let l = call.import("loss", loss, true)?;
     let f = call.import_opt("factor", factor, false)?;
     let sc = call.import_opt("scratch", scratch, true)?;
-    let norm = Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor };
+    let norm = Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor, factor: cpu_factor(&f)? };
     let p = AggProblem::new(&lm.tensor, &m.tensor, &g.tensor, loss_agg_mode, norm).map_err(to_py)?;
     let out = LossOutputs { loss: &l.tensor, metrics: None, factor: f.as_ref().map(|f| &f.tensor) };
     let device = lm.tensor.device;
@@ -131,7 +141,7 @@ pub fn agg_loss(
     call.run(
         py,
         device,
-        || cpu::outputs::write(&out, cpu::agg_loss::agg_loss(&p)?, None, &g.tensor),
+        || cpu::outputs::write(&out, cpu::agg_loss::agg_loss(&p)?, None),
         |stream| cuda::agg_loss(&p, &out, needed(&sc, "scratch", scratch_what(p.loss_mat.rows))?, stream),
     )
 }

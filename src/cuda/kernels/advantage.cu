@@ -112,7 +112,8 @@ extern "C" __global__ void advantage_groups(AdvArgs a) {
 #undef SCALAR
 }
 
-// gpg: a_i = alpha * a_i / f_norm, alpha = B / max(#{s_i != 0}, 1).
+// gpg: a_i = alpha * a_i / f_norm, alpha = B / max(#{s_i != 0}, 1) in float32
+// (src/cpu/advantage.rs gpg_alpha).
 // rf++: the whitening statistics of v_it = a_i m_it over the batch, into
 // scratch[rows * ADV_NSTAT + {0, 1}] = (mean, 1 / sqrt(var + 1e-8)); with
 // N = sum m, verl's masked_mean divides by N + 1e-8 and masked_var multiplies
@@ -125,7 +126,8 @@ extern "C" __global__ void advantage_batch(AdvArgs a) {
         double c[1] = {0.0};
         for (i64 i = threadIdx.x; i < n; i += blockDim.x) c[0] += st[i * ADV_NSTAT + A_SCORE] != 0.0 ? 1.0 : 0.0;
         block_sum<1>(c);
-        const double alpha = (double)n / fmax(c[0], 1.0);
+        // verl: bsz / m.clamp(min=1), torch's float32 reciprocal(m) * bsz
+        const double alpha = (double)((1.0f / (float)fmax(c[0], 1.0)) * (float)n);
         for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
             double *p = st + i * ADV_NSTAT;
             p[A_SCALAR] = alpha * p[A_SCALAR] / a.f_norm;

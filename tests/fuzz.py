@@ -1,0 +1,1288 @@
+"""Differential fuzzing of luspo-rs against verl 0.9.1's own ``core_algos``.
+
+Every case is drawn from ``numpy.random.default_rng([seed, index])`` alone, so
+``(seed, index)`` reproduces it exactly, in any process and whatever ran
+before it. A case is one call of one operation, on both sides:
+
+* ``policy``     -- ``luspo_rs.policy_loss`` (or the verl-signature adapters in
+  ``luspo_rs.core_algos``) against ``verl.get_policy_loss_fn("vanilla"/"gspo")``
+  (LUSPO: verl's GSPO aggregated ``seq-mean-token-sum``, as in the tests):
+  loss, gradient through ``backward()`` and metrics;
+* ``agg_loss``   -- value and gradient against verl's ``agg_loss``;
+* ``kl_penalty`` -- every estimator name verl accepts, value and gradients in
+  both inputs against verl's ``kl_penalty``;
+* ``advantage``  -- the group estimators against verl's
+  ``compute_*_outcome_advantage``.
+
+Tolerances are the ones of the parity tests, imported from them where they are
+named constants (``conftest.TOLERANCES``, ``test_kl_penalty.TOL``,
+``test_advantage.TOL`` / ``float64_tol``), copied with a reference to
+the test where they are inline literals (half-precision policy rule).
+
+Triage of each case:
+
+* ``ok``            -- every output within tolerance;
+* ``both_raise``    -- verl and luspo-rs both refuse the input (``dp_size > 1``
+  without the global count the aggregation divides by);
+* ``known_tie``     -- the README's documented exception: only the gradient
+  (and, by the same rounding, ``pg_clipfrac`` / ``pg_clipfrac_lower``)
+  differs, only at valid tokens where a value verl compares with a bound lies
+  within a few ulps of it: the ratio within 2 ulps of ``1 - clip_ratio_low``
+  or ``1 + clip_ratio_high`` (2 eps for bounds below 2, as the README's test;
+  8 for GSPO / LUSPO, whose sequence mean verl sums in float32 and luspo-rs
+  in float64), within 8 of vanilla's dual-clip bound ``clip_ratio_c`` (where
+  A < 0), or GSPO's sequence log-ratio within 8 ulps of its clamp at 10 (the
+  whole row); there ours is verl's x2, x1/2 or 0, or non-zero where verl's is
+  0, and the clip fractions differ by whole such tokens;
+* ``undocumented_tie`` -- the same pattern wider than documented: vanilla's
+  token ratio 3 to 8 ulps from the clip bounds; counted apart, fatal with
+  ``--strict``;
+* ``rounding``      -- the difference is floating-point rounding of an
+  ill-conditioned computation (terms that nearly cancel) or of a value near
+  float32's resolution, which the tolerances cannot absorb: either verl run
+  without its float32 rounding (its formula on float64 upcasts of the inputs;
+  for the policy losses also its own float32 token math with float64 sums; for
+  ``grpo_vectorized``, whose group statistics are float32 whatever the input,
+  verl's loop ``grpo`` in float64) is at least as close to ours as to verl's
+  result and within the tolerance of ours (or not of verl's), or, for a sum
+  (a loss, ``ppo_kl``), ours and verl's differ by less than float32's
+  forward-error bound ``ROUNDING_ULPS * u * sum|terms|``; fatal with ``--strict``;
+* ``mismatch``      -- anything else: printed with its replay command.
+
+Inputs that fall under the README's other *documented* deliberate differences
+are not drawn (a ``torch.Tensor`` index, ``reinforce_plus_plus_baseline`` with at
+most one valid token, groups of equal scores that float32 cannot average
+exactly, float64 scores far from zero mean in ``grpo_vectorized``); NaN inputs
+are not drawn either (the README's NaN rules make masked-position gradients
+differ from verl's by design).
+
+Usage::
+
+    .venv/bin/python tests/fuzz.py --minutes 5 --seed 0     # time-bounded run
+    .venv/bin/python tests/fuzz.py --cases 3000 --seed 1    # count-bounded run
+    .venv/bin/python tests/fuzz.py --replay 0:1234 -v       # one case, in detail
+    .venv/bin/python tests/fuzz.py --replay 0:1234 --save case.pt
+    .venv/bin/python tests/fuzz.py --minutes 5 --strict      # undocumented_tie, rounding fail too
+
+The exit status is 1 if any real mismatch was found (class ``mismatch``; with
+``--strict`` also ``undocumented_tie`` and ``rounding``), else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import sys
+import time
+import traceback
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # run as a script: the tests' helpers live next to this file
+    sys.path.insert(0, _HERE)
+
+from conftest import AGG_MODES, MODES, TOLERANCES, verl_config  # noqa: E402
+from test_advantage import ESTIMATORS, float64_tol  # noqa: E402
+from test_advantage import TOL as ADV_TOL  # noqa: E402
+from test_kl_penalty import MODES as KL_MODES  # noqa: E402
+from test_kl_penalty import TOL as KL_TOL  # noqa: E402
+from verl.trainer.ppo import core_algos as verl_ca  # noqa: E402
+
+import luspo_rs  # noqa: E402
+from luspo_rs import core_algos as ours_ca  # noqa: E402
+
+# --------------------------------------------------------------------------- tolerances
+
+#: Half-precision policy loss / agg_loss rule of test_policy_loss.test_half_precision_inputs:
+#: verl on the same values upcast to fp32, compared at the rounding of the output.
+HALF_LOSS_TOL = dict(rtol=8e-3, atol=1e-5)
+HALF_GRAD_TOL = dict(rtol=8e-3, atol=1e-7)  # against verl's fp32 gradient rounded to the half type
+#: Metrics, as test_policy_loss.compare: pytest.approx(v, abs=1e-6).
+METRIC_ATOL = 1e-6
+#: kl_penalty on bfloat16 inputs, as test_kl_penalty.test_bfloat16_inputs (verl computing in bf16).
+KL_BF16_TOL = dict(atol=2e-2, rtol=2e-2)
+#: The documented tie: a ratio within this many ulps of a clip bound (counted in units of
+#: max(eps, ulp(bound)) of the compute dtype: for bounds below 2 that is the 2 eps of
+#: test_gradient_differs_from_verl_only_at_clip_bound_ties).
+TIE_ULPS = 2
+#: The documented window for values whose rounding differs by more than exp's ulp or
+#: two: GSPO's sequence mean (summed in float64 by luspo-rs, in float32 by verl) at the
+#: clip bounds and at its clamp at 10, and the dual-clip bound clip_ratio_c. Vanilla's
+#: token ratio this far from the clip bounds (beyond TIE_ULPS) is undocumented_tie.
+WIDE_TIE_ULPS = 8
+
+#: Forward-error bound of a float32 evaluation of a sum, in units of the unit roundoff u
+#: times the sum of the absolute terms: luspo-rs's per-token math (exp <= 2 ulp, a few
+#: products), its eight float32 lanes of eight terms within each block of 64 tokens,
+#: verl's float32 pairwise sum (log2 of up to 40 000 terms) and its own token math.
+ROUNDING_ULPS = 32
+
+#: k > 0 with exp(k) - k - 1 = 10: where low_var_kl's clamp at 10 starts.
+KL_K10 = 2.610868638149876
+
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+HALF = (torch.bfloat16, torch.float16)
+MASK_DTYPES = {
+    "bool": torch.bool, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
+    "fp32": torch.float32, "fp64": torch.float64,
+}  # fmt: skip
+
+OPS = ("policy", "agg_loss", "kl_penalty", "advantage")
+OP_WEIGHTS = (0.45, 0.15, 0.2, 0.2)
+CLASSES = ("ok", "both_raise", "known_tie", "undocumented_tie", "rounding", "mismatch")
+#: Classes that fail a run; ``--strict`` adds undocumented_tie and rounding.
+REAL = ("mismatch",)
+STRICT_REAL = ("undocumented_tie", "rounding", "mismatch")
+
+
+def _check_reference_is_verls() -> None:
+    """With ``LUSPO_RS_TAKE_OVER`` verl's registry would hold our own functions,
+    and the fuzz would compare luspo-rs with itself."""
+    fns = [verl_ca.get_policy_loss_fn("vanilla"), verl_ca.get_policy_loss_fn("gspo"), verl_ca.agg_loss, verl_ca.kl_penalty]
+    fns += [getattr(verl_ca, fn) for fn in ESTIMATORS.values()]
+    for fn in fns:
+        if not getattr(fn, "__module__", "").startswith("verl."):
+            raise RuntimeError(
+                f"verl's {fn.__name__} is {fn.__module__}'s: luspo-rs has taken over verl "
+                "(unset LUSPO_RS_TAKE_OVER or call luspo_rs.verl.restore())"
+            )
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    """One drawn input: ``params`` are plain values (strings, numbers, None),
+    ``inputs`` tensors (contiguous), numpy arrays or lists."""
+
+    seed: int
+    index: int
+    op: str
+    variant: str
+    params: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.seed}:{self.index}"
+
+    def describe(self) -> str:
+        shapes = []
+        for k, v in self.inputs.items():
+            if isinstance(v, torch.Tensor):
+                shapes.append(f"{k}{tuple(v.shape)}:{str(v.dtype).removeprefix('torch.')}")
+            elif isinstance(v, np.ndarray):
+                shapes.append(f"{k}{v.shape}:np.{v.dtype}")
+            else:
+                shapes.append(f"{k}:{type(v).__name__}[{len(v)}]")
+        ps = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{self.op}/{self.variant} [{ps}] {' '.join(shapes)}"
+
+
+def fingerprint(case: Case) -> str:
+    """sha256 of everything that defines the case (bit patterns of the tensors)."""
+    h = hashlib.sha256()
+    h.update(repr((case.seed, case.index, case.op, case.variant, sorted(case.params.items()))).encode())
+    for name, v in case.inputs.items():
+        h.update(name.encode())
+        if isinstance(v, torch.Tensor):
+            h.update(f"{v.dtype}{tuple(v.shape)}".encode())
+            h.update(v.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, np.ndarray) and v.dtype != object:
+            h.update(f"{v.dtype}{v.shape}".encode())
+            h.update(np.ascontiguousarray(v).tobytes())
+        else:
+            h.update(f"{type(v).__name__}".encode() + repr(list(v)).encode())
+    return h.hexdigest()[:16]
+
+
+def _pick(rng: np.random.Generator, options, p=None):
+    options = list(options)
+    return options[int(rng.choice(len(options), p=p))]
+
+
+def _dim(rng: np.random.Generator, hi: int) -> int:
+    """A batch or response length: 1 often, small odd sizes, now and then large."""
+    u = rng.random()
+    if u < 0.12:
+        return 1
+    if u < 0.55:
+        return int(rng.integers(2, 17))
+    if u < 0.9:
+        return int(rng.integers(17, min(hi, 128) + 1))
+    return int(rng.integers(min(hi, 129), hi + 1))
+
+
+def _shape(rng: np.random.Generator, b_hi=64, t_hi=600, cap=40_000) -> tuple[int, int]:
+    B, T = _dim(rng, b_hi), _dim(rng, t_hi)
+    while B * T > cap:  # bound the cost of one case
+        T = max(1, T // 2)
+    return B, T
+
+
+def _mask(rng: np.random.Generator, B: int, T: int, min_len: int = 0) -> tuple[np.ndarray, str]:
+    """A (B, T) 0/1 mask: right-padded responses, scattered (multi-turn) masks or
+    full rows; fully masked rows now and then, a fully masked batch rarely."""
+    kind = _pick(rng, ["prefix", "scattered", "full", "empty"], p=[0.6, 0.22, 0.15, 0.03])
+    if kind == "prefix":
+        lengths = rng.integers(min_len, T + 1, size=B)
+        m = np.arange(T)[None, :] < lengths[:, None]
+    elif kind == "scattered":
+        m = rng.random((B, T)) < rng.uniform(0.2, 0.95)
+    elif kind == "full":
+        m = np.ones((B, T), dtype=bool)
+    else:
+        m = np.zeros((B, T), dtype=bool)
+    if kind != "empty" and min_len == 0 and B > 1 and rng.random() < 0.3:
+        m[rng.choice(B, size=int(rng.integers(1, max(2, B // 3))), replace=False)] = False
+    return m, kind
+
+
+def _normalisers(rng: np.random.Generator, B: int, T: int) -> tuple[dict[str, Any], str]:
+    """verl's global-batch normalisers: none, given (ints or 0-d tensors, as
+    verl's actors pass them), or dp_size > 1 with some missing (both raise where
+    the aggregation needs them)."""
+    kind = _pick(rng, ["local", "global", "missing"], p=[0.5, 0.44, 0.06])
+    if kind == "local":
+        return {}, kind
+    norms: dict[str, Any] = {"dp_size": int(_pick(rng, [1, 2, 3, 4, 8]))}
+    draws = {
+        "batch_num_tokens": lambda: int(rng.integers(1, 2 * B * T + 2)),
+        "global_batch_size": lambda: int(rng.integers(1, 4 * B + 2)),
+        "loss_scale_factor": lambda: int(_pick(rng, [T, int(rng.integers(1, 4097))])),
+    }
+    for k, draw in draws.items():
+        if kind == "missing" and rng.random() < 0.5:
+            continue
+        v = draw()
+        if kind == "global" and rng.random() < 0.15:
+            continue
+        norms[k] = v
+    if kind == "missing":
+        norms["dp_size"] = int(_pick(rng, [2, 4]))
+    return norms, kind
+
+
+def _tensor_norms(rng: np.random.Generator, norms: dict[str, Any]) -> dict[str, str]:
+    """Which normalisers are passed as 0-d tensors (int64 or float32)."""
+    return {k: _pick(rng, ["int64", "fp32"]) for k in norms if k != "dp_size" and rng.random() < 0.3}
+
+
+def _materialise_norms(norms: dict[str, Any], as_tensor: dict[str, str]) -> dict[str, Any]:
+    out = dict(norms)
+    for k, dt in as_tensor.items():
+        out[k] = torch.tensor(norms[k], dtype=torch.int64 if dt == "int64" else torch.float32)
+    return out
+
+
+def _nextafter_steps(x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """``x`` moved by ``steps`` (an integer tensor, per element) representable values."""
+    out = x.clone()
+    for k in range(1, int(steps.abs().max().item()) + 1 if steps.numel() else 1):
+        up, down = steps >= k, steps <= -k
+        out = torch.where(up, torch.nextafter(out, torch.full_like(out, math.inf)), out)
+        out = torch.where(down, torch.nextafter(out, torch.full_like(out, -math.inf)), out)
+    return out
+
+
+def draw_policy(rng: np.random.Generator, case: Case) -> None:
+    mode = _pick(rng, MODES)
+    B, T = _shape(rng)
+    dtype_name = _pick(rng, ["fp32", "fp64", "bf16", "fp16"], p=[0.5, 0.25, 0.15, 0.1])
+    dtype = DTYPES[dtype_name]
+    mask, mask_kind = _mask(rng, B, T)
+
+    # clip ratios: verl's defaults, asymmetric (DAPO), zero, or random; low/high maybe unset
+    clip_ratio = float(_pick(rng, [0.2, 0.28, 0.0, round(rng.uniform(0.01, 0.6), 4)], p=[0.4, 0.1, 0.05, 0.45]))
+    clip_low = None if rng.random() < 0.4 else float(_pick(rng, [0.2, 0.0, round(rng.uniform(0.0, 0.9), 4)]))
+    clip_high = None if rng.random() < 0.4 else float(_pick(rng, [0.28, 0.0, round(rng.uniform(0.0, 2.0), 4)]))
+    clip_c = float(_pick(rng, [3.0, round(rng.uniform(1.01, 10.0), 4)], p=[0.7, 0.3]))
+
+    # log-probs: old in [-scale, 0], log-ratios of a random spread, large outliers now and then
+    old = -rng.random((B, T)) * _pick(rng, [0.5, 3.0, 10.0])
+    d = rng.standard_normal((B, T)) * _pick(rng, [0.01, 0.1, 0.3, 1.0, 3.0])
+    values = "normal"
+    if rng.random() < 0.2:
+        values = "outliers"
+        sel = rng.random((B, T)) < rng.uniform(0.01, 0.3)
+        d[sel] = rng.choice([-1.0, 1.0], size=int(sel.sum())) * rng.uniform(8.0, 40.0, size=int(sel.sum()))
+    if mode != "vanilla" and rng.random() < 0.08:
+        values = "large-rows"  # whole sequences past GSPO's log-ratio clamp (10) or far below
+        rows = rng.random(B) < 0.5
+        d[rows] = rng.uniform(-30.0, 30.0, size=(int(rows.sum()), 1))
+
+    # advantages: per token, per sequence (B,) or (B, 1), or GRPO-like (per sequence + noise)
+    adv_kind = _pick(rng, ["token", "seq", "seq1", "grouplike"])
+    scale = float(_pick(rng, [0.1, 1.0, 10.0]))
+    a_seq = rng.standard_normal(B) * scale
+    if adv_kind == "token":
+        adv = rng.standard_normal((B, T)) * scale
+    elif adv_kind == "seq":
+        adv = a_seq
+    elif adv_kind == "seq1":
+        adv = a_seq[:, None]
+    else:
+        adv = a_seq[:, None] + 0.1 * scale * rng.standard_normal((B, T))
+    if rng.random() < 0.15:  # exact zeros (max of two -0.0: a tie torch splits)
+        adv = np.where(rng.random(adv.shape) < 0.3, 0.0, adv)
+
+    w_kind = _pick(rng, ["none", "token", "seq"], p=[0.6, 0.3, 0.1])
+    weights = None
+    if w_kind == "token":
+        weights = rng.uniform(0.0, 2.0, size=(B, T))
+    elif w_kind == "seq":
+        weights = rng.uniform(0.0, 2.0, size=B)
+
+    norms, norm_kind = _normalisers(rng, B, T)
+    case.params.update(
+        mode=mode, dtype=dtype_name, mask_dtype=_pick(rng, MASK_DTYPES), mask_kind=mask_kind,
+        loss_agg_mode=_pick(rng, AGG_MODES), clip_ratio=clip_ratio, clip_ratio_low=clip_low,
+        clip_ratio_high=clip_high, clip_ratio_c=clip_c, values=values, adv=adv_kind, weights=w_kind,
+        norms=norm_kind, **{f"norm_{k}": v for k, v in norms.items()},
+        tensor_norms=_tensor_norms(rng, norms), api=_pick(rng, ["functional", "core_algos"]),
+        layout=_pick(rng, ["contiguous", "transposed", "strided"], p=[0.7, 0.15, 0.15]),
+        grad_out=float(_pick(rng, [1.0, 1.0, 1.0, 0.5, -2.0, 3.0])),
+    )  # fmt: skip
+
+    old_t = torch.from_numpy(old).to(dtype)
+    lp_t = torch.from_numpy(old + d).to(dtype)
+
+    # ties: ratios a few ulps around a clip bound ("near") or exactly on it ("exact"),
+    # log-ratios exactly on the clamps (vanilla's +-20, GSPO's 10: "clamp"), ratios a
+    # few ulps around the dual-clip bound clip_ratio_c ("dual", vanilla) and sequence
+    # log-ratios within rounding of GSPO's clamp at 10 ("near10", GSPO / LUSPO)
+    tie = _pick(rng, ["none", "near", "exact", "clamp", "dual", "near10"], p=[0.66, 0.14, 0.09, 0.04, 0.04, 0.03])
+    if tie == "dual" and mode != "vanilla":
+        tie = "near"
+    if tie == "near10" and mode == "vanilla":
+        tie = "clamp"
+    lo = 1 - (clip_low if clip_low is not None else clip_ratio)
+    hi = 1 + (clip_high if clip_high is not None else clip_ratio)
+    if tie == "near" and lo <= 0:
+        tie = "exact"
+    case.params["tie"] = tie
+    if mode == "vanilla":
+        sel = torch.from_numpy(rng.random((B, T)) < rng.uniform(0.1, 1.0))
+    else:  # the sequence ratio is what is clipped: whole rows carry the same log-ratio
+        sel = torch.from_numpy(np.repeat(rng.random((B, 1)) < rng.uniform(0.3, 1.0), T, axis=1))
+    if tie in ("near", "dual"):
+        if tie == "near":
+            bound = torch.from_numpy(np.where(rng.random((B, T)) < 0.5, lo, hi))
+        else:
+            bound = torch.full((B, T), clip_c, dtype=torch.float64)
+        steps = torch.from_numpy(rng.integers(-4, 5, size=(B, T)))
+        if mode != "vanilla":
+            bound, steps = bound[:, :1].expand(B, T), steps[:, :1].expand(B, T)
+        dt = _nextafter_steps(bound.log().to(dtype), steps)
+        o = torch.from_numpy(-rng.random((B, T))).to(dtype)
+        old_t = torch.where(sel, o, old_t)
+        lp_t = torch.where(sel, o + dt, lp_t)
+    elif tie == "exact":  # ratio exactly 1 on a zero-width side of the clip range
+        if rng.random() < 0.5:
+            case.params["clip_ratio_low"] = 0.0
+        if case.params["clip_ratio_low"] != 0.0 or rng.random() < 0.5:
+            case.params["clip_ratio_high"] = 0.0
+        lp_t = torch.where(sel, old_t, lp_t)
+    elif tie == "clamp":  # exact: integer old log-probs, log-ratios +-20 or 10
+        o = torch.from_numpy(-rng.integers(0, 30, size=(B, T)).astype(np.float64)).to(dtype)
+        shift = 10.0 if mode != "vanilla" else torch.from_numpy(rng.choice([-20.0, 20.0], size=(B, T))).to(dtype)
+        old_t = torch.where(sel, o, old_t)
+        lp_t = torch.where(sel, o + shift, lp_t)
+    elif tie == "near10":  # varied tokens whose masked mean is 10 up to rounding
+        noise = rng.standard_normal((B, T)) * 0.5
+        L = np.maximum(mask.sum(-1, keepdims=True), 1)
+        d10 = 10.0 + noise - (noise * mask).sum(-1, keepdims=True) / L
+        o = torch.from_numpy(-rng.random((B, T)) * 3).to(dtype)
+        old_t = torch.where(sel, o, old_t)
+        lp_t = torch.where(sel, o + torch.from_numpy(d10).to(dtype), lp_t)
+
+    case.inputs.update(
+        old_log_prob=old_t,
+        log_prob=lp_t,
+        advantages=torch.from_numpy(adv).to(dtype),
+        response_mask=torch.from_numpy(mask).to(MASK_DTYPES[case.params["mask_dtype"]]),
+    )
+    if weights is not None:
+        case.inputs["rollout_is_weights"] = torch.from_numpy(weights).to(dtype)
+
+
+def draw_agg_loss(rng: np.random.Generator, case: Case) -> None:
+    B, T = _shape(rng)
+    dtype_name = _pick(rng, ["fp32", "fp64", "bf16", "fp16"], p=[0.45, 0.35, 0.1, 0.1])
+    mask, mask_kind = _mask(rng, B, T)
+    norms, norm_kind = _normalisers(rng, B, T)
+    agg = _pick(rng, AGG_MODES)
+    case.variant = agg
+    case.params.update(
+        dtype=dtype_name, mask_dtype=_pick(rng, MASK_DTYPES), mask_kind=mask_kind, loss_agg_mode=agg,
+        norms=norm_kind, **{f"norm_{k}": v for k, v in norms.items()}, tensor_norms=_tensor_norms(rng, norms),
+        api=_pick(rng, ["functional", "core_algos"]), layout=_pick(rng, ["contiguous", "transposed", "strided"], p=[0.7, 0.15, 0.15]),
+        grad_out=float(_pick(rng, [1.0, 1.0, 0.5, -3.0])),
+    )  # fmt: skip
+    loss_mat = rng.standard_normal((B, T)) * _pick(rng, [1e-3, 1.0, 1e3]) + _pick(rng, [0.0, 0.0, 5.0])
+    case.inputs.update(
+        loss_mat=torch.from_numpy(loss_mat).to(DTYPES[dtype_name]),
+        loss_mask=torch.from_numpy(mask).to(MASK_DTYPES[case.params["mask_dtype"]]),
+    )
+
+
+def draw_kl(rng: np.random.Generator, case: Case) -> None:
+    # every name verl's kl_penalty accepts; "full" is a name verl refuses
+    # (NotImplementedError): both must raise
+    mode = "full" if rng.random() < 0.02 else _pick(rng, KL_MODES)
+    rank = _pick(rng, [2, 1, 3, 0], p=[0.7, 0.12, 0.12, 0.06])
+    B, T = _shape(rng, cap=20_000)
+    shape = {0: (), 1: (B * T,), 2: (B, T), 3: (B, max(1, T // 4), 4 if T >= 4 else 1)}[rank]
+    if rank in (1, 2) and rng.random() < 0.04:  # an empty batch or response
+        shape = (0,) if rank == 1 else _pick(rng, [(0, T), (B, 0)])
+    dtypes = _pick(rng, [("fp32", "fp32"), ("fp64", "fp64"), ("bf16", "bf16"), ("fp32", "fp64")], p=[0.45, 0.3, 0.12, 0.13])
+    size = int(np.prod(shape)) if shape else 1
+    lp = -rng.random(size) * _pick(rng, [0.3, 3.0])
+    scale = float(_pick(rng, [0.01, 0.3, 1.0, 3.0, 10.0, 30.0]))
+    ref = lp + rng.standard_normal(size) * scale
+    if size and rng.random() < 0.2:  # the clamps of low_var_kl: |ref - lp| exactly 20, or past it
+        sel = rng.random(size) < 0.2
+        lp[sel] = -rng.integers(0, 10, size=int(sel.sum())).astype(np.float64)
+        ref[sel] = lp[sel] + rng.choice([-20.0, 20.0, -25.0, 25.0], size=int(sel.sum()))
+    lp_t = torch.from_numpy(lp.reshape(shape)).to(DTYPES[dtypes[0]])
+    ref_t = torch.from_numpy(ref.reshape(shape)).to(DTYPES[dtypes[1]])
+    near_clamp = bool(size and rng.random() < 0.1)
+    if near_clamp:  # k = ref - lp a few ulps around KL_K10, where low_var_kl's clamp at 10 starts
+        sel = torch.from_numpy((rng.random(size) < 0.5).reshape(shape))
+        steps = torch.from_numpy(rng.integers(-6, 7, size=size).reshape(shape))
+        k = _nextafter_steps(torch.full(shape, KL_K10, dtype=ref_t.dtype), steps)
+        lp_t = torch.where(sel, torch.zeros_like(lp_t), lp_t)
+        ref_t = torch.where(sel, k, ref_t)
+    case.variant = mode
+    case.params.update(
+        dtype=dtypes[0], ref_dtype=dtypes[1], rank=rank, scale=scale, grad_ref=bool(rng.random() < 0.7),
+        near_clamp=near_clamp,
+    )  # fmt: skip
+    case.inputs.update(
+        logprob=lp_t,
+        ref_logprob=ref_t,
+        weight=torch.from_numpy(rng.standard_normal(size).reshape(shape)).to(DTYPES[dtypes[0]]),
+    )
+
+
+def draw_advantage(rng: np.random.Generator, case: Case) -> None:
+    name = _pick(rng, sorted(ESTIMATORS))
+    layout = _pick(rng, ["1", "2", "4", "16", "mixed"], p=[0.1, 0.15, 0.15, 0.2, 0.4])
+    if layout == "mixed":
+        sizes = [int(s) for s in rng.choice([1, 2, 3, 4, 5, 8, 16], size=int(rng.integers(1, 13)))]
+    else:
+        sizes = [int(layout)] * int(rng.integers(1, max(2, 64 // int(layout)) + 1))
+    rpp = name == "reinforce_plus_plus_baseline"
+    if rpp and sum(sizes) < 2:
+        sizes.append(1)
+    B = sum(sizes)
+    T = _dim(rng, 300)
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))  # groups interleaved, as after a shuffle
+    index_kind = _pick(rng, ["uid", "int", "list"])
+    if index_kind == "int":
+        index: Any = (labels * 7919 + 3).astype(np.int64)
+    else:
+        uids = [str(uuid.UUID(int=int(rng.integers(1 << 62)))) for _ in sizes]
+        index = np.array([uids[g] for g in labels], dtype=object)
+        if index_kind == "list":
+            index = index.tolist()
+
+    dtype_name = _pick(rng, ["fp32", "fp64"], p=[0.6, 0.4])
+    mask_dtype = _pick(rng, ["fp32", "bool", "int64", "fp64"])
+    mask, mask_kind = _mask(rng, B, T, min_len=1 if rpp else 0)
+    if rpp:
+        # reinforce_plus_plus_baseline whitens over the batch's valid tokens: verl
+        # raises on <= 1 of them, and where they all come from one response
+        # (one value, variance 0) the rounding residue of the mean, divided by
+        # sqrt(1e-8), is all there is -- the README's equal-scores difference.
+        # Every response keeps a valid token.
+        mask[:, 0] = True
+    lengths = mask.sum(-1)
+
+    rewards_kind = _pick(rng, ["normal", "binary", "tied_int"], p=[0.6, 0.2, 0.2])
+    rewards = np.zeros((B, T))
+    last = np.maximum(lengths - 1, 0)
+    if rewards_kind == "normal":
+        rewards = rng.standard_normal((B, T)) * _pick(rng, [0.01, 1.0, 100.0])
+    elif rewards_kind == "binary":  # outcome 0/1 on the last valid token: all-equal groups happen
+        rewards[np.arange(B), last] = rng.integers(0, 2, size=B)
+    else:  # small integer scores, the whole group equal half of the time (float32 averages them exactly)
+        g_score = rng.integers(-3, 4, size=len(sizes))
+        s = np.where(rng.random(B) < 0.5, g_score[labels], rng.integers(-3, 4, size=B))
+        rewards[np.arange(B), last] = s
+
+    params: dict[str, Any] = {}
+    if name in ("grpo", "grpo_vectorized"):
+        params = dict(epsilon=float(_pick(rng, [1e-6, 1e-2])), norm_adv_by_std_in_grpo=bool(rng.random() < 0.75))
+    elif name == "gpg":
+        params = dict(f_norm=float(_pick(rng, [1.0, 2.5])))
+    case.variant = name
+    case.params.update(
+        dtype=dtype_name, mask_dtype=mask_dtype, mask_kind=mask_kind, layout=layout, index=index_kind,
+        rewards=rewards_kind, **params,
+    )  # fmt: skip
+    case.inputs.update(
+        token_level_rewards=torch.from_numpy(rewards).to(DTYPES[dtype_name]),
+        response_mask=torch.from_numpy(mask).to(MASK_DTYPES[mask_dtype]),
+        index=index,
+    )
+
+
+DRAW: dict[str, Callable[[np.random.Generator, Case], None]] = {
+    "policy": draw_policy, "agg_loss": draw_agg_loss, "kl_penalty": draw_kl, "advantage": draw_advantage,
+}  # fmt: skip
+
+
+def make_case(seed: int, index: int) -> Case:
+    """The case ``(seed, index)``: a pure function of the two numbers."""
+    rng = np.random.default_rng([seed, index])
+    op = OPS[int(rng.choice(len(OPS), p=OP_WEIGHTS))]
+    case = Case(seed, index, op, "")
+    DRAW[op](rng, case)
+    if op == "policy":
+        case.variant = case.params["mode"]
+    return case
+
+
+# --------------------------------------------------------------------------- comparison
+
+#: Names of the outputs compared, per op (scalars are 0-d tensors; None where
+#: there is no such output, e.g. no gradient for a constant input).
+Outputs = dict[str, Optional[torch.Tensor]]
+
+
+@dataclass
+class Tol:
+    """``torch.testing.assert_close`` tolerance; ``overflow``: a half dtype the
+    output is rounded to, where verl's fp32 value overflowing it must give the
+    same infinity."""
+
+    rtol: float
+    atol: float
+    overflow: Optional[torch.dtype] = None
+
+
+@dataclass
+class Outcome:
+    cls: str  # one of CLASSES
+    problems: list[str] = field(default_factory=list)  # what differs (mismatch) or what was excused
+    tie_tokens: int = 0
+    outputs: list[str] = field(default_factory=list)  # the outputs that differ ("grad", "loss", ...)
+
+
+def _relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout (luspo-rs reads them through strides)."""
+    if layout == "transposed" and t.dim() == 2:
+        return t.t().contiguous().t()
+    if layout == "strided" and t.dim() >= 1:
+        view = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)[..., ::2]
+        view.copy_(t)
+        return view
+    return t
+
+
+def _leaf(t: torch.Tensor, layout: str = "contiguous") -> torch.Tensor:
+    return _relayout(t.detach().clone(), layout).requires_grad_(True)
+
+
+def _cast(t: Any, precision: str) -> Any:
+    """A float input for verl at ``precision``: "native" (as drawn), "fp32"
+    (half types upcast: the reference of the half-precision rule) or "fp64"
+    (every float upcast: verl's own formula without its float32 rounding)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        return t
+    if precision == "fp64":
+        return t.double()
+    if precision == "fp32" and t.dtype in HALF:
+        return t.float()
+    return t
+
+
+def _agree(got: torch.Tensor, want: torch.Tensor, tol: Tol) -> Optional[torch.Tensor]:
+    """Elementwise ``assert_close`` (NaN equals NaN); None if the shapes differ."""
+    if tuple(got.shape) != tuple(want.shape):
+        return None
+    g, w = got.detach().double(), want.detach().double()
+    ok = torch.isclose(g, w, rtol=tol.rtol, atol=tol.atol, equal_nan=True)
+    if tol.overflow is not None:
+        r = want.detach().to(tol.overflow).double()
+        over = torch.isinf(r) & ~torch.isinf(w)
+        ok = torch.where(over, got.detach().to(tol.overflow).double() == r, ok)
+    return ok
+
+
+def _diff(what: str, got: torch.Tensor, want: torch.Tensor, ok: torch.Tensor) -> str:
+    a, e = got.detach().double(), want.detach().double()
+    if a.dim() == 0:
+        return f"{what}: ours {a.item():.9g} verl {e.item():.9g} (|diff| {abs(a.item() - e.item()):.3g})"
+    bad = (~ok).nonzero()
+    first = tuple(bad[0].tolist())
+    err = (a - e).abs()[~ok]
+    return (
+        f"{what}: {len(bad)}/{ok.numel()} elements differ, max |diff| {err.max().item():.3g}; "
+        f"first at {first}: ours {a[first].item():.9g} verl {e[first].item():.9g}"
+    )
+
+
+def _call(fn: Callable[[], Any]) -> tuple[Any, Optional[BaseException]]:
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 - any failure is data for the triage
+        return None, e
+
+
+def _norm_kwargs(case: Case) -> dict[str, Any]:
+    norms = {k.removeprefix("norm_"): v for k, v in case.params.items() if k.startswith("norm_")}
+    return _materialise_norms(norms, case.params.get("tensor_norms", {}))
+
+
+def _scalar(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float64)
+
+
+# ---- policy losses
+
+
+def _clip_kwargs(p: dict) -> dict[str, Any]:
+    return dict(clip_ratio=p["clip_ratio"], clip_ratio_low=p["clip_ratio_low"], clip_ratio_high=p["clip_ratio_high"])
+
+
+def policy_verl(case: Case, precision: str) -> Outputs:
+    """verl's registered loss (LUSPO: its GSPO aggregated seq-mean-token-sum);
+    per-sequence advantages / weights broadcast to (B, T) as verl expects them."""
+    p, x = case.params, case.inputs
+    mode, dtype = p["mode"], DTYPES[p["dtype"]]
+    old, lp, adv, w = (_cast(x.get(k), precision) for k in ("old_log_prob", "log_prob", "advantages", "rollout_is_weights"))
+    mask = x["response_mask"]
+    B, T = lp.shape
+    adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv
+    w = None if w is None else (w[:, None].expand(B, T) if w.dim() == 1 else w)
+    cfg = verl_config(**_clip_kwargs(p), clip_ratio_c=p["clip_ratio_c"], **_norm_kwargs(case))
+    fn = verl_ca.get_policy_loss_fn("vanilla" if mode == "vanilla" else "gspo")
+    agg = "seq-mean-token-sum" if mode == "luspo" else p["loss_agg_mode"]
+    xr = _leaf(lp)
+    loss, metrics = fn(old, xr, adv, mask, loss_agg_mode=agg, config=cfg, rollout_is_weights=w)
+    (loss * p["grad_out"]).backward()
+    grad = xr.grad.to(dtype) if dtype in HALF and precision != "native" else xr.grad  # half rule: rounded to the type
+    return {"loss": loss.detach(), "grad": grad, **{k.removeprefix("actor/"): _scalar(v) for k, v in metrics.items()}}
+
+
+def policy_ours(case: Case) -> Outputs:
+    """The public function or the verl-signature adapter, inputs in the drawn layout."""
+    p, x = case.params, case.inputs
+    mode, lay = p["mode"], p["layout"]
+    xo = _leaf(x["log_prob"], lay)
+    args = (_relayout(x["old_log_prob"], lay), xo, _relayout(x["advantages"], lay), _relayout(x["response_mask"], lay))
+    w = x.get("rollout_is_weights")
+    w = None if w is None else _relayout(w, lay)
+    if p["api"] == "functional":
+        loss, metrics = luspo_rs.policy_loss(
+            *args, mode=mode, loss_agg_mode=p["loss_agg_mode"], **_clip_kwargs(p), clip_ratio_c=p["clip_ratio_c"],
+            rollout_is_weights=w, **_norm_kwargs(case),
+        )  # fmt: skip
+        metrics = {k: _scalar(v.item()) for k, v in metrics.items()}
+    else:
+        cfg = verl_config(**_clip_kwargs(p), clip_ratio_c=p["clip_ratio_c"], **_norm_kwargs(case))
+        fn = getattr(ours_ca, f"compute_policy_loss_{mode}")
+        loss, metrics = fn(*args, loss_agg_mode=p["loss_agg_mode"], config=cfg, rollout_is_weights=w)
+        metrics = {k.removeprefix("actor/"): _scalar(v) for k, v in metrics.items()}
+    (loss * p["grad_out"]).backward()
+    return {"loss": loss.detach(), "grad": xo.grad, **metrics}
+
+
+def policy_tols(case: Case) -> dict[str, Tol]:
+    dtype = DTYPES[case.params["dtype"]]
+    metric = Tol(0.0, METRIC_ATOL)
+    if dtype in HALF:
+        loss, grad = Tol(**HALF_LOSS_TOL, overflow=dtype), Tol(**HALF_GRAD_TOL)
+    else:
+        loss = grad = Tol(**TOLERANCES[dtype])
+    return {"loss": loss, "grad": grad, "pg_clipfrac": metric, "ppo_kl": metric, "pg_clipfrac_lower": metric}
+
+
+def verl_ratio(mode: str, old: torch.Tensor, lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The importance ratio of every token as verl computes it (its own ops)."""
+    d = lp - old
+    if mode == "vanilla":
+        return torch.exp(torch.clamp(d, min=-20.0, max=20.0))
+    L = torch.sum(mask, dim=-1).clamp(min=1)
+    seq = torch.sum(d * mask, dim=-1) / L
+    return torch.exp(torch.clamp(seq, max=10.0))[:, None].expand_as(d)
+
+
+def _tie_window(b: float, dtype: torch.dtype, ulps: int = TIE_ULPS) -> float:
+    """``ulps`` units of ``max(eps, ulp(b))`` in ``dtype``: "an ulp or two" of the
+    bound, and for bounds below 2 exactly the 2 eps of
+    test_gradient_differs_from_verl_only_at_clip_bound_ties."""
+    b_t = torch.tensor(b, dtype=dtype)
+    ulp = (torch.nextafter(b_t, torch.tensor(math.inf, dtype=dtype)) - b_t).item()
+    return ulps * max(torch.finfo(dtype).eps, ulp)
+
+
+def near_bound(ratio: torch.Tensor, mask: torch.Tensor, bounds, ulps: int = TIE_ULPS) -> torch.Tensor:
+    """Valid tokens whose ratio lies within the tie window of one of ``bounds``
+    (each in the ratio's dtype, as verl's clamp compares them)."""
+    r = ratio.double()
+    near = torch.zeros(r.shape, dtype=torch.bool)
+    for b in bounds:
+        near |= (r - torch.tensor(b, dtype=ratio.dtype).double()).abs() <= _tie_window(b, ratio.dtype, ulps)
+    return near & (mask.double() != 0)
+
+
+#: Metrics that are fractions of valid tokens: rounding can only flip whole tokens.
+COUNT_METRICS = ("pg_clipfrac", "pg_clipfrac_lower")
+
+
+def _whole_token_flips(got: float, want: float, mask: torch.Tensor) -> int:
+    """How many whole valid tokens a fraction-of-valid-tokens metric differs
+    by: ``|got - want| * #valid`` if that is an integer (up to the metric
+    tolerance), else -1."""
+    n_valid = float(mask.double().sum())
+    k = abs(got - want) * n_valid
+    return round(k) if abs(k - round(k)) <= METRIC_ATOL * max(n_valid, 1.0) else -1
+
+
+def policy_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Elements of ``off`` a tie explains, by class.
+
+    ``known_tie`` (the README's exception), at valid tokens whose ratio (as
+    verl computes it) is within TIE_ULPS ulps of ``1 - clip_ratio_low`` or
+    ``1 + clip_ratio_high`` (see ``_tie_window``):
+
+    * the gradient: ours is verl's x2, x1/2 or 0, or verl's is 0;
+    * ``pg_clipfrac``: the same rounding decides whether verl's
+      ``gt(pg_losses2, pg_losses1)`` counts such a token, so it may differ by
+      whole tokens, at most as many as there are.
+
+    The window is WIDE_TIE_ULPS for GSPO / LUSPO's sequence ratio, at
+    vanilla's dual-clip bound ``clip_ratio_c`` (tokens with a negative
+    advantage; the gradient and ``pg_clipfrac_lower``) and at GSPO's clamp of
+    the sequence log-ratio at 10 (every valid token of the row).
+
+    ``undocumented_tie``: vanilla's token ratio within WIDE_TIE_ULPS but not
+    TIE_ULPS ulps of the clip bounds.
+    """
+    p, x = case.params, case.inputs
+    if not ({"grad", "pg_clipfrac", "pg_clipfrac_lower"} & set(off)):
+        return {}
+    dtype = DTYPES[p["dtype"]]
+    prec = "fp32" if dtype in HALF else "native"
+    mask = x["response_mask"]
+    old, lp, adv = (_cast(x[k], prec) for k in ("old_log_prob", "log_prob", "advantages"))
+    lo = 1 - (p["clip_ratio_low"] if p["clip_ratio_low"] is not None else p["clip_ratio"])
+    hi = 1 + (p["clip_ratio_high"] if p["clip_ratio_high"] is not None else p["clip_ratio"])
+    ratio = verl_ratio(p["mode"], old, lp, mask)
+    near = near_bound(ratio, mask, (lo, hi))
+    near_wide = near_bound(ratio, mask, (lo, hi), WIDE_TIE_ULPS)
+    near_c = torch.zeros_like(near)
+    near_10 = torch.zeros_like(near)
+    if p["mode"] == "vanilla":  # the dual clip min(l, -A c) acts where A < 0
+        negative = (adv[:, None] if adv.dim() == 1 else adv).expand_as(ratio) < 0
+        near_c = near_bound(ratio, mask, (p["clip_ratio_c"],), WIDE_TIE_ULPS) & negative
+    else:
+        # GSPO / LUSPO: the sequence mean is rounded differently on each side
+        near = near_wide
+        d = lp - old
+        seq = torch.sum(d * mask, dim=-1) / torch.sum(mask, dim=-1).clamp(min=1)
+        rows = (seq.double() - 10.0).abs() <= _tie_window(10.0, seq.dtype, WIDE_TIE_ULPS)
+        near_10 = rows[:, None].expand_as(near) & (mask.double() != 0)
+    out: dict[str, dict[str, torch.Tensor]] = {"known_tie": {}, "undocumented_tie": {}}
+    if "grad" in off:
+        g, e, tol = got["grad"].double(), ref["grad"].double(), policy_tols(case)["grad"]
+        factor = _agree(g, 2 * e, tol) | _agree(g, 0.5 * e, tol) | (g == 0) | (e == 0)
+        out["known_tie"]["grad"] = (near | near_c | near_10) & factor
+        out["undocumented_tie"]["grad"] = near_wide & factor
+    if "pg_clipfrac" in off:
+        flips = _whole_token_flips(got["pg_clipfrac"].item(), ref["pg_clipfrac"].item(), mask)
+        out["known_tie"]["pg_clipfrac"] = torch.tensor(0 < flips <= int(near.sum()))
+        out["undocumented_tie"]["pg_clipfrac"] = torch.tensor(0 < flips <= int(near_wide.sum()))
+    if "pg_clipfrac_lower" in off:
+        flips = _whole_token_flips(got["pg_clipfrac_lower"].item(), ref["pg_clipfrac_lower"].item(), mask)
+        out["known_tie"]["pg_clipfrac_lower"] = torch.tensor(0 < flips <= int(near_c.sum()))
+    return out
+
+
+# ---- agg_loss
+
+
+def agg_verl(case: Case, precision: str) -> Outputs:
+    p, x = case.params, case.inputs
+    dtype = DTYPES[p["dtype"]]
+    xr = _leaf(_cast(x["loss_mat"], precision))
+    loss = verl_ca.agg_loss(xr, x["loss_mask"], p["loss_agg_mode"], **_norm_kwargs(case))
+    (loss * p["grad_out"]).backward()
+    grad = xr.grad.to(dtype) if dtype in HALF and precision != "native" else xr.grad
+    return {"loss": loss.detach(), "grad": grad}
+
+
+def agg_ours(case: Case) -> Outputs:
+    p, x = case.params, case.inputs
+    xo = _leaf(x["loss_mat"], p["layout"])
+    fn = luspo_rs.agg_loss if p["api"] == "functional" else ours_ca.agg_loss
+    loss = fn(xo, _relayout(x["loss_mask"], p["layout"]), p["loss_agg_mode"], **_norm_kwargs(case))
+    (loss * p["grad_out"]).backward()
+    return {"loss": loss.detach(), "grad": xo.grad}
+
+
+def agg_tols(case: Case) -> dict[str, Tol]:
+    dtype = DTYPES[case.params["dtype"]]
+    if dtype in HALF:
+        return {"loss": Tol(**HALF_LOSS_TOL, overflow=dtype), "grad": Tol(**HALF_GRAD_TOL)}
+    return {"loss": Tol(**TOLERANCES[dtype]), "grad": Tol(**TOLERANCES[dtype])}
+
+
+# ---- kl_penalty
+
+
+def kl_verl(case: Case, precision: str, fn=None) -> Outputs:
+    p, x = case.params, case.inputs
+    a = _leaf(_cast(x["logprob"], precision))
+    b = _cast(x["ref_logprob"], precision).detach().clone().requires_grad_(p["grad_ref"])
+    v = (fn or verl_ca.kl_penalty)(a, b, case.variant)
+    (v * x["weight"]).sum().backward()
+    return {"value": v.detach(), "d/dlogprob": a.grad, "d/dref_logprob": b.grad}
+
+
+def kl_ours(case: Case) -> Outputs:
+    return kl_verl(case, "native", fn=ours_ca.kl_penalty)
+
+
+def kl_tols(case: Case) -> dict[str, Tol]:
+    dtypes = (DTYPES[case.params["dtype"]], DTYPES[case.params["ref_dtype"]])
+    if torch.bfloat16 in dtypes:
+        tol = Tol(**KL_BF16_TOL)
+    else:  # mixed fp32/fp64: the fp32 tolerance (test_mixed_dtypes_promote_like_verl)
+        tol = Tol(**KL_TOL[torch.float32 if torch.float32 in dtypes else torch.float64])
+    return dict.fromkeys(("value", "d/dlogprob", "d/dref_logprob"), tol)
+
+
+# ---- advantage estimators
+
+
+def adv_verl(case: Case, precision: str, module=None) -> Outputs:
+    p, x = case.params, case.inputs
+    kw = {k: p[k] for k in ("epsilon", "norm_adv_by_std_in_grpo", "f_norm") if k in p}
+    fn = getattr(module or verl_ca, ESTIMATORS[case.variant])
+    rewards = _cast(x["token_level_rewards"], precision).clone()
+    adv, ret = fn(token_level_rewards=rewards, response_mask=x["response_mask"], index=x["index"], **kw)
+    return {"advantages": adv, "returns": ret}
+
+
+def adv_ours(case: Case) -> Outputs:
+    return adv_verl(case, "native", module=ours_ca)
+
+
+def adv_tols(case: Case) -> dict[str, Tol]:
+    dtype = DTYPES[case.params["dtype"]]
+    tol = Tol(**(float64_tol(case.variant) if dtype == torch.float64 else ADV_TOL[torch.float32]))
+    return {"advantages": tol, "returns": tol}
+
+
+# ---- verl without its float32 rounding (the rounding triage)
+
+
+def _upcast_exact(verl_fn: Callable[[Case, str], Outputs]) -> Callable[[Case, str], list[Outputs]]:
+    """verl's formula on float64 upcasts of the inputs (nothing to add for
+    float64 inputs)."""
+
+    def exact(case: Case, precision: str) -> list[Outputs]:
+        return [] if _float_dtypes(case) == {torch.float64} else [verl_fn(case, "fp64")]
+
+    return exact
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, value: Any):
+    """``obj.name = value`` for the duration (this harness is single-threaded)."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def verl_accumulating_in_fp64():
+    """verl with its reductions -- ``agg_loss`` and ``masked_mean`` (the
+    metrics) -- in float64, its token math untouched: luspo-rs's documented
+    arithmetic (float32 token math, float64 sums). Patches the two names for
+    the duration (this harness is single-threaded)."""
+    agg, mean = verl_ca.agg_loss, verl_ca.verl_F.masked_mean
+
+    def agg_loss64(loss_mat, loss_mask, loss_agg_mode, *args, **kwargs):
+        return agg(loss_mat.double(), loss_mask, loss_agg_mode, *args, **kwargs)
+
+    def masked_mean64(values, mask, axis=None):
+        return mean(values.double(), mask, axis)
+
+    with _patched(verl_ca, "agg_loss", agg_loss64), _patched(verl_ca.verl_F, "masked_mean", masked_mean64):
+        yield
+
+
+def policy_magnitudes(case: Case, precision: str) -> dict[str, float]:
+    """sum|terms| of the sums behind the loss (verl's own per-token losses,
+    aggregated with the same normalisers) and ``ppo_kl`` (mean |log-ratio|)."""
+    agg, captured = verl_ca.agg_loss, {}
+
+    def spy(loss_mat, loss_mask, loss_agg_mode, *args, **kwargs):
+        captured["loss"] = agg(loss_mat.detach().double().abs(), loss_mask, loss_agg_mode, *args, **kwargs).item()
+        return agg(loss_mat, loss_mask, loss_agg_mode, *args, **kwargs)
+
+    with _patched(verl_ca, "agg_loss", spy):
+        policy_verl(case, precision)
+    x = case.inputs
+    d = (_cast(x["log_prob"], precision) - _cast(x["old_log_prob"], precision)).double().abs()
+    captured["ppo_kl"] = verl_ca.verl_F.masked_mean(d, x["response_mask"]).item()
+    return captured
+
+
+def agg_magnitudes(case: Case, precision: str) -> dict[str, float]:
+    x, p = case.inputs, case.params
+    loss_abs = verl_ca.agg_loss(x["loss_mat"].double().abs(), x["loss_mask"], p["loss_agg_mode"], **_norm_kwargs(case))
+    return {"loss": abs(loss_abs.item())}
+
+
+def policy_exact(case: Case, precision: str) -> list[Outputs]:
+    """verl's loss on float64 upcasts, and verl's loss with float64 sums: an
+    ill-conditioned loss (terms that nearly cancel) or a metric near float32's
+    resolution differs between float32 and float64 accumulation by more than
+    the tolerance."""
+    with verl_accumulating_in_fp64():
+        acc64 = policy_verl(case, precision)
+    return _upcast_exact(policy_verl)(case, precision) + [acc64]
+
+
+def adv_exact(case: Case, precision: str) -> list[Outputs]:
+    """verl's estimator on float64 rewards; for ``grpo_vectorized``, whose
+    ``group_mean_std`` casts the scores to float32 whatever their dtype,
+    verl's loop ``grpo`` on float64 rewards (the same numbers, per verl and
+    the README) instead."""
+    if case.variant == "grpo_vectorized":
+        x, p = case.inputs, case.params
+        kw = {k: p[k] for k in ("epsilon", "norm_adv_by_std_in_grpo") if k in p}
+        rewards = x["token_level_rewards"].double().clone()
+        adv, ret = verl_ca.compute_grpo_outcome_advantage(rewards, x["response_mask"], x["index"], **kw)
+        return [{"advantages": adv, "returns": ret}]
+    return _upcast_exact(adv_verl)(case, precision)
+
+
+@dataclass
+class OpSpec:
+    verl: Callable[[Case, str], Outputs]  # (case, precision) -> verl's outputs
+    ours: Callable[[Case], Outputs]
+    tols: Callable[[Case], dict[str, Tol]]
+    # (case, precision) -> verl's outputs without (some of) its float32 rounding, for the triage
+    exact: Callable[[Case, str], list[Outputs]]
+    # (case, precision) -> output -> sum|terms| of the sum it is (float32 forward-error bound)
+    magnitudes: Callable[[Case, str], dict[str, float]] = lambda case, precision: {}  # noqa: E731
+    half_rule: bool = False  # half inputs compared with verl on fp32 upcasts (else verl on the inputs as drawn)
+    # (case, ours, verl's, differing outputs) -> tie class -> output -> elements it explains
+    ties: Optional[Callable[[Case, Outputs, Outputs, dict], dict[str, dict[str, torch.Tensor]]]] = None
+
+
+SPECS = {
+    "policy": OpSpec(policy_verl, policy_ours, policy_tols, policy_exact, policy_magnitudes, half_rule=True, ties=policy_ties),
+    "agg_loss": OpSpec(agg_verl, agg_ours, agg_tols, _upcast_exact(agg_verl), agg_magnitudes, half_rule=True),
+    "kl_penalty": OpSpec(kl_verl, kl_ours, kl_tols, _upcast_exact(kl_verl)),
+    "advantage": OpSpec(adv_verl, adv_ours, adv_tols, adv_exact),
+}
+
+
+def _float_dtypes(case: Case) -> set[torch.dtype]:
+    return {v.dtype for v in case.inputs.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def _promoted_dtype(case: Case) -> torch.dtype:
+    """torch's promotion of the dtypes of every input tensor (bool and integer
+    masks leave a float dtype as it is)."""
+    dtypes = [v.dtype for v in case.inputs.values() if isinstance(v, torch.Tensor)]
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def run_case(case: Case) -> Outcome:
+    try:
+        return _run_case(case)
+    except Exception:  # noqa: BLE001 - a crash of the harness is reported, not hidden
+        return Outcome("mismatch", ["harness error:\n" + traceback.format_exc()])
+
+
+def _run_case(case: Case) -> Outcome:
+    spec = SPECS[case.op]
+    half = bool(_float_dtypes(case) & set(HALF))
+    precision = "fp32" if spec.half_rule and half else "native"
+    ref, ref_err = _call(lambda: spec.verl(case, precision))
+    got, our_err = _call(lambda: spec.ours(case))
+    if ref_err is not None and our_err is not None:
+        return Outcome("both_raise", [f"verl: {type(ref_err).__name__}: {ref_err}", f"ours: {type(our_err).__name__}: {our_err}"])
+    if ref_err is not None or our_err is not None:
+        who, err = ("ours", our_err) if our_err is not None else ("verl", ref_err)
+        return Outcome("mismatch", [f"only {who} raised: {type(err).__name__}: {err}"])
+
+    # dtypes (and presence) as verl's, except a half-precision loss: there the
+    # documented rule (test_half_precision_inputs) is torch's promotion of the
+    # input dtypes, where verl's sequence modes would upcast to float32
+    want_dtypes = {name: None if t is None else t.dtype for name, t in ref.items()}
+    if precision != "native":
+        want_dtypes["loss"] = _promoted_dtype(case)
+    problems: list[str] = []
+    for name, want in want_dtypes.items():
+        g = got.get(name)
+        if (g is None) != (want is None):
+            problems.append(f"{name}: ours {'None' if g is None else 'a tensor'}, verl {'None' if want is None else 'a tensor'}")
+        elif g is not None and g.dtype != want:
+            problems.append(f"{name}: dtype {g.dtype}, expected {want}")
+
+    # values
+    tols = spec.tols(case)
+    off: dict[str, torch.Tensor] = {}
+    for name, want in ref.items():
+        g = got.get(name)
+        if g is None or want is None:
+            continue
+        ok = _agree(g, want, tols[name])
+        if ok is None:
+            problems.append(f"{name}: shape {tuple(g.shape)}, verl's {tuple(want.shape)}")
+        elif not bool(ok.all()):
+            off[name] = ok
+    if not off and not problems:
+        return Outcome("ok")
+    if problems:
+        return Outcome("mismatch", problems + [_diff(n, got[n], ref[n], ok) for n, ok in off.items()], outputs=["dtype/shape"])
+
+    # triage: which differing elements does a clip-bound tie explain, and
+    # which verl's own float32 rounding (compared with verl run without it,
+    # see OpSpec.exact, ours is the closer one)?
+    ties = spec.ties(case, got, ref, off) if spec.ties else {}
+    exact, _ = _call(lambda: spec.exact(case, precision))
+    magnitudes = {}
+    if any(name in off for name in ("loss", "ppo_kl")):
+        magnitudes, _ = _call(lambda: spec.magnitudes(case, precision))
+    u = 2.0**-53 if _float_dtypes(case) == {torch.float64} else 2.0**-24  # unit roundoff of the token math
+    notes: list[str] = []
+    remaining: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    n_tie = 0
+    for name, ok in off.items():
+        left = ~ok
+        if name in COUNT_METRICS and _whole_token_flips(got[name].item(), ref[name].item(), case.inputs["response_mask"]) < 0:
+            remaining[name] = ok  # a fraction of tokens that differs by no whole number of tokens
+            continue
+        for kind, masks in ties.items():
+            if name in masks:
+                by = left & masks[name]
+                if bool(by.any()):
+                    used.add(kind)
+                    n_tie += int(by.sum()) if name == "grad" else 0
+                    notes.append(f"{name}: {int(by.sum())} element(s) differ at ties ({kind})")
+                left = left & ~by
+        for x in exact or []:
+            if not bool(left.any()) or x.get(name) is None or x[name].shape != got[name].shape:
+                continue
+            # ours is no further from verl-without-its-rounding than verl's own
+            # result, and within the tolerance of it (or verl's is not)
+            verl_ok, ours_ok = _agree(ref[name], x[name], tols[name]), _agree(got[name], x[name], tols[name])
+            g, e, xx = got[name].double(), ref[name].double(), x[name].double()
+            by = left & ((g - xx).abs() <= (e - xx).abs()) & (ours_ok | ~verl_ok)
+            if bool(by.any()):
+                used.add("rounding")
+                notes.append(f"{name}: {int(by.sum())} element(s) differ by verl's own rounding")
+            left = left & ~by
+        if bool(left.any()) and name in (magnitudes or {}):
+            bound = tols[name].atol + ROUNDING_ULPS * u * magnitudes[name]
+            if abs(got[name].item() - ref[name].item()) <= bound:
+                used.add("rounding")
+                notes.append(f"{name}: within the forward-error bound {bound:.3g} (sum|terms| {magnitudes[name]:.4g})")
+                left = torch.zeros_like(left)
+        if bool(left.any()):
+            remaining[name] = ~left
+    if remaining:
+        problems = [_diff(n, got[n], ref[n], ok) for n, ok in remaining.items()] + [f"({m})" for m in notes]
+        return Outcome("mismatch", problems, outputs=sorted(remaining))
+    cls = next(c for c in ("undocumented_tie", "rounding", "known_tie") if c in used)
+    return Outcome(cls, notes, tie_tokens=n_tie, outputs=sorted(off))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def replay_command(case_key: str) -> str:
+    exe = sys.executable
+    if exe.startswith(os.getcwd() + os.sep):
+        exe = os.path.relpath(exe)
+    script = os.path.relpath(os.path.abspath(__file__))
+    return f"{exe} {script} --replay {case_key}"
+
+
+@dataclass
+class Stats:
+    seed: int
+    real: tuple[str, ...] = REAL  # the classes that count as real mismatches
+    cases: int = 0
+    seconds: float = 0.0
+    per_op: Counter = field(default_factory=Counter)
+    per_op_seconds: Counter = field(default_factory=Counter)
+    per_class: Counter = field(default_factory=Counter)
+    per_op_class: dict = field(default_factory=lambda: defaultdict(Counter))  # op -> class counts
+    per_variant_class: dict = field(default_factory=lambda: defaultdict(Counter))  # op/variant -> class counts
+    tie_tokens: int = 0
+    per_output: Counter = field(default_factory=Counter)  # (class, "op.output") -> cases, for the non-ok classes
+    examples: dict = field(default_factory=lambda: defaultdict(list))  # class -> first few case keys
+    mismatches: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (key, description, problems)
+
+    def add(self, case: Case, out: Outcome, seconds: float = 0.0) -> None:
+        self.cases += 1
+        self.per_op[case.op] += 1
+        self.per_op_seconds[case.op] += seconds
+        self.per_class[out.cls] += 1
+        self.per_op_class[case.op][out.cls] += 1
+        self.per_variant_class[f"{case.op}/{case.variant}"][out.cls] += 1
+        self.tie_tokens += out.tie_tokens
+        for name in out.outputs:
+            self.per_output[(out.cls, f"{case.op}.{name}")] += 1
+        if out.cls != "ok" and len(self.examples[out.cls]) < 3:
+            self.examples[out.cls].append(case.key)
+        if out.cls in self.real:
+            self.mismatches.append((case.key, case.describe(), out.problems))
+
+    def table(self) -> str:
+        w = max(len(c) for c in CLASSES) + 2
+        lines = [f"  {'op':<42}{'cases':>8}" + "".join(f"{c:>{w}}" for c in CLASSES) + f"{'cases/s':>10}"]
+        for op in OPS:
+            c = self.per_op_class.get(op, Counter())
+            rate = self.per_op[op] / max(self.per_op_seconds[op], 1e-9)
+            lines.append(f"  {op:<42}{sum(c.values()):>8}" + "".join(f"{c[k]:>{w}}" for k in CLASSES) + f"{rate:>10.1f}")
+            for name in sorted(v for v in self.per_variant_class if v.startswith(op + "/")):
+                cv = self.per_variant_class[name]
+                lines.append(f"    {name:<40}{sum(cv.values()):>8}" + "".join(f"{cv[k]:>{w}}" for k in CLASSES))
+        tot = self.per_class
+        lines.append(f"  {'total':<42}{self.cases:>8}" + "".join(f"{tot[k]:>{w}}" for k in CLASSES))
+        for cls in CLASSES[2:]:
+            outs = sorted((o, n) for (c, o), n in self.per_output.items() if c == cls)
+            if outs:
+                lines.append(f"  {cls} by output: " + ", ".join(f"{o} {n}" for o, n in outs))
+        for cls in ("both_raise", "known_tie", "undocumented_tie", "rounding"):
+            if self.examples.get(cls):
+                lines.append(f"  e.g. {cls}: " + "; ".join(replay_command(k) for k in self.examples[cls]))
+        return "\n".join(lines)
+
+
+def fuzz(
+    seed: int, *, cases: Optional[int] = None, seconds: Optional[float] = None, start: int = 0,
+    out=None, progress_every: float = 30.0, real: tuple[str, ...] = REAL,
+) -> Stats:
+    """Runs cases ``start, start + 1, ...`` of ``seed`` until ``cases`` have run
+    or ``seconds`` have passed; prints every real mismatch (a case whose class
+    is in ``real``) with its replay command to ``out`` as it is found."""
+    _check_reference_is_verls()
+    stats = Stats(seed, real=real)
+    t0 = last = time.perf_counter()
+    index = start
+    while True:
+        if cases is not None and stats.cases >= cases:
+            break
+        now = time.perf_counter()
+        if seconds is not None and now - t0 >= seconds:
+            break
+        case = make_case(seed, index)
+        t = time.perf_counter()
+        outcome = run_case(case)
+        stats.add(case, outcome, time.perf_counter() - t)
+        if outcome.cls in real and out is not None:
+            print(f"{outcome.cls.upper()} {case.key} {case.describe()}", file=out)
+            for line in outcome.problems:
+                print(f"    {line}", file=out)
+            print(f"    replay: {replay_command(case.key)}", file=out, flush=True)
+        if out is not None and progress_every and now - last >= progress_every:
+            last = now
+            el = now - t0
+            print(
+                f"[{el:7.1f} s] {stats.cases} cases ({stats.cases / el:.1f}/s), "
+                + ", ".join(f"{k} {stats.per_class[k]}" for k in CLASSES),
+                file=out, flush=True,
+            )  # fmt: skip
+        index += 1
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def replay(key: str, *, verbose: bool = False, save: Optional[str] = None) -> Outcome:
+    seed, index = (int(s) for s in key.split(":"))
+    case = make_case(seed, index)
+    print(f"case {case.key}  fingerprint {fingerprint(case)}")
+    print(f"  {case.describe()}")
+    if verbose:
+        torch.set_printoptions(precision=10, linewidth=160, threshold=400)
+        for k, v in case.inputs.items():
+            print(f"  {k} =\n{v}")
+    if save:
+        torch.save({"seed": seed, "index": index, "op": case.op, "variant": case.variant,
+                    "params": case.params, "inputs": case.inputs}, save)  # fmt: skip
+        print(f"  saved to {save}")
+    outcome = run_case(case)
+    print(f"  -> {outcome.cls}")
+    for line in outcome.problems:
+        print(f"     {line}")
+    return outcome
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=None, help="run for this long (default 5 without --cases)")
+    ap.add_argument("--cases", type=int, default=None, help="run this many cases")
+    ap.add_argument("--start", type=int, default=0, help="index of the first case")
+    ap.add_argument("--replay", nargs="+", metavar="SEED:CASE", help="rerun these cases and print what differs")
+    ap.add_argument("-v", "--verbose", action="store_true", help="with --replay: print the inputs")
+    ap.add_argument("--save", metavar="PATH", help="with --replay of one case: torch.save its inputs there")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    ap.add_argument("--strict", action="store_true", help="count undocumented_tie and rounding as real mismatches")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    real = STRICT_REAL if args.strict else REAL
+
+    if args.replay:
+        _check_reference_is_verls()
+        outcomes = [replay(k, verbose=args.verbose, save=args.save) for k in args.replay]
+        return 1 if any(o.cls in real for o in outcomes) else 0
+
+    seconds = None if args.cases is not None and args.minutes is None else 60.0 * (args.minutes or 5.0)
+    print(
+        f"fuzz: seed {args.seed}, from case {args.start}, "
+        + (f"{args.cases} cases" if args.cases is not None else "") + (f" for {seconds / 60:g} min" if seconds else "")
+        + f"; torch {torch.__version__} ({torch.get_num_threads()} threads), luspo_rs {luspo_rs.__version__} "
+        f"({luspo_rs.num_threads()} threads)",
+        flush=True,
+    )  # fmt: skip
+    stats = fuzz(args.seed, cases=args.cases, seconds=seconds, start=args.start, out=sys.stdout, real=real)
+    print(
+        f"\n{stats.cases} cases in {stats.seconds:.1f} s: {stats.cases / max(stats.seconds, 1e-9):.1f} cases/s "
+        f"(seed {args.seed}, cases {args.start}..{args.start + stats.cases - 1})"
+    )
+    print(stats.table())
+    print(f"ties (known_tie + undocumented_tie): {stats.per_class['known_tie'] + stats.per_class['undocumented_tie']} cases, "
+          f"{stats.tie_tokens} gradient elements")  # fmt: skip
+    if stats.mismatches:
+        print(f"\n{len(stats.mismatches)} REAL MISMATCH(ES) ({', '.join(real)}):")
+        for key, desc, _ in stats.mismatches:
+            print(f"  {replay_command(key)}    # {desc}")
+        return 1
+    print("no real mismatch")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""A quick differential fuzz against verl (tests/fuzz.py): a fixed seed, a few
+thousand cases, no real mismatch; and replaying a case reproduces it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fuzz
+
+SEED = 20261125
+CASES = 4000  # ~9 s of fuzzing, ~22 s for this file, on the project's 2-core machine
+
+
+def test_quick_fuzz_finds_no_real_mismatch():
+    stats = fuzz.fuzz(SEED, cases=CASES)
+    assert stats.cases == CASES
+    assert set(stats.per_op) == set(fuzz.OPS), f"every op is drawn: {dict(stats.per_op)}"
+    assert stats.per_class["ok"] > 0.8 * CASES, stats.table()
+    assert stats.per_class["known_tie"] > 0, "the draw puts ratios at the clip bounds"
+    if stats.mismatches:
+        shown = stats.mismatches[:10]
+        report = "\n".join(
+            f"{key}: {desc}\n    " + "\n    ".join(problems) + f"\n    replay: {fuzz.replay_command(key)}"
+            for key, desc, problems in shown
+        )
+        more = len(stats.mismatches) - len(shown)
+        pytest.fail(
+            f"{len(stats.mismatches)} real mismatch(es) with verl (first {len(shown)} below"
+            + (f", {more} more" if more else "") + f"):\n{report}\n{stats.table()}",
+            pytrace=False,
+        )  # fmt: skip
+
+
+def _same_inputs(a: fuzz.Case, b: fuzz.Case) -> bool:
+    if (a.op, a.variant, a.params) != (b.op, b.variant, b.params) or a.inputs.keys() != b.inputs.keys():
+        return False
+    for k, x in a.inputs.items():
+        y = b.inputs[k]
+        if isinstance(x, torch.Tensor):
+            same = x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+        else:
+            same = type(x) is type(y) and list(x) == list(y)
+        if not same:
+            return False
+    return True
+
+
+def test_a_case_is_a_pure_function_of_seed_and_index():
+    keys = [(SEED, i) for i in (0, 1, 7, 123, CASES - 1)] + [(0, 5), (3, 2**31)]
+    first = {k: fuzz.make_case(*k) for k in keys}
+    for i in range(50):  # whatever was drawn in between
+        fuzz.make_case(SEED + 1, i)
+    for k in reversed(keys):
+        again = fuzz.make_case(*k)
+        assert _same_inputs(again, first[k]), k
+        assert fuzz.fingerprint(again) == fuzz.fingerprint(first[k])
+    assert len({fuzz.fingerprint(c) for c in first.values()}) == len(keys), "distinct keys give distinct cases"
+
+
+def test_replay_command_reproduces_the_case_and_its_outcome():
+    # the CLI replay, in a fresh interpreter, draws the same inputs (fingerprint)
+    # and reaches the same triage as this process
+    keys = [f"{SEED}:{i}" for i in (0, 17, 42)]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz.py")
+    run = subprocess.run(
+        [sys.executable, script, "--replay", *keys], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    printed = dict(re.findall(r"^case (\S+)  fingerprint (\S+)$", run.stdout, re.M))
+    classes = re.findall(r"^  -> (\S+)$", run.stdout, re.M)
+    assert len(printed) == len(keys) and len(classes) == len(keys), run.stdout + run.stderr
+    for key, cls in zip(keys, classes):
+        case = fuzz.make_case(*(int(s) for s in key.split(":")))
+        assert printed[key] == fuzz.fingerprint(case), key
+        assert cls == fuzz.run_case(case).cls, key
+
+
+def _tie_case() -> fuzz.Case:
+    """The first vanilla fp32 case with ratios drawn a few ulps around the clip bounds."""
+    for i in range(10_000):
+        case = fuzz.make_case(SEED, i)
+        p = case.params
+        if case.op == "policy" and p["mode"] == "vanilla" and p["dtype"] == "fp32" and p["tie"] == "near":
+            return case
+    raise AssertionError("no tie case drawn")
+
+
+def test_triage_excuses_exactly_the_documented_tie(monkeypatch):
+    # "ours" is verl itself, doctored: whatever luspo-rs computes, the triage
+    # must excuse a gradient x2 at a token within 2 ulps of a clip bound and
+    # a pg_clipfrac off by that token, and nothing else.
+    case = _tie_case()
+    spec = fuzz.SPECS["policy"]
+    x, p = case.inputs, case.params
+    mask = x["response_mask"]
+    ratio = fuzz.verl_ratio("vanilla", x["old_log_prob"], x["log_prob"], mask)
+    lo = 1 - (p["clip_ratio_low"] if p["clip_ratio_low"] is not None else p["clip_ratio"])
+    hi = 1 + (p["clip_ratio_high"] if p["clip_ratio_high"] is not None else p["clip_ratio"])
+    grad = spec.verl(case, "native")["grad"]
+    near = fuzz.near_bound(ratio, mask, (lo, hi)) & (grad != 0)
+    far = ~fuzz.near_bound(ratio, mask, (lo, hi), fuzz.WIDE_TIE_ULPS) & (mask != 0) & (grad.abs() > 1e-3)
+    assert near.any() and far.any()
+    at_near, at_far = tuple(near.nonzero()[0].tolist()), tuple(far.nonzero()[0].tolist())
+    n_valid = float(mask.double().sum())
+
+    def classify(grad_factor=1.0, where=None, clipfrac_shift=0.0):
+        def ours(c):
+            out = spec.verl(c, "native")
+            if where is not None:
+                out["grad"] = out["grad"].clone()
+                out["grad"][where] *= grad_factor
+            out["pg_clipfrac"] = out["pg_clipfrac"] + clipfrac_shift / n_valid
+            return out
+
+        monkeypatch.setitem(fuzz.SPECS, "policy", dataclasses.replace(spec, ours=ours))
+        return fuzz.run_case(case).cls
+
+    assert classify() == "ok"
+    assert classify(2.0, at_near) == "known_tie"
+    assert classify(0.5, at_near, clipfrac_shift=1.0) == "known_tie"
+    assert classify(0.0, at_near) == "known_tie"
+    assert classify(3.0, at_near) == "mismatch", "x3 is no tie"
+    assert classify(2.0, at_far) == "mismatch", "x2 away from a clip bound is no tie"
+    assert classify(clipfrac_shift=0.5) == "mismatch", "half a token is no flip"
+    n_wide = int(fuzz.near_bound(ratio, mask, (lo, hi), fuzz.WIDE_TIE_ULPS).sum())
+    assert classify(clipfrac_shift=float(n_wide + 1)) == "mismatch", "more flips than tokens at a bound"
