@@ -26,7 +26,7 @@ def main():
     w = torch.rand_like(lp)
     grad = torch.empty_like(lp)
     loss = torch.empty((), device="cuda")
-    metrics = torch.empty(3, dtype=torch.float64, device="cuda")
+    metrics = torch.empty(_core.METRICS_LEN, dtype=torch.float64, device="cuda")
     scratch = torch.empty(_core.loss_scratch_len(8), dtype=torch.float64, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
     x = lp.clone().requires_grad_(True)

@@ -83,7 +83,11 @@ def assert_same(want, got):
     (lw, gw, mw), (lg, gg, mg) = want, got
     torch.testing.assert_close(lg, lw, **TOL)
     torch.testing.assert_close(gg, gw, **TOL)
-    assert set(mg) == set(mw) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+    # verl's metrics, equal; ours add the length diagnostics (tests/test_length_diagnostics.py)
+    assert set(mw) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+    assert set(mg) == set(mw) | {"actor/len_long_grad_share", "actor/len_long_clipfrac", "actor/len_short_clipfrac",
+                                 "actor/len_adv_corr"}
+    assert all(isinstance(v, float) for v in mg.values())
     for k in mw:
         assert isinstance(mg[k], float)
         assert mg[k] == pytest.approx(mw[k], abs=1e-6, rel=1e-5), k

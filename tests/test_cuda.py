@@ -20,6 +20,7 @@ from test_kl_penalty import inputs as kl_inputs
 from verl.trainer.ppo import core_algos as verl_ca
 
 import luspo_rs
+from luspo_rs.policy_loss import METRICS
 from luspo_rs import _core
 from luspo_rs import core_algos as ours
 
@@ -41,9 +42,11 @@ TOL_CPU = {
 
 def run(mode, old, lp, adv, mask, agg, weights=None, **kw):
     x = lp.detach().clone().requires_grad_(True)
-    loss, metrics = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, loss_agg_mode=agg, rollout_is_weights=weights, **{**CLIP, **kw})
+    loss, metrics = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, loss_agg_mode=agg, rollout_is_weights=weights,
+                                         diagnostics=True, **{**CLIP, **kw})
     loss.backward()
-    return loss.detach(), x.grad, torch.stack([metrics[k] for k in ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")])
+    # every metric, the length diagnostics included (NaN where undefined, on both devices)
+    return loss.detach(), x.grad, torch.stack([metrics[k] for k in METRICS])
 
 
 def cuda(*ts):
@@ -78,7 +81,7 @@ def test_matches_cpu_path_and_verl_on_the_gpu(mode, agg, dtype, with_weights):
     close(g_loss, r_loss, TOL_CPU[dtype], "loss vs verl")
     close(g_grad, r_grad, TOL_CPU[dtype], "grad vs verl")
     # every metric verl reports (Python floats), against ours
-    ours_met = dict(zip(("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"), g_met))
+    ours_met = dict(zip(METRICS, g_met))
     assert r_met, "verl reported no metrics"
     for k, v in r_met.items():
         close(ours_met[k], v, TOL_CPU[torch.float32], f"{k} vs verl")
@@ -120,25 +123,27 @@ def test_bitwise_deterministic_over_runs(mode):
     for _ in range(5):
         again = run(mode, old, lp, adv, mask, "token-mean")
         for a, b in zip(first, again):
-            assert torch.equal(a, b)
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # bitwise, NaN == NaN
 
 
 def test_writes_into_the_torch_buffers_without_copies():
     old, lp, adv, mask = cuda(*make_batch(4, 64))
     grad = torch.full_like(lp, float("nan"))
     loss = torch.full((), float("nan"), device="cuda")
-    metrics = torch.full((3,), float("nan"), dtype=torch.float64, device="cuda")
+    metrics = torch.full((_core.METRICS_LEN,), float("nan"), dtype=torch.float64, device="cuda")
     scratch = torch.full((_core.loss_scratch_len(4),), float("nan"), dtype=torch.float64, device="cuda")
     ptrs = (grad.data_ptr(), loss.data_ptr(), metrics.data_ptr(), scratch.data_ptr())
     _core.policy_loss(old, lp, adv, mask, grad, loss, metrics, mode="gspo", loss_agg_mode="token-mean", clip_ratio=0.2,
-                      scratch=scratch, stream=torch.cuda.current_stream().cuda_stream)
+                      diagnostics=True, scratch=scratch, stream=torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     assert (grad.data_ptr(), loss.data_ptr(), metrics.data_ptr(), scratch.data_ptr()) == ptrs
     # every element written (the poison is gone), and equal to what the autograd path returns
-    assert torch.isfinite(grad).all() and torch.isfinite(loss) and torch.isfinite(metrics).all()
+    # (a length diagnostic may legitimately be NaN, so only verl's three are checked finite)
+    assert torch.isfinite(grad).all() and torch.isfinite(loss) and torch.isfinite(metrics[:3]).all()
     want_loss, want_grad, want_met = run("gspo", old, lp, adv, mask, "token-mean", clip_ratio=0.2, clip_ratio_low=None,
                                          clip_ratio_high=None)
-    assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad) and torch.equal(metrics, want_met)
+    assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
+    torch.testing.assert_close(metrics, want_met, rtol=0, atol=0, equal_nan=True)
 
 
 def test_backward_scales_by_grad_output_in_place():
@@ -230,7 +235,7 @@ def test_second_gpu_runs_its_own_kernels():
     a = run("gspo", *[t.to("cuda:1") for t in (old, lp, adv, mask)], "token-mean")
     b = run("gspo", *cuda(old, lp, adv, mask), "token-mean")
     for x, y in zip(a, b):
-        assert torch.equal(x.cpu(), y.cpu())
+        torch.testing.assert_close(x.cpu(), y.cpu(), rtol=0, atol=0, equal_nan=True)
 
 
 # --------------------------------------------------------------------------- kl_penalty

@@ -204,8 +204,9 @@ def test_luspo_ignores_loss_agg_mode_and_weights_sequences_by_length():
 
 def test_metrics_are_float64_tensors_on_the_input_device():
     old, lp, adv, mask = make_batch(3, 5)
-    _, metrics = luspo_rs.policy_loss(old, lp, adv, mask, mode="vanilla")
-    assert set(metrics) == {"pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"}
+    _, metrics = luspo_rs.policy_loss(old, lp, adv, mask, mode="vanilla", diagnostics=True)
+    assert list(metrics) == ["pg_clipfrac", "ppo_kl", "pg_clipfrac_lower", "len_long_grad_share",
+                             "len_long_clipfrac", "len_short_clipfrac", "len_adv_corr"]
     for v in metrics.values():
         assert v.dim() == 0 and v.dtype == torch.float64 and v.device == lp.device and not v.requires_grad
 
@@ -234,7 +235,7 @@ def test_closed_clamp_convention_gives_the_full_gradient_on_the_bound(mode):
     for closed in (False, True):
         g = torch.empty(2, 4, dtype=torch.float64)
         _core.policy_loss(old, old.clone(), adv, mask, g, torch.empty((), dtype=torch.float64),
-                          torch.empty(3, dtype=torch.float64), mode=mode, loss_agg_mode="token-mean", clip_ratio=0.0,
+                          torch.empty(_core.METRICS_LEN, dtype=torch.float64), mode=mode, loss_agg_mode="token-mean", clip_ratio=0.0,
                           clamp_closed=closed)
         grads[closed] = g
     torch.testing.assert_close(grads[True], 2 * grads[False], rtol=0, atol=0)

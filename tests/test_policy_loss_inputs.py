@@ -96,7 +96,7 @@ def test_empty_inputs_are_value_errors(shape):
 def test_native_rejects_read_only_and_misshaped_outputs(batch):
     old, lp, adv, mask = (x.numpy() for x in batch)
     grad = np.empty_like(lp)
-    loss, metrics = np.empty(()), np.empty(3)
+    loss, metrics = np.empty(()), np.empty(_core.METRICS_LEN)
     opts = dict(mode="vanilla", loss_agg_mode="token-mean", clip_ratio=0.2)
     grad.flags.writeable = False
     with pytest.raises((ValueError, BufferError), match="grad"):
@@ -104,9 +104,9 @@ def test_native_rejects_read_only_and_misshaped_outputs(batch):
     with pytest.raises(ValueError, match="grad"):
         _core.policy_loss(old, lp, adv, mask, np.empty((4, 5), np.float32), loss, metrics, **opts)
     with pytest.raises(ValueError, match="metrics"):
-        _core.policy_loss(old, lp, adv, mask, np.empty_like(lp), loss, np.empty(3, np.float32), **opts)
+        _core.policy_loss(old, lp, adv, mask, np.empty_like(lp), loss, np.empty(_core.METRICS_LEN, np.float32), **opts)
     with pytest.raises(ValueError, match="metrics"):
-        _core.policy_loss(old, lp, adv, mask, np.empty_like(lp), loss, np.empty(2), **opts)
+        _core.policy_loss(old, lp, adv, mask, np.empty_like(lp), loss, np.empty(_core.METRICS_LEN - 1), **opts)
     with pytest.raises(ValueError, match="loss"):
         _core.policy_loss(old, lp, adv, mask, np.empty_like(lp), np.empty(1), metrics, **opts)
     with pytest.raises(ValueError, match="loss"):
@@ -117,7 +117,7 @@ def test_numpy_arrays_through_the_native_layer_match_torch(batch):
     old, lp, adv, mask = batch
     ref, metrics = call(old, lp.clone().requires_grad_(), adv, mask, mode="gspo")
     grad = np.empty(tuple(lp.shape), np.float32)
-    loss, out = np.empty((), np.float32), np.empty(3)
+    loss, out = np.empty((), np.float32), np.empty(_core.METRICS_LEN)
     _core.policy_loss(old.numpy(), lp.numpy(), adv.numpy(), mask.numpy(), grad, loss, out,
                       mode="gspo", loss_agg_mode="token-mean", clip_ratio=0.2)
     assert loss == ref.item()

@@ -57,7 +57,10 @@ def test_env_var_registers_luspo_in_verls_registry():
         """
         loss, metrics = fn(old, lp, adv, mask, loss_agg_mode="token-mean", config=cfg)
         assert abs(loss.item() - want.item()) < 1e-5 * max(1.0, abs(want.item())), (loss.item(), want.item())
-        assert set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+        # verl's metrics and the length diagnostics, all logged by verl as actor/...
+        assert set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower",
+                                "actor/len_long_grad_share", "actor/len_long_clipfrac",
+                                "actor/len_short_clipfrac", "actor/len_adv_corr"}
         # opt-in not set: verl's own vanilla / grpo stay in place
         from verl.trainer.ppo import core_algos as ca
         assert ca.get_policy_loss_fn("vanilla").__module__ == "verl.trainer.ppo.core_algos"

@@ -55,6 +55,7 @@ def policy_loss(
     global_batch_size: Optional[float] = None,
     loss_scale_factor: Optional[float] = None,
     clamp_closed: bool = False,
+    diagnostics: bool = False,
     factor: Optional[DLPack] = None,
     scratch: Optional[DLPack] = None,
     stream: Optional[int] = None,
@@ -63,7 +64,8 @@ def policy_loss(
     ``d loss / d log_prob`` into ``grad`` (shape and device of ``log_prob``,
     float dtype), the loss into ``loss`` (0-d, any float dtype), and
     ``[pg_clipfrac, ppo_kl, pg_clipfrac_lower]`` into ``metrics`` (a
-    contiguous float64 tensor of ``METRICS_LEN`` elements). ``factor``, an
+    contiguous float64 tensor of ``METRICS_LEN`` elements), then the four
+    length diagnostics when ``diagnostics`` (else NaN). ``factor``, an
     optional float64 scalar, multiplies the loss and the gradient.
 
     CUDA tensors also take ``scratch`` (float64, ``loss_scratch_len(B)``

@@ -38,6 +38,7 @@ import torch
 from .advantage import advantage, group_index
 from .agg_loss import agg_loss as _agg_loss
 from .kl_penalty import kl_penalty  # verl's signature already: the drop-in is the public function
+from .policy_loss import METRICS
 from .policy_loss import policy_loss as _policy_loss
 
 __all__ = [
@@ -95,13 +96,13 @@ def _policy(mode: str, old_log_prob, log_prob, advantages, response_mask, loss_a
         clip_ratio_high=_cfg(config, "clip_ratio_high"),
         clip_ratio_c=_cfg(config, "clip_ratio_c", 3.0),
         rollout_is_weights=rollout_is_weights,
+        diagnostics=True,  # verl logs them as actor/len_*
         **norm,
     )
-    metrics = {
-        "actor/pg_clipfrac": stats["pg_clipfrac"].item(),
-        "actor/ppo_kl": stats["ppo_kl"].item(),
-        "actor/pg_clipfrac_lower": stats["pg_clipfrac_lower"].item(),
-    }
+    # verl's three metrics, then the length diagnostics (logged as actor/len_*);
+    # one device-to-host copy for all of them
+    values = torch.stack([stats[name] for name in METRICS]).tolist()
+    metrics = {f"actor/{name}": v for name, v in zip(METRICS, values)}
     return loss, metrics
 
 

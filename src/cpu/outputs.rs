@@ -6,7 +6,7 @@
 //! `loss.backward()`'s seed of 1).
 
 use crate::error::{Error, Result};
-use crate::ops::LossOutputs;
+use crate::ops::{abi, LossOutputs};
 use crate::tensor::{DType, Device, Real, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -21,7 +21,7 @@ pub fn scalar(t: &Tensor) -> Result<f64> {
 }
 
 /// Writes `loss` and the metrics.
-pub fn write(out: &LossOutputs<'_>, loss: f64, metrics: Option<[f64; 3]>) -> Result<()> {
+pub fn write(out: &LossOutputs<'_>, loss: f64, metrics: Option<&[f64; abi::METRICS_LEN as usize]>) -> Result<()> {
     out.check(Device::Cpu, metrics.is_some())?;
     // SAFETY: `check` validated a writable 0-d float tensor and a writable
     // contiguous float64 buffer of METRICS_LEN values.

@@ -29,10 +29,10 @@ use super::lane::{Avx2, Sse};
 use super::lane::ScalarF32;
 use super::lane::ScalarF64;
 use super::{fold_rows, mask_totals};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::agg_loss::AggPlan;
 use crate::ops::plus_eps;
-use crate::ops::policy_loss::{Clip, LossMode, PolicyLossOutput, PolicyLossProblem};
+use crate::ops::policy_loss::{Clip, LengthDiagnostics, LossMode, PolicyLossOutput, PolicyLossProblem, RowLength};
 use crate::tensor::{piece_scratch, pieces, DType, Mat, Real, PIECE};
 use num_traits::Float;
 
@@ -137,6 +137,9 @@ struct RowSums {
     clipped: f64,
     kl: f64,
     lower: f64,
+    /// `sum_t m A` and `sum_t |g|`, for [`LengthDiagnostics`].
+    adv: f64,
+    grad_mass: f64,
 }
 
 /// Per-thread scratch: one piece (see [`PIECE`]) of each input and of the gradient.
@@ -176,8 +179,11 @@ pub fn policy_loss(p: &PolicyLossProblem) -> Result<PolicyLossOutput> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is present.
-            return run_with::<Avx2>(p, |p, plan, i, s| unsafe { row_avx2(p, plan, i, s) });
+            return match p.diagnostics {
+                // SAFETY (both): AVX2 is present.
+                false => run_with::<Avx2>(p, |p, plan, i, s| unsafe { row_avx2::<false>(p, plan, i, s) }),
+                true => run_with::<Avx2>(p, |p, plan, i, s| unsafe { row_avx2::<true>(p, plan, i, s) }),
+            };
         }
         run::<Sse>(p)
     }
@@ -188,15 +194,18 @@ pub fn policy_loss(p: &PolicyLossProblem) -> Result<PolicyLossOutput> {
 /// [`row`] compiled with AVX2, so the `F32x8` intrinsics inline.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn row_avx2(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<f32>) -> RowSums {
-    row::<Avx2>(p, plan, i, s)
+unsafe fn row_avx2<const DIAG: bool>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<f32>) -> RowSums {
+    row::<Avx2, DIAG>(p, plan, i, s)
 }
 
 /// A row kernel: inputs, plan, row index, per-thread scratch.
 type RowFn<F> = fn(&PolicyLossProblem, &AggPlan, usize, &mut Scratch<F>) -> RowSums;
 
 fn run<W: Wide>(p: &PolicyLossProblem) -> Result<PolicyLossOutput> {
-    run_with::<W>(p, row::<W>)
+    match p.diagnostics {
+        false => run_with::<W>(p, row::<W, false>),
+        true => run_with::<W>(p, row::<W, true>),
+    }
 }
 
 fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> Result<PolicyLossOutput> {
@@ -210,6 +219,11 @@ fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> Result<Polic
 
     let mut out = PolicyLossOutput::default();
     let mut tokens = 0.0;
+    let rows = if p.diagnostics { p.log_prob.rows } else { 0 };
+    let mut lengths: Vec<RowLength> = Vec::new();
+    lengths
+        .try_reserve_exact(rows)
+        .map_err(|_| Error::memory(p.log_prob.tensor.arg, format!("cannot allocate per-row lengths for {rows} rows")))?;
     fold_rows(
         p.log_prob.tensor.arg,
         p.log_prob.rows,
@@ -222,8 +236,14 @@ fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> Result<Polic
             out.pg_clipfrac += r.clipped;
             out.ppo_kl += r.kl;
             out.pg_clipfrac_lower += r.lower;
+            if p.diagnostics {
+                lengths.push(RowLength { tokens: r.tokens, clipped: r.clipped, grad_mass: r.grad_mass, adv: r.adv });
+            }
         },
     )?;
+    if p.diagnostics {
+        out.length = LengthDiagnostics::of(&lengths);
+    }
     // verl's masked_mean: sum / (sum(mask) + 1e-8)
     let denom = plus_eps(tokens, mask_is_f64);
     out.loss = plan.finish(out.loss);
@@ -238,7 +258,7 @@ fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> Result<Polic
 /// [`PIECE`] goes through in pieces, each pass loading its own; a shorter
 /// one is loaded once for both passes.
 #[inline(always)]
-fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<W::F>) -> RowSums {
+fn row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<W::F>) -> RowSums {
     let cols = p.log_prob.cols;
     let with_seq = p.mode != LossMode::Vanilla;
     let mut sums = (0.0, 0.0);
@@ -270,14 +290,14 @@ fn row<W: Wide>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch
         let converted = direct.is_none();
         let g = direct.unwrap_or(&mut s.grad[..len]);
         match p.mode {
-            LossMode::Vanilla => ctx.token_pass::<W, _>(g, &mut st, &Vanilla(p.clip)),
+            LossMode::Vanilla => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Vanilla(p.clip)),
             LossMode::Gspo | LossMode::Luspo => {
                 // verl: sum(d * m) / clamp(sum(m), min=1)
                 let log_s = W::F::of(seq / tokens.max(1.0));
                 let (x, pass) = clamp(log_s, W::F::neg_infinity(), W::F::of(10.0), p.clip.clamp_closed);
                 let sr = x.exp();
                 let ds = <W::F as Lane>::select(pass, sr, <W::F as Lane>::splat(0.0));
-                ctx.token_pass::<W, _>(g, &mut st, &Gspo { clip: p.clip, s: sr.f64(), ds: ds.f64() })
+                ctx.token_pass::<W, _, DIAG>(g, &mut st, &Gspo { clip: p.clip, s: sr.f64(), ds: ds.f64() })
             }
         }
         if converted {
@@ -379,21 +399,27 @@ struct RowCtx<'a, F> {
     seq_mode: bool,
 }
 
+/// Sums the token pass keeps per row (the gradient is the sixth term).
+const SUMS: usize = 6;
+
 /// The per-token terms of one lane: `m*w*l` (or 0 where masked, see
-/// `AggMode::is_seq_mode`), `m*d`, `m*[clipped]`, `m*[lower]`, and the
-/// gradient `coef*m*w*dl` (0 where masked).
+/// `AggMode::is_seq_mode`), `m*d`, `m*[clipped]`, `m*[lower]`, `m*A`,
+/// `|g|`, and the gradient `g = coef*m*w*dl` (0 where masked).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn terms<L: Lane, R: TokenRule>(rule: &R, o: L, l: L, a: L, m: L, w: L, coef: L, seq_mode: bool) -> [L; 5] {
+fn terms<L: Lane, R: TokenRule>(rule: &R, o: L, l: L, a: L, m: L, w: L, coef: L, seq_mode: bool) -> [L; SUMS + 1] {
     let (k, d) = rule.eval(o, l, a);
     let zero = L::splat(0.0);
     let keep = m.ne(zero);
+    let g = L::select(keep, coef * m * (k.dloss * w), zero);
     [
         L::select(keep | L::mask(seq_mode), k.loss * w * m, zero),
         L::select(keep, d * m, zero),
         L::select(keep & k.clipped, m, zero),
         L::select(keep & k.lower, m, zero),
-        L::select(keep, coef * m * (k.dloss * w), zero),
+        L::select(keep, a * m, zero),
+        L::select(g.lt(zero), -g, g),
+        g,
     ]
 }
 
@@ -403,8 +429,10 @@ impl<F: Real + Lane> RowCtx<'_, F> {
     /// Tokens go in blocks of [`BLOCK`]: `W::WIDTH` tokens at a time through
     /// [`terms`] (the tail one by one through the same code), summed in
     /// [`Lanes8`] within the block, then into the f64 row sums.
+    /// `DIAG`: also the sums of [`LengthDiagnostics`] (`m A`, `|g|`).
     #[inline(always)]
-    fn token_pass<W: Wide<F = F>, R: TokenRule>(&self, g: &mut [F], st: &mut RowSums, rule: &R) {
+    fn token_pass<W: Wide<F = F>, R: TokenRule, const DIAG: bool>(&self, g: &mut [F], st: &mut RowSums, rule: &R) {
+        let sums = if DIAG { SUMS } else { SUMS - 2 };
         let n = g.len();
         let (coef, coef_v) = (self.coef, W::V::splat(self.coef.f64()));
         let mut start = 0;
@@ -414,7 +442,8 @@ impl<F: Real + Lane> RowCtx<'_, F> {
             let (o, l, a, m) = (&self.old[start..end], &self.lp[start..end], &self.adv[start..end], &self.mask[start..end]);
             let w = self.w.map(|w| &w[start..end]);
             let g = &mut g[start..end];
-            let mut acc = [Lanes8::<W>::new(), Lanes8::<W>::new(), Lanes8::<W>::new(), Lanes8::<W>::new()];
+            // (no closures here: see `row`)
+            let mut acc = [Lanes8::<W>::new(), Lanes8::new(), Lanes8::new(), Lanes8::new(), Lanes8::new(), Lanes8::new()];
             let mut j = 0;
             while j + W::WIDTH <= len {
                 let wv = match w {
@@ -422,29 +451,32 @@ impl<F: Real + Lane> RowCtx<'_, F> {
                     None => W::V::splat(1.0),
                 };
                 let t = terms(rule, W::load(&o[j..]), W::load(&l[j..]), W::load(&a[j..]), W::load(&m[j..]), wv, coef_v, self.seq_mode);
-                for k in 0..4 {
+                for k in 0..sums {
                     acc[k].add(j, t[k]);
                 }
-                W::store(t[4], &mut g[j..]);
+                W::store(t[SUMS], &mut g[j..]);
                 j += W::WIDTH;
             }
-            let mut lanes = [acc[0].lanes(), acc[1].lanes(), acc[2].lanes(), acc[3].lanes()];
+            let mut lanes = [acc[0].lanes(), acc[1].lanes(), acc[2].lanes(), acc[3].lanes(), acc[4].lanes(), acc[5].lanes()];
             for j in j..len {
                 let wj = match w {
                     Some(w) => w[j],
                     None => F::one(),
                 };
                 let t = terms(rule, o[j], l[j], a[j], m[j], wj, coef, self.seq_mode);
-                for k in 0..4 {
+                for k in 0..sums {
                     lanes[k][j % 8] = lanes[k][j % 8] + t[k];
                 }
-                g[j] = t[4];
+                g[j] = t[SUMS];
             }
-            let sums = [fold8(&lanes[0]), fold8(&lanes[1]), fold8(&lanes[2]), fold8(&lanes[3])];
-            st.loss += sums[0];
-            st.kl -= sums[1];
-            st.clipped += sums[2];
-            st.lower += sums[3];
+            st.loss += fold8(&lanes[0]);
+            st.kl -= fold8(&lanes[1]);
+            st.clipped += fold8(&lanes[2]);
+            st.lower += fold8(&lanes[3]);
+            if DIAG {
+                st.adv += fold8(&lanes[4]);
+                st.grad_mass += fold8(&lanes[5]);
+            }
             start = end;
         }
     }
@@ -495,6 +527,7 @@ mod tests {
             clip_ratio_c: 3.0,
             clamp_closed: false,
             norm: Normalizers::default(),
+            diagnostics: true,
         })
         .unwrap();
         let out = match width {
@@ -502,7 +535,7 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             "sse" => run::<Sse>(&p),
             #[cfg(target_arch = "x86_64")]
-            "avx2" => run_with::<Avx2>(&p, |p, plan, i, s| unsafe { row_avx2(p, plan, i, s) }),
+            "avx2" => run_with::<Avx2>(&p, |p, plan, i, s| unsafe { row_avx2::<true>(p, plan, i, s) }),
             _ => unreachable!(),
         }
         .unwrap();

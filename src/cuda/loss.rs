@@ -184,6 +184,8 @@ struct LossLaunch<'a> {
     norm: &'a Normalizers,
     clip: (f64, f64, f64, bool),
     f64_math: bool,
+    /// The length diagnostics are wanted (policy loss only).
+    diagnostics: bool,
 }
 
 /// Zeroes the tickets and enqueues both loss kernels on `stream`.
@@ -204,7 +206,8 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossOutputs<'_>, scratch: &Tensor, device
     let block = team.max(256);
     let blocks = grid(rows.div_ceil((block / team) as usize).max(1))?;
     let vec = if mask_runs_ok(&mask, rows, run) { abi::VEC_MASK } else { 0 }
-        | if mask_runs_ok(&mask, rows, 16) { abi::VEC_MASK16 } else { 0 };
+        | if mask_runs_ok(&mask, rows, 16) { abi::VEC_MASK16 } else { 0 }
+        | if l.diagnostics { abi::VEC_DIAGNOSTICS } else { 0 };
     let n = l.norm;
     let (lo, hi, c, closed) = l.clip;
     let mut a = LossArgs {
@@ -277,6 +280,7 @@ pub fn policy_loss(p: &PolicyLossProblem, b: &LossOutputs<'_>, scratch: &Tensor,
         norm: &p.norm,
         clip: clip_of(p),
         f64_math: p.wants_f64(),
+        diagnostics: p.diagnostics,
     };
     launch_loss(&l, b, scratch, p.device, stream)
 }
@@ -296,6 +300,7 @@ pub fn agg_loss(p: &AggProblem, b: &LossOutputs<'_>, scratch: &Tensor, stream: u
         norm: &p.norm,
         clip: (0.0, 0.0, 0.0, false),
         f64_math: p.loss_mat.tensor.dtype == DType::F64,
+        diagnostics: false,
     };
     launch_loss(&l, b, scratch, p.loss_mat.tensor.device, stream)
 }

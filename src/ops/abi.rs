@@ -31,14 +31,16 @@ shared_constants! {
     /// `ROW_STRIDE` values per row.
     "loss scratch: head" { SC_TICKETS = 0, SC_SCALE = 1, SC_TOKENS = 2, SCRATCH_HEAD = 4 }
     "loss scratch: per row" {
-        R_TOKENS = 0, R_S = 1, R_DS = 2, R_LOSS = 3, R_CLIPPED = 4, R_KL = 5, R_LOWER = 6, ROW_STRIDE = 8,
+        R_TOKENS = 0, R_S = 1, R_DS = 2, R_LOSS = 3, R_CLIPPED = 4, R_KL = 5, R_LOWER = 6, R_ADV = 7, R_MASS = 8,
+        ROW_STRIDE = 10,
     }
     /// `LossArgs.vec` bits: the 1-byte mask can be read in V-byte runs, and in
-    /// 16-byte loads in the mask-only row pass.
-    "mask loads" { VEC_MASK = 2, VEC_MASK16 = 4 }
+    /// 16-byte loads in the mask-only row pass; the length diagnostics are wanted.
+    "LossArgs.vec bits" { VEC_MASK = 2, VEC_MASK16 = 4, VEC_DIAGNOSTICS = 8 }
     /// Largest block of the loss kernels (and so the largest team); the
-    /// policy loss's metrics buffer: `[pg_clipfrac, ppo_kl, pg_clipfrac_lower]`.
-    "loss kernels' sizes" { MAX_THREADS = 512, METRICS_LEN = 3 }
+    /// policy loss's metrics buffer: `[pg_clipfrac, ppo_kl, pg_clipfrac_lower]`
+    /// and the four `LengthDiagnostics`.
+    "loss kernels' sizes" { MAX_THREADS = 512, METRICS_LEN = 7 }
     /// `KlArgs.kind`: verl's `kl_penalty` estimators.
     "kl_penalty estimators" { KL_K1 = 0, KL_ABS = 1, KL_K2 = 2, KL_K3 = 3 }
     /// `AdvArgs.estimator`: the outcome advantage estimators.

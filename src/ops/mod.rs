@@ -20,7 +20,8 @@ pub struct LossOutputs<'a> {
     /// promotion of the inputs' dtypes).
     pub loss: &'a Tensor,
     /// float64, `abi::METRICS_LEN` values `[pg_clipfrac, ppo_kl,
-    /// pg_clipfrac_lower]` (policy loss only).
+    /// pg_clipfrac_lower]` and the four `policy_loss::LengthDiagnostics`
+    /// (policy loss only).
     pub metrics: Option<&'a Tensor>,
     /// A float64 scalar that multiplies the loss and the gradient, or none:
     /// normalisers given as CUDA tensors, combined on the device, so no

@@ -96,6 +96,92 @@ pub struct PolicyLossOutput {
     pub ppo_kl: f64,
     /// Fraction of valid tokens with `A < 0` cut by the dual clip (0 for GSPO/LUSPO).
     pub pg_clipfrac_lower: f64,
+    /// How the loss treats long and short responses (see [`LengthDiagnostics`];
+    /// NaN unless `PolicyLossProblem::diagnostics`).
+    pub length: LengthDiagnostics,
+}
+
+/// What one row contributes to [`LengthDiagnostics`]: its length `L_i =
+/// sum_t m`, its clipped tokens (as `pg_clipfrac` counts them), its
+/// gradient mass `sum_t |d loss / d lp_t|` and `sum_t m A`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowLength {
+    pub tokens: f64,
+    pub clipped: f64,
+    pub grad_mass: f64,
+    pub adv: f64,
+}
+
+/// Length-bias diagnostics of one batch, computed in the loss's own pass
+/// when asked for (two more sums per token: about 10% of the CPU kernel's
+/// single-thread time, so they are off by default). Over the rows with `L_i > 0`, with
+/// `Lbar` their mean length, a row is *long* if `L_i > Lbar`, else *short*:
+///
+/// * `long_grad_share`: the long rows' share of the gradient mass `sum |g|`
+///   divided by their share of the tokens. 1 when every token weighs the
+///   same (token-mean, LUSPO); below 1 when long responses' tokens weigh
+///   less (GSPO's `1 / L_i`);
+/// * `long_clipfrac`, `short_clipfrac`: clipped tokens / tokens within the
+///   long and the short rows;
+/// * `adv_corr`: the Pearson correlation over rows of `L_i` and the row's mean
+///   advantage `sum_t m A / L_i` (positive: longer responses are rewarded).
+///
+/// Each is NaN where it is undefined (no long row, no gradient, constant
+/// lengths or advantages). The CUDA kernels compute the same (twin:
+/// `cuda/kernels/loss.cu`, the token pass's last block).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LengthDiagnostics {
+    pub long_grad_share: f64,
+    pub long_clipfrac: f64,
+    pub short_clipfrac: f64,
+    pub adv_corr: f64,
+}
+
+impl Default for LengthDiagnostics {
+    fn default() -> Self {
+        LengthDiagnostics { long_grad_share: f64::NAN, long_clipfrac: f64::NAN, short_clipfrac: f64::NAN, adv_corr: f64::NAN }
+    }
+}
+
+impl LengthDiagnostics {
+    /// The diagnostics of `rows` (in row order; two passes, sums in f64).
+    pub fn of(rows: &[RowLength]) -> Self {
+        let live = || rows.iter().filter(|r| r.tokens > 0.0);
+        let (mut n, mut tokens, mut mean_adv) = (0.0, 0.0, 0.0);
+        for r in live() {
+            n += 1.0;
+            tokens += r.tokens;
+            mean_adv += r.adv / r.tokens;
+        }
+        if n == 0.0 {
+            return Self::default();
+        }
+        let (lbar, abar) = (tokens / n, mean_adv / n);
+        let (mut mass_long, mut mass, mut tok_long) = (0.0, 0.0, 0.0);
+        let (mut clip_long, mut clip_short) = (0.0, 0.0);
+        let (mut sxx, mut syy, mut sxy) = (0.0, 0.0, 0.0);
+        for r in live() {
+            let long = r.tokens > lbar;
+            mass += r.grad_mass;
+            if long {
+                mass_long += r.grad_mass;
+                tok_long += r.tokens;
+                clip_long += r.clipped;
+            } else {
+                clip_short += r.clipped;
+            }
+            let (x, y) = (r.tokens - lbar, r.adv / r.tokens - abar);
+            sxx += x * x;
+            syy += y * y;
+            sxy += x * y;
+        }
+        LengthDiagnostics {
+            long_grad_share: (mass_long / mass) / (tok_long / tokens),
+            long_clipfrac: clip_long / tok_long,
+            short_clipfrac: clip_short / (tokens - tok_long),
+            adv_corr: sxy / (sxx * syy).sqrt(),
+        }
+    }
 }
 
 /// Everything one policy-loss call needs, checked.
@@ -114,6 +200,8 @@ pub struct PolicyLossProblem {
     pub clip: Clip,
     pub norm: Normalizers,
     pub device: Device,
+    /// Whether to compute the [`LengthDiagnostics`] (a few more sums per token).
+    pub diagnostics: bool,
 }
 
 /// Raw, unchecked arguments of a policy-loss call.
@@ -133,6 +221,8 @@ pub struct PolicyLossArgs<'a> {
     /// See [`Clip::clamp_closed`].
     pub clamp_closed: bool,
     pub norm: Normalizers,
+    /// See [`PolicyLossProblem::diagnostics`].
+    pub diagnostics: bool,
 }
 
 impl PolicyLossProblem {
@@ -187,6 +277,7 @@ impl PolicyLossProblem {
             clip,
             norm: a.norm,
             device,
+            diagnostics: a.diagnostics,
         })
     }
 

@@ -34,7 +34,7 @@ fn scratch_what(rows: usize) -> String {
     old_log_prob, log_prob, advantages, response_mask, grad, loss, metrics, *,
     mode, loss_agg_mode, clip_ratio, clip_ratio_low=None, clip_ratio_high=None,
     clip_ratio_c=3.0, rollout_is_weights=None, dp_size=1.0, batch_num_tokens=None,
-    global_batch_size=None, loss_scale_factor=None, clamp_closed=false, factor=None,
+    global_batch_size=None, loss_scale_factor=None, clamp_closed=false, diagnostics=false, factor=None,
     scratch=None, stream=None
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -59,6 +59,7 @@ pub fn policy_loss(
     global_batch_size: Option<f64>,
     loss_scale_factor: Option<f64>,
     clamp_closed: bool,
+    diagnostics: bool,
     factor: Option<&Bound<'_, PyAny>>,
     scratch: Option<&Bound<'_, PyAny>>,
     stream: Option<usize>,
@@ -89,6 +90,7 @@ pub fn policy_loss(
         clip_ratio_c,
         clamp_closed,
         norm: Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor, factor: cpu_factor(&f)? },
+        diagnostics,
     })
     .map_err(to_py)?;
     let out = LossOutputs { loss: &l.tensor, metrics: Some(&m.tensor), factor: f.as_ref().map(|f| &f.tensor) };
@@ -98,7 +100,19 @@ pub fn policy_loss(
         p.device,
         || {
             let r = cpu::policy_loss::policy_loss(&p)?;
-            cpu::outputs::write(&out, r.loss, Some([r.pg_clipfrac, r.ppo_kl, r.pg_clipfrac_lower]))
+            {
+                let d = r.length;
+                let metrics = [
+                    r.pg_clipfrac,
+                    r.ppo_kl,
+                    r.pg_clipfrac_lower,
+                    d.long_grad_share,
+                    d.long_clipfrac,
+                    d.short_clipfrac,
+                    d.adv_corr,
+                ];
+                cpu::outputs::write(&out, r.loss, Some(&metrics))
+            }
         },
         |stream| cuda::policy_loss(&p, &out, needed(&sc, "scratch", scratch_what(p.log_prob.rows))?, stream),
     )

@@ -344,7 +344,7 @@ __device__ void loss_tokens(const LossArgs &a) {
     const int V = S::V, U = TOKEN_RUNS;
     const RowOf r = row_of(a, true);
     const bool seq_mode = is_seq(a.agg), mask_f64 = a.mask.dtype == DT_F64;
-    const bool mvec = (a.vec & VEC_MASK) != 0, weighted = a.w.ptr != 0;
+    const bool mvec = (a.vec & VEC_MASK) != 0, weighted = a.w.ptr != 0, diag = (a.vec & VEC_DIAGNOSTICS) != 0;
     const double scale = a.scratch[SC_SCALE];
     const double *p = a.scratch + SCRATCH_HEAD + (r.live ? r.i : 0) * ROW_STRIDE;
     const double tokens = r.live ? p[R_TOKENS] : 0.0;
@@ -352,7 +352,7 @@ __device__ void loss_tokens(const LossArgs &a) {
     const F coef = cvt<F>(rw == 0.0 ? 0.0 : scale * rw), zero = cvt<F>(0.0), one = cvt<F>(1.0);
     const F sr = cvt<F>(r.live ? p[R_S] : 0.0), dsr = cvt<F>(r.live ? p[R_DS] : 0.0);
     const i64 step = a.team * V;
-    double s[4] = {0.0, 0.0, 0.0, 0.0};  // sum m w l, sum m d, clipped, lower
+    double s[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};  // sum m w l, sum m d, clipped, lower, sum m A, sum |g|
     for (i64 t0 = (i64)r.tl * V; t0 < r.cols; t0 += U * step) {
         F o[U][V], l[U][V], A[U][V], m[U][V], w[U][V];
         int n[U];
@@ -372,7 +372,7 @@ __device__ void loss_tokens(const LossArgs &a) {
         for (int u = 0; u < U; ++u) {
             if (n[u] == 0) break;
             F g[V];
-            F sl = zero, sd = zero, sc = zero, slo = zero;
+            F sl = zero, sd = zero, sc = zero, slo = zero, sa = zero, sg = zero;
 #pragma unroll
             for (int k = 0; k < V; ++k) {
                 F dl, d;
@@ -386,15 +386,21 @@ __device__ void loss_tokens(const LossArgs &a) {
                 sc += keep && clipped ? m[u][k] : zero;
                 slo += keep && lower ? m[u][k] : zero;
                 g[k] = keep ? coef * m[u][k] * (dl * wk) : zero;
+                if (diag) {
+                    sa += keep ? ak * m[u][k] : zero;
+                    sg += g[k] < zero ? -g[k] : g[k];
+                }
             }
             store_run<F, S, VEC>(a.grad, r.i, t0 + u * step, n[u], g);
             s[0] += (double)sl;
             s[1] += (double)sd;
             s[2] += (double)sc;
             s[3] += (double)slo;
+            s[4] += (double)sa;
+            s[5] += (double)sg;
         }
     }
-    team_sum<4>(s, (int)a.team);
+    team_sum<6>(s, (int)a.team);
     if (r.live && r.tl == 0) {
         double *q = a.scratch + SCRATCH_HEAD + r.i * ROW_STRIDE;
         // the row's share of the loss before the scale; sequence modes drop
@@ -403,17 +409,50 @@ __device__ void loss_tokens(const LossArgs &a) {
         q[R_CLIPPED] = s[2];
         q[R_KL] = -s[1];
         q[R_LOWER] = s[3];
+        q[R_ADV] = s[4];
+        q[R_MASS] = s[5];
     }
     if (!last_block((unsigned int *)(a.scratch + SC_TICKETS) + 1)) return;
-    double b[4] = {0.0, 0.0, 0.0, 0.0};
+    // b: the loss, the metrics' sums, and for the length diagnostics the
+    // non-empty rows, their tokens and their mean advantages
+    double b[7] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    // (the diagnostics: when LossArgs.vec has VEC_DIAGNOSTICS, else NaN)
     for (i64 i = threadIdx.x; i < a.rows; i += blockDim.x) {
         const volatile double *q = (volatile double *)a.scratch + SCRATCH_HEAD + i * ROW_STRIDE;
         b[0] += q[R_LOSS];
         b[1] += q[R_CLIPPED];
         b[2] += q[R_KL];
         b[3] += q[R_LOWER];
+        const double L = q[R_TOKENS];
+        if (L > 0.0) {
+            b[4] += 1.0;
+            b[5] += L;
+            b[6] += q[R_ADV] / L;
+        }
     }
-    team_sum<4>(b, blockDim.x);
+    team_sum<7>(b, blockDim.x);
+    double d[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    if (diag && b[4] > 0.0) {
+        // the length diagnostics (ops::policy_loss::LengthDiagnostics): a row
+        // is long when L_i > the mean length of the non-empty rows
+        const double lbar = b[5] / b[4], abar = b[6] / b[4];
+        for (i64 i = threadIdx.x; i < a.rows; i += blockDim.x) {
+            const volatile double *q = (volatile double *)a.scratch + SCRATCH_HEAD + i * ROW_STRIDE;
+            const double L = q[R_TOKENS];
+            if (!(L > 0.0)) continue;
+            const bool long_row = L > lbar;
+            d[0] += long_row ? q[R_MASS] : 0.0;  // gradient mass of long rows
+            d[1] += q[R_MASS];                   // all gradient mass
+            d[2] += long_row ? L : 0.0;          // tokens of long rows
+            d[3] += long_row ? q[R_CLIPPED] : 0.0;
+            d[4] += long_row ? 0.0 : q[R_CLIPPED];
+            const double x = L - lbar, y = q[R_ADV] / L - abar;
+            d[5] += x * x;
+            d[6] += y * y;
+            d[7] += x * y;
+        }
+    }
+    team_sum<8>(d, blockDim.x);
     if (threadIdx.x == 0) {
         // scale last keeps verl's 0 / 0 = NaN when every row is empty
         const double loss = scale * b[0];
@@ -429,6 +468,12 @@ __device__ void loss_tokens(const LossArgs &a) {
             a.metrics[0] = b[1] / denom;
             a.metrics[1] = b[2] / denom;
             a.metrics[2] = b[3] / denom;
+            const double nan = __longlong_as_double(0x7ff8000000000000LL);
+            const bool any = diag && b[4] > 0.0;
+            a.metrics[3] = any ? (d[0] / d[1]) / (d[2] / b[5]) : nan;
+            a.metrics[4] = any ? d[3] / d[2] : nan;
+            a.metrics[5] = any ? d[4] / (b[5] - d[2]) : nan;
+            a.metrics[6] = any ? d[7] / sqrt(d[5] * d[6]) : nan;
         }
     }
 }
