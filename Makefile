@@ -1,4 +1,5 @@
-# Two commands matter: `make demo` (the main job) and `make test`.
+# Two commands matter: `make demo` (the main job: the length-bias lab, lab/)
+# and `make test`. `make bench` times the losses (bench/).
 # Both create .venv if missing, install what is needed once, and build the
 # extension in release mode.
 
@@ -12,13 +13,14 @@ SOURCES := $(shell find src python -type f \( -name '*.rs' -o -name '*.py' -o -n
 .PHONY: demo test bench build venv clean
 
 demo: $(BUILT)
-	$(PY) bench/demo.py
+	$(PY) -m lab
 
 test: $(BUILT)
 	cargo test --release
 	$(PY) -m pytest -q tests
 
 bench: $(BUILT)
+	$(PY) bench/demo.py
 	$(PY) bench/bench.py
 	$(PY) bench/bench_advantage.py
 

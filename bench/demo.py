@@ -1,7 +1,7 @@
-"""The main job: one LUSPO policy-loss step on a realistic synthetic rollout
+"""The timing demo: one LUSPO policy-loss step on a realistic synthetic rollout
 batch, through luspo-rs and through verl 0.9.1's own code, side by side.
 
-    make demo            # or: .venv/bin/python bench/demo.py [--B 512 --T 4096]
+    make bench           # or: .venv/bin/python bench/demo.py [--B 512 --T 4096]
 
 The batch: B responses padded to T tokens with lengths uniform in [T/16, T],
 old/new log-probs a small policy step apart, and GRPO group-relative
