@@ -63,9 +63,10 @@ def agg_loss(
     * ``seq-mean-token-mean``: as above with each row divided by ``L_i + 1e-8``;
     * ``seq-mean-token-sum-norm``: ``seq-mean-token-sum / loss_scale_factor`` (default ``T``).
 
-    Returns a scalar in the dtype verl's has (``loss_mat``'s, promoted with
-    a float mask's as torch promotes ``loss_mat * loss_mask``), differentiable
-    in ``loss_mat`` (twice: it is linear in it).
+    Returns a scalar in the dtype torch gives ``loss_mat * loss_mask``
+    (``loss_mat``'s, promoted with a float mask's: verl's dtype, except that its
+    sequence modes return float32 for 16-bit ``loss_mat``), differentiable in
+    ``loss_mat`` (twice: it is linear in it).
     """
     check_entry("luspo_rs.agg_loss", "loss_mat", loss_mat, loss_agg_mode=loss_agg_mode)
     options, factor = normalisers(

@@ -148,9 +148,10 @@ def policy_loss(
         rollout_is_weights: optional, shaped like ``advantages``.
 
     Returns:
-        ``(loss, metrics)``: ``loss`` is a scalar in the dtype verl's loss has,
-        torch's promotion of the float inputs' dtypes (``log_prob``'s when
-        they all share it; float64 with a float64 mask, for instance),
+        ``(loss, metrics)``: ``loss`` is a scalar in torch's promotion of the
+        float inputs' dtypes (``log_prob``'s when they all share it; float64
+        with a float64 mask, as verl's; for 16-bit inputs the 16-bit type,
+        where verl's sequence modes return float32),
         differentiable in ``log_prob``; ``metrics`` maps names to 0-d float64
         tensors: verl's ``"pg_clipfrac"``, ``"ppo_kl"``, ``"pg_clipfrac_lower"``,
         and with ``diagnostics=True`` four length-bias diagnostics, computed in
