@@ -161,8 +161,9 @@ def policy_loss(
 
         * ``"len_long_grad_share"``: the long rows' share of the gradient mass
           ``sum |d loss / d log_prob|`` over their share of the tokens; 1 when
-          every token weighs the same (token-mean, LUSPO), below 1 when long
-          responses' tokens weigh less (GSPO);
+          the aggregation weighs every token the same (token-mean, LUSPO) and
+          long and short rows have the same mean ``|A dl|`` per token; GSPO's
+          ``1/L_i`` weighting pulls it down;
         * ``"len_long_clipfrac"``, ``"len_short_clipfrac"``: the clip fraction
           (as ``pg_clipfrac``) within the long and within the short rows;
         * ``"len_adv_corr"``: the correlation over rows of ``L_i`` with the row's

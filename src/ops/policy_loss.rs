@@ -118,9 +118,9 @@ pub struct RowLength {
 /// `Lbar` their mean length, a row is *long* if `L_i > Lbar`, else *short*:
 ///
 /// * `long_grad_share`: the long rows' share of the gradient mass `sum |g|`
-///   divided by their share of the tokens. 1 when every token weighs the
-///   same (token-mean, LUSPO); below 1 when long responses' tokens weigh
-///   less (GSPO's `1 / L_i`);
+///   divided by their share of the tokens. 1 when the aggregation weighs
+///   every token the same (token-mean, LUSPO) and long and short rows have
+///   the same mean per-token `|A dl|`; GSPO's `1 / L_i` pulls it down;
 /// * `long_clipfrac`, `short_clipfrac`: clipped tokens / tokens within the
 ///   long and the short rows;
 /// * `adv_corr`: the Pearson correlation over rows of `L_i` and the row's mean
