@@ -155,12 +155,18 @@ def test_backward_scales_by_grad_output_in_place():
             loss, _ = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, loss_agg_mode="token-mean", **CLIP)
             (loss * seed).backward()
             close(x.grad, g1 * seed, TOL_CPU[torch.float32], f"{mode}: seed {seed}")
-        # a second backward through the graph is refused, not silently wrong
+        # a later backward through the graph computes the gradient again and
+        # leaves the one returned before as it was (issue 20, part A)
         x = lp.detach().clone().requires_grad_(True)
         loss, _ = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, **CLIP)
-        (2 * loss).backward(retain_graph=True)
-        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            loss.backward()
+        (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+        first = g1.clone()
+        (g3,) = torch.autograd.grad(loss, x, grad_outputs=torch.tensor(3.0, device=x.device), retain_graph=True)
+        assert g1.data_ptr() != g3.data_ptr() and torch.equal(g1, first), f"{mode}: g1 changed"
+        assert torch.equal(g3, first * 3.0), f"{mode}: g3 is not 3 g1"
+        loss.backward(retain_graph=True)
+        loss.backward()
+        assert torch.equal(x.grad, first + first) and torch.equal(g1, first)
 
 
 def test_strided_inputs_are_read_in_place():

@@ -163,16 +163,45 @@ def refuse_double_backward(op: str) -> None:
         )
 
 
-def scale_grad_in_place(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
-    """Backward of both losses, on either device: the saved gradient times
-    ``grad_loss``, in place (``_core.scale_grad``), returned as the gradient.
-    ``loss.backward()``'s seed of 1 costs no pass over it. After a scaling
-    the buffer's version moves on, so a second backward through the same
-    graph (``retain_graph=True``) raises torch's in-place error rather than
-    scaling twice."""
-    (grad,) = ctx.saved_tensors
-    if _core.scale_grad(grad, grad_loss, stream=stream_of(grad)):
-        torch.autograd.graph.increment_version(grad)
+def keep_gradient(ctx, grad: torch.Tensor, *inputs: Optional[torch.Tensor]) -> None:
+    """Forward's half of the losses' one backward (see :func:`gradient`):
+    saves the gradient buffer forward wrote (the only tensor autograd's
+    saved-tensor hooks see), and keeps references to the detached inputs,
+    with their versions, from which a later backward computes it again."""
+    ctx.save_for_backward(grad)
+    ctx.handed_over = False
+    ctx.inputs = inputs
+    ctx.versions = tuple(None if t is None else t._version for t in inputs)
+
+
+def saved_inputs(ctx) -> tuple[Optional[torch.Tensor], ...]:
+    """The inputs :func:`keep_gradient` kept, refused as autograd refuses a
+    saved tensor when one was modified in place since forward."""
+    for t, v in zip(ctx.inputs, ctx.versions):
+        if t is not None and t._version != v:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: an input of shape {tuple(t.shape)} is at version {t._version}; expected version {v}"
+            )
+    return ctx.inputs
+
+
+def gradient(ctx, grad_loss: torch.Tensor, rerun) -> torch.Tensor:
+    """Backward of both losses, on either device: the gradient times
+    ``grad_loss``, with torch's semantics. The first backward scales the
+    buffer forward wrote in place (``_core.scale_grad``; ``loss.backward()``'s
+    seed of 1 costs no pass over it) and hands it over without a copy; the
+    graph never reads it again, so nothing done later changes a gradient
+    already returned. A later backward through the same graph
+    (``retain_graph=True``) computes the gradient again into a new buffer
+    (``rerun()``, one forward pass) and scales that: the same bits as the
+    first."""
+    if ctx.handed_over:
+        grad = rerun()
+    else:
+        (grad,) = ctx.saved_tensors
+        ctx.handed_over = True
+    _core.scale_grad(grad, grad_loss, stream=stream_of(grad))
     return grad
 
 

@@ -8,7 +8,8 @@ from typing import Literal, Optional
 import torch
 
 from . import _core
-from ._args import Number, as_tensor, check_entry, loss_buffers, normalisers, result_dtype, scale_grad_in_place, stream_of
+from ._args import Number, as_tensor, check_entry, loss_buffers, normalisers, result_dtype, stream_of
+from ._args import gradient, keep_gradient, saved_inputs
 
 AggMode = Literal["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -30,17 +31,32 @@ class AggLossFunction(torch.autograd.Function):
             stream=stream_of(loss_mat),
             **options,
         )
-        ctx.save_for_backward(grad)
+        ctx.rerun = (loss_agg_mode, options, factor)
+        keep_gradient(ctx, grad, loss_mat.detach(), loss_mask)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        none = (None,) * 5
         if torch.is_grad_enabled():
             # create_graph=True: agg_loss is linear in loss_mat, so its gradient
-            # is the saved constant times grad_output, differentiably
-            (grad,) = ctx.saved_tensors
-            return grad * grad_loss, None, None, None, None, None
-        return scale_grad_in_place(ctx, grad_loss), None, None, None, None, None
+            # is the (unscaled) saved constant times grad_output, differentiably;
+            # the buffer is not handed over, so it stays the unscaled constant
+            grad = _run_again(ctx) if ctx.handed_over else ctx.saved_tensors[0]
+            return (grad * grad_loss, *none)
+        return (gradient(ctx, grad_loss, lambda: _run_again(ctx)), *none)
+
+
+def _run_again(ctx) -> torch.Tensor:
+    """The gradient forward wrote, computed again into a new buffer."""
+    loss_mat, loss_mask = saved_inputs(ctx)
+    loss_agg_mode, options, factor = ctx.rerun
+    grad, loss, _, scratch = loss_buffers(loss_mat, torch.float64, metrics=False)
+    _core.agg_loss(
+        loss_mat, loss_mask, grad, loss, loss_agg_mode=loss_agg_mode, factor=factor, scratch=scratch,
+        stream=stream_of(loss_mat), **options,
+    )  # fmt: skip
+    return grad
 
 
 def agg_loss(

@@ -15,7 +15,7 @@ import torch
 
 from . import _core
 from ._args import Number, as_float, as_tensor, check_entry, loss_buffers, normalisers, refuse_double_backward
-from ._args import result_dtype, scale_grad_in_place, stream_of, torch_clamp_closed
+from ._args import gradient, keep_gradient, result_dtype, saved_inputs, stream_of, torch_clamp_closed
 from .agg_loss import AggMode
 
 PolicyMode = Literal["vanilla", "gspo", "luspo"]
@@ -39,7 +39,8 @@ class PolicyLossFunction(torch.autograd.Function):
     """Fused policy loss; differentiable in ``log_prob`` only (the other
     inputs are treated as constants, as verl's trainers use them). The same
     native call on both devices writes the final gradient, the loss and the
-    metrics; backward scales the saved gradient in place."""
+    metrics; backward hands that gradient over once (see
+    :func:`luspo_rs._args.gradient`)."""
 
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor, loss_dtype):
@@ -60,16 +61,13 @@ class PolicyLossFunction(torch.autograd.Function):
             stream=stream_of(log_prob),
             **options,
         )
-        if log_prob.dtype == torch.float16:
-            # float16 overflows at 65504: a gradient computed for a seed of 1
-            # may not fit where the seeded one does, so backward recomputes it
-            # with the seed as `factor` (applied before rounding) unless the
-            # seed is 1. The inputs are saved by reference, not copied.
-            ctx.recompute = (options, factor)
-            ctx.save_for_backward(grad, log_prob.detach(), old_log_prob, advantages, response_mask, rollout_is_weights)
-        else:
-            ctx.recompute = None
-            ctx.save_for_backward(grad)
+        # float16 overflows at 65504: a gradient computed for a seed of 1 may
+        # not fit where the seeded one does, so its backward computes it again
+        # with the seed as `factor` (applied before rounding) unless the seed
+        # is 1 (see _half_gradient)
+        ctx.half = log_prob.dtype == torch.float16
+        ctx.rerun = (options, factor)
+        keep_gradient(ctx, grad, log_prob.detach(), old_log_prob, advantages, response_mask, rollout_is_weights)
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
@@ -79,30 +77,37 @@ class PolicyLossFunction(torch.autograd.Function):
         if grad_loss is None:  # only the metrics were used
             return (None, *none)
         refuse_double_backward("luspo_rs.policy_loss")
-        if ctx.recompute is not None:
-            return (_recompute_half(ctx, grad_loss), *none)
-        return (scale_grad_in_place(ctx, grad_loss), *none)
+        if ctx.half:
+            return (_half_gradient(ctx, grad_loss), *none)
+        return (gradient(ctx, grad_loss, lambda: _run_again(ctx, ctx.rerun[1])), *none)
 
 
-def _recompute_half(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
-    """Backward for a float16 ``log_prob``: the saved gradient for a seed of
-    1 on the CPU; otherwise the gradient computed again with ``grad_loss`` in
-    the aggregation's scale, so it is rounded to float16 once, after the
-    seed (as torch's chain would not overflow where the result fits). On
-    CUDA the seed is not read back (no sync), so the gradient is always
-    recomputed: one more forward pass."""
-    grad, lp, old, adv, mask, weights = ctx.saved_tensors
-    if not lp.is_cuda and grad_loss.item() == 1.0:
-        return grad
-    options, factor = ctx.recompute
-    seed = grad_loss.detach().reshape(()).to(torch.float64)
-    factor = seed if factor is None else factor * seed
+def _run_again(ctx, factor: Optional[torch.Tensor]) -> torch.Tensor:
+    """The gradient forward wrote, computed again from the saved inputs into
+    a new buffer, with ``factor`` in the aggregation's scale."""
+    lp, old, adv, mask, weights = saved_inputs(ctx)
+    options, _ = ctx.rerun
     grad, loss, metrics, scratch = loss_buffers(lp, torch.float64, metrics=True)
     _core.policy_loss(
         old, lp, adv, mask, grad, loss, metrics, rollout_is_weights=weights, factor=factor, scratch=scratch,
         stream=stream_of(lp), **options,
     )  # fmt: skip
     return grad
+
+
+def _half_gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+    """Backward for a float16 ``log_prob``: forward's buffer on the CPU for a
+    first backward with a seed of 1; otherwise the gradient computed again
+    with ``grad_loss`` in the aggregation's scale, so it is rounded to
+    float16 once, after the seed (as torch's chain would not overflow where
+    the result fits). On CUDA the seed is not read back (no sync), so the
+    gradient is always computed again: one more forward pass."""
+    if not ctx.handed_over and not grad_loss.is_cuda and grad_loss.item() == 1.0:
+        ctx.handed_over = True
+        return ctx.saved_tensors[0]
+    factor = ctx.rerun[1]
+    seed = grad_loss.detach().reshape(()).to(torch.float64)
+    return _run_again(ctx, seed if factor is None else factor * seed)
 
 
 def policy_loss(
