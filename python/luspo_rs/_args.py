@@ -143,7 +143,7 @@ def normalisers(
         global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor,
     )
-    if x.is_cuda:
+    if _cuda.on_device(x):
         return _cuda.split_normalisers(agg_mode, values, x.device, as_float)
     return {k: as_float(k, v) for k, v in values.items()}, None
 
@@ -211,7 +211,7 @@ def gradient(ctx, grad_loss: torch.Tensor, rerun) -> torch.Tensor:
 def stream_of(x: torch.Tensor) -> Optional[int]:
     """The caller's stream for the native call: torch's current stream on
     ``x``'s CUDA device, None on the CPU."""
-    return _cuda.stream_of(x) if x.is_cuda else None
+    return _cuda.stream_of(x) if _cuda.on_device(x) else None
 
 
 def loss_buffers(x: torch.Tensor, loss_dtype: torch.dtype, metrics: bool):
@@ -220,7 +220,7 @@ def loss_buffers(x: torch.Tensor, loss_dtype: torch.dtype, metrics: bool):
     the 0-d ``loss`` in ``loss_dtype``, the float64 ``metrics`` (policy loss
     only), and the CUDA kernels' float64 ``scratch`` (None on the CPU)."""
     device = x.device
-    if x.is_cuda:
+    if _cuda.on_device(x):
         grad = torch.empty(x.shape, dtype=x.dtype, device=device)
         rows = x.shape[0] if x.dim() > 0 else 0
         scratch = torch.empty(_core.loss_scratch_len(rows), dtype=torch.float64, device=device)

@@ -54,6 +54,13 @@ _DIVISORS = {
 NORMALISERS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
 
 
+def on_device(x: torch.Tensor) -> bool:
+    """Whether ``x`` goes to the CUDA kernels: a CUDA tensor, or, with the
+    simulator on (``LUSPO_RS_CUDA=sim``), a CPU tensor, which is then the
+    simulated ``cuda:0``."""
+    return x.is_cuda or (x.device.type == "cpu" and _core.sim_enabled())
+
+
 def split_normalisers(agg_mode: str, values: dict[str, Any], device: torch.device, as_float) -> tuple[dict, Optional[torch.Tensor]]:
     """Host options for the native call, and the device factor (or None)
     that ``loss`` and ``scale`` are multiplied by afterwards.
@@ -67,7 +74,7 @@ def split_normalisers(agg_mode: str, values: dict[str, Any], device: torch.devic
     used = _DIVISORS.get(agg_mode, ())
     for name in NORMALISERS:
         v = values[name]
-        if isinstance(v, torch.Tensor) and v.device.type == "cuda":
+        if isinstance(v, torch.Tensor) and on_device(v):
             if v.numel() != 1:
                 raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(v.shape)}")
             if v.device != device:
@@ -84,8 +91,9 @@ def split_normalisers(agg_mode: str, values: dict[str, Any], device: torch.devic
 
 
 def stream_of(x: torch.Tensor) -> int:
-    """The ``CUstream`` handle of torch's current stream on ``x``'s device."""
-    return _current_stream(x.get_device())
+    """The ``CUstream`` handle of torch's current stream on ``x``'s device
+    (0, the one stream, on the simulator)."""
+    return _current_stream(x.get_device()) if x.is_cuda else 0
 
 
 def _current_stream_public(index: int) -> int:
@@ -104,7 +112,7 @@ def advantage_inputs(rewards: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     device = rewards.device
     labels = labels.to(torch.int64)
     order = torch.sort(labels, stable=True).indices
-    if labels.device.type == "cpu":
+    if labels.device.type == "cpu" and device.type == "cuda":
         groups = torch.stack((labels, order)).pin_memory().to(device, non_blocking=True)
         labels, order = groups[0], groups[1]
     rows = rewards.shape[0] if rewards.dim() > 0 else 0

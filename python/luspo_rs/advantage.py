@@ -83,7 +83,7 @@ def advantage(
     rewards, mask = token_level_rewards.detach(), response_mask.detach()
     gid = group_index(index)
     dtype = torch.promote_types(rewards.dtype, mask.dtype) if rewards.dtype.is_floating_point else rewards.dtype
-    if rewards.is_cuda:
+    if _cuda.on_device(rewards):
         # the labels on the device, their stable argsort and the kernels' scratch
         gid, cuda = _cuda.advantage_inputs(rewards, gid)
         out = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 import torch
 
-from . import _core
+from . import _core, _cuda
 from ._args import Number, as_float, as_tensor, check_entry, loss_buffers, normalisers, refuse_double_backward
 from ._args import gradient, keep_gradient, result_dtype, saved_inputs, stream_of, torch_clamp_closed
 from .agg_loss import AggMode
@@ -102,7 +102,7 @@ def _half_gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
     float16 once, after the seed (as torch's chain would not overflow where
     the result fits). On CUDA the seed is not read back (no sync), so the
     gradient is always computed again: one more forward pass."""
-    if not ctx.handed_over and not grad_loss.is_cuda and grad_loss.item() == 1.0:
+    if not ctx.handed_over and not _cuda.on_device(grad_loss) and grad_loss.item() == 1.0:
         ctx.handed_over = True
         return ctx.saved_tensors[0]
     factor = ctx.rerun[1]

@@ -26,6 +26,7 @@ pub mod advantage;
 pub mod kl_penalty;
 pub mod loss;
 pub mod runtime;
+pub mod sim;
 pub mod sys;
 
 pub use advantage::advantage;

@@ -52,8 +52,12 @@ pub fn set_nvrtc_hints(dirs: Vec<PathBuf>) {
 }
 
 /// The loaded NVRTC, loading it on first use (a failure is not cached, so a
-/// later call can succeed after the search path changes).
+/// later call can succeed after the search path changes); the simulator's
+/// when it is on ([`super::sim`]).
 pub fn nvrtc() -> std::result::Result<Arc<Nvrtc>, String> {
+    if super::sim::enabled() {
+        return Ok(super::sim::nvrtc());
+    }
     let mut g = NVRTC.lock().unwrap();
     if let Some(n) = g.as_ref() {
         return Ok(n.clone());
@@ -64,7 +68,12 @@ pub fn nvrtc() -> std::result::Result<Arc<Nvrtc>, String> {
     Ok(n)
 }
 
+/// The CUDA driver, loaded and initialised on first use; the simulator's
+/// when it is on ([`super::sim`]).
 pub fn driver() -> Result<Arc<Driver>> {
+    if super::sim::enabled() {
+        return Ok(super::sim::driver());
+    }
     let d = DRIVER.get_or_init(|| {
         let d = Driver::load()?;
         // SAFETY: cuInit(0) is the documented first call.
@@ -86,9 +95,22 @@ pub enum Target {
 }
 
 /// The kernel sources as one translation unit: the shared constants
-/// ([`abi::prelude`]), `common.cuh`, then one source per op.
+/// ([`abi::prelude`]), `common.cuh`, then one source per op. With
+/// `LUSPO_RS_KERNEL_DIR` set, the four files are read from that directory
+/// instead of the copies built into the module: kernels can be edited and
+/// run (on a GPU or the simulator) without a rebuild, and the mutation
+/// tests (`tests/mutate_kernels.py`) run mutated copies.
 pub fn source() -> String {
-    [abi::prelude().as_str(), COMMON, LOSS, KL_PENALTY, ADVANTAGE].concat()
+    let built = [("common.cuh", COMMON), ("loss.cu", LOSS), ("kl_penalty.cu", KL_PENALTY), ("advantage.cu", ADVANTAGE)];
+    let dir = std::env::var_os("LUSPO_RS_KERNEL_DIR").filter(|d| !d.is_empty()).map(PathBuf::from);
+    let mut src = abi::prelude();
+    for (name, text) in built {
+        match dir.as_ref().and_then(|d| std::fs::read_to_string(d.join(name)).ok()) {
+            Some(t) => src += &t,
+            None => src += text,
+        }
+    }
+    src
 }
 
 /// [`source`] after the `#define`s of `LUSPO_RS_CUDA_DEFINES` (e.g.
@@ -124,7 +146,7 @@ fn cubin(nvrtc: &Nvrtc, major: i32, minor: i32) -> std::result::Result<Vec<u8>, 
     use std::hash::{Hash, Hasher};
     let src = full_source();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (src.as_str(), nvrtc.version(), major, minor, env!("CARGO_PKG_VERSION")).hash(&mut h);
+    (src.as_str(), nvrtc.version(), &nvrtc.path, major, minor, env!("CARGO_PKG_VERSION")).hash(&mut h);
     let path = cache_dir().map(|d| d.join(format!("kernels-sm_{major}{minor}-{:016x}.cubin", h.finish())));
     if let Some(img) = path.as_ref().and_then(|p| std::fs::read(p).ok()).filter(|b| b.starts_with(b"\x7fELF")) {
         return Ok(img);
@@ -212,7 +234,8 @@ pub struct DeviceState {
 unsafe impl Send for DeviceState {}
 unsafe impl Sync for DeviceState {}
 
-static DEVICES: Mutex<Option<HashMap<i32, Arc<DeviceState>>>> = Mutex::new(None);
+/// Loaded devices by (simulated, ordinal).
+static DEVICES: Mutex<Option<HashMap<(bool, i32), Arc<DeviceState>>>> = Mutex::new(None);
 
 /// Makes `ctx` current for the scope.
 pub struct CtxGuard<'a>(&'a Driver);
@@ -237,7 +260,8 @@ impl Drop for CtxGuard<'_> {
 fn device(d: &Driver, ordinal: i32) -> Result<Arc<DeviceState>> {
     let mut g = DEVICES.lock().unwrap();
     let map = g.get_or_insert_with(HashMap::new);
-    if let Some(s) = map.get(&ordinal) {
+    let key = (d.lib.is_none(), ordinal);
+    if let Some(s) = map.get(&key) {
         return Ok(s.clone());
     }
     // SAFETY: driver calls with valid out-parameters; the context is
@@ -287,7 +311,7 @@ fn device(d: &Driver, ordinal: i32) -> Result<Arc<DeviceState>> {
         }
     };
     let s = Arc::new(state);
-    map.insert(ordinal, s.clone());
+    map.insert(key, s.clone());
     Ok(s)
 }
 
@@ -365,7 +389,7 @@ pub fn grid(rows: usize) -> Result<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -389,7 +413,7 @@ mod tests {
     }
 
     /// Every entry point the launchers load.
-    fn kernel_names() -> Vec<String> {
+    pub(crate) fn kernel_names() -> Vec<String> {
         let mut names = super::super::loss::Kernels::names();
         names.extend(super::super::kl_penalty::Kernels::NAMES.iter().map(|s| s.to_string()));
         names.extend(super::super::advantage::Kernels::NAMES.iter().map(|s| s.to_string()));

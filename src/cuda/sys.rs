@@ -27,7 +27,8 @@ macro_rules! api {
         /// Entry points resolved from the loaded library (kept alive with it).
         #[allow(non_snake_case)]
         pub struct $name {
-            _lib: Library,
+            /// The library the entry points live in (None: the simulator's, `super::sim`).
+            pub lib: Option<Library>,
             /// Where the library was loaded from.
             pub path: PathBuf,
             $(pub $f: unsafe extern "C" fn($($a),*) -> $r,)*
@@ -42,7 +43,7 @@ macro_rules! api {
                         .get::<unsafe extern "C" fn($($a),*) -> $r>(concat!(stringify!($f), "\0").as_bytes())
                         .map_err(|e| format!("{}: missing symbol {}: {e}", path.display(), stringify!($f)))?;
                 )*
-                Ok($name { _lib: lib, path, $($f,)* })
+                Ok($name { lib: Some(lib), path, $($f,)* })
             }
         }
     };

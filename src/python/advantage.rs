@@ -64,7 +64,7 @@ pub fn advantage(
 #[pyfunction]
 pub fn group_ids(index: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<usize> {
     use pyo3::types::{PyDict, PyList};
-    let o = Call::new(None).import("out", out, true)?;
+    let o = Call::host().import("out", out, true)?;
     let list = match index.cast::<PyList>() {
         Ok(l) => l.clone(),
         Err(_) => PyList::new(index.py(), index.try_iter()?.collect::<PyResult<Vec<_>>>()?)?,

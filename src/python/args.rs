@@ -1,15 +1,19 @@
 //! Arguments of the native functions: DLPack import (with the caller's CUDA
 //! stream, so producers order their work before ours without a host sync)
-//! and the one place that picks the backend from the inputs' device.
+//! and the one place that picks the backend from the inputs' device. With
+//! the CUDA simulator on (`LUSPO_RS_CUDA=sim`, `crate::cuda::sim`), CPU
+//! tensors are imported as the simulated device `cuda:0`, and every buffer
+//! of the call is recorded, for the simulator to check the kernels' accesses.
 
 use super::{cuda_err, to_py};
 use crate::cpu;
-use crate::cuda::CudaError;
+use crate::cuda::{sim, CudaError};
 use crate::error::Error;
 use crate::tensor::{Device, Tensor};
 use dlpark::python::{from_dlpack, DlpackStream, ImportedDlpack, StreamArg};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use std::cell::RefCell;
 
 /// An imported DLPack tensor and its validated description; the import
 /// keeps the producer's memory alive until it is dropped.
@@ -46,11 +50,43 @@ unsafe impl DlpackStream for ConsumerStream {
 /// imported and its work dispatched.
 pub struct Call {
     stream: Option<ConsumerStream>,
+    /// The simulator is on: CPU tensors are `cuda:0`.
+    simulated: bool,
+    /// With the simulator: every imported tensor's bytes (name, first, one
+    /// past the last, writable).
+    buffers: RefCell<Vec<(&'static str, u64, u64, bool)>>,
+}
+
+/// The bytes a tensor's elements span: `[first, one past the last)`.
+fn span(t: &Tensor) -> (u64, u64) {
+    let p = t.ptr as u64;
+    if t.shape.contains(&0) {
+        return (p, p);
+    }
+    let (mut lo, mut hi) = (0i128, 0i128);
+    for (&n, &s) in t.shape.iter().zip(&t.strides) {
+        let reach = (n as i128 - 1) * s as i128;
+        if reach < 0 {
+            lo += reach;
+        } else {
+            hi += reach;
+        }
+    }
+    let size = t.dtype.size() as i128;
+    ((p as i128 + lo * size) as u64, (p as i128 + (hi + 1) * size) as u64)
 }
 
 impl Call {
+    /// A call whose host-only arguments stay on the CPU, simulator or not.
+    pub fn host() -> Self {
+        Call { stream: None, simulated: false, buffers: RefCell::new(Vec::new()) }
+    }
+
     pub fn new(stream: Option<usize>) -> Self {
-        Call { stream: stream.map(ConsumerStream) }
+        let simulated = sim::enabled();
+        // the simulated device has one (synchronous) stream
+        let stream = if simulated { Some(stream.unwrap_or(0)) } else { stream };
+        Call { stream: stream.map(ConsumerStream), simulated, buffers: RefCell::new(Vec::new()) }
     }
 
     /// Imports `obj` as the argument `arg`; `writable`: an output.
@@ -66,9 +102,14 @@ impl Call {
             .map_err(|e| PyValueError::new_err(format!("{arg}: DLPack import failed: {e}")))?;
         let t = owner.validate().map_err(|e| PyValueError::new_err(format!("{arg}: invalid DLPack tensor: {e}")))?;
         let read_only = owner.flags().contains(dlpark::DlpackFlags::READ_ONLY);
-        let tensor = Tensor::from_dlpack(arg, &t, read_only).map_err(to_py)?;
+        let mut tensor = Tensor::from_dlpack(arg, &t, read_only).map_err(to_py)?;
         if writable && read_only {
             return Err(PyValueError::new_err(format!("{arg}: the output buffer is read-only")));
+        }
+        if self.simulated && tensor.device == Device::Cpu {
+            tensor.device = Device::Cuda(0);
+            let (lo, hi) = span(&tensor);
+            self.buffers.borrow_mut().push((arg, lo, hi, writable));
         }
         Ok(Imported { _owner: owner, tensor })
     }
@@ -94,6 +135,10 @@ impl Call {
                 let stream = self.stream.as_ref().map(|s| s.0).ok_or_else(|| {
                     PyValueError::new_err("stream: required for CUDA tensors (torch.cuda.current_stream().cuda_stream)")
                 })?;
+                if self.simulated {
+                    let buffers = self.buffers.borrow().clone();
+                    return py.detach(|| sim::with_buffers(&buffers, || cuda(stream))).map_err(cuda_err);
+                }
                 py.detach(|| cuda(stream)).map_err(cuda_err)
             }
         }

@@ -46,6 +46,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(runtime::cuda_set_nvrtc_hints, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::nvrtc_info, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::cuda_compile, m)?)?;
+    m.add_function(wrap_pyfunction!(runtime::sim_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(runtime::sim_set_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(runtime::sim_set_seed, m)?)?;
     m.add("METRICS_LEN", crate::ops::abi::METRICS_LEN)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

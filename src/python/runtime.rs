@@ -56,3 +56,24 @@ pub fn cuda_compile<'py>(py: Python<'py>, major: i32, minor: i32, target: &str) 
     let img = py.detach(|| cuda::compile(&n, major, minor, t)).map_err(PyRuntimeError::new_err)?;
     Ok(pyo3::types::PyBytes::new(py, &img))
 }
+
+/// Whether CUDA calls run on the simulator (`LUSPO_RS_CUDA=sim`): CPU
+/// tensors are then the simulated `cuda:0` (see `crate::cuda::sim`).
+#[pyfunction]
+pub fn sim_enabled() -> bool {
+    cuda::sim::enabled()
+}
+
+/// Turns the simulator on or off for this process (the test suite's switch;
+/// users set `LUSPO_RS_CUDA=sim` before the first call).
+#[pyfunction]
+pub fn sim_set_enabled(on: bool) {
+    cuda::sim::set_enabled(on)
+}
+
+/// The seed of the next simulated launch's block and thread order (each
+/// launch adds 1; `LUSPO_RS_SIM_SEED` sets the first).
+#[pyfunction]
+pub fn sim_set_seed(seed: u64) {
+    cuda::sim::set_seed(seed)
+}

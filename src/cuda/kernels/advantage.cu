@@ -48,10 +48,10 @@ __device__ void adv_rows(const AdvArgs &a) {
     block_sum<4>(s);
     if (threadIdx.x == 0) {
         double *p = a.scratch + i * ADV_NSTAT;
-        p[A_SCORE] = s[0];
-        p[A_M1] = s[1];
-        p[A_M2] = s[2];
-        p[A_M3] = s[3];
+        *GLOBAL(p + A_SCORE) = s[0];
+        *GLOBAL(p + A_M1) = s[1];
+        *GLOBAL(p + A_M2) = s[2];
+        *GLOBAL(p + A_M3) = s[3];
     }
 }
 
@@ -63,14 +63,15 @@ extern "C" __global__ void advantage_groups(AdvArgs a) {
     if (k >= n) return;
     const i64 *ord = a.order;
     const i64 os = a.order_stride, is = a.index_stride;
-    const i64 label = a.index[ord[k * os] * is];
-    if (k > 0 && a.index[ord[(k - 1) * os] * is] == label) return;  // not the start of a run
+#define ROW(j) (*GLOBAL(ord + (j) * os))
+#define LABEL(j) (*GLOBAL(a.index + ROW(j) * is))
+    const i64 label = LABEL(k);
+    if (k > 0 && LABEL(k - 1) == label) return;  // not the start of a run
     i64 end = k + 1;
-    while (end < n && a.index[ord[end * os] * is] == label) ++end;
+    while (end < n && LABEL(end) == label) ++end;
     double *st = a.scratch;
-#define ROW(j) (ord[(j) * os])
-#define SCORE(j) (st[ROW(j) * ADV_NSTAT + A_SCORE])
-#define SCALAR(j) (st[ROW(j) * ADV_NSTAT + A_SCALAR])
+#define SCORE(j) (*GLOBAL(st + ROW(j) * ADV_NSTAT + A_SCORE))
+#define SCALAR(j) (*GLOBAL(st + ROW(j) * ADV_NSTAT + A_SCALAR))
     double count = (double)(end - k), sum = 0.0;
     for (i64 j = k; j < end; ++j) sum += SCORE(j);
     const bool many = end - k > 1;
@@ -96,7 +97,7 @@ extern "C" __global__ void advantage_groups(AdvArgs a) {
     case EST_OPO: {
         double ls = 0.0, l = 0.0;
         for (i64 j = k; j < end; ++j) {
-            double m1 = st[ROW(j) * ADV_NSTAT + A_M1];
+            double m1 = *GLOBAL(st + ROW(j) * ADV_NSTAT + A_M1);
             ls += m1 * SCORE(j);
             l += m1;
         }
@@ -108,6 +109,7 @@ extern "C" __global__ void advantage_groups(AdvArgs a) {
         break;
     }
 #undef ROW
+#undef LABEL
 #undef SCORE
 #undef SCALAR
 }
@@ -124,13 +126,13 @@ extern "C" __global__ void advantage_batch(AdvArgs a) {
     const i64 n = a.rows;
     if (a.estimator == EST_GPG) {
         double c[1] = {0.0};
-        for (i64 i = threadIdx.x; i < n; i += blockDim.x) c[0] += st[i * ADV_NSTAT + A_SCORE] != 0.0 ? 1.0 : 0.0;
+        for (i64 i = threadIdx.x; i < n; i += blockDim.x) c[0] += *GLOBAL(st + i * ADV_NSTAT + A_SCORE) != 0.0 ? 1.0 : 0.0;
         block_sum<1>(c);
         // verl: bsz / m.clamp(min=1), torch's float32 reciprocal(m) * bsz
         const double alpha = (double)((1.0f / (float)fmax(c[0], 1.0)) * (float)n);
         for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
-            double *p = st + i * ADV_NSTAT;
-            p[A_SCALAR] = alpha * p[A_SCALAR] / a.f_norm;
+            double *p = GLOBAL(st + i * ADV_NSTAT + A_SCALAR);
+            *p = alpha * *p / a.f_norm;
         }
         return;
     }
@@ -138,8 +140,8 @@ extern "C" __global__ void advantage_batch(AdvArgs a) {
     double v[2] = {0.0, 0.0};
     for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
         const double *p = st + i * ADV_NSTAT;
-        v[0] += p[A_M1];
-        v[1] += p[A_SCALAR] * p[A_M2];
+        v[0] += *GLOBAL(p + A_M1);
+        v[1] += *GLOBAL(p + A_SCALAR) * *GLOBAL(p + A_M2);
     }
     block_sum<2>(v);
     const double tokens = v[0];
@@ -149,16 +151,16 @@ extern "C" __global__ void advantage_batch(AdvArgs a) {
     double s[1] = {0.0};
     for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
         const double *p = st + i * ADV_NSTAT;
-        double x = p[A_SCALAR];
-        s[0] += x * x * p[A_M3] - 2.0 * x * mean * p[A_M2] + mean * mean * p[A_M1];
+        double x = *GLOBAL(p + A_SCALAR);
+        s[0] += x * x * *GLOBAL(p + A_M3) - 2.0 * x * mean * *GLOBAL(p + A_M2) + mean * mean * *GLOBAL(p + A_M1);
     }
     block_sum<1>(s);
     if (threadIdx.x == 0) {
         const float t32 = (float)tokens;
         const double bessel = mask_f64 ? tokens / (tokens - 1.0) : (double)(t32 / (t32 - 1.0f));
         double var = s[0] / denom * bessel;
-        st[n * ADV_NSTAT] = mean;
-        st[n * ADV_NSTAT + 1] = 1.0 / sqrt(var + 1e-8);
+        *GLOBAL(st + n * ADV_NSTAT) = mean;
+        *GLOBAL(st + n * ADV_NSTAT + 1) = 1.0 / sqrt(var + 1e-8);
     }
 }
 
@@ -166,10 +168,10 @@ template <typename F>
 __device__ void adv_write(const AdvArgs &a) {
     const i64 i = blockIdx.x, T = a.cols;
     const double *st = a.scratch;
-    const F x = cvt<F>(st[i * ADV_NSTAT + A_SCALAR]);
+    const F x = cvt<F>(*GLOBAL(st + i * ADV_NSTAT + A_SCALAR));
     const bool whiten = a.estimator == EST_RFPP;
-    const F mean = whiten ? cvt<F>(st[a.rows * ADV_NSTAT]) : cvt<F>(0.0);
-    const F rstd = whiten ? cvt<F>(st[a.rows * ADV_NSTAT + 1]) : cvt<F>(0.0);
+    const F mean = whiten ? cvt<F>(*GLOBAL(st + a.rows * ADV_NSTAT)) : cvt<F>(0.0);
+    const F rstd = whiten ? cvt<F>(*GLOBAL(st + a.rows * ADV_NSTAT + 1)) : cvt<F>(0.0);
     for (i64 t = threadIdx.x; t < T; t += blockDim.x) {
         F m = load<F>(a.mask, i, t);
         store<F>(a.out, i, t, whiten ? (x * m - mean) * rstd * m : x * m);

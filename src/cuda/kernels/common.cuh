@@ -9,10 +9,20 @@
 // included, so the source compiles with any NVRTC (11.2+) without an
 // include path.
 //
+// The same translation unit also runs on the simulator (src/cuda/sim/): its
+// emulation header, put in front, defines LUSPO_RS_SIM, the host versions of
+// what is inline PTX here, and GLOBAL(p), which checks every global-memory
+// access against the launch's buffers. On the GPU GLOBAL(p) is p itself, so
+// every load and store of global memory is written `*GLOBAL(ptr)`.
+//
 // Determinism: every sum has a fixed order that depends on the shapes and
 // dtypes only (see block_sum and team_sum). The only atomics are integer
 // tickets that pick which block does a batch-wide sum; that block sums the
 // rows in index order.
+
+#ifndef GLOBAL
+#define GLOBAL(p) (p)
+#endif
 
 typedef long long i64;
 typedef unsigned long long u64;
@@ -35,6 +45,7 @@ struct ViewMut {
 
 // ---- element conversion (no cuda_fp16.h / cuda_bf16.h needed) ----
 
+#ifndef LUSPO_RS_SIM  // the simulator defines the f16 conversions on the host
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
     float f;
     asm("{ cvt.f32.f16 %0, %1; }" : "=f"(f) : "h"(h));
@@ -45,6 +56,12 @@ __device__ __forceinline__ unsigned short f32_to_f16(float f) {
     asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h) : "f"(f));
     return h;
 }
+__device__ __forceinline__ unsigned short f64_to_f16(double d) {
+    unsigned short h;
+    asm("{ cvt.rn.f16.f64 %0, %1; }" : "=h"(h) : "d"(d));
+    return h;
+}
+#endif
 __device__ __forceinline__ float bf16_to_f32(unsigned short b) {
     return __uint_as_float(((unsigned int)b) << 16);
 }
@@ -70,12 +87,6 @@ __device__ __forceinline__ unsigned short f64_to_bf16(double d) {
     }
     return f32_to_bf16(f);
 }
-__device__ __forceinline__ unsigned short f64_to_f16(double d) {
-    unsigned short h;
-    asm("{ cvt.rn.f16.f64 %0, %1; }" : "=h"(h) : "d"(d));
-    return h;
-}
-
 template <typename F> __device__ __forceinline__ F cvt(double v);
 template <> __device__ __forceinline__ float cvt<float>(double v) { return (float)v; }
 template <> __device__ __forceinline__ double cvt<double>(double v) { return v; }
@@ -86,15 +97,15 @@ __device__ __forceinline__ F load(const View &v, i64 i, i64 t) {
     const char *p = v.ptr;
     i64 k = i * v.rs + t * v.cs;
     switch (v.dtype) {
-    case DT_F64: return (F)((const double *)p)[k];
-    case DT_F32: return (F)((const float *)p)[k];
-    case DT_BF16: return (F)bf16_to_f32(((const unsigned short *)p)[k]);
-    case DT_F16: return (F)f16_to_f32(((const unsigned short *)p)[k]);
-    case DT_U8: return (F)((const unsigned char *)p)[k];
-    case DT_I8: return (F)((const signed char *)p)[k];
-    case DT_I16: return (F)((const short *)p)[k];
-    case DT_I32: return (F)(double)((const int *)p)[k];
-    default: return (F)(double)((const i64 *)p)[k];
+    case DT_F64: return (F)*GLOBAL((const double *)p + k);
+    case DT_F32: return (F)*GLOBAL((const float *)p + k);
+    case DT_BF16: return (F)bf16_to_f32(*GLOBAL((const unsigned short *)p + k));
+    case DT_F16: return (F)f16_to_f32(*GLOBAL((const unsigned short *)p + k));
+    case DT_U8: return (F)*GLOBAL((const unsigned char *)p + k);
+    case DT_I8: return (F)*GLOBAL((const signed char *)p + k);
+    case DT_I16: return (F)*GLOBAL((const short *)p + k);
+    case DT_I32: return (F)(double)*GLOBAL((const int *)p + k);
+    default: return (F)(double)*GLOBAL((const i64 *)p + k);
     }
 }
 
@@ -103,13 +114,13 @@ __device__ __forceinline__ void store(const ViewMut &v, i64 i, i64 t, F x) {
     char *p = v.ptr;
     i64 k = i * v.rs + t * v.cs;
     switch (v.dtype) {
-    case DT_F64: ((double *)p)[k] = (double)x; break;
-    case DT_F32: ((float *)p)[k] = (float)x; break;
+    case DT_F64: *GLOBAL((double *)p + k) = (double)x; break;
+    case DT_F32: *GLOBAL((float *)p + k) = (float)x; break;
     case DT_BF16:
-        ((unsigned short *)p)[k] = sizeof(F) == 8 ? f64_to_bf16((double)x) : f32_to_bf16((float)x);
+        *GLOBAL((unsigned short *)p + k) = sizeof(F) == 8 ? f64_to_bf16((double)x) : f32_to_bf16((float)x);
         break;
     default:
-        ((unsigned short *)p)[k] = sizeof(F) == 8 ? f64_to_f16((double)x) : f32_to_f16((float)x);
+        *GLOBAL((unsigned short *)p + k) = sizeof(F) == 8 ? f64_to_f16((double)x) : f32_to_f16((float)x);
         break;
     }
 }
@@ -147,7 +158,6 @@ __device__ __forceinline__ F minimumg(F a, F da, F b, F db, F *d) {
 __device__ __forceinline__ float expg(float x) { return expf(x); }
 __device__ __forceinline__ double expg(double x) { return exp(x); }
 
-// max(-A r, -A clip(r)); returns the loss, writes its derivative and the clip flag.
 // ---- fixed-order block reduction of N doubles ----
 
 // Sums v[0..N) over the block; the result is valid in every thread.

@@ -69,42 +69,47 @@ __device__ __forceinline__ F clipped_surrogate(F a, F r, F dr, F lo, F hi, bool 
 // fixed order for given (cols, dtype): a run in F, the runs of a thread in
 // order in f64, then team_sum's tree. No float atomics.
 
-template <bool C, typename A, typename B> struct If { typedef A type; };
-template <typename A, typename B> struct If<false, A, B> { typedef B type; };
-
-// Storage types of the float operands: V elements per 16 bytes, and their
-// conversion to and from the compute type.
+// Storage types of the float operands: V elements per run, their conversion
+// to the compute type (get), and back from it (put) or from a double,
+// rounding once (put64).
 struct SF32 {
     typedef float raw;
     enum { V = 4 };
     static __device__ __forceinline__ float get(raw x) { return x; }
+    static __device__ __forceinline__ raw put(float x) { return x; }
+    static __device__ __forceinline__ raw put64(double x) { return (float)x; }
 };
 struct SBF16 {
     typedef unsigned short raw;
     enum { V = 4 };
     static __device__ __forceinline__ float get(raw x) { return bf16_to_f32(x); }
+    static __device__ __forceinline__ raw put(float x) { return f32_to_bf16(x); }
+    static __device__ __forceinline__ raw put64(double x) { return f64_to_bf16(x); }
 };
 struct SF16 {
     typedef unsigned short raw;
     enum { V = 4 };
     static __device__ __forceinline__ float get(raw x) { return f16_to_f32(x); }
+    static __device__ __forceinline__ raw put(float x) { return f32_to_f16(x); }
+    static __device__ __forceinline__ raw put64(double x) { return f64_to_f16(x); }
 };
 struct SF64 {
     typedef double raw;
     enum { V = 2 };
     static __device__ __forceinline__ double get(raw x) { return x; }
+    static __device__ __forceinline__ raw put(double x) { return x; }
+    static __device__ __forceinline__ raw put64(double x) { return x; }
 };
 
-struct alignas(16) Raw16 {
-    unsigned int x, y, z, w;
+// A run of S in one load or store: its V elements, as their own type (no
+// type punning), aligned to the run's size: 16 bytes (f32, f64), 8 bytes
+// (bf16, f16: four tokens, which keeps the token kernel's registers those of f32).
+template <typename S> struct alignas(sizeof(typename S::raw) * S::V) Run {
+    typename S::raw e[S::V];
 };
-struct alignas(8) Raw8 {
-    unsigned int x, y;
-};
-// A run of S in one load: 16 bytes (f32, f64), 8 bytes (bf16, f16: four
-// tokens, which keeps the token kernel's registers those of f32).
-template <typename S> struct RunOf {
-    typedef typename If<sizeof(typename S::raw) * S::V == 16, Raw16, Raw8>::type type;
+// N bytes of a 1-byte mask in one load.
+template <int N> struct alignas(N) Bytes {
+    unsigned char b[N];
 };
 
 // Elements [t, t + n) of row i of `v` into x[0..V) (zeros past n). With
@@ -114,11 +119,9 @@ template <typename F, typename S, bool VEC>
 __device__ __forceinline__ void load_run(const View &v, i64 i, i64 t, int n, F *x) {
     const int V = S::V;
     if (VEC && n == V && v.cs == 1) {
-        typedef typename RunOf<S>::type Run;
-        const Run r = *(const Run *)(v.ptr + (i * v.rs + t) * (i64)sizeof(typename S::raw));
-        const typename S::raw *e = (const typename S::raw *)&r;
+        const Run<S> r = *GLOBAL((const Run<S> *)(v.ptr + (i * v.rs + t) * (i64)sizeof(typename S::raw)));
 #pragma unroll
-        for (int k = 0; k < V; ++k) x[k] = (F)S::get(e[k]);
+        for (int k = 0; k < V; ++k) x[k] = (F)S::get(r.e[k]);
     } else if (v.cs == 0) {
         const F a = load<F>(v, i, 0);
 #pragma unroll
@@ -134,14 +137,10 @@ __device__ __forceinline__ void load_run(const View &v, i64 i, i64 t, int n, F *
 template <typename F, int V>
 __device__ __forceinline__ void load_mask(const View &m, i64 i, i64 t, int n, bool vec, F *x) {
     if (vec && n == V) {
-        const unsigned char *p = (const unsigned char *)m.ptr + i * m.rs + t;
-        unsigned char b[V];
-        if (V == 2) *(unsigned short *)b = *(const unsigned short *)p;
-        else if (V == 4) *(unsigned int *)b = *(const unsigned int *)p;
-        else *(u64 *)b = *(const u64 *)p;
+        const Bytes<V> q = *GLOBAL((const Bytes<V> *)(m.ptr + i * m.rs + t));
         const bool sgn = m.dtype == DT_I8;
 #pragma unroll
-        for (int k = 0; k < V; ++k) x[k] = sgn ? (F)(float)(signed char)b[k] : (F)(float)b[k];
+        for (int k = 0; k < V; ++k) x[k] = sgn ? (F)(float)(signed char)q.b[k] : (F)(float)q.b[k];
     } else {
 #pragma unroll
         for (int k = 0; k < V; ++k) x[k] = k < n ? load<F>(m, i, t + k) : cvt<F>(0.0);
@@ -153,17 +152,10 @@ template <typename F, typename S, bool VEC>
 __device__ __forceinline__ void store_run(const ViewMut &v, i64 i, i64 t, int n, const F *x) {
     const int V = S::V;
     if (VEC && n == V) {
-        typedef typename RunOf<S>::type Run;
-        Run r;
-        typename S::raw *e = (typename S::raw *)&r;
+        Run<S> r;
 #pragma unroll
-        for (int k = 0; k < V; ++k) {
-            if (sizeof(typename S::raw) == 8) ((double *)e)[k] = (double)x[k];
-            else if (sizeof(typename S::raw) == 4) ((float *)e)[k] = (float)x[k];
-            else if (v.dtype == DT_BF16) ((unsigned short *)e)[k] = f32_to_bf16((float)x[k]);
-            else ((unsigned short *)e)[k] = f32_to_f16((float)x[k]);
-        }
-        *(Run *)(v.ptr + (i * v.rs + t) * (i64)sizeof(typename S::raw)) = r;
+        for (int k = 0; k < V; ++k) r.e[k] = S::put(x[k]);
+        *GLOBAL((Run<S> *)(v.ptr + (i * v.rs + t) * (i64)sizeof(typename S::raw))) = r;
     } else {
 #pragma unroll
         for (int k = 0; k < V; ++k)
@@ -217,12 +209,14 @@ __device__ void loss_rows(const LossArgs &a) {
         i64 acc = 0;
         for (i64 t = (i64)r.tl * 16; t < r.cols; t += a.team * 16) {
             if (t + 16 <= r.cols) {
-                const Raw16 q = *(const Raw16 *)(row + t);
-                const unsigned char *b = (const unsigned char *)&q;
+                const Bytes<16> q = *GLOBAL((const Bytes<16> *)(row + t));
 #pragma unroll
-                for (int k = 0; k < 16; ++k) acc += sgn ? (i64)(signed char)b[k] : (i64)b[k];
+                for (int k = 0; k < 16; ++k) acc += sgn ? (i64)(signed char)q.b[k] : (i64)q.b[k];
             } else {
-                for (i64 k = t; k < r.cols; ++k) acc += sgn ? (i64)(signed char)row[k] : (i64)row[k];
+                for (i64 k = t; k < r.cols; ++k) {
+                    const unsigned char b = *GLOBAL(row + k);
+                    acc += sgn ? (i64)(signed char)b : (i64)b;
+                }
             }
         }
         v[0] = (double)acc;
@@ -268,15 +262,15 @@ __device__ void loss_rows(const LossArgs &a) {
             dsr = pass ? sr : cvt<F>(0.0);
         }
         double *p = a.scratch + SCRATCH_HEAD + r.i * ROW_STRIDE;
-        p[R_TOKENS] = tokens;
-        p[R_S] = (double)sr;
-        p[R_DS] = (double)dsr;
+        *GLOBAL(p + R_TOKENS) = tokens;
+        *GLOBAL(p + R_S) = (double)sr;
+        *GLOBAL(p + R_DS) = (double)dsr;
     }
     if (!last_block((unsigned int *)(a.scratch + SC_TICKETS))) return;
     // The batch: N = sum L_i, G = #{L_i > 0}, in index order.
     double t[2] = {0.0, 0.0};
     for (i64 i = threadIdx.x; i < a.rows; i += blockDim.x) {
-        const double L = ((volatile double *)a.scratch)[SCRATCH_HEAD + i * ROW_STRIDE + R_TOKENS];
+        const double L = *GLOBAL((volatile double *)a.scratch + SCRATCH_HEAD + i * ROW_STRIDE + R_TOKENS);
         t[0] += L;
         t[1] += L > 0.0 ? 1.0 : 0.0;
     }
@@ -292,9 +286,9 @@ __device__ void loss_rows(const LossArgs &a) {
         case AGG_SEQ_SUM_NORM: scale = a.dp_size / g / lsf; break;
         default: scale = a.dp_size / g; break;
         }
-        if (a.factor) scale *= *a.factor;
-        a.scratch[SC_SCALE] = scale;
-        a.scratch[SC_TOKENS] = t[0];
+        if (a.factor) scale *= *GLOBAL(a.factor);
+        *GLOBAL(a.scratch + SC_SCALE) = scale;
+        *GLOBAL(a.scratch + SC_TOKENS) = t[0];
     }
 }
 
@@ -345,12 +339,12 @@ __device__ void loss_tokens(const LossArgs &a) {
     const RowOf r = row_of(a, true);
     const bool seq_mode = is_seq(a.agg), mask_f64 = a.mask.dtype == DT_F64;
     const bool mvec = (a.vec & VEC_MASK) != 0, weighted = a.w.ptr != 0, diag = (a.vec & VEC_DIAGNOSTICS) != 0;
-    const double scale = a.scratch[SC_SCALE];
+    const double scale = *GLOBAL(a.scratch + SC_SCALE);
     const double *p = a.scratch + SCRATCH_HEAD + (r.live ? r.i : 0) * ROW_STRIDE;
-    const double tokens = r.live ? p[R_TOKENS] : 0.0;
+    const double tokens = r.live ? *GLOBAL(p + R_TOKENS) : 0.0;
     const double rw = row_weight(a.agg, tokens, mask_f64);
     const F coef = cvt<F>(rw == 0.0 ? 0.0 : scale * rw), zero = cvt<F>(0.0), one = cvt<F>(1.0);
-    const F sr = cvt<F>(r.live ? p[R_S] : 0.0), dsr = cvt<F>(r.live ? p[R_DS] : 0.0);
+    const F sr = cvt<F>(r.live ? *GLOBAL(p + R_S) : 0.0), dsr = cvt<F>(r.live ? *GLOBAL(p + R_DS) : 0.0);
     const i64 step = a.team * V;
     double s[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};  // sum m w l, sum m d, clipped, lower, sum m A, sum |g|
     for (i64 t0 = (i64)r.tl * V; t0 < r.cols; t0 += U * step) {
@@ -405,12 +399,12 @@ __device__ void loss_tokens(const LossArgs &a) {
         double *q = a.scratch + SCRATCH_HEAD + r.i * ROW_STRIDE;
         // the row's share of the loss before the scale; sequence modes drop
         // empty rows even when their sum is NaN (AggPlan::row_contribution)
-        q[R_LOSS] = (seq_mode && tokens <= 0.0) ? 0.0 : rw * s[0];
-        q[R_CLIPPED] = s[2];
-        q[R_KL] = -s[1];
-        q[R_LOWER] = s[3];
-        q[R_ADV] = s[4];
-        q[R_MASS] = s[5];
+        *GLOBAL(q + R_LOSS) = (seq_mode && tokens <= 0.0) ? 0.0 : rw * s[0];
+        *GLOBAL(q + R_CLIPPED) = s[2];
+        *GLOBAL(q + R_KL) = -s[1];
+        *GLOBAL(q + R_LOWER) = s[3];
+        *GLOBAL(q + R_ADV) = s[4];
+        *GLOBAL(q + R_MASS) = s[5];
     }
     if (!last_block((unsigned int *)(a.scratch + SC_TICKETS) + 1)) return;
     // b: the loss, the metrics' sums, and for the length diagnostics the
@@ -419,15 +413,15 @@ __device__ void loss_tokens(const LossArgs &a) {
     // (the diagnostics: when LossArgs.vec has VEC_DIAGNOSTICS, else NaN)
     for (i64 i = threadIdx.x; i < a.rows; i += blockDim.x) {
         const volatile double *q = (volatile double *)a.scratch + SCRATCH_HEAD + i * ROW_STRIDE;
-        b[0] += q[R_LOSS];
-        b[1] += q[R_CLIPPED];
-        b[2] += q[R_KL];
-        b[3] += q[R_LOWER];
-        const double L = q[R_TOKENS];
+        b[0] += *GLOBAL(q + R_LOSS);
+        b[1] += *GLOBAL(q + R_CLIPPED);
+        b[2] += *GLOBAL(q + R_KL);
+        b[3] += *GLOBAL(q + R_LOWER);
+        const double L = *GLOBAL(q + R_TOKENS);
         if (L > 0.0) {
             b[4] += 1.0;
             b[5] += L;
-            b[6] += q[R_ADV] / L;
+            b[6] += *GLOBAL(q + R_ADV) / L;
         }
     }
     team_sum<7>(b, blockDim.x);
@@ -438,15 +432,16 @@ __device__ void loss_tokens(const LossArgs &a) {
         const double lbar = b[5] / b[4], abar = b[6] / b[4];
         for (i64 i = threadIdx.x; i < a.rows; i += blockDim.x) {
             const volatile double *q = (volatile double *)a.scratch + SCRATCH_HEAD + i * ROW_STRIDE;
-            const double L = q[R_TOKENS];
+            const double L = *GLOBAL(q + R_TOKENS);
             if (!(L > 0.0)) continue;
             const bool long_row = L > lbar;
-            d[0] += long_row ? q[R_MASS] : 0.0;  // gradient mass of long rows
-            d[1] += q[R_MASS];                   // all gradient mass
-            d[2] += long_row ? L : 0.0;          // tokens of long rows
-            d[3] += long_row ? q[R_CLIPPED] : 0.0;
-            d[4] += long_row ? 0.0 : q[R_CLIPPED];
-            const double x = L - lbar, y = q[R_ADV] / L - abar;
+            const double mass = *GLOBAL(q + R_MASS), clipped = *GLOBAL(q + R_CLIPPED);
+            d[0] += long_row ? mass : 0.0;  // gradient mass of long rows
+            d[1] += mass;                   // all gradient mass
+            d[2] += long_row ? L : 0.0;     // tokens of long rows
+            d[3] += long_row ? clipped : 0.0;
+            d[4] += long_row ? 0.0 : clipped;
+            const double x = L - lbar, y = *GLOBAL(q + R_ADV) / L - abar;
             d[5] += x * x;
             d[6] += y * y;
             d[7] += x * y;
@@ -457,23 +452,23 @@ __device__ void loss_tokens(const LossArgs &a) {
         // scale last keeps verl's 0 / 0 = NaN when every row is empty
         const double loss = scale * b[0];
         switch (a.loss.dtype) {
-        case DT_F64: *(double *)a.loss.ptr = loss; break;
-        case DT_F32: *(float *)a.loss.ptr = (float)loss; break;
+        case DT_F64: *GLOBAL((double *)a.loss.ptr) = loss; break;
+        case DT_F32: *GLOBAL((float *)a.loss.ptr) = (float)loss; break;
         // as torch's double -> 16-bit cast: through float
-        case DT_BF16: *(unsigned short *)a.loss.ptr = f32_to_bf16((float)loss); break;
-        default: *(unsigned short *)a.loss.ptr = f32_to_f16((float)loss); break;
+        case DT_BF16: *GLOBAL((unsigned short *)a.loss.ptr) = f32_to_bf16((float)loss); break;
+        default: *GLOBAL((unsigned short *)a.loss.ptr) = f32_to_f16((float)loss); break;
         }
         if (a.metrics) {
-            const double denom = plus_eps(a.scratch[SC_TOKENS], mask_f64);  // verl's masked_mean
-            a.metrics[0] = b[1] / denom;
-            a.metrics[1] = b[2] / denom;
-            a.metrics[2] = b[3] / denom;
+            const double denom = plus_eps(*GLOBAL(a.scratch + SC_TOKENS), mask_f64);  // verl's masked_mean
+            *GLOBAL(a.metrics + 0) = b[1] / denom;
+            *GLOBAL(a.metrics + 1) = b[2] / denom;
+            *GLOBAL(a.metrics + 2) = b[3] / denom;
             const double nan = __longlong_as_double(0x7ff8000000000000LL);
             const bool any = diag && b[4] > 0.0;
-            a.metrics[3] = any ? (d[0] / d[1]) / (d[2] / b[5]) : nan;
-            a.metrics[4] = any ? d[3] / d[2] : nan;
-            a.metrics[5] = any ? d[4] / (b[5] - d[2]) : nan;
-            a.metrics[6] = any ? d[7] / sqrt(d[5] * d[6]) : nan;
+            *GLOBAL(a.metrics + 3) = any ? (d[0] / d[1]) / (d[2] / b[5]) : nan;
+            *GLOBAL(a.metrics + 4) = any ? d[3] / d[2] : nan;
+            *GLOBAL(a.metrics + 5) = any ? d[4] / (b[5] - d[2]) : nan;
+            *GLOBAL(a.metrics + 6) = any ? d[7] / sqrt(d[5] * d[6]) : nan;
         }
     }
 }
@@ -523,20 +518,11 @@ template <typename S>
 __device__ void scale_runs(const ScaleArgs &a, double go) {
     const int V = S::V;
     const i64 runs = a.n / V, stride = (i64)gridDim.x * blockDim.x;
-    typedef typename S::raw R;
     for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < runs; j += stride) {
-        typedef typename RunOf<S>::type Run;
-        Run *p = (Run *)((R *)a.grad.ptr + j * V);
-        Run r = *p;
-        R *e = (R *)&r;
+        Run<S> *p = GLOBAL((Run<S> *)((typename S::raw *)a.grad.ptr + j * V));
+        Run<S> r = *p;
 #pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const double x = (double)S::get(e[k]) * go;  // exact product, one rounding
-            if (sizeof(R) == 8) ((double *)e)[k] = x;
-            else if (sizeof(R) == 4) ((float *)e)[k] = (float)x;
-            else if (a.grad.dtype == DT_BF16) ((unsigned short *)e)[k] = f64_to_bf16(x);
-            else ((unsigned short *)e)[k] = f64_to_f16(x);
-        }
+        for (int k = 0; k < V; ++k) r.e[k] = S::put64((double)S::get(r.e[k]) * go);  // exact product, one rounding
         *p = r;
     }
     const View g = {a.grad.ptr, a.grad.rs, a.grad.cs, a.grad.dtype};
