@@ -105,6 +105,8 @@ pub fn source() -> String {
     let dir = std::env::var_os("LUSPO_RS_KERNEL_DIR").filter(|d| !d.is_empty()).map(PathBuf::from);
     let mut src = abi::prelude();
     for (name, text) in built {
+        // (#line: compiler messages, and the simulator's, name the file and its line)
+        src += &format!("#line 1 \"{name}\"\n");
         match dir.as_ref().and_then(|d| std::fs::read_to_string(d.join(name)).ok()) {
             Some(t) => src += &t,
             None => src += text,

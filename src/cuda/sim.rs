@@ -160,7 +160,7 @@ fn kernel_names(preprocessed: &str) -> Vec<String> {
 fn build(src: &str, opts: &[String]) -> Result<Vec<u8>, String> {
     let std_opt = opts.iter().find_map(|o| o.strip_prefix("--std=")).unwrap_or("c++14");
     let std_flag = format!("-std={std_opt}");
-    let unit = format!("{SIM_H}\n#line 1 \"kernels.cu\"\n{src}");
+    let unit = format!("{SIM_H}\n#line 1 \"prelude\"\n{src}");
     let pre = run_cxx(&[&std_flag, "-E", "-P", "-DLUSPO_RS_SIM_SCAN", "-x", "c++", "-"], &unit)?;
     let names = kernel_names(&String::from_utf8_lossy(&pre));
     if names.is_empty() {

@@ -242,7 +242,7 @@ template <typename T> inline T shuffle(unsigned int mask, T v, int kind, int arg
 }
 
 // The global-memory access of `sizeof(T)` bytes at `p`, checked.
-template <typename T> inline T *checked(T *p, int line) {
+template <typename T> inline T *checked(T *p, const char *file, int line) {
     Launch *l = g_launch;
     const uint64_t a = (uint64_t)(uintptr_t)p, n = sizeof(T);
     const bool write = !std::is_const<T>::value;
@@ -256,12 +256,12 @@ template <typename T> inline T *checked(T *p, int line) {
         }
     }
     if (in) {
-        if (a % alignof(T)) fail("line %d: misaligned %u-byte access at offset %lld of `%s` (needs %u-byte alignment)", line,
-                                 (unsigned)n, (long long)(a - in->lo), in->name, (unsigned)alignof(T));
+        if (a % alignof(T)) fail("%s:%d: misaligned %u-byte access at offset %lld of `%s` (needs %u-byte alignment)", file,
+                                 line, (unsigned)n, (long long)(a - in->lo), in->name, (unsigned)alignof(T));
         return p;
     }
-    if (ro) fail("line %d: %u-byte access through an output pointer into the input `%s`, at offset %lld", line, (unsigned)n,
-                 ro->name, (long long)(a - ro->lo));
+    if (ro) fail("%s:%d: %u-byte access through an output pointer into the input `%s`, at offset %lld", file, line,
+                 (unsigned)n, ro->name, (long long)(a - ro->lo));
     // name the nearest buffer
     const Region *near = nullptr;
     long long off = 0;
@@ -271,14 +271,14 @@ template <typename T> inline T *checked(T *p, int line) {
         if (!near || llabs(o) < llabs(off)) near = &r, off = o;
     }
     if (near)
-        fail("line %d: %u-byte %s at offset %lld of `%s`, which holds %llu bytes: outside every buffer of the launch", line,
-             (unsigned)n, write ? "access" : "load", off, near->name, (unsigned long long)(near->hi - near->lo));
-    fail("line %d: %u-byte access at %p, and the launch was handed no buffer", line, (unsigned)n, (void *)p);
+        fail("%s:%d: %u-byte %s at offset %lld of `%s`, which holds %llu bytes: outside every buffer of the launch", file,
+             line, (unsigned)n, write ? "access" : "load", off, near->name, (unsigned long long)(near->hi - near->lo));
+    fail("%s:%d: %u-byte access at %p, and the launch was handed no buffer", file, line, (unsigned)n, (void *)p);
 }
 
 }  // namespace sim
 
-#define GLOBAL(p) (::sim::checked((p), __LINE__))
+#define GLOBAL(p) (::sim::checked((p), __FILE__, __LINE__))
 
 // ---- CUDA's names ----
 

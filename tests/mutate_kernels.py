@@ -1,0 +1,186 @@
+"""Mutation testing of the CUDA kernels: does ``tests/test_cuda.py`` catch a
+bug put into them?
+
+Each mutation edits one line of a copy of ``src/cuda/kernels/`` (the edit
+must match exactly once), and the suite runs against that copy through
+``LUSPO_RS_KERNEL_DIR`` (read by ``src/cuda/runtime.rs``): on the simulator
+where there is no GPU, on the GPU where there is one. A mutation is *caught*
+when the suite fails (the first failure is shown), *survived* when it passes.
+
+    .venv/bin/python tests/mutate_kernels.py            # every mutation
+    .venv/bin/python tests/mutate_kernels.py sync tile  # those whose name contains a word
+
+Each mutation costs one compile of the kernels (about 10 s with g++) and at
+most one run of the suite (about 20 s on the simulator). Exit status 1 if any
+mutation survived.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ROOT / "src" / "cuda" / "kernels"
+
+# (name, file, the exact text, its replacement, what the bug is)
+MUTATIONS = [
+    ("row-loop-off-by-one", "loss.cu",
+     "n[u] = t < r.cols ? (int)min((i64)V, r.cols - t) : 0;\n                load_mask",
+     "n[u] = t < r.cols ? (int)min((i64)V, r.cols - t + 1) : 0;\n                load_mask",
+     "the row pass reads one token past the end of each row"),
+    ("token-loop-off-by-one", "loss.cu",
+     "for (i64 t0 = (i64)r.tl * V; t0 < r.cols; t0 += U * step) {",
+     "for (i64 t0 = (i64)r.tl * V; t0 + V < r.cols; t0 += U * step) {",
+     "the token pass skips each row's last run"),
+    ("team-sum-missing-sync", "common.cuh",
+     "        for (int k = 0; k < N; ++k) sh[k][warp] = v[k];\n    __syncthreads();\n    const int nw",
+     "        for (int k = 0; k < N; ++k) sh[k][warp] = v[k];\n    const int nw",
+     "team_sum reads the warps' totals before every warp wrote its own"),
+    ("team-sum-missing-first-sync", "common.cuh",
+     "    __syncthreads();  // sh may still be read by a previous call\n    if (lane == 0)\n#pragma unroll\n        for (int k = 0; k < N; ++k) sh[k][warp] = v[k];\n    __syncthreads();\n    const int nw",
+     "    if (lane == 0)\n#pragma unroll\n        for (int k = 0; k < N; ++k) sh[k][warp] = v[k];\n    __syncthreads();\n    const int nw",
+     "team_sum overwrites its shared totals while a slower thread still reads the previous call's"),
+    ("block-sum-missing-sync", "common.cuh",
+     "        for (int k = 0; k < N; ++k) sh[k][warp] = v[k];\n    __syncthreads();\n    if (warp == 0) {",
+     "        for (int k = 0; k < N; ++k) sh[k][warp] = v[k];\n    if (warp == 0) {",
+     "block_sum (the advantage kernels) reads the warps' totals before they are written"),
+    ("shuffle-offset", "common.cuh",
+     "    for (int k = 0; k < N; ++k)\n        for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_down_sync(0xffffffffu, v[k], o);\n    if (team == 32) {",
+     "    for (int k = 0; k < N; ++k)\n        for (int o = 8; o > 0; o >>= 1) v[k] += __shfl_down_sync(0xffffffffu, v[k], o);\n    if (team == 32) {",
+     "team_sum's warp tree starts at offset 8: lanes 16..31 are never added"),
+    ("shuffle-width", "common.cuh",
+     "            for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);",
+     "            for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o, 16);",
+     "block_sum's second tree shuffles within half-warps"),
+    ("shuffle-broadcast-lane", "common.cuh",
+     "v[k] = __shfl_sync(0xffffffffu, v[k], 0);",
+     "v[k] = __shfl_sync(0xffffffffu, v[k], 1);",
+     "a 32-thread team broadcasts lane 1's partial sum instead of the total"),
+    ("shuffle-mask", "common.cuh",
+     "    for (int k = 0; k < N; ++k)\n        for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_down_sync(0xffffffffu, v[k], o);\n    if (team == 32) {",
+     "    for (int k = 0; k < N; ++k)\n        for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_down_sync(0x0000ffffu, v[k], o);\n    if (team == 32) {",
+     "team_sum's shuffles name half the warp"),
+    ("mask-ignored", "loss.cu",
+     "const bool in = k < n[u], keep = in && m[u][k] != zero;",
+     "const bool in = k < n[u], keep = in;",
+     "the token pass keeps masked tokens"),
+    ("vector-mask-ignored", "loss.cu",
+     "for (int k = 0; k < V; ++k) x[k] = sgn ? (F)(float)(signed char)q.b[k] : (F)(float)q.b[k];",
+     "for (int k = 0; k < V; ++k) x[k] = (F)1.0f;",
+     "the vector mask load reads every token as valid"),
+    ("clip-bounds-swapped", "loss.cu",
+     "F rc = clampg(r, lo, hi, closed, &pass);",
+     "F rc = clampg(r, hi, lo, closed, &pass);",
+     "the surrogate clips to [1 + high, 1 - low]"),
+    ("dual-clip-sign", "loss.cu",
+     "const bool neg = A < zero;",
+     "const bool neg = A > zero;",
+     "the dual clip applies to positive advantages"),
+    ("scratch-row-offset", "loss.cu",
+     "        double *p = a.scratch + SCRATCH_HEAD + r.i * ROW_STRIDE;\n        *GLOBAL(p + R_TOKENS) = tokens;",
+     "        double *p = a.scratch + r.i * ROW_STRIDE;\n        *GLOBAL(p + R_TOKENS) = tokens;",
+     "the row pass writes its rows without the scratch head's offset"),
+    ("scratch-slot-swapped", "loss.cu",
+     "*GLOBAL(p + R_S) = (double)sr;",
+     "*GLOBAL(p + R_DS) = (double)sr;",
+     "the sequence ratio is written into d s_i's slot"),
+    ("last-block-ticket", "common.cuh",
+     "last = atomicAdd(ticket, 1u) == gridDim.x - 1;",
+     "last = atomicAdd(ticket, 1u) == 0;",
+     "the first block to finish, not the last, sums the batch"),
+    ("reverse-rows", "loss.cu",
+     "const i64 blk = reverse ? (i64)(gridDim.x - 1 - blockIdx.x) : (i64)blockIdx.x;",
+     "const i64 blk = reverse ? (i64)(gridDim.x - blockIdx.x) : (i64)blockIdx.x;",
+     "the token pass walks the blocks backwards one too far"),
+    ("kl-gradient-sign", "kl_penalty.cu",
+     "g = (pass_k && pass_v) ? one - ratio : zero;",
+     "g = (pass_k && pass_v) ? ratio - one : zero;",
+     "k3's gradient has the wrong sign"),
+    ("advantage-group-walk", "advantage.cu",
+     "while (end < n && LABEL(end) == label) ++end;",
+     "while (end + 1 < n && LABEL(end) == label) ++end;",
+     "the last row's group stops one row early"),
+    ("advantage-bessel", "advantage.cu",
+     "double denom = many ? sqrt(ss / (count - 1.0)) + a.epsilon : a.single;",
+     "double denom = many ? sqrt(ss / count) + a.epsilon : a.single;",
+     "GRPO's std without Bessel's correction"),
+    ("scale-grad-tail", "loss.cu",
+     "for (i64 t = runs * V + (i64)blockIdx.x * blockDim.x + threadIdx.x; t < a.n; t += stride)",
+     "for (i64 t = runs * V + (i64)blockIdx.x * blockDim.x + threadIdx.x; t + 1 < a.n; t += stride)",
+     "backward's scale skips the gradient's last element"),
+]
+
+
+# Mutations no test can catch because the kernels as written never exercise
+# the bug: reported, not counted as a gap.
+EQUIVALENT = {
+    "team-sum-missing-first-sync": "no kernel calls team_sum<N> twice for one N without a __syncthreads "
+    "(last_block's) between the calls; the barrier keeps the helper safe for one that does",
+}
+
+
+def apply(dst: Path, file: str, old: str, new: str) -> None:
+    p = dst / file
+    text = p.read_text()
+    n = text.count(old)
+    if n != 1:
+        raise SystemExit(f"mutation text found {n} times in {file} (expected once): {old!r}")
+    p.write_text(text.replace(old, new))
+
+
+def first_failure(out: str) -> str:
+    for line in out.splitlines():
+        if line.startswith("FAILED ") or line.startswith("ERROR "):
+            return line.split(" - ")[0].removeprefix("FAILED ").removeprefix("ERROR ")
+    m = re.search(r"^E\s+(.*)$", out, re.M)
+    return m.group(1)[:160] if m else out.strip().splitlines()[-1][:160]
+
+
+def run_suite(kernel_dir: Path | None, cache: Path) -> tuple[bool, str, float]:
+    env = dict(os.environ, LUSPO_RS_CACHE_DIR=str(cache))
+    if kernel_dir is not None:
+        env["LUSPO_RS_KERNEL_DIR"] = str(kernel_dir)
+    t = time.time()
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_cuda.py"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    return r.returncode == 0, first_failure(r.stdout + r.stderr), time.time() - t
+
+
+def main(words: list[str]) -> int:
+    chosen = [m for m in MUTATIONS if not words or any(w in m[0] for w in words)]
+    with tempfile.TemporaryDirectory(prefix="luspo_rs_mutants_") as tmp:
+        cache = Path(tmp) / "cache"
+        ok, why, secs = run_suite(None, cache)
+        print(f"unmutated kernels: {'pass' if ok else 'FAIL: ' + why} ({secs:.0f} s)", flush=True)
+        if not ok:
+            return 2
+        survived = []
+        for name, file, old, new, what in chosen:
+            d = Path(tmp) / name
+            shutil.copytree(KERNELS, d)
+            apply(d, file, old, new)
+            ok, why, secs = run_suite(d, cache)
+            if ok and name in EQUIVALENT:
+                verdict = f"survived, equivalent: {EQUIVALENT[name]}"
+            else:
+                verdict = "SURVIVED" if ok else f"caught by {why}"
+            print(f"{name:28s} {verdict} ({secs:.0f} s)\n{'':28s} ({file}: {what})", flush=True)
+            if ok and name not in EQUIVALENT:
+                survived.append(name)
+        real = [m for m in chosen if m[0] not in EQUIVALENT]
+        print(f"\n{len(real) - len(survived)} of {len(real)} mutations caught (and {len(chosen) - len(real)} equivalent)"
+              + (f"; survived: {', '.join(survived)}" if survived else ""))
+        return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
