@@ -10,14 +10,20 @@ STAMP  := $(VENV)/.installed
 BUILT  := $(VENV)/.built
 SOURCES := $(shell find src python -type f \( -name '*.rs' -o -name '*.py' -o -name '*.pyi' -o -name '*.cu' \) 2>/dev/null) Cargo.toml pyproject.toml
 
-.PHONY: demo test bench build venv clean
+.PHONY: demo test bench build venv clean cxx
 
 demo: $(BUILT)
 	$(PY) -m lab
 
-test: $(BUILT)
+test: $(BUILT) cxx
 	cargo test --release
 	$(PY) -m pytest -q tests
+
+# The CUDA simulator (src/cuda/sim.rs) builds the kernels with the host's C++ compiler.
+cxx:
+	@command -v $${CXX:-g++} >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq g++ >/dev/null; } || \
+		{ echo "make test needs a C++ compiler for the CUDA simulator: install g++ or set CXX" >&2; exit 1; }
 
 bench: $(BUILT)
 	$(PY) bench/demo.py

@@ -124,6 +124,17 @@ def cuda_compile(major: int, minor: int, target: CompileTarget = "ptx") -> bytes
     ``major.minor`` to ``"ptx"`` or ``"cubin"`` with NVRTC (no GPU needed);
     ``RuntimeError`` with NVRTC's log on failure."""
 
+def sim_enabled() -> bool:
+    """Whether CUDA calls run on the simulator (``LUSPO_RS_CUDA=sim``, read
+    at the first call): CPU tensors are then the simulated ``cuda:0``."""
+
+def sim_set_enabled(on: bool) -> None:
+    """Turns the simulator on or off for this process (the tests' switch)."""
+
+def sim_set_seed(seed: int) -> None:
+    """The seed of the next simulated launch's block and thread order (each
+    launch adds 1; ``LUSPO_RS_SIM_SEED`` sets the first)."""
+
 def advantage(
     token_level_rewards: DLPack,
     response_mask: DLPack,

@@ -542,6 +542,166 @@ mod tests {
         assert_eq!(unsafe { (d.cuModuleGetFunction)(&mut f, m, c"no_such_kernel".as_ptr()) }, CUDA_ERROR_NOT_FOUND);
     }
 
+    /// Kernels that exercise the execution model, one per property.
+    const MODEL: &str = r#"
+struct Buf { int *out; const int *in; long long n; };
+extern "C" __global__ void barrier(Buf a) {
+    __shared__ int sh[256];
+    sh[threadIdx.x] = (int)threadIdx.x * 3;
+    __syncthreads();
+    *GLOBAL(a.out + blockIdx.x * blockDim.x + threadIdx.x) = sh[(threadIdx.x + 1) % blockDim.x];
+}
+extern "C" __global__ void shuffles(Buf a) {
+    const int v = (int)threadIdx.x * 10, o = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    *GLOBAL(a.out + o + 0) = __shfl_down_sync(0xffffffffu, v, 1);
+    *GLOBAL(a.out + o + 1) = __shfl_xor_sync(0xffffffffu, v, 3);
+    *GLOBAL(a.out + o + 2) = __shfl_sync(0xffffffffu, v, 5, 8);
+    *GLOBAL(a.out + o + 3) = __shfl_down_sync(0xffffffffu, v, 4, 8);
+}
+extern "C" __global__ void half_mask(Buf a) {
+    const unsigned lane = threadIdx.x & 31u;
+    if (lane < 16) *GLOBAL(a.out + threadIdx.x) = __shfl_down_sync(0x0000ffffu, (int)lane, 8);
+    else *GLOBAL(a.out + threadIdx.x) = -1;
+}
+extern "C" __global__ void divergent_barrier(Buf a) { if (threadIdx.x < 16) __syncthreads(); }
+extern "C" __global__ void lanes_missing(Buf a) { if ((threadIdx.x & 31u) < 16) *GLOBAL(a.out) = __shfl_down_sync(0xffffffffu, 1, 1); }
+extern "C" __global__ void short_warp(Buf a) { *GLOBAL(a.out + threadIdx.x) = __shfl_down_sync(0xffffffffu, 1, 1); }
+extern "C" __global__ void past_the_end(Buf a) { if (threadIdx.x == 0) *GLOBAL(a.out + a.n) = 1; }
+extern "C" __global__ void into_input(Buf a) { if (threadIdx.x == 0) *GLOBAL((int *)a.in + 1) = 1; }
+extern "C" __global__ void misaligned(Buf a) { if (threadIdx.x == 0) *GLOBAL((int *)((char *)a.out + 2)) = 1; }
+extern "C" __global__ void block_order(Buf a) {
+    __shared__ unsigned int slot;
+    if (threadIdx.x == 0) slot = atomicAdd((unsigned int *)a.out, 1u);
+    __syncthreads();
+    if (threadIdx.x == 0) *GLOBAL(a.out + 1 + slot) = (int)blockIdx.x;
+}
+extern "C" __global__ void fresh_shared(Buf a) {
+    __shared__ int sh;
+    if (threadIdx.x == 0) { *GLOBAL(a.out + blockIdx.x) = sh; sh = 7; }
+}
+"#;
+
+    #[repr(C)]
+    struct Buf {
+        out: *mut i32,
+        input: *const i32,
+        n: i64,
+    }
+
+    /// Launches `name` from [`MODEL`] on `grid` blocks of `block` threads with
+    /// `out` (writable) and `input` (read-only) as the call's buffers.
+    fn launch(name: &str, grid: u32, block: u32, out: &mut [i32], input: &[i32], seed: u64) -> Result<(), String> {
+        static MODULE: OnceLock<usize> = OnceLock::new();
+        let d = driver();
+        let m = *MODULE.get_or_init(|| {
+            let img = build(MODEL, &[]).unwrap();
+            let mut m: CUmodule = std::ptr::null_mut();
+            assert_eq!(unsafe { (d.cuModuleLoadData)(&mut m, img.as_ptr() as *const c_void) }, 0);
+            m as usize
+        });
+        let mut f: CUfunction = std::ptr::null_mut();
+        let c = CString::new(name).unwrap();
+        assert_eq!(unsafe { (d.cuModuleGetFunction)(&mut f, m as CUmodule, c.as_ptr()) }, 0);
+        let mut a = Buf { out: out.as_mut_ptr(), input: input.as_ptr(), n: out.len() as i64 };
+        let mut params = [&mut a as *mut Buf as *mut c_void];
+        // (the seed is process-wide: tests that launch in parallel take turns)
+        static TURN: Mutex<()> = Mutex::new(());
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let bufs = [
+            ("out", out.as_ptr() as u64, out.as_ptr() as u64 + 4 * out.len() as u64, true),
+            ("in", input.as_ptr() as u64, input.as_ptr() as u64 + 4 * input.len() as u64, false),
+        ];
+        set_seed(seed);
+        let r = with_buffers(&bufs, || unsafe {
+            (d.cuLaunchKernel)(f, grid, 1, 1, block, 1, 1, 0, std::ptr::null_mut(), params.as_mut_ptr(), std::ptr::null_mut())
+        });
+        if r == 0 {
+            return Ok(());
+        }
+        let mut msg: *const c_char = std::ptr::null();
+        unsafe { (d.cuGetErrorString)(r, &mut msg) };
+        Err(format!("{r}: {}", unsafe { CStr::from_ptr(msg) }.to_string_lossy()))
+    }
+
+    #[test]
+    fn a_barrier_orders_every_thread_of_the_block() {
+        for seed in 0..4 {
+            let mut out = vec![0; 2 * 96];
+            launch("barrier", 2, 96, &mut out, &[0], seed).unwrap();
+            for (k, v) in out.iter().enumerate() {
+                assert_eq!(*v, ((k % 96 + 1) % 96) as i32 * 3, "seed {seed}, thread {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn shuffles_honour_offset_and_width() {
+        let mut out = vec![0; 4 * 64];
+        launch("shuffles", 1, 64, &mut out, &[0], 1).unwrap();
+        for t in 0..64usize {
+            let lane = t % 32;
+            let v = |l: usize| ((t - lane + l) * 10) as i32;
+            let seg = lane & !7;
+            let want = [
+                if lane < 31 { v(lane + 1) } else { v(lane) },
+                v(lane ^ 3),
+                v(seg + 5),
+                if lane - seg + 4 < 8 { v(lane + 4) } else { v(lane) },
+            ];
+            assert_eq!(&out[4 * t..4 * t + 4], &want, "thread {t}");
+        }
+        // a half-warp mask: the lanes it names exchange among themselves
+        let mut out = vec![0; 32];
+        launch("half_mask", 1, 32, &mut out, &[0], 2).unwrap();
+        for lane in 0..16 {
+            assert_eq!(out[lane], if lane + 8 < 32 && lane + 8 < 16 { lane as i32 + 8 } else { -1 }, "lane {lane}");
+        }
+    }
+
+    #[test]
+    fn a_barrier_or_shuffle_not_every_thread_reaches_is_an_error_not_a_hang() {
+        let e = launch("divergent_barrier", 1, 64, &mut [0], &[0], 0).unwrap_err();
+        assert!(e.contains("divergent_barrier") && e.contains("deadlock") && e.contains("16 wait at __syncthreads"), "{e}");
+        let e = launch("lanes_missing", 1, 32, &mut [0], &[0], 0).unwrap_err();
+        assert!(e.contains("deadlock") && e.contains("16 wait at a warp shuffle"), "{e}");
+        let e = launch("short_warp", 1, 48, &mut [0; 48], &[0], 0).unwrap_err();
+        assert!(e.contains("names lanes this warp does not have (it has 16)"), "{e}");
+    }
+
+    #[test]
+    fn bad_accesses_name_the_kernel_the_buffer_and_the_offset() {
+        let e = launch("past_the_end", 1, 32, &mut [0; 5], &[0], 0).unwrap_err();
+        assert!(e.starts_with("700: ") && e.contains("past_the_end") && e.contains("offset 20 of `out`, which holds 20 bytes"), "{e}");
+        let e = launch("into_input", 1, 32, &mut [0; 5], &[0, 0], 0).unwrap_err();
+        assert!(e.contains("into_input") && e.contains("output pointer into the input `in`, at offset 4"), "{e}");
+        let e = launch("misaligned", 1, 32, &mut [0; 5], &[0], 0).unwrap_err();
+        assert!(e.contains("misaligned 4-byte access at offset 2 of `out`"), "{e}");
+        // nothing was written by the failed launches
+        let mut out = [0; 5];
+        let _ = launch("past_the_end", 1, 32, &mut out, &[0], 0);
+        assert_eq!(out, [0; 5]);
+    }
+
+    #[test]
+    fn blocks_run_in_an_order_the_seed_shuffles_each_with_fresh_shared_memory() {
+        let order = |seed| {
+            let mut out = vec![0; 1 + 16];
+            launch("block_order", 16, 32, &mut out, &[0], seed).unwrap();
+            assert_eq!(out[0], 16);
+            let mut sorted = out[1..].to_vec();
+            sorted.sort();
+            assert_eq!(sorted, (0..16).collect::<Vec<_>>(), "every block ran once");
+            out[1..].to_vec()
+        };
+        let orders: std::collections::HashSet<Vec<i32>> = (0..6).map(order).collect();
+        assert!(orders.len() >= 5, "{orders:?}");
+        assert_eq!(order(3), order(3), "one seed, one order");
+        // each block sees its own shared memory, 0xff-filled, not the last block's 7
+        let mut out = vec![0; 8];
+        launch("fresh_shared", 8, 32, &mut out, &[0], 0).unwrap();
+        assert_eq!(out, vec![-1; 8]);
+    }
+
     #[test]
     fn kernel_names_are_read_from_the_preprocessed_unit() {
         let pre = "extern \"C\" luspo_rs_sim_kernel void a_f32(A a) {}\nvoid helper();\n\
