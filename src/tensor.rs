@@ -144,6 +144,9 @@ impl Tensor {
                 ))
             }
         };
+        if let Some(d) = t.shape().iter().find(|&&d| d < 0) {
+            return Err(Error::value_error(arg, format!("invalid DLPack shape {:?}: negative size {d}", t.shape())));
+        }
         let shape: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
         let strides: Vec<isize> = t
             .strides_or_compact()
@@ -152,7 +155,79 @@ impl Tensor {
             .map(|&s| s as isize)
             .collect();
         let ptr = (t.data_ptr() as *mut u8).wrapping_add(t.byte_offset() as usize);
-        Ok(Tensor { arg, ptr, dtype, device, shape, strides, read_only })
+        let tensor = Tensor { arg, ptr, dtype, device, shape, strides, read_only };
+        // every offset the kernels form, `sum index * stride` in bytes, must fit an isize
+        let (lo, hi) = tensor.span_i128();
+        if lo < -(isize::MAX as i128) || hi > isize::MAX as i128 || (tensor.numel_checked().is_none()) {
+            return Err(Error::value_error(
+                arg,
+                format!("shape {:?} with strides {:?} spans more bytes than an address can", tensor.shape, tensor.strides),
+            ));
+        }
+        if tensor.numel() > 0 && (ptr as usize) % dtype.size() != 0 {
+            return Err(Error::value_error(
+                arg,
+                format!("the data pointer {ptr:p} is not aligned to its {}-byte {} elements", dtype.size(), dtype.name()),
+            ));
+        }
+        Ok(tensor)
+    }
+
+    /// The number of elements, if it fits a usize.
+    fn numel_checked(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+    }
+
+    /// The number of elements.
+    pub fn numel(&self) -> usize {
+        self.numel_checked().unwrap_or(usize::MAX)
+    }
+
+    /// Byte offsets from `ptr` of the first and one past the last byte the
+    /// elements span (0, 0 when empty), exactly (no overflow in i128).
+    fn span_i128(&self) -> (i128, i128) {
+        if self.shape.contains(&0) {
+            return (0, 0);
+        }
+        let (mut lo, mut hi) = (0i128, 0i128);
+        for (&n, &st) in self.shape.iter().zip(&self.strides) {
+            let reach = (n as i128 - 1) * st as i128;
+            if reach < 0 {
+                lo += reach;
+            } else {
+                hi += reach;
+            }
+        }
+        let size = self.dtype.size() as i128;
+        (lo * size, (hi + 1) * size)
+    }
+
+    /// The addresses of the first and one past the last byte the elements
+    /// span (`[ptr, ptr)` when empty).
+    pub fn span(&self) -> (u64, u64) {
+        let (lo, hi) = self.span_i128();
+        let p = self.ptr as i128;
+        ((p + lo) as u64, (p + hi) as u64)
+    }
+
+    /// Whether two elements share memory: the innermost dimension of more
+    /// than one element has a stride other than 1, or some dimension's
+    /// stride is smaller than the span of the dimensions inside it.
+    pub fn overlaps_itself(&self) -> bool {
+        let mut dims: Vec<(usize, usize)> =
+            self.shape.iter().zip(&self.strides).filter(|(&n, _)| n > 1).map(|(&n, &s)| (n, s.unsigned_abs())).collect();
+        if self.shape.contains(&0) || dims.is_empty() {
+            return false;
+        }
+        dims.sort_by_key(|&(_, s)| s);
+        let mut reach = 1u128; // elements spanned by the dimensions inside
+        for (n, s) in dims {
+            if (s as u128) < reach {
+                return true;
+            }
+            reach = (s as u128) * (n as u128 - 1) + reach;
+        }
+        false
     }
 
     /// A contiguous CPU description of caller-owned memory (tests and

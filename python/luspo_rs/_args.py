@@ -108,15 +108,30 @@ def to_float(name: str, value: Any) -> float:
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}") from e
 
 
-def result_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+def result_dtype(**tensors: Optional[torch.Tensor]) -> torch.dtype:
     """The dtype torch's promotion gives an expression of ``tensors`` (the
     first is the differentiated input, a float tensor; integer and bool
-    masks do not change it), i.e. the dtype of verl's loss."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        if t is not None and isinstance(t, torch.Tensor):
-            dtype = torch.promote_types(dtype, t.dtype)
+    masks do not change it), i.e. the dtype of verl's loss. A dtype the
+    kernels do not read (float8, complex, ...) is a ``TypeError`` naming its
+    argument, before torch's promotion fails without naming it."""
+    dtype = None
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.dtype not in _DTYPES:
+            raise TypeError(
+                f"{name}: unsupported dtype {str(t.dtype).removeprefix('torch.')}: expected float32, float64, "
+                "bfloat16 or float16 (masks: bool or integers up to 64 bits)"
+            )
+        dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+# What the native module reads (src/tensor.rs DType).
+_DTYPES = frozenset({
+    torch.float64, torch.float32, torch.bfloat16, torch.float16,
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+})  # fmt: skip
 
 
 # --------------------------------------------------------------------------- normalisers

@@ -89,5 +89,5 @@ def agg_loss(
         loss_mat, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
     )
     loss_mask = as_tensor("loss_mask", loss_mask)
-    loss_dtype = result_dtype(loss_mat, loss_mask)
+    loss_dtype = result_dtype(loss_mat=loss_mat, loss_mask=loss_mask)
     return AggLossFunction.apply(loss_mat, loss_mask, loss_agg_mode, options, factor, loss_dtype)

@@ -194,7 +194,10 @@ def policy_loss(
     old_log_prob = as_tensor("old_log_prob", old_log_prob)
     advantages = as_tensor("advantages", advantages)
     response_mask = as_tensor("response_mask", response_mask)
-    loss_dtype = result_dtype(log_prob, old_log_prob, advantages, response_mask, weights)
+    loss_dtype = result_dtype(
+        log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, response_mask=response_mask,
+        rollout_is_weights=weights,
+    )  # fmt: skip
     loss, metrics = PolicyLossFunction.apply(
         log_prob, old_log_prob, advantages, response_mask, weights, options, factor, loss_dtype
     )

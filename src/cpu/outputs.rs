@@ -62,6 +62,9 @@ fn scale(grad: &Tensor, g: f64) -> Result<()> {
         return Err(Error::value_error(grad.arg, "expected a writable contiguous float tensor on the CPU"));
     }
     let n: usize = grad.shape.iter().product();
+    if n == 0 {
+        return Ok(()); // (an empty tensor's pointer may be null: no slice of it)
+    }
     /// # Safety: `p` holds `n` contiguous writable `T`, used by no one else now.
     unsafe fn each<T: Copy + Send + Sync>(p: *mut u8, n: usize, f: impl Fn(T) -> T + Sync) {
         let xs = std::slice::from_raw_parts_mut(p as *mut T, n);

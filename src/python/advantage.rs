@@ -74,6 +74,9 @@ pub fn group_ids(index: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<u
     if t.device != Device::Cpu || t.dtype != DType::I64 || t.shape != [n] || t.strides[0] != 1 {
         return Err(PyValueError::new_err(format!("out: expected a contiguous int64 CPU tensor of shape ({n},)")));
     }
+    if n == 0 {
+        return Ok(0); // (an empty tensor's pointer may be null: no slice of it)
+    }
     let seen = PyDict::new(index.py());
     // SAFETY: checked above: contiguous int64 of length n, writable.
     let ids = unsafe { std::slice::from_raw_parts_mut(t.ptr as *mut i64, n) };

@@ -1,9 +1,11 @@
 //! Arguments of the native functions: DLPack import (with the caller's CUDA
 //! stream, so producers order their work before ours without a host sync)
-//! and the one place that picks the backend from the inputs' device. With
-//! the CUDA simulator on (`LUSPO_RS_CUDA=sim`, `crate::cuda::sim`), CPU
-//! tensors are imported as the simulated device `cuda:0`, and every buffer
-//! of the call is recorded, for the simulator to check the kernels' accesses.
+//! and the one place that picks the backend from the inputs' device. Every
+//! buffer of a call is recorded: outputs must not overlap themselves, each
+//! other or an input (a data race on the CPU, a stray write on the GPU), and
+//! with the CUDA simulator on (`LUSPO_RS_CUDA=sim`, `crate::cuda::sim`), CPU
+//! tensors are imported as the simulated device `cuda:0` and the simulator
+//! checks the kernels' accesses against those buffers.
 
 use super::{cuda_err, to_py};
 use crate::cpu;
@@ -52,28 +54,8 @@ pub struct Call {
     stream: Option<ConsumerStream>,
     /// The simulator is on: CPU tensors are `cuda:0`.
     simulated: bool,
-    /// With the simulator: every imported tensor's bytes (name, first, one
-    /// past the last, writable).
+    /// Every imported tensor's bytes: (name, first, one past the last, writable).
     buffers: RefCell<Vec<(&'static str, u64, u64, bool)>>,
-}
-
-/// The bytes a tensor's elements span: `[first, one past the last)`.
-fn span(t: &Tensor) -> (u64, u64) {
-    let p = t.ptr as u64;
-    if t.shape.contains(&0) {
-        return (p, p);
-    }
-    let (mut lo, mut hi) = (0i128, 0i128);
-    for (&n, &s) in t.shape.iter().zip(&t.strides) {
-        let reach = (n as i128 - 1) * s as i128;
-        if reach < 0 {
-            lo += reach;
-        } else {
-            hi += reach;
-        }
-    }
-    let size = t.dtype.size() as i128;
-    ((p as i128 + lo * size) as u64, (p as i128 + (hi + 1) * size) as u64)
 }
 
 impl Call {
@@ -106,11 +88,21 @@ impl Call {
         if writable && read_only {
             return Err(PyValueError::new_err(format!("{arg}: the output buffer is read-only")));
         }
+        if writable {
+            let inner = tensor.shape.len().checked_sub(1).filter(|&d| tensor.shape[d] > 1);
+            if inner.is_some_and(|d| tensor.strides[d] != 1) || tensor.overlaps_itself() {
+                return Err(PyValueError::new_err(format!(
+                    "{arg}: an output must have unit stride in its last dimension and no two elements in one place \
+                     (shape {:?}, strides {:?}); pass a contiguous tensor",
+                    tensor.shape, tensor.strides
+                )));
+            }
+        }
         if self.simulated && tensor.device == Device::Cpu {
             tensor.device = Device::Cuda(0);
-            let (lo, hi) = span(&tensor);
-            self.buffers.borrow_mut().push((arg, lo, hi, writable));
         }
+        let (lo, hi) = tensor.span();
+        self.buffers.borrow_mut().push((arg, lo, hi, writable));
         Ok(Imported { _owner: owner, tensor })
     }
 
@@ -129,6 +121,7 @@ impl Call {
         cpu: impl FnOnce() -> crate::error::Result<T> + Send,
         cuda: impl FnOnce(usize) -> Result<T, CudaError> + Send,
     ) -> PyResult<T> {
+        self.check_disjoint_outputs()?;
         match device {
             Device::Cpu => py.detach(|| cpu::pool::install(cpu)).map_err(to_py),
             Device::Cuda(_) => {
@@ -142,6 +135,28 @@ impl Call {
                 py.detach(|| cuda(stream)).map_err(cuda_err)
             }
         }
+    }
+}
+
+impl Call {
+    /// `ValueError` naming the output that shares memory with another
+    /// argument (only non-empty spans can).
+    fn check_disjoint_outputs(&self) -> PyResult<()> {
+        let b = self.buffers.borrow();
+        for (k, &(name, lo, hi, writable)) in b.iter().enumerate() {
+            if !writable || lo == hi {
+                continue;
+            }
+            for (j, &(other, olo, ohi, ow)) in b.iter().enumerate() {
+                if j != k && olo < ohi && lo < ohi && olo < hi && (!ow || j < k) {
+                    let what = if ow { "output" } else { "input" };
+                    return Err(PyValueError::new_err(format!(
+                        "{name}: the output shares memory with the {what} `{other}`; pass a separate buffer"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
