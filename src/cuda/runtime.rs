@@ -139,46 +139,132 @@ fn cache_dir() -> Option<PathBuf> {
     Some(base.join("luspo_rs"))
 }
 
-/// The cubin for `sm_{major}{minor}`: read from the cache when a process
-/// compiled the same source with the same NVRTC before (NVRTC takes
-/// seconds, a read milliseconds), else compiled and written there (by a
-/// rename, so a reader never sees half a file). A cache that cannot be read
-/// or written is skipped.
-fn cubin(nvrtc: &Nvrtc, major: i32, minor: i32) -> std::result::Result<Vec<u8>, String> {
-    use std::hash::{Hash, Hasher};
-    let src = full_source();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (src.as_str(), nvrtc.version(), &nvrtc.path, major, minor, env!("CARGO_PKG_VERSION")).hash(&mut h);
-    let path = cache_dir().map(|d| d.join(format!("kernels-sm_{major}{minor}-{:016x}.cubin", h.finish())));
-    if let Some(img) = path.as_ref().and_then(|p| std::fs::read(p).ok()).filter(|b| b.starts_with(b"\x7fELF")) {
-        return Ok(img);
+/// Whether a cache directory or file may be trusted: owned by this user and
+/// writable by no one else. On a shared path (NFS, /tmp on a cluster) anyone
+/// else could otherwise plant an image under the predictable name, to be
+/// loaded into this process's CUDA context.
+#[cfg(unix)]
+fn trusted(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    m.uid() == unsafe { libc::geteuid() } && m.mode() & 0o022 == 0
+}
+#[cfg(not(unix))]
+fn trusted(_m: &std::fs::Metadata) -> bool {
+    true
+}
+
+/// One warning per process that the cache is skipped, and why.
+fn warn_cache(why: String) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| eprintln!("luspo_rs: not using the kernel cache: {why}"));
+}
+
+/// The cache directory, created 0700 if missing; None (with a warning) if
+/// it is not trusted.
+fn secure_cache_dir(d: &std::path::Path) -> Option<PathBuf> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(d).ok()?;
+    match std::fs::metadata(d) {
+        Ok(m) if m.is_dir() && trusted(&m) => Some(d.to_path_buf()),
+        Ok(_) => {
+            warn_cache(format!("{} is not a directory owned by this user and writable only by it", d.display()));
+            None
+        }
+        Err(_) => None,
     }
-    let img = compile(nvrtc, major, minor, Target::Cubin)?;
-    if let Some(p) = path {
-        let tmp = p.with_extension(format!("{}.tmp", std::process::id()));
-        let written = p.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok()) && std::fs::write(&tmp, &img).is_ok();
-        if !(written && std::fs::rename(&tmp, &p).is_ok()) {
-            let _ = std::fs::remove_file(&tmp);
+}
+
+/// The digest a cache entry stores in front of its image (integrity only:
+/// who may write the entry is what [`trusted`] checks).
+fn digest(img: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    img.hash(&mut h);
+    h.finish()
+}
+
+/// A cache entry's image, if the file is trusted and its digest matches.
+fn read_entry(p: &std::path::Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).ok()?;
+    let m = f.metadata().ok()?;
+    if !trusted(&m) {
+        warn_cache(format!("{} is not owned by this user or is writable by others", p.display()));
+        return None;
+    }
+    let mut b = Vec::new();
+    f.read_to_end(&mut b).ok()?;
+    let (head, img) = (b.get(..8)?, b.get(8..)?);
+    (u64::from_le_bytes(head.try_into().ok()?) == digest(img) && img.starts_with(b"\x7fELF")).then(|| img.to_vec())
+}
+
+/// Writes a cache entry (mode 0600, by a rename, so a reader never sees half a file).
+fn write_entry(p: &std::path::Path, img: &[u8]) {
+    use std::io::Write;
+    let tmp = p.with_extension(format!("{}.tmp", std::process::id()));
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    let written = o.open(&tmp).and_then(|mut f| f.write_all(&digest(img).to_le_bytes()).and_then(|_| f.write_all(img)));
+    if !(written.is_ok() && std::fs::rename(&tmp, p).is_ok()) {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// The cubin of `src` for `sm_{major}{minor}`, and its cache entry: read
+/// from the cache when a process compiled the same source with the same
+/// NVRTC and options before (NVRTC takes seconds, a read milliseconds), else
+/// compiled and written there. A cache that cannot be read, written or
+/// trusted is skipped. `fresh`: compile even if an entry exists (it failed
+/// to load), and replace it.
+fn cubin(nvrtc: &Nvrtc, src: &str, major: i32, minor: i32, fresh: bool) -> std::result::Result<Vec<u8>, String> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let opts = options(major, minor, Target::Cubin);
+    (src, &opts, nvrtc.version(), &nvrtc.path, env!("CARGO_PKG_VERSION")).hash(&mut h);
+    let path = cache_dir()
+        .and_then(|d| secure_cache_dir(&d))
+        .map(|d| d.join(format!("kernels-sm_{major}{minor}-{:016x}.cubin", h.finish())));
+    if !fresh {
+        if let Some(img) = path.as_deref().and_then(read_entry) {
+            return Ok(img);
         }
     }
+    let img = compile_source(nvrtc, src, major, minor, Target::Cubin)?;
+    if let Some(p) = path {
+        write_entry(&p, &img);
+    }
     Ok(img)
+}
+
+/// NVRTC's options for `target` on compute capability `major.minor`. No
+/// fused multiply-add contraction: closer to the CPU reference, and the
+/// kernels are memory-bound anyway.
+fn options(major: i32, minor: i32, target: Target) -> Vec<String> {
+    let arch = match target {
+        Target::Ptx => format!("--gpu-architecture=compute_{major}{minor}"),
+        Target::Cubin => format!("--gpu-architecture=sm_{major}{minor}"),
+    };
+    vec![arch, "--fmad=false".into(), "--std=c++14".into()]
 }
 
 /// Compiles [`full_source`] for compute capability `major.minor`. A rejected
 /// architecture and any compile error come back with NVRTC's log.
 pub fn compile(nvrtc: &Nvrtc, major: i32, minor: i32, target: Target) -> std::result::Result<Vec<u8>, String> {
-    let arch = match target {
-        Target::Ptx => format!("--gpu-architecture=compute_{major}{minor}"),
-        Target::Cubin => format!("--gpu-architecture=sm_{major}{minor}"),
-    };
-    // No fused multiply-add contraction: closer to the CPU reference, and
-    // the kernels are memory-bound anyway.
-    let opts: Vec<CString> = [arch.as_str(), "--fmad=false", "--std=c++14"]
-        .iter()
-        .map(|s| CString::new(*s).unwrap())
-        .collect();
+    compile_source(nvrtc, &full_source(), major, minor, target)
+}
+
+fn compile_source(nvrtc: &Nvrtc, src: &str, major: i32, minor: i32, target: Target) -> std::result::Result<Vec<u8>, String> {
+    let opts = options(major, minor, target);
+    let arch = opts[0].clone();
+    let opts: Vec<CString> = opts.iter().map(|s| CString::new(s.as_str()).unwrap()).collect();
     let opt_ptrs: Vec<*const std::ffi::c_char> = opts.iter().map(|s| s.as_ptr()).collect();
-    let src = CString::new(full_source()).map_err(|e| e.to_string())?;
+    let src = CString::new(src).map_err(|e| e.to_string())?;
     let name = CString::new("kernels.cu").unwrap();
     let mut prog: sys::NvrtcProgram = std::ptr::null_mut();
     // SAFETY: NVRTC calls with valid C strings and out-parameters; the
@@ -236,8 +322,14 @@ pub struct DeviceState {
 unsafe impl Send for DeviceState {}
 unsafe impl Sync for DeviceState {}
 
-/// Loaded devices by (simulated, ordinal).
-static DEVICES: Mutex<Option<HashMap<(bool, i32), Arc<DeviceState>>>> = Mutex::new(None);
+/// A device's kernels: not loaded yet (None), loaded, or the error their
+/// loading gave (remembered: a module without our kernels will not gain them).
+type Slot = Arc<Mutex<Option<std::result::Result<Arc<DeviceState>, String>>>>;
+
+/// The devices by (simulated, ordinal). The map's lock is held only to find
+/// a device's slot; a first compile holds only that device's lock, so it
+/// blocks no call on another device.
+static DEVICES: Mutex<Option<HashMap<(bool, i32), Slot>>> = Mutex::new(None);
 
 /// Makes `ctx` current for the scope.
 pub struct CtxGuard<'a>(&'a Driver);
@@ -260,11 +352,15 @@ impl Drop for CtxGuard<'_> {
 
 /// The compiled kernels for device `ordinal`, compiling them on first use.
 fn device(d: &Driver, ordinal: i32) -> Result<Arc<DeviceState>> {
-    let mut g = DEVICES.lock().unwrap();
-    let map = g.get_or_insert_with(HashMap::new);
-    let key = (d.lib.is_none(), ordinal);
-    if let Some(s) = map.get(&key) {
-        return Ok(s.clone());
+    let slot: Slot = {
+        let mut g = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
+        g.get_or_insert_with(HashMap::new).entry((d.lib.is_none(), ordinal)).or_default().clone()
+    };
+    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+    match slot.as_ref() {
+        Some(Ok(s)) => return Ok(s.clone()),
+        Some(Err(e)) => return Err(CudaError::Runtime(e.clone())),
+        None => {}
     }
     // SAFETY: driver calls with valid out-parameters; the context is
     // retained for the life of the process (it is PyTorch's as well).
@@ -291,30 +387,60 @@ fn device(d: &Driver, ordinal: i32) -> Result<Arc<DeviceState>> {
             )));
         }
         let nv = rt(nvrtc())?;
-        let image = rt(cubin(&nv, major, minor).map_err(|e| {
-            format!("cuda:{ordinal} (sm_{major}{minor}) is not supported by this NVRTC, or the kernels failed to compile: {e}")
-        }))?;
         let mut ctx: CUcontext = std::ptr::null_mut();
         rt(d.check("cuDevicePrimaryCtxRetain", (d.cuDevicePrimaryCtxRetain)(&mut ctx, dev)))?;
         let _g = CtxGuard::push(d, ctx)?;
-        let mut module: sys::CUmodule = std::ptr::null_mut();
-        rt(d.check("cuModuleLoadData", (d.cuModuleLoadData)(&mut module, image.as_ptr() as *const c_void)))?;
+        let module = load_module(d, &nv, &full_source(), major, minor).map_err(|e| {
+            CudaError::Runtime(format!(
+                "cuda:{ordinal} (sm_{major}{minor}) is not supported by this NVRTC, or the kernels failed to compile: {e}"
+            ))
+        })?;
         let get = |name: &str| -> Result<CUfunction> {
             let mut f: CUfunction = std::ptr::null_mut();
             let c = CString::new(name).unwrap();
             rt(d.check("cuModuleGetFunction", (d.cuModuleGetFunction)(&mut f, module, c.as_ptr())))?;
             Ok(f)
         };
-        DeviceState {
-            ctx,
-            loss: super::loss::Kernels::load(&get)?,
-            kl_penalty: super::kl_penalty::Kernels::load(&get)?,
-            advantage: super::advantage::Kernels::load(&get)?,
+        let kernels = (|| {
+            Ok::<_, CudaError>((
+                super::loss::Kernels::load(&get)?,
+                super::kl_penalty::Kernels::load(&get)?,
+                super::advantage::Kernels::load(&get)?,
+            ))
+        })();
+        match kernels {
+            Ok((loss, kl_penalty, advantage)) => DeviceState { ctx, loss, kl_penalty, advantage },
+            Err(e) => {
+                (d.cuModuleUnload)(module);
+                let msg = match e {
+                    CudaError::Runtime(m) => m,
+                    CudaError::Arg(e) => e.to_string(),
+                };
+                *slot = Some(Err(msg.clone()));
+                return Err(CudaError::Runtime(msg));
+            }
         }
     };
     let s = Arc::new(state);
-    map.insert(key, s.clone());
+    *slot = Some(Ok(s.clone()));
     Ok(s)
+}
+
+/// Loads the cubin of `src` into the current context. A cached image that
+/// the driver refuses (damaged, or from a driver that no longer takes it) is
+/// a miss: it is compiled again and its entry replaced.
+///
+/// # Safety
+/// A context must be current.
+unsafe fn load_module(d: &Driver, nv: &Nvrtc, src: &str, major: i32, minor: i32) -> std::result::Result<sys::CUmodule, String> {
+    let mut module: sys::CUmodule = std::ptr::null_mut();
+    let image = cubin(nv, src, major, minor, false)?;
+    if d.check("cuModuleLoadData", (d.cuModuleLoadData)(&mut module, image.as_ptr() as *const c_void)).is_ok() {
+        return Ok(module);
+    }
+    let image = cubin(nv, src, major, minor, true)?;
+    d.check("cuModuleLoadData", (d.cuModuleLoadData)(&mut module, image.as_ptr() as *const c_void))?;
+    Ok(module)
 }
 
 // ---------------------------------------------------------------- launch
@@ -421,6 +547,76 @@ pub(crate) mod tests {
         names.extend(super::super::advantage::Kernels::NAMES.iter().map(|s| s.to_string()));
         names
     }
+    /// A small unit for the cache tests, compiled by the simulator's NVRTC in a second.
+    const TINY: &str = "struct A { int *p; };\nextern \"C\" __global__ void tiny(A a) { *GLOBAL(a.p) = 1; }\n";
+
+    #[cfg(unix)]
+    fn mode(p: &std::path::Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// The on-disk cache (issue 20 C), through the simulator's tables: a
+    /// private directory, entries with a digest, untrusted directories and
+    /// files skipped, damaged or unloadable entries compiled again and replaced.
+    #[cfg(unix)]
+    #[test]
+    fn the_kernel_cache_is_private_verified_and_self_repairing() {
+        use std::os::unix::fs::PermissionsExt;
+        let _env = CACHE_ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let nv = super::super::sim::nvrtc();
+        let d = super::super::sim::driver();
+        let root = std::env::temp_dir().join(format!("luspo_rs_cache_sec_{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = root.join("a/b");
+        std::env::set_var("LUSPO_RS_CACHE_DIR", &dir);
+        let first = cubin(&nv, TINY, 9, 0, false).unwrap();
+        assert_eq!(mode(&dir), 0o700, "created private");
+        let entries: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        let entry = &entries[0];
+        assert_eq!(mode(entry), 0o600);
+        assert_eq!(read_entry(entry).unwrap(), first, "digest + image");
+        // a read is a hit: the entry's bytes come back, even when planted (same digest)
+        let mut planted = first.clone();
+        planted.extend_from_slice(b"planted");
+        write_entry(entry, &planted);
+        assert_eq!(cubin(&nv, TINY, 9, 0, false).unwrap(), planted);
+        // ... but not from a file others may write, nor with a wrong digest
+        std::fs::set_permissions(entry, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(cubin(&nv, TINY, 9, 0, false).unwrap(), first, "a world-writable entry is not read");
+        let mut bytes = std::fs::read(entry).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 1;
+        std::fs::write(entry, &bytes).unwrap();
+        assert!(read_entry(entry).is_none(), "a damaged image fails its digest");
+        assert_eq!(cubin(&nv, TINY, 9, 0, false).unwrap(), first, "and is compiled again");
+        assert_eq!(read_entry(entry).unwrap(), first, "and replaced");
+        // an entry the driver refuses to load is a miss, compiled again and replaced
+        let mut bad = b"\x7fELF not a loadable image".to_vec();
+        bad.resize(256, 0); // (the driver reads an image's header without knowing its length)
+        write_entry(entry, &bad);
+        let m = unsafe { load_module(&d, &nv, TINY, 9, 0) }.unwrap();
+        assert_eq!(unsafe { (d.cuModuleUnload)(m) }, 0);
+        assert_eq!(read_entry(entry).unwrap(), first);
+        // a directory others may write is not used at all
+        let open = root.join("open");
+        std::fs::create_dir_all(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::env::set_var("LUSPO_RS_CACHE_DIR", &open);
+        assert_eq!(cubin(&nv, TINY, 9, 0, false).unwrap(), first);
+        assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0, "nothing written into a world-writable directory");
+        // the key holds the options: another architecture is another entry
+        std::env::set_var("LUSPO_RS_CACHE_DIR", &dir);
+        cubin(&nv, TINY, 8, 0, false).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+        std::env::remove_var("LUSPO_RS_CACHE_DIR");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// The tests that set LUSPO_RS_CACHE_DIR take turns.
+    static CACHE_ENV: Mutex<()> = Mutex::new(());
+
     /// Compiles the kernels to PTX for sm_80 and sm_90 when an NVRTC is
     /// found (`LUSPO_RS_NVRTC`, CUDA_HOME, system paths, or the venv's
     /// PyTorch wheels next to this checkout); skipped with a message if none.
@@ -436,6 +632,7 @@ pub(crate) mod tests {
             }
         }
         set_nvrtc_hints(hints);
+        let _env = CACHE_ENV.lock().unwrap_or_else(|e| e.into_inner());
         let nv = match nvrtc() {
             Ok(n) => n,
             Err(e) => {
@@ -443,18 +640,6 @@ pub(crate) mod tests {
                 return;
             }
         };
-        // the cubin cache: written on the first call, read on the second,
-        // and a damaged entry is compiled again
-        let dir = std::env::temp_dir().join(format!("luspo_rs_cache_test_{}", std::process::id()));
-        std::env::set_var("LUSPO_RS_CACHE_DIR", &dir);
-        let first = cubin(&nv, 9, 0).unwrap();
-        let entries: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
-        assert_eq!(entries.len(), 1, "{entries:?}");
-        assert_eq!(std::fs::read(&entries[0]).unwrap(), first);
-        assert_eq!(cubin(&nv, 9, 0).unwrap(), first);
-        std::fs::write(&entries[0], b"not a cubin").unwrap();
-        assert!(cubin(&nv, 9, 0).unwrap().starts_with(b"\x7fELF"));
-        std::fs::remove_dir_all(&dir).unwrap();
         for (ma, mi) in [(8, 0), (9, 0)] {
             let ptx = compile(&nv, ma, mi, Target::Ptx).unwrap();
             let ptx = String::from_utf8_lossy(&ptx);

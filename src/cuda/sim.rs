@@ -411,6 +411,14 @@ unsafe extern "C" fn cu_module_load(m: *mut CUmodule, image: *const c_void) -> C
     }
 }
 
+unsafe extern "C" fn cu_module_unload(m: CUmodule) -> CUresult {
+    if m.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    drop(Box::from_raw(m as *mut Module));
+    0
+}
+
 unsafe extern "C" fn cu_module_function(f: *mut CUfunction, m: CUmodule, name: *const c_char) -> CUresult {
     let module = m as *const Module;
     let index = ((*module).find)(name);
@@ -511,6 +519,7 @@ pub fn driver() -> Arc<Driver> {
             cuCtxPopCurrent_v2: cu_ctx_pop,
             cuModuleLoadData: cu_module_load,
             cuModuleGetFunction: cu_module_function,
+            cuModuleUnload: cu_module_unload,
             cuMemsetD32Async: cu_memset_d32,
             cuLaunchKernel: cu_launch,
             cuGetErrorString: cu_error_string,

@@ -60,6 +60,7 @@ api!(Driver {
     cuCtxPopCurrent_v2: fn(*mut CUcontext) -> CUresult;
     cuModuleLoadData: fn(*mut CUmodule, *const c_void) -> CUresult;
     cuModuleGetFunction: fn(*mut CUfunction, CUmodule, *const c_char) -> CUresult;
+    cuModuleUnload: fn(CUmodule) -> CUresult;
     cuMemsetD32Async: fn(u64, c_uint, usize, CUstream) -> CUresult;
     cuLaunchKernel: fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void, *mut *mut c_void) -> CUresult;
     cuGetErrorString: fn(CUresult, *mut *const c_char) -> CUresult;
