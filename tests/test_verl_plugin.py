@@ -192,3 +192,60 @@ def test_taken_over_estimators_are_what_verls_trainer_calls():
         """
     )
     assert out == "OK"
+
+
+def test_modules_that_imported_kl_penalty_by_name_are_taken_over_and_restored_by_identity():
+    # issue 20 D1: verl/trainer/distillation/losses.py binds kl_penalty by name;
+    # imported before take_over() it must be taken over, imported after it must be restored
+    out = run(
+        """
+        import sys, types
+        from verl.trainer.ppo import core_algos as ca
+        import luspo_rs.core_algos as ours
+        verl_kl = ca.kl_penalty
+        import verl.trainer.distillation.losses as before
+        assert before.kl_penalty is verl_kl
+        import luspo_rs.verl as plugin
+        plugin.take_over()
+        assert before.kl_penalty is ours.kl_penalty, "a module imported before take_over() keeps verl's"
+        after = types.ModuleType("verl._imported_after")
+        from verl.trainer.ppo.core_algos import kl_penalty as bound_later
+        after.kl_penalty = bound_later
+        sys.modules["verl._imported_after"] = after
+        assert after.kl_penalty is ours.kl_penalty
+        plugin.restore()
+        assert before.kl_penalty is verl_kl and ca.kl_penalty is verl_kl
+        assert after.kl_penalty is verl_kl, "a module imported after take_over() keeps ours after restore()"
+        print("OK")
+        """,
+        VERL_USE_EXTERNAL_PLUGINS="none",
+    )
+    assert out == "OK"
+
+
+def test_restore_after_a_reimport_while_taken_over_and_for_entries_verl_never_had():
+    # issue 20 D2: the originals survive `del sys.modules[...]` and a re-import;
+    # an entry verl did not have is deleted again, not set to None
+    out = run(
+        """
+        import sys
+        from verl.trainer.ppo import core_algos as ca
+        original = ca.get_policy_loss_fn("vanilla")
+        original_grpo = ca.compute_grpo_outcome_advantage
+        del ca.ADV_ESTIMATOR_REGISTRY["gpg"]
+        import luspo_rs.verl as plugin
+        plugin.take_over()
+        assert ca.ADV_ESTIMATOR_REGISTRY["gpg"].__module__ == "luspo_rs.core_algos"
+        del sys.modules["luspo_rs.verl"]
+        import luspo_rs.verl as again
+        assert again is not plugin and again.taken_over()
+        again.restore()
+        assert ca.get_policy_loss_fn("vanilla") is original
+        assert ca.compute_grpo_outcome_advantage is original_grpo
+        assert "gpg" not in ca.ADV_ESTIMATOR_REGISTRY, "restore() wrote back an entry verl never had"
+        assert not again.taken_over()
+        print("OK")
+        """,
+        VERL_USE_EXTERNAL_PLUGINS="none",
+    )
+    assert out == "OK"

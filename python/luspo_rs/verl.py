@@ -13,16 +13,17 @@ verl imports this module itself when started with
   ``grpo``, ``grpo_vectorized``, ``rloo``, ``rloo_vectorized``,
   ``reinforce_plus_plus_baseline``, ``opo``, ``gpg`` (registry entries and the
   ``core_algos.compute_*`` module attributes verl's trainer calls directly), and
-  ``kl_penalty`` (in ``core_algos`` and in ``verl.workers.utils.losses``).
-  :func:`restore` puts verl's originals back.
+  ``kl_penalty``: in every loaded verl module that holds verl's function
+  object (found by identity), so modules that imported it by name are taken
+  over too. :func:`restore` puts verl's originals back.
 
 Importing it again is harmless: every step is an idempotent assignment.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
+import sys
 from typing import Any, Callable
 
 try:
@@ -52,21 +53,45 @@ _TAKEN_OVER_LOSSES = {
     "gspo": ("compute_policy_loss_gspo", _ours.compute_policy_loss_gspo),
 }
 
-#: Modules (besides ``core_algos``) that bound ``kl_penalty`` by name at import.
-_KL_IMPORTERS = ("verl.workers.utils.losses",)
+_REGISTRIES = {"policy_loss": "POLICY_LOSS_REGISTRY", "adv_est": "ADV_ESTIMATOR_REGISTRY"}
 
-# verl's originals, captured once (a re-import must not capture our own functions).
-_ORIGINALS: dict[tuple[str, str], Any] = globals().get("_ORIGINALS", {})
+_MISSING = "<absent>"  # a registry entry that did not exist before take_over()
 
 
-def _set(where: str, key: str, container: Any, value: Any, *, item: bool) -> None:
-    current = container.get(key) if item else getattr(container, key, None)
-    if (where, key) not in _ORIGINALS and not getattr(current, "__module__", "").startswith("luspo_rs"):
-        _ORIGINALS[(where, key)] = current
-    if item:
-        container[key] = value
-    else:
-        setattr(container, key, value)
+def _replacements() -> dict[str, Callable[..., Any]]:
+    """verl ``core_algos`` attribute -> our drop-in, for every function taken over."""
+    out = {attr: fn for attr, fn in _TAKEN_OVER_LOSSES.values()}
+    out.update({attr: fn for attr, fn in TAKEN_OVER_ESTIMATORS.values()})
+    out["kl_penalty"] = _ours.kl_penalty
+    return out
+
+
+def _originals() -> dict[str, dict]:
+    """verl's originals: ``"fns"`` (attribute -> verl's function object) and
+    ``"registry"`` ((registry, name) -> verl's entry or ``_MISSING``). Kept
+    on verl's ``core_algos`` module itself, so deleting and re-importing
+    this module while taken over cannot lose them."""
+    state = getattr(_verl, "_luspo_rs_originals", None)
+    if state is None:
+        state = {"fns": {}, "registry": {}}
+        _verl._luspo_rs_originals = state
+    return state
+
+
+def _is_ours(fn: Any) -> bool:
+    return getattr(fn, "__module__", "").startswith("luspo_rs")
+
+
+def _swap_in_verl_modules(mapping: dict[int, tuple[Any, Any]]) -> None:
+    """In every loaded ``verl`` module, replaces each attribute that *is*
+    (by identity) a key object of ``mapping`` with its value."""
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not (name == "verl" or name.startswith("verl.")):
+            continue
+        for attr, value in list(vars(mod).items()):
+            hit = mapping.get(id(value))
+            if hit is not None and hit[0] is value:
+                setattr(mod, attr, hit[1])
 
 
 def register() -> None:
@@ -76,38 +101,44 @@ def register() -> None:
 
 def take_over() -> None:
     """Replaces verl's ``vanilla``/``gspo`` losses, the group advantage
-    estimators and ``kl_penalty`` with luspo-rs's (idempotent)."""
+    estimators and ``kl_penalty`` with luspo-rs's (idempotent): the registry
+    entries, and every loaded verl module's name bound to verl's function
+    object (``core_algos``, ``verl.workers.utils.losses``,
+    ``verl.trainer.distillation.losses``, ...), found by identity. A module
+    imported later binds ours by itself."""
     register()
-    # Import the modules that bind kl_penalty by name first, so they capture
-    # verl's function (the original restore() puts back), not ours.
-    importers = []
-    for mod_name in _KL_IMPORTERS:
-        try:
-            importers.append((mod_name, importlib.import_module(mod_name)))
-        except ImportError:  # pragma: no cover - optional part of verl
-            continue
-    for name, (attr, fn) in _TAKEN_OVER_LOSSES.items():
-        _set("policy_loss", name, _verl.POLICY_LOSS_REGISTRY, fn, item=True)
-        _set("core_algos", attr, _verl, fn, item=False)
-    for name, (attr, fn) in TAKEN_OVER_ESTIMATORS.items():
-        _set("adv_est", name, _verl.ADV_ESTIMATOR_REGISTRY, fn, item=True)
-        _set("core_algos", attr, _verl, fn, item=False)
-    _set("core_algos", "kl_penalty", _verl, _ours.kl_penalty, item=False)
-    for mod_name, mod in importers:
-        _set(mod_name, "kl_penalty", mod, _ours.kl_penalty, item=False)
+    state = _originals()
+    swaps: dict[int, tuple[Any, Any]] = {}
+    for attr, ours in _replacements().items():
+        current = getattr(_verl, attr, None)
+        if attr not in state["fns"] and current is not None and not _is_ours(current):
+            state["fns"][attr] = current
+        if attr in state["fns"]:
+            swaps[id(state["fns"][attr])] = (state["fns"][attr], ours)
+    for where, entries in (("policy_loss", _TAKEN_OVER_LOSSES), ("adv_est", TAKEN_OVER_ESTIMATORS)):
+        registry = getattr(_verl, _REGISTRIES[where])
+        for name, (_, ours) in entries.items():
+            current = registry.get(name, _MISSING)
+            if (where, name) not in state["registry"] and not _is_ours(current):
+                state["registry"][(where, name)] = current
+            registry[name] = ours
+    _swap_in_verl_modules(swaps)
 
 
 def restore() -> None:
-    """Undoes :func:`take_over` (``luspo`` stays registered)."""
-    for (where, key), original in _ORIGINALS.items():
-        if where == "policy_loss":
-            _verl.POLICY_LOSS_REGISTRY[key] = original
-        elif where == "adv_est":
-            _verl.ADV_ESTIMATOR_REGISTRY[key] = original
-        elif where == "core_algos":
-            setattr(_verl, key, original)
+    """Undoes :func:`take_over` (``luspo`` stays registered): every loaded
+    verl module's name bound to one of our drop-ins gets verl's function
+    back, whenever that module was imported, and each registry entry is
+    verl's again, or gone if verl had none."""
+    state = _originals()
+    back = {id(ours): (ours, state["fns"][attr]) for attr, ours in _replacements().items() if attr in state["fns"]}
+    _swap_in_verl_modules(back)
+    for (where, name), original in state["registry"].items():
+        registry = getattr(_verl, _REGISTRIES[where])
+        if isinstance(original, str) and original == _MISSING:  # (equal, not identical, after a re-import)
+            registry.pop(name, None)
         else:
-            setattr(importlib.import_module(where), key, original)
+            registry[name] = original
 
 
 def taken_over() -> bool:
