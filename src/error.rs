@@ -1,5 +1,5 @@
 //! The one error type of the crate. Every failure names the argument it is
-//! about; `src/lib.rs` maps `Kind::Type` to `TypeError`, `Kind::Value` to
+//! about; `src/python/mod.rs` maps `Kind::Type` to `TypeError`, `Kind::Value` to
 //! `ValueError` and `Kind::Memory` to `MemoryError`, so nothing reaches Python
 //! as a panic or an abort.
 

@@ -43,14 +43,6 @@ def nvrtc_dirs() -> list[str]:
 
 _core.cuda_set_nvrtc_hints(nvrtc_dirs())
 
-# Which normaliser each aggregation divides by (dp_size always multiplies).
-_DIVISORS = {
-    "token-mean": ("batch_num_tokens",),
-    "token-sum": (),
-    "seq-mean-token-sum": ("global_batch_size",),
-    "seq-mean-token-mean": ("global_batch_size",),
-    "seq-mean-token-sum-norm": ("global_batch_size", "loss_scale_factor"),
-}
 NORMALISERS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
 
 
@@ -71,7 +63,7 @@ def split_normalisers(agg_mode: str, values: dict[str, Any], device: torch.devic
     """
     host: dict[str, Optional[float]] = {}
     factor: Optional[torch.Tensor] = None
-    used = _DIVISORS.get(agg_mode, ())
+    used = _core.agg_divisors(agg_mode)  # (the native rule: ops::agg_loss::AggMode::divisors)
     for name in NORMALISERS:
         v = values[name]
         if isinstance(v, torch.Tensor) and on_device(v):

@@ -31,8 +31,9 @@ METRICS = (
 def effective_agg_mode(mode: str, loss_agg_mode: str) -> str:
     """The aggregation a policy loss uses: LUSPO is GSPO's token loss
     aggregated ``seq-mean-token-sum``, whatever ``loss_agg_mode`` says (the
-    native module applies the same rule, ``src/ops/policy_loss.rs``)."""
-    return "seq-mean-token-sum" if mode == "luspo" else loss_agg_mode
+    native rule, ``src/ops/policy_loss.rs`` ``LossMode::effective_agg``).
+    An unknown mode or aggregation is a ``ValueError`` naming it."""
+    return _core.effective_agg_mode(mode, loss_agg_mode)
 
 
 class PolicyLossFunction(torch.autograd.Function):

@@ -32,7 +32,7 @@ pub trait Lane: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Se
 
 /// `torch.clamp(x, lo, hi)`: NaN stays NaN; the mask says whether the
 /// gradient passes: strictly inside the bounds (torch 2.15), or also on them
-/// when `closed` (torch 2.11; see `spec::Clip::clamp_closed`). Never for NaN.
+/// when `closed` (torch 2.11; see `ops::policy_loss::Clip::clamp_closed`). Never for NaN.
 #[inline(always)]
 pub fn clamp<L: Lane>(x: L, lo: L, hi: L, closed: bool) -> (L, L::Mask) {
     let v = L::select(x.lt(lo), lo, x);

@@ -41,6 +41,28 @@ impl AggMode {
         }
     }
 
+    /// verl's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            AggMode::TokenMean => "token-mean",
+            AggMode::TokenSum => "token-sum",
+            AggMode::SeqMeanTokenSum => "seq-mean-token-sum",
+            AggMode::SeqMeanTokenMean => "seq-mean-token-mean",
+            AggMode::SeqMeanTokenSumNorm => "seq-mean-token-sum-norm",
+        }
+    }
+
+    /// The normalisers this aggregation divides by (`dp_size` always
+    /// multiplies; the others are ignored, as verl ignores them).
+    pub fn divisors(self) -> &'static [&'static str] {
+        match self {
+            AggMode::TokenMean => &["batch_num_tokens"],
+            AggMode::TokenSum => &[],
+            AggMode::SeqMeanTokenSum | AggMode::SeqMeanTokenMean => &["global_batch_size"],
+            AggMode::SeqMeanTokenSumNorm => &["global_batch_size", "loss_scale_factor"],
+        }
+    }
+
     /// Sequence modes sum `l * m` over the whole row with a plain product (as
     /// verl's `torch.sum(loss_mat * loss_mask, -1)` does), so a NaN at a
     /// masked position still poisons its row; token modes use verl's

@@ -70,7 +70,7 @@ pub struct KlProblem {
     /// `d out / d logprob`, when a gradient is wanted.
     pub grad: Option<MatMut>,
     pub mode: KlMode,
-    /// torch's clamp convention on the bounds (see `spec::Clip::clamp_closed`).
+    /// torch's clamp convention on the bounds (see `ops::policy_loss::Clip::clamp_closed`).
     pub clamp_closed: bool,
 }
 

@@ -57,6 +57,21 @@ pub fn cuda_compile<'py>(py: Python<'py>, major: i32, minor: i32, target: &str) 
     Ok(pyo3::types::PyBytes::new(py, &img))
 }
 
+/// The normalisers `loss_agg_mode` divides by (`ops::agg_loss::AggMode::divisors`).
+#[pyfunction]
+pub fn agg_divisors(loss_agg_mode: &str) -> PyResult<Vec<&'static str>> {
+    Ok(crate::ops::agg_loss::AggMode::parse(loss_agg_mode).map_err(super::to_py)?.divisors().to_vec())
+}
+
+/// The aggregation policy-loss `mode` really uses: LUSPO forces
+/// `seq-mean-token-sum` (`ops::policy_loss::LossMode::effective_agg`).
+#[pyfunction]
+pub fn effective_agg_mode(mode: &str, loss_agg_mode: &str) -> PyResult<&'static str> {
+    use crate::ops::{agg_loss::AggMode, policy_loss::LossMode};
+    let agg = AggMode::parse(loss_agg_mode).map_err(super::to_py)?;
+    Ok(LossMode::parse(mode).map_err(super::to_py)?.effective_agg(agg).name())
+}
+
 /// Whether CUDA calls run on the simulator (`LUSPO_RS_CUDA=sim`): CPU
 /// tensors are then the simulated `cuda:0` (see `crate::cuda::sim`).
 #[pyfunction]
