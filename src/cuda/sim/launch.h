@@ -73,7 +73,7 @@ extern "C" char __stop_luspo_rs_sim_shared[] __attribute__((weak));
 // The kernel `name`'s index in the table, or -1.
 extern "C" int luspo_rs_sim_find(const char *name);
 
-// Runs kernel `k` on a (grid, 1, 1) x (block, 1, 1) launch; 0, or 1 with the
-// reason in `err`.
+// Runs kernel `k` on a (grid, 1, 1) x (block, 1, 1) launch; 0, or the CUDA
+// error (700 for a bad access, 719 otherwise) with the reason in `err`.
 extern "C" int luspo_rs_sim_launch(int k, unsigned int grid, unsigned int block, void **params, const sim::Region *regions,
                                    size_t nregions, uint64_t seed, char *err, size_t errlen);

@@ -11,15 +11,15 @@ extern "C" int luspo_rs_sim_launch(int k, unsigned int grid, unsigned int block,
     using namespace sim;
     if (k < 0 || (size_t)k >= sizeof luspo_rs_sim_kernels / sizeof luspo_rs_sim_kernels[0]) {
         snprintf(err, errlen, "no kernel %d", k);
-        return 1;
+        return 719;
     }
     if (block == 0 || block > 1024 || grid == 0) {
         snprintf(err, errlen, "%s: invalid launch of %u blocks of %u threads", luspo_rs_sim_kernels[k].name, grid, block);
-        return 1;
+        return 719;
     }
     if (!reserve_stacks(block)) {
         snprintf(err, errlen, "%s: cannot map stacks for %u threads", luspo_rs_sim_kernels[k].name, block);
-        return 1;
+        return 719;
     }
     static std::vector<Thread> threads;
     threads.resize(block);
@@ -73,5 +73,5 @@ extern "C" int luspo_rs_sim_launch(int k, unsigned int grid, unsigned int block,
         if (l.failed) break;
     }
     g_launch = nullptr;
-    return l.failed ? 1 : 0;
+    return !l.failed ? 0 : l.code == 700 ? 700 : 719;  // CUDA_ERROR_ILLEGAL_ADDRESS / CUDA_ERROR_LAUNCH_FAILED
 }

@@ -137,6 +137,7 @@ struct Launch {
     char *err;
     size_t errlen;
     bool failed;
+    int code;  // the CUDA error of the failure: 700 for a bad access, else 719
 };
 
 static Launch *g_launch = nullptr;  // the one running launch (sim.rs serialises them)
@@ -244,6 +245,7 @@ template <typename T> inline T shuffle(unsigned int mask, T v, int kind, int arg
 // The global-memory access of `sizeof(T)` bytes at `p`, checked.
 template <typename T> inline T *checked(T *p, const char *file, int line) {
     Launch *l = g_launch;
+
     const uint64_t a = (uint64_t)(uintptr_t)p, n = sizeof(T);
     const bool write = !std::is_const<T>::value;
     const Region *in = nullptr, *ro = nullptr;
@@ -256,11 +258,11 @@ template <typename T> inline T *checked(T *p, const char *file, int line) {
         }
     }
     if (in) {
-        if (a % alignof(T)) fail("%s:%d: misaligned %u-byte access at offset %lld of `%s` (needs %u-byte alignment)", file,
+        if (a % alignof(T)) l->code = 700, fail("%s:%d: misaligned %u-byte access at offset %lld of `%s` (needs %u-byte alignment)", file,
                                  line, (unsigned)n, (long long)(a - in->lo), in->name, (unsigned)alignof(T));
         return p;
     }
-    if (ro) fail("%s:%d: %u-byte access through an output pointer into the input `%s`, at offset %lld", file, line,
+    if (ro) l->code = 700, fail("%s:%d: %u-byte access through an output pointer into the input `%s`, at offset %lld", file, line,
                  (unsigned)n, ro->name, (long long)(a - ro->lo));
     // name the nearest buffer
     const Region *near = nullptr;
@@ -270,6 +272,7 @@ template <typename T> inline T *checked(T *p, const char *file, int line) {
         const long long o = (long long)(a - r.lo);
         if (!near || llabs(o) < llabs(off)) near = &r, off = o;
     }
+    l->code = 700;  // CUDA_ERROR_ILLEGAL_ADDRESS
     if (near)
         fail("%s:%d: %u-byte %s at offset %lld of `%s`, which holds %llu bytes: outside every buffer of the launch", file,
              line, (unsigned)n, write ? "access" : "load", off, near->name, (unsigned long long)(near->hi - near->lo));
