@@ -86,7 +86,7 @@ def assert_same(want, got):
     # verl's metrics, equal; ours add the length diagnostics (tests/test_length_diagnostics.py)
     assert set(mw) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
     assert set(mg) == set(mw) | {"actor/len_long_grad_share", "actor/len_long_clipfrac", "actor/len_short_clipfrac",
-                                 "actor/len_adv_corr"}
+                                 "actor/len_adv_corr", "actor/len_net_push"}
     assert all(isinstance(v, float) for v in mg.values())
     for k in mw:
         assert isinstance(mg[k], float)

@@ -43,7 +43,9 @@ def reference_diagnostics(mode, old, lp, adv, mask, grad):
     share = (mass[long].sum() / mass[live].sum()) / (L[long].sum() / L[live].sum())
     x, y = L[live] - Lbar, mean_adv[live] - mean_adv[live].mean()
     corr = (x * y).sum() / torch.sqrt((x * x).sum() * (y * y).sum())
+    w = -(grad.double() * m).sum(-1)[live] / L[live]  # each row's log-likelihood weight
     return {
+        "len_net_push": (w.sum() / w.abs().sum()).item(),
         "len_long_grad_share": share.item(),
         "len_long_clipfrac": (clipped[long].sum() / L[long].sum()).item(),
         "len_short_clipfrac": (clipped[short].sum() / L[short].sum()).item(),
@@ -115,7 +117,35 @@ def test_diagnostics_are_off_by_default_and_change_nothing_else():
         loss.backward()
         outs[diag] = (loss, x.grad, m)
     assert list(outs[False][2]) == ["pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"]
-    assert list(outs[True][2])[:3] == list(outs[False][2]) and len(outs[True][2]) == 7
+    assert list(outs[True][2])[:3] == list(outs[False][2]) and len(outs[True][2]) == 8
     assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
     for k, v in outs[False][2].items():
         assert torch.equal(outs[True][2][k], v)
+
+
+def test_net_push_reads_the_clip_imbalance():
+    # One advantage per sequence, half the rows positive and half negative in
+    # each length, every ratio moved up by 1e-3 (outside a 3e-4 / 4e-4 clip):
+    # an unclipped step pushes up and down in balance (LUSPO, token-mean), a
+    # clip that cuts only the rows it has moved far enough leaves the rest.
+    B, T = 16, 20
+    lengths = (torch.arange(B) // 2) * 2 + 4
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    adv = torch.tensor([1.0, -1.0] * (B // 2), dtype=torch.float64)
+    old = torch.zeros(B, T, dtype=torch.float64)
+    for mode, agg in (("vanilla", "token-mean"), ("luspo", "token-mean")):
+        _, m = luspo_rs.policy_loss(old, old.clone(), adv, mask, mode=mode, loss_agg_mode=agg, diagnostics=True)
+        assert abs(m["len_net_push"].item()) < 1e-12, mode  # on-policy: balanced
+    up = torch.full((B, T), 1e-3, dtype=torch.float64)  # every ratio 1.001
+    for mode in ("vanilla", "gspo", "luspo"):
+        _, m = luspo_rs.policy_loss(old, up, adv, mask, mode=mode, diagnostics=True,
+                                    clip_ratio_low=3e-4, clip_ratio_high=4e-4)
+        # ratio 1.001 > 1 + 4e-4: the positive rows are clipped, only the
+        # negative ones (their ratio is above the low bound) push: -1
+        assert m["len_net_push"].item() == pytest.approx(-1.0, rel=1e-12), mode
+    down = -up  # every ratio 0.999 < 1 - 3e-4: the negative rows are clipped
+    _, m = luspo_rs.policy_loss(old, down, adv, mask, mode="gspo", diagnostics=True,
+                                clip_ratio_low=3e-4, clip_ratio_high=4e-4)
+    assert m["len_net_push"].item() == pytest.approx(1.0, rel=1e-12)
+    _, m = luspo_rs.policy_loss(old, old, adv, torch.zeros_like(mask), mode="gspo", diagnostics=True)
+    assert math.isnan(m["len_net_push"].item())  # no row: undefined

@@ -206,7 +206,7 @@ def test_metrics_are_float64_tensors_on_the_input_device():
     old, lp, adv, mask = make_batch(3, 5)
     _, metrics = luspo_rs.policy_loss(old, lp, adv, mask, mode="vanilla", diagnostics=True)
     assert list(metrics) == ["pg_clipfrac", "ppo_kl", "pg_clipfrac_lower", "len_long_grad_share",
-                             "len_long_clipfrac", "len_short_clipfrac", "len_adv_corr"]
+                             "len_long_clipfrac", "len_short_clipfrac", "len_adv_corr", "len_net_push"]
     for v in metrics.values():
         assert v.dim() == 0 and v.dtype == torch.float64 and v.device == lp.device and not v.requires_grad
 

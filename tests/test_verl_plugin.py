@@ -60,7 +60,7 @@ def test_env_var_registers_luspo_in_verls_registry():
         # verl's metrics and the length diagnostics, all logged by verl as actor/...
         assert set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower",
                                 "actor/len_long_grad_share", "actor/len_long_clipfrac",
-                                "actor/len_short_clipfrac", "actor/len_adv_corr"}
+                                "actor/len_short_clipfrac", "actor/len_adv_corr", "actor/len_net_push"}
         # opt-in not set: verl's own vanilla / grpo stay in place
         from verl.trainer.ppo import core_algos as ca
         assert ca.get_policy_loss_fn("vanilla").__module__ == "verl.trainer.ppo.core_algos"

@@ -20,12 +20,29 @@ from .agg_loss import AggMode
 
 PolicyMode = Literal["vanilla", "gspo", "luspo"]
 
-#: The metrics the native policy loss writes, in order: verl's three, then the
-#: length diagnostics (see :func:`policy_loss`).
+#: The metrics of :func:`policy_loss`, in order: verl's three, then the length
+#: diagnostics. The native loss writes all but the last; ``len_net_push`` is
+#: read off the gradient it wrote (:func:`net_push`).
 METRICS = (
     "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower",
-    "len_long_grad_share", "len_long_clipfrac", "len_short_clipfrac", "len_adv_corr",
+    "len_long_grad_share", "len_long_clipfrac", "len_short_clipfrac", "len_adv_corr", "len_net_push",
 )  # fmt: skip
+
+
+def net_push(grad: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``len_net_push`` of a policy-loss gradient ``grad = d loss / d log_prob``,
+    as a 1-element float64 tensor on ``grad``'s device (no host sync).
+
+    With ``w_i = -sum_t g_it / L_i`` the weight the update gives row ``i``'s
+    log-likelihood (its mean per-token coefficient), over the rows with
+    ``L_i > 0``: ``sum_i w_i / sum_i |w_i|``. +1: the update raises the
+    likelihood of every row; -1: lowers it; 0: balanced, as an unclipped
+    token-mean or LUSPO step with group-centred advantages is. A clip whose
+    bounds are asymmetric leaves a net push (more rows clipped on its tighter
+    side). NaN when no row has a gradient."""
+    L = response_mask.sum(-1, dtype=torch.float64)
+    w = torch.where(L > 0, -grad.sum(-1, dtype=torch.float64) / L, 0.0)
+    return (w.sum() / w.abs().sum()).reshape(1)
 
 
 def effective_agg_mode(mode: str, loss_agg_mode: str) -> str:
@@ -69,6 +86,8 @@ class PolicyLossFunction(torch.autograd.Function):
         ctx.half = log_prob.dtype == torch.float16
         ctx.rerun = (options, factor)
         keep_gradient(ctx, grad, log_prob.detach(), old_log_prob, advantages, response_mask, rollout_is_weights)
+        if options["diagnostics"]:  # one more read of the gradient, in torch
+            metrics = torch.cat((metrics, net_push(grad, response_mask)))
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
@@ -160,9 +179,9 @@ def policy_loss(
         where verl's sequence modes return float32),
         differentiable in ``log_prob``; ``metrics`` maps names to 0-d float64
         tensors: verl's ``"pg_clipfrac"``, ``"ppo_kl"``, ``"pg_clipfrac_lower"``,
-        and with ``diagnostics=True`` four length-bias diagnostics, computed in
-        the same pass (two more sums per token: about 10% of the CPU kernel's
-        single-thread time). Over the rows with ``L_i > 0``, a row is *long* if
+        and with ``diagnostics=True`` five length-bias diagnostics, the first
+        four computed in the same pass (two more sums per token: about 10% of
+        the CPU kernel's single-thread time). Over the rows with ``L_i > 0``, a row is *long* if
         ``L_i`` exceeds their mean length:
 
         * ``"len_long_grad_share"``: the long rows' share of the gradient mass
@@ -173,7 +192,15 @@ def policy_loss(
         * ``"len_long_clipfrac"``, ``"len_short_clipfrac"``: the clip fraction
           (as ``pg_clipfrac``) within the long and within the short rows;
         * ``"len_adv_corr"``: the correlation over rows of ``L_i`` with the row's
-          mean advantage (positive: longer responses are rewarded).
+          mean advantage (positive: longer responses are rewarded);
+        * ``"len_net_push"``: ``sum_i w_i / sum_i |w_i|``, ``w_i = -sum_t g_it / L_i``
+          the weight of row ``i``'s log-likelihood in the update (see
+          :func:`net_push`): 0 when the update raises and lowers likelihood in
+          balance. With ``len_long_grad_share`` below 1 (GSPO) and a reward that
+          ignores length, a positive net push shortens responses, a negative
+          one lengthens them; the tight, asymmetric sequence clip of the GSPO
+          paper leaves a positive one (``docs/lab.md``). Read off the
+          gradient in torch, one more pass over it.
 
         Each is NaN where undefined (e.g. no long row when all lengths are equal).
     """
