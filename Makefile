@@ -1,4 +1,4 @@
-# Two commands matter: `make demo` (the main job: the length-bias lab, lab/)
+# Two commands matter: `make demo` (the main job: the length-bias labs, lab/)
 # and `make test`. `make bench` times the losses (bench/).
 # Both create .venv if missing, install what is needed once, and build the
 # extension in release mode.

@@ -19,10 +19,13 @@ from .task import EOS, Task, demonstration, parse, reward
 
 #: the three losses, each with verl's aggregation for it (LUSPO's is fixed by the
 #: library: seq-mean-token-sum whatever is passed; we pass that name explicitly)
+#: and the clip bounds it takes from the config: GRPO clips its token ratio
+#: (verl's token-level bounds), GSPO and LUSPO their sequence ratio (the GSPO
+#: paper's bounds)
 LOSSES = {
-    "grpo": dict(mode="vanilla", loss_agg_mode="token-mean"),
-    "gspo": dict(mode="gspo", loss_agg_mode="seq-mean-token-mean"),
-    "luspo": dict(mode="luspo", loss_agg_mode="seq-mean-token-sum"),
+    "grpo": dict(mode="vanilla", loss_agg_mode="token-mean", clip="token"),
+    "gspo": dict(mode="gspo", loss_agg_mode="seq-mean-token-mean", clip="sequence"),
+    "luspo": dict(mode="luspo", loss_agg_mode="seq-mean-token-sum", clip="sequence"),
 }
 
 
@@ -46,8 +49,20 @@ class Config:
     lr: float = 3e-4
     epochs: int = 2  # passes over each batch
     minibatches: int = 2  # optimiser steps per pass
-    clip_ratio: float = 0.2
+    # clip bounds (low, high): the sequence ratio's in GSPO and LUSPO (the GSPO
+    # paper's 3e-4 / 4e-4), the token ratio's in GRPO (verl's clip_ratio_low 0.2
+    # and the clip-higher 0.28 verl's recipes use)
+    clip_low: float = 3e-4
+    clip_high: float = 4e-4
+    token_clip_low: float = 0.2
+    token_clip_high: float = 0.28
     grad_clip: float = 1.0
+
+    def clip_bounds(self, loss: str) -> tuple[float, float]:
+        """``(clip_ratio_low, clip_ratio_high)`` for the named loss."""
+        if LOSSES[loss]["clip"] == "token":
+            return self.token_clip_low, self.token_clip_high
+        return self.clip_low, self.clip_high
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -151,6 +166,7 @@ def rl_run(
     ``seed`` only, so the three losses of a seed see the same prompts.
     """
     spec = LOSSES[loss]
+    clip_low, clip_high = cfg.clip_bounds(loss)
     task = cfg.task
     torch.manual_seed(seed)
     policy = new_policy(cfg)
@@ -198,7 +214,8 @@ def rl_run(
                 log_prob = policy.log_probs(prompts[idx], responses[idx])
                 pg_loss, metrics = luspo_rs.policy_loss(
                     old_log_prob[idx], log_prob, adv[idx], mask[idx],
-                    mode=spec["mode"], loss_agg_mode=spec["loss_agg_mode"], clip_ratio=cfg.clip_ratio,
+                    mode=spec["mode"], loss_agg_mode=spec["loss_agg_mode"],
+                    clip_ratio_low=clip_low, clip_ratio_high=clip_high,
                     diagnostics=True,  # the length-bias metrics (len_*), computed in the same pass
                 )
                 opt.zero_grad()
