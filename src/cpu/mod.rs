@@ -9,6 +9,7 @@ pub mod outputs;
 pub mod kl_penalty;
 pub mod policy_loss;
 pub mod pool;
+pub mod returns;
 
 use crate::error::{Error, Result};
 use crate::ops::agg_loss::MaskTotals;

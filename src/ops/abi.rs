@@ -49,6 +49,13 @@ shared_constants! {
     }
     /// The advantage scratch: `ADV_NSTAT` float64 per row, then 2 batch values.
     "advantage scratch: per row" { A_SCORE = 0, A_M1 = 1, A_M2 = 2, A_M3 = 3, A_SCALAR = 4, ADV_NSTAT = 5 }
+    /// `ScanArgs.estimator`: the scan estimators (`ops::returns`).
+    "scan estimators" { SCAN_GAE = 0, SCAN_RFPP = 1, SCAN_REMAX = 2 }
+    /// The scan scratch: `SCAN_NSTAT` float64 per row (the whitening moments
+    /// `sum m`, `sum m x`, `sum m x^2`), then 2 batch values (mean, 1 / std).
+    "scan scratch: per row" { S_N = 0, S_SX = 1, S_SX2 = 2, SCAN_NSTAT = 3 }
+    /// Threads per row of the scan kernels: one chunk of the row each.
+    "scan kernels' block" { SCAN_THREADS = 128 }
 }
 
 /// float64 values of the loss kernels' scratch for `rows` rows.
@@ -59,6 +66,11 @@ pub fn loss_scratch_len(rows: usize) -> usize {
 /// float64 values of the advantage kernels' scratch for `rows` rows.
 pub fn advantage_scratch_len(rows: usize) -> usize {
     (ADV_NSTAT * rows as i64 + 2) as usize
+}
+
+/// float64 values of the scan kernels' scratch for `rows` rows.
+pub fn returns_scratch_len(rows: usize) -> usize {
+    (SCAN_NSTAT * rows as i64 + 2) as usize
 }
 
 /// The constants as C enumerators, one `enum` per group, to put in front of

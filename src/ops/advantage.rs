@@ -53,7 +53,8 @@ impl Estimator {
                     "estimator",
                     format!(
                         "unknown advantage estimator {name:?}; expected one of \"grpo\", \"grpo_vectorized\", \
-                         \"rloo\", \"rloo_vectorized\", \"reinforce_plus_plus_baseline\", \"opo\", \"gpg\""
+                         \"rloo\", \"rloo_vectorized\", \"reinforce_plus_plus_baseline\", \"opo\", \"gpg\" \
+                         (with index), or \"gae\", \"reinforce_plus_plus\", \"remax\""
                     ),
                 ))
             }

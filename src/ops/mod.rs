@@ -9,6 +9,7 @@ pub mod advantage;
 pub mod agg_loss;
 pub mod kl_penalty;
 pub mod policy_loss;
+pub mod returns;
 
 use crate::error::{Error, Result};
 use crate::tensor::{Device, Tensor};
