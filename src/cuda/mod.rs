@@ -25,6 +25,7 @@
 pub mod advantage;
 pub mod kl_penalty;
 pub mod loss;
+pub mod returns;
 pub mod runtime;
 pub mod sim;
 pub mod sys;
@@ -32,4 +33,5 @@ pub mod sys;
 pub use advantage::advantage;
 pub use kl_penalty::kl_penalty;
 pub use loss::{agg_loss, policy_loss, scale_grad};
+pub use returns::returns;
 pub use runtime::{compile, nvrtc, set_nvrtc_hints, source, CudaError, Target};

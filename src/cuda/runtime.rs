@@ -17,6 +17,7 @@ const COMMON: &str = include_str!("kernels/common.cuh");
 const LOSS: &str = include_str!("kernels/loss.cu");
 const KL_PENALTY: &str = include_str!("kernels/kl_penalty.cu");
 const ADVANTAGE: &str = include_str!("kernels/advantage.cu");
+const RETURNS: &str = include_str!("kernels/returns.cu");
 
 /// A CUDA-side failure.
 #[derive(Debug)]
@@ -96,12 +97,12 @@ pub enum Target {
 
 /// The kernel sources as one translation unit: the shared constants
 /// ([`abi::prelude`]), `common.cuh`, then one source per op. With
-/// `LUSPO_RS_KERNEL_DIR` set, the four files are read from that directory
+/// `LUSPO_RS_KERNEL_DIR` set, the files are read from that directory
 /// instead of the copies built into the module: kernels can be edited and
 /// run (on a GPU or the simulator) without a rebuild, and the mutation
 /// tests (`tests/mutate_kernels.py`) run mutated copies.
 pub fn source() -> String {
-    let built = [("common.cuh", COMMON), ("loss.cu", LOSS), ("kl_penalty.cu", KL_PENALTY), ("advantage.cu", ADVANTAGE)];
+    let built = [("common.cuh", COMMON), ("loss.cu", LOSS), ("kl_penalty.cu", KL_PENALTY), ("advantage.cu", ADVANTAGE), ("returns.cu", RETURNS)];
     let dir = std::env::var_os("LUSPO_RS_KERNEL_DIR").filter(|d| !d.is_empty()).map(PathBuf::from);
     let mut src = abi::prelude();
     for (name, text) in built {
@@ -315,6 +316,7 @@ pub struct DeviceState {
     pub loss: super::loss::Kernels,
     pub kl_penalty: super::kl_penalty::Kernels,
     pub advantage: super::advantage::Kernels,
+    pub returns: super::returns::Kernels,
 }
 
 // SAFETY: context and function handles are process-wide driver objects,
@@ -406,10 +408,11 @@ fn device(d: &Driver, ordinal: i32) -> Result<Arc<DeviceState>> {
                 super::loss::Kernels::load(&get)?,
                 super::kl_penalty::Kernels::load(&get)?,
                 super::advantage::Kernels::load(&get)?,
+                super::returns::Kernels::load(&get)?,
             ))
         })();
         match kernels {
-            Ok((loss, kl_penalty, advantage)) => DeviceState { ctx, loss, kl_penalty, advantage },
+            Ok((loss, kl_penalty, advantage, returns)) => DeviceState { ctx, loss, kl_penalty, advantage, returns },
             Err(e) => {
                 (d.cuModuleUnload)(module);
                 let msg = match e {
@@ -545,6 +548,7 @@ pub(crate) mod tests {
         let mut names = super::super::loss::Kernels::names();
         names.extend(super::super::kl_penalty::Kernels::NAMES.iter().map(|s| s.to_string()));
         names.extend(super::super::advantage::Kernels::NAMES.iter().map(|s| s.to_string()));
+        names.extend(super::super::returns::Kernels::NAMES.iter().map(|s| s.to_string()));
         names
     }
     /// A small unit for the cache tests, compiled by the simulator's NVRTC in a second.

@@ -17,6 +17,13 @@ pub fn advantage_scratch_len(rows: usize) -> usize {
     abi::advantage_scratch_len(rows)
 }
 
+/// float64 elements of the `scratch` the CUDA scan kernels (GAE,
+/// REINFORCE++, ReMax) need for `rows` rows.
+#[pyfunction]
+pub fn returns_scratch_len(rows: usize) -> usize {
+    abi::returns_scratch_len(rows)
+}
+
 /// Number of threads the CPU kernels use (this process's pool, see
 /// `cpu::pool`; `RAYON_NUM_THREADS` sets it before the first call).
 #[pyfunction]
