@@ -20,7 +20,7 @@ from verl.trainer.ppo import core_algos as verl_ca
 
 import luspo_rs
 from luspo_rs import core_algos as ours
-from luspo_rs.advantage import Estimator
+from luspo_rs.advantage import Estimator, GroupEstimator
 
 ESTIMATORS = {
     "grpo": "compute_grpo_outcome_advantage",
@@ -290,8 +290,11 @@ def test_public_advantage_bad_input_names_the_argument():
 
 
 def test_public_function_and_its_modes():
-    check_public_op("advantage", "Estimator", ESTIMATORS)
+    check_public_op("advantage", "GroupEstimator", ESTIMATORS)
+    # every estimator: the group ones, then the scans (tests/test_returns.py)
     assert list(ours.ESTIMATORS) == list(typing.get_args(Estimator))
-    for name, fn in ours.ESTIMATORS.items():
+    assert list(typing.get_args(Estimator)) == list(typing.get_args(GroupEstimator)) + ["gae", "reinforce_plus_plus", "remax"]
+    for name in ESTIMATORS:
+        fn = ours.ESTIMATORS[name]
         assert fn is getattr(ours, ESTIMATORS[name]) and fn.__name__ == ESTIMATORS[name]
         assert fn.__module__ == "luspo_rs.core_algos" and fn.__doc__

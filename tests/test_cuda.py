@@ -1,7 +1,8 @@
 """The CUDA backend: parity with verl running on the same device and with
 our CPU path, bitwise determinism, zero-copy, and on a GPU no host sync (CUDA
 graph capture and ``torch.cuda.set_sync_debug_mode("error")``), for the
-policy losses, ``agg_loss``, ``kl_penalty`` and the group advantage estimators.
+policy losses, ``agg_loss``, ``kl_penalty``, the group advantage estimators and the
+scan estimators (GAE, REINFORCE++, ReMax).
 
 Where torch sees a GPU, the kernels run there. Everywhere else they run on
 the CUDA simulator (``src/cuda/sim.rs``: the same kernels, launchers and
@@ -504,5 +505,95 @@ def test_kl_and_estimators_do_not_sync_the_host():
         for name in sorted(ESTIMATORS):
             adv(ours, name, rewards, mask, uid)
             adv(ours, name, rewards, mask, ints)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------- scan estimators
+
+
+from test_returns import SCANS, SETTINGS  # noqa: E402
+from test_returns import call as scan_call  # noqa: E402
+from test_returns import make as make_scan_batch  # noqa: E402
+
+# vs the CPU path: the chunks' incoming states come from maps composed in
+# float64, the walk is verl's arithmetic in the compute type (a few ulps)
+SCAN_TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float64: dict(atol=1e-12, rtol=1e-10),
+    torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+}
+
+
+@pytest.mark.parametrize("name, gamma, lam", SETTINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("B, T", [(6, 37), (3, 1), (4, 300), (2, 1000)])
+def test_scan_matches_verl_and_cpu_on_the_gpu(name, gamma, lam, dtype, B, T):
+    # T from 1 (most chunks empty) to several tokens per chunk of the 128-thread row block
+    rng = np.random.default_rng(stable_seed(name, gamma, lam, str(dtype), B, T))
+    r, v, b, m = make_scan_batch(B, T, rng, dtype, dtype, "holes")
+    m[:2, 0] = 1  # two valid tokens at least: verl's whitening needs them
+    got = scan_call(ours, name, *cuda(r, v, b, m), gamma, lam)
+    assert all(on_device(g) for g in got)
+    with host():
+        cpu = scan_call(ours, name, r, v, b, m, gamma, lam)
+    want = scan_call(verl_ca, name, *cuda(r, v, b, m), gamma, lam)
+    for g, c, w, what in zip(got, cpu, want, ("advantages", "returns")):
+        assert g.dtype == c.dtype == w.dtype, what
+        close(g, c, SCAN_TOL[dtype], f"{what} vs CPU")
+        close(g, w, SCAN_TOL[dtype], f"{what} vs verl")
+
+
+@pytest.mark.parametrize("name", sorted(SCANS))
+@pytest.mark.parametrize(
+    "dtype,mdtype", [(torch.bfloat16, torch.int64), (torch.float16, torch.float32), (torch.float32, torch.bool),
+                     (torch.float32, torch.float64)], ids=str)  # fmt: skip
+def test_scan_dtypes_match_cpu(name, dtype, mdtype):
+    rng = np.random.default_rng(stable_seed(name, str(dtype), str(mdtype)))
+    r, v, b, m = make_scan_batch(5, 90, rng, dtype, mdtype)
+    got = scan_call(ours, name, *cuda(r, v, b, m), 0.95, 0.9)
+    with host():
+        cpu = scan_call(ours, name, r, v, b, m, 0.95, 0.9)
+    for g, c in zip(got, cpu):
+        assert g.dtype == c.dtype
+        close(g, c, SCAN_TOL[c.dtype], f"{dtype} inputs, {mdtype} mask")
+
+
+@pytest.mark.parametrize("name", ["gae", "reinforce_plus_plus"])
+def test_scan_fewer_than_two_valid_tokens_gives_nan_advantages_on_the_gpu(name):
+    r, v, b, m = make_scan_batch(3, 6, np.random.default_rng(1), layout="prefix")
+    m = torch.zeros_like(m)
+    m[2, 4] = 1.0
+    adv_, ret = scan_call(ours, name, *cuda(r, v, b, m), 0.9, 0.9)
+    with host():
+        _, cpu_ret = scan_call(ours, name, r, v, b, m, 0.9, 0.9)
+    assert torch.isnan(adv_).all()
+    close(ret, cpu_ret, SCAN_TOL[torch.float32], "returns")
+
+
+@pytest.mark.parametrize("name", sorted(SCANS))
+def test_scan_bitwise_deterministic_over_runs(name):
+    rng = np.random.default_rng(9)
+    B, T = (256, 4096) if BIG else (16, 700)
+    r, v, b, m = cuda(*make_scan_batch(B, T, rng))
+    first = scan_call(ours, name, r, v, b, m, 0.99, 0.95)
+    for k in range(3):
+        if SIM:
+            _core.sim_set_seed(100 * k + 7)
+        again = scan_call(ours, name, r, v, b, m, 0.99, 0.95)
+        assert all(torch.equal(a, f) for a, f in zip(again, first))
+
+
+@needs_gpu
+def test_scans_do_not_sync_the_host():
+    r, v, b, m = cuda(*make_scan_batch(64, 300, np.random.default_rng(2)))
+    for name in SCANS:  # compile + load outside the check
+        scan_call(ours, name, r, v, b, m, 0.99, 0.95)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for name in SCANS:
+            scan_call(ours, name, r, v, b, m, 0.99, 0.95)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -119,7 +119,7 @@ def test_take_over_env_var_replaces_verls_functions():
             assert getattr(ca, attr) is fn, attr
         assert ca.kl_penalty is ours.kl_penalty and losses.kl_penalty is ours.kl_penalty
         # estimators verl keeps: untouched
-        assert ca.get_adv_estimator_fn("gae").__module__ == "verl.trainer.ppo.core_algos"
+        assert ca.get_adv_estimator_fn("grpo_passk").__module__ == "verl.trainer.ppo.core_algos"
         # restore() gives verl's originals back
         plugin.restore()
         assert ca.get_policy_loss_fn("vanilla").__module__ == "verl.trainer.ppo.core_algos"
@@ -163,10 +163,11 @@ def test_take_over_by_call_and_reimport_is_harmless():
 
 
 def test_taken_over_estimators_are_what_verls_trainer_calls():
-    """verl's ray_trainer.compute_advantage calls core_algos.compute_grpo_outcome_advantage
-    for grpo and get_adv_estimator_fn(name)(token_level_rewards=, response_mask=,
-    config=, index=) for the others (ray_trainer itself needs torchdata, not a test
-    dependency, so the two call forms are made here the same way)."""
+    """verl's ray_trainer.compute_advantage calls core_algos.compute_gae_advantage_return
+    for gae, core_algos.compute_grpo_outcome_advantage for grpo and
+    get_adv_estimator_fn(name)(token_level_rewards=, response_mask=, config=, index=
+    [, reward_baselines=]) for the others (ray_trainer itself needs torchdata, not a
+    test dependency, so the three call forms are made here the same way)."""
     out = run(
         """
         import numpy as np, torch
@@ -177,17 +178,26 @@ def test_taken_over_estimators_are_what_verls_trainer_calls():
         kw = dict(token_level_rewards=torch.randn(B, T, generator=g),
                   response_mask=torch.ones(B, T, dtype=torch.int64),
                   index=np.array([f"u{i // 2}" for i in range(B - 1)] + ["solo"], dtype=object))
-        names = ["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg"]
+        values, baselines = torch.randn(B, T, generator=g), torch.randn(B, generator=g)
+        names = ["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg",
+                 "gae", "reinforce_plus_plus", "remax"]
+        config = AlgoConfig(gamma=0.99, lam=0.95)
         def call(name):
+            if name == "gae":
+                return ca.compute_gae_advantage_return(token_level_rewards=kw["token_level_rewards"], values=values,
+                                                       response_mask=kw["response_mask"], gamma=config.gamma,
+                                                       lam=config.lam)
             if name == "grpo":
-                return ca.compute_grpo_outcome_advantage(norm_adv_by_std_in_grpo=True, **kw)[0]
-            return ca.get_adv_estimator_fn(name)(config=AlgoConfig(), **kw)[0]
-        want = {n: call(n).clone() for n in names}
+                return ca.compute_grpo_outcome_advantage(norm_adv_by_std_in_grpo=True, **kw)
+            extra = dict(reward_baselines=baselines) if name == "remax" else {}
+            return ca.get_adv_estimator_fn(name)(config=config, **kw, **extra)
+        want = {n: [t.clone() for t in call(n)] for n in names}
         import luspo_rs.verl as plugin
         plugin.take_over()
         for n in names:
             assert ca.get_adv_estimator_fn(n).__module__ == "luspo_rs.core_algos", n
-            torch.testing.assert_close(call(n), want[n], atol=1e-5, rtol=1e-5)
+            for got, w in zip(call(n), want[n]):
+                torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-5)
         print("OK")
         """
     )

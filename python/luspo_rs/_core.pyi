@@ -13,7 +13,8 @@ writable; nothing is copied. Errors are ``TypeError`` (dtype) or
 The mode literals below are the strings the native module accepts; the
 Python package spells the same ones (``luspo_rs.policy_loss.PolicyMode``,
 ``luspo_rs.agg_loss.AggMode``, ``luspo_rs.kl_penalty.KlMode``,
-``luspo_rs.advantage.Estimator``), and a test compares them.
+``luspo_rs.advantage.GroupEstimator`` and ``ScanEstimator``), and a test
+compares them.
 """
 
 from typing import Any, Hashable, Iterable, Literal, Optional, Protocol
@@ -31,7 +32,10 @@ KlMode = Literal[
     "kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3",
     "kl+", "k1+", "abs+", "mse+", "k2+", "low_var_kl+", "k3+",
 ]
-Estimator = Literal["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg"]
+GroupEstimator = Literal[
+    "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg"
+]
+ScanEstimator = Literal["gae", "reinforce_plus_plus", "remax"]
 CompileTarget = Literal["ptx", "cubin"]
 
 def policy_loss(
@@ -141,7 +145,7 @@ def advantage(
     index: DLPack,
     out: DLPack,
     *,
-    estimator: Estimator,
+    estimator: GroupEstimator,
     norm_adv_by_std_in_grpo: bool = True,
     epsilon: float = 1e-6,
     f_norm: float = 1.0,
@@ -159,6 +163,33 @@ def advantage(
     argsort of it (int64, on the device), ``scratch`` a contiguous float64
     device tensor of at least ``5 * B + 2`` elements, and ``stream`` the
     ``CUstream`` to queue the kernels on; the call returns at once."""
+
+def returns(
+    token_level_rewards: DLPack,
+    response_mask: DLPack,
+    advantages: DLPack,
+    returns: DLPack,
+    *,
+    estimator: ScanEstimator,
+    values: Optional[DLPack] = None,
+    reward_baselines: Optional[DLPack] = None,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    scratch: Optional[DLPack] = None,
+    stream: Optional[int] = None,
+) -> None:
+    """The scan estimators with verl 0.9.x semantics (``gae`` with ``values``,
+    ``gamma``, ``lam``; ``reinforce_plus_plus`` with ``gamma``; ``remax``
+    with ``reward_baselines``, shape ``(B,)``): writes verl's ``(B, T)``
+    advantages and returns into ``advantages`` and ``returns`` (float,
+    shape of ``token_level_rewards``, distinct buffers).
+
+    CUDA tensors: ``scratch`` a contiguous float64 device tensor of at least
+    ``returns_scratch_len(B)`` elements, and ``stream`` the ``CUstream`` to
+    queue the kernels on; the call returns at once."""
+
+def returns_scratch_len(rows: int) -> int:
+    """float64 elements of the ``scratch`` the CUDA scan kernels need for ``rows`` rows."""
 
 def group_ids(index: Iterable[Hashable], out: DLPack) -> int:
     """Dense group ids (first-appearance order) of arbitrary hashable labels,

@@ -1,10 +1,11 @@
-"""verl's group (outcome) advantage estimators: the public entry point
-:func:`advantage` and :func:`group_index`, which turns verl's ``index`` (uid
-strings, integers, ...) into integer group labels."""
+"""verl's advantage estimators: the public entry point :func:`advantage`
+(the group estimators, and the scans GAE, REINFORCE++ and ReMax) and
+:func:`group_index`, which turns verl's ``index`` (uid strings, integers,
+...) into integer group labels."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -13,7 +14,18 @@ from . import _core, _cuda
 from ._alloc import empty_host
 from ._args import require_strings, require_tensors, to_float
 
-Estimator = Literal["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg"]
+GroupEstimator = Literal[
+    "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg"
+]
+ScanEstimator = Literal["gae", "reinforce_plus_plus", "remax"]
+Estimator = Literal[
+    "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg",
+    "gae", "reinforce_plus_plus", "remax",
+]  # fmt: skip
+
+#: The estimators that scan each row backwards (``_core.returns``); they write
+#: verl's returns as well as the advantages.
+SCAN_ESTIMATORS = ("gae", "reinforce_plus_plus", "remax")
 
 
 def group_index(index: Any) -> torch.Tensor:
@@ -41,14 +53,41 @@ def group_index(index: Any) -> torch.Tensor:
 def advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
-    index: Any,
+    index: Any = None,
     estimator: Estimator = "grpo",
     *,
     norm_adv_by_std_in_grpo: bool = True,
     epsilon: float = 1e-6,
     f_norm: float = 1.0,
-) -> torch.Tensor:
-    """verl's outcome advantage ``estimator``, as a ``(B, T)`` tensor.
+    values: Optional[torch.Tensor] = None,
+    reward_baselines: Optional[torch.Tensor] = None,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    with_returns: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """verl's advantage ``estimator``, as a ``(B, T)`` tensor (with
+    ``with_returns=True``, verl's pair ``(advantages, returns)``).
+
+    **Scans** (no ``index``), each row from its last token to its first, with
+    verl's arithmetic step for step (observation tokens, ``m = 0`` inside a
+    response, carry the state through, as verl's loops do):
+
+    * ``gae`` (``values``, ``gamma``, ``lam``): ``delta_t = r_t + gamma nv - v_t``,
+      ``g = delta_t + gamma lam g`` at valid tokens, ``nv`` the next valid
+      token's value; returns ``g + v``, advantages ``g`` whitened over the
+      batch's valid tokens (verl's ``masked_whiten``, not masked);
+    * ``reinforce_plus_plus`` (``gamma``): returns ``ret_t = (r_t + gamma run) m_t``,
+      the running return carried past observation tokens; advantages
+      ``whiten(ret) m``;
+    * ``remax`` (``reward_baselines``, one per row): returns the reverse
+      cumulative sum of ``r m``, advantages ``ret - b m``.
+
+    The whitening needs two valid tokens in the batch: with fewer, verl
+    raises and the advantages here are NaN (on both devices: raising on CUDA
+    would need a host sync). 16-bit inputs are computed in float32 and
+    rounded once (verl rounds at every step).
+
+    **Group estimators** (``index`` required):
 
     With ``s_i = sum_t r_it`` the score of row ``i``, ``L_i = sum_t m_it``,
     and ``mean_g`` / ``std_g`` (unbiased) over the rows of ``i``'s group
@@ -66,13 +105,18 @@ def advantage(
 
     ``epsilon`` and ``norm_adv_by_std_in_grpo`` are used by the GRPO
     estimators only, ``f_norm`` by ``gpg`` only (each must still be valid).
-    Group statistics are
-    computed in float64; the result has the dtype of verl's (the rewards'
-    promoted with the mask's) and the rewards' device. CUDA inputs are
-    computed on the current stream, without a host sync.
+    Group statistics are computed in float64. The returns of a group
+    estimator are its advantages (verl returns the same tensor twice).
+
+    Results have verl's dtypes (torch's promotion of the inputs, as verl's
+    expressions give it) and the rewards' device. CUDA inputs are computed
+    on the current stream, without a host sync.
     """
     require_tensors(token_level_rewards=token_level_rewards, response_mask=response_mask)
     require_strings(estimator=estimator)
+    if estimator in SCAN_ESTIMATORS:
+        adv, ret = _scan(token_level_rewards, response_mask, estimator, values, reward_baselines, gamma, lam)
+        return (adv, ret) if with_returns else adv
     if index is None:
         raise ValueError(f"index: the {estimator} estimator needs the group labels (the batch's uid array)")
     params = dict(
@@ -91,4 +135,41 @@ def advantage(
         gid, cuda = gid.cpu(), {}
         out = empty_host(tuple(rewards.shape), dtype)
     _core.advantage(rewards, mask, gid, out, estimator=estimator, **params, **cuda)
-    return out
+    return (out, out) if with_returns else out
+
+
+def _scan(rewards, mask, estimator, values, baselines, gamma, lam) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE, REINFORCE++ or ReMax through ``_core.returns``: both outputs in
+    verl's dtypes."""
+    rewards, mask = rewards.detach(), mask.detach()
+    needed = {"gae": ("values", values), "remax": ("reward_baselines", baselines)}.get(estimator)
+    if needed is not None:
+        if needed[1] is None:
+            raise ValueError(f"{needed[0]}: the {estimator} estimator needs it")
+        require_tensors(**{needed[0]: needed[1]})
+    values = None if values is None or estimator != "gae" else values.detach()
+    baselines = None if baselines is None or estimator != "remax" else baselines.detach()
+    gamma, lam = to_float("gamma", gamma), to_float("lam", lam)
+    for name, t in (("token_level_rewards", rewards), ("values", values), ("reward_baselines", baselines)):
+        if t is not None and not t.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    promote = torch.promote_types
+    if estimator == "gae":  # delta, g and the returns: rewards, values and mask together
+        adv_dtype = ret_dtype = promote(promote(rewards.dtype, values.dtype), mask.dtype)
+    elif estimator == "reinforce_plus_plus":  # returns = zeros_like(rewards); whiten(returns) * mask
+        ret_dtype, adv_dtype = rewards.dtype, promote(rewards.dtype, mask.dtype)
+    else:  # remax: returns from (r * m).cumsum; returns - b * m
+        ret_dtype = promote(rewards.dtype, mask.dtype)
+        adv_dtype = promote(ret_dtype, promote(baselines.dtype, mask.dtype))
+    device = rewards.device
+    if _cuda.on_device(rewards):
+        adv = torch.empty(rewards.shape, dtype=adv_dtype, device=device)
+        ret = torch.empty(rewards.shape, dtype=ret_dtype, device=device)
+        rows = rewards.shape[0] if rewards.dim() > 0 else 0
+        cuda = dict(scratch=torch.empty(_core.returns_scratch_len(rows), dtype=torch.float64, device=device),
+                    stream=_cuda.stream_of(rewards))
+    else:
+        adv, ret, cuda = empty_host(tuple(rewards.shape), adv_dtype), empty_host(tuple(rewards.shape), ret_dtype), {}
+    _core.returns(rewards, mask, adv, ret, estimator=estimator, values=values, reward_baselines=baselines,
+                  gamma=gamma, lam=lam, **cuda)
+    return adv, ret

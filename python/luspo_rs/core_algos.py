@@ -15,7 +15,9 @@ done by the public functions (:func:`luspo_rs.policy_loss`,
   ``clip_ratio_high``, ``clip_ratio_c`` and ``config.global_batch_info``;
 * ``agg_loss`` and ``kl_penalty``, differentiable through torch autograd;
 * the outcome advantage estimators, returning ``(advantages, returns)`` (the
-  same tensor twice, as verl).
+  same tensor twice, as verl), and the scans ``compute_gae_advantage_return``,
+  ``compute_reinforce_plus_plus_outcome_advantage`` and
+  ``compute_remax_outcome_advantage`` (two tensors).
 
 Known, deliberate differences from verl (documented in the README):
 
@@ -25,7 +27,8 @@ Known, deliberate differences from verl (documented in the README):
   get exactly 0 where verl's f32 arithmetic may leave a rounding residue
   divided by ``std + epsilon``;
 * ``reinforce_plus_plus_baseline`` does not raise when the whole batch has at
-  most one valid token (verl's ``masked_var`` does); it returns zeros or NaN.
+  most one valid token (verl's ``masked_var`` does); it returns zeros or NaN;
+  GAE and REINFORCE++ return NaN advantages there (their returns are right).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from .policy_loss import policy_loss as _policy_loss
 __all__ = [
     "ESTIMATORS",
     "agg_loss",
+    "compute_gae_advantage_return",
     "compute_gpg_outcome_advantage",
     "compute_grpo_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage",
@@ -52,6 +56,8 @@ __all__ = [
     "compute_policy_loss_luspo",
     "compute_policy_loss_vanilla",
     "compute_reinforce_plus_plus_baseline_outcome_advantage",
+    "compute_reinforce_plus_plus_outcome_advantage",
+    "compute_remax_outcome_advantage",
     "compute_rloo_outcome_advantage",
     "compute_rloo_vectorized_outcome_advantage",
     "group_index",
@@ -266,3 +272,53 @@ compute_rloo_vectorized_outcome_advantage = ESTIMATORS["rloo_vectorized"]
 compute_reinforce_plus_plus_baseline_outcome_advantage = ESTIMATORS["reinforce_plus_plus_baseline"]
 compute_opo_outcome_advantage = ESTIMATORS["opo"]
 compute_gpg_outcome_advantage = ESTIMATORS["gpg"]
+
+
+# --------------------------------------------------------------------------- scans
+
+
+def compute_gae_advantage_return(
+    token_level_rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    gamma: torch.Tensor,
+    lam: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE, verl's default estimator: ``(advantages, returns)``. Each row is
+    scanned from its last token: ``delta_t = r_t + gamma nv - v_t``,
+    ``g = delta_t + gamma lam g`` at valid tokens (observation tokens carry
+    ``g`` and the next value ``nv`` through); returns ``g + values``,
+    advantages ``g`` whitened over the batch's valid tokens. ``gamma`` and
+    ``lam`` are read as Python floats."""
+    return advantage(token_level_rewards, response_mask, None, "gae", values=values, gamma=gamma, lam=lam,
+                     with_returns=True)  # fmt: skip
+
+
+def compute_reinforce_plus_plus_outcome_advantage(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config: Optional[Any] = None, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++: returns ``ret_t = (r_t + gamma run) m_t`` with the running
+    return carried past observation tokens (``config.gamma``); advantages the
+    returns whitened over the batch's valid tokens, times the mask."""
+    if config is None:
+        raise ValueError("config: compute_reinforce_plus_plus_outcome_advantage needs the algorithm config (gamma)")
+    return advantage(token_level_rewards, response_mask, None, "reinforce_plus_plus", gamma=_cfg(config, "gamma"),
+                     with_returns=True)  # fmt: skip
+
+
+def compute_remax_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    reward_baselines: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: Optional[Any] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReMax: returns the reverse cumulative sum of ``r m`` along each row,
+    advantages ``returns - reward_baselines m``."""
+    return advantage(token_level_rewards, response_mask, None, "remax", reward_baselines=reward_baselines,
+                     with_returns=True)  # fmt: skip
+
+
+ESTIMATORS["gae"] = compute_gae_advantage_return
+ESTIMATORS["reinforce_plus_plus"] = compute_reinforce_plus_plus_outcome_advantage
+ESTIMATORS["remax"] = compute_remax_outcome_advantage

@@ -8,6 +8,7 @@ mod advantage;
 mod args;
 mod kl_penalty;
 mod loss;
+mod returns;
 mod runtime;
 
 use crate::cuda::CudaError;
@@ -40,6 +41,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kl_penalty::kl_penalty, m)?)?;
     m.add_function(wrap_pyfunction!(advantage::advantage, m)?)?;
     m.add_function(wrap_pyfunction!(advantage::group_ids, m)?)?;
+    m.add_function(wrap_pyfunction!(returns::returns, m)?)?;
+    m.add_function(wrap_pyfunction!(runtime::returns_scratch_len, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::loss_scratch_len, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::advantage_scratch_len, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::num_threads, m)?)?;
