@@ -12,7 +12,11 @@ before it. A case is one call of one operation, on both sides:
 * ``kl_penalty`` -- every estimator name verl accepts, value and gradients in
   both inputs against verl's ``kl_penalty``;
 * ``advantage``  -- the group estimators against verl's
-  ``compute_*_outcome_advantage``.
+  ``compute_*_outcome_advantage``, and the scans (``gae``,
+  ``reinforce_plus_plus``, ``remax``: ``luspo_rs.advantage(...,
+  with_returns=True)`` or the verl-signature adapters) against verl's
+  ``compute_gae_advantage_return``, ``compute_reinforce_plus_plus_outcome_advantage``
+  and ``compute_remax_outcome_advantage``: advantages and returns.
 
 Tolerances are the ones of the parity tests, imported from them where they are
 named constants (``conftest.TOLERANCES``, ``test_kl_penalty.TOL``,
@@ -24,6 +28,11 @@ Triage of each case:
 * ``ok``            -- every output within tolerance;
 * ``both_raise``    -- verl and luspo-rs both refuse the input (``dp_size > 1``
   without the global count the aggregation divides by);
+* ``known_nan``     -- the documented difference of the whitening scans (GAE,
+  REINFORCE++): the batch has fewer than 2 valid tokens, verl's
+  ``masked_var`` raises ``ValueError`` and luspo-rs returns NaN advantages;
+  there its advantages must be all NaN and its returns verl's (verl's own
+  scan, run with the whitening that raises left out);
 * ``known_tie``     -- the README's documented exception: only the gradient
   (and, by the same rounding, ``pg_clipfrac`` / ``pg_clipfrac_lower``)
   differs, only at valid tokens where a value verl compares with a bound lies
@@ -43,7 +52,8 @@ Triage of each case:
   without its float32 rounding (its formula on float64 upcasts of the inputs;
   for the policy losses also its own float32 token math with float64 sums; for
   ``grpo_vectorized``, whose group statistics are float32 whatever the input,
-  verl's loop ``grpo`` in float64) is at least as close to ours as to verl's
+  verl's loop ``grpo`` in float64; for GAE / REINFORCE++ also verl's own scan
+  whitened in float64) is at least as close to ours as to verl's
   result and within the tolerance of ours (or not of verl's), or, for a sum
   (a loss, ``ppo_kl``), ours and verl's differ by less than float32's
   forward-error bound ``ROUNDING_ULPS * u * sum|terms|``; fatal with ``--strict``;
@@ -52,7 +62,9 @@ Triage of each case:
 Inputs that fall under the README's other *documented* deliberate differences
 are not drawn (a ``torch.Tensor`` index, ``reinforce_plus_plus_baseline`` with at
 most one valid token, groups of equal scores that float32 cannot average
-exactly, float64 scores far from zero mean in ``grpo_vectorized``); NaN inputs
+exactly, float64 scores far from zero mean in ``grpo_vectorized``, empty
+batches or responses); a bool mask for GAE / REINFORCE++ (which verl refuses:
+its ``1 - mask``) is compared with verl given the same mask as int64; NaN inputs
 are not drawn either (the README's NaN rules make masked-position gradients
 differ from verl's by design).
 
@@ -95,6 +107,7 @@ from test_advantage import ESTIMATORS, float64_tol  # noqa: E402
 from test_advantage import TOL as ADV_TOL  # noqa: E402
 from test_kl_penalty import MODES as KL_MODES  # noqa: E402
 from test_kl_penalty import TOL as KL_TOL  # noqa: E402
+from verl.trainer.config import AlgoConfig  # noqa: E402
 from verl.trainer.ppo import core_algos as verl_ca  # noqa: E402
 
 import luspo_rs  # noqa: E402
@@ -136,9 +149,21 @@ MASK_DTYPES = {
     "fp32": torch.float32, "fp64": torch.float64,
 }  # fmt: skip
 
+#: The scan estimators (no groups; they return verl's returns as well) and verl's functions.
+SCAN_ESTIMATORS = {
+    "gae": "compute_gae_advantage_return",
+    "reinforce_plus_plus": "compute_reinforce_plus_plus_outcome_advantage",
+    "remax": "compute_remax_outcome_advantage",
+}
+#: The scans whose advantages are whitened over the batch's valid tokens (verl raises below 2).
+WHITENED = ("gae", "reinforce_plus_plus")
+ADV_ESTIMATORS = {**ESTIMATORS, **SCAN_ESTIMATORS}
+#: gamma / lam: the usual settings, the edge 0 and, for "random", a draw in (0, 1].
+DISCOUNTS = (1.0, 0.99, 0.95, 0.5, 0.0, "random")
+
 OPS = ("policy", "agg_loss", "kl_penalty", "advantage")
 OP_WEIGHTS = (0.45, 0.15, 0.2, 0.2)
-CLASSES = ("ok", "both_raise", "known_tie", "undocumented_tie", "rounding", "mismatch")
+CLASSES = ("ok", "both_raise", "known_nan", "known_tie", "undocumented_tie", "rounding", "mismatch")
 #: Classes that fail a run; ``--strict`` adds undocumented_tie and rounding.
 REAL = ("mismatch",)
 STRICT_REAL = ("undocumented_tie", "rounding", "mismatch")
@@ -148,7 +173,7 @@ def _check_reference_is_verls() -> None:
     """With ``LUSPO_RS_TAKE_OVER`` verl's registry would hold our own functions,
     and the fuzz would compare luspo-rs with itself."""
     fns = [verl_ca.get_policy_loss_fn("vanilla"), verl_ca.get_policy_loss_fn("gspo"), verl_ca.agg_loss, verl_ca.kl_penalty]
-    fns += [getattr(verl_ca, fn) for fn in ESTIMATORS.values()]
+    fns += [getattr(verl_ca, fn) for fn in ADV_ESTIMATORS.values()]
     for fn in fns:
         if not getattr(fn, "__module__", "").startswith("verl."):
             raise RuntimeError(
@@ -476,7 +501,10 @@ def draw_kl(rng: np.random.Generator, case: Case) -> None:
 
 
 def draw_advantage(rng: np.random.Generator, case: Case) -> None:
-    name = _pick(rng, sorted(ESTIMATORS))
+    name = _pick(rng, sorted(ESTIMATORS) + sorted(SCAN_ESTIMATORS))
+    if name in SCAN_ESTIMATORS:
+        draw_scan(rng, case, name)
+        return
     layout = _pick(rng, ["1", "2", "4", "16", "mixed"], p=[0.1, 0.15, 0.15, 0.2, 0.4])
     if layout == "mixed":
         sizes = [int(s) for s in rng.choice([1, 2, 3, 4, 5, 8, 16], size=int(rng.integers(1, 13)))]
@@ -535,6 +563,103 @@ def draw_advantage(rng: np.random.Generator, case: Case) -> None:
         token_level_rewards=torch.from_numpy(rewards).to(DTYPES[dtype_name]),
         response_mask=torch.from_numpy(mask).to(MASK_DTYPES[mask_dtype]),
         index=index,
+    )
+
+
+def _discount(rng: np.random.Generator) -> float:
+    d = _pick(rng, DISCOUNTS)
+    return float(1.0 - rng.random()) if d == "random" else float(d)
+
+
+def _scan_mask(rng: np.random.Generator, B: int, T: int) -> tuple[np.ndarray, str]:
+    """``_mask``'s masks, and: multi-turn responses (right-padded, with holes:
+    observation tokens, mask 0 inside the response), or a batch with exactly
+    one valid token (verl's whitening raises there)."""
+    if rng.random() < 0.04:
+        m = np.zeros((B, T), dtype=bool)
+        m[int(rng.integers(B)), int(rng.integers(T))] = True
+        return m, "single"
+    m, kind = _mask(rng, B, T)
+    if kind in ("prefix", "full") and T >= 3 and rng.random() < 0.45:
+        kind += "+holes"
+        lengths = m.sum(-1)
+        for i in range(B):
+            L = int(lengths[i])
+            for _ in range(int(rng.integers(0, 4)) if L >= 3 else 0):  # observation spans
+                a = int(rng.integers(1, L))  # the response's first token stays valid
+                m[i, a : min(L, a + int(rng.integers(1, max(2, L // 4) + 1)))] = False
+    return m, kind
+
+
+def draw_scan(rng: np.random.Generator, case: Case, name: str) -> None:
+    """GAE, REINFORCE++ or ReMax: ragged (multi-turn) masks, outcome, dense or
+    per-turn rewards, values (GAE) or baselines (ReMax), discounts from
+    DISCOUNTS; T from 1 to a few hundred."""
+    B = _dim(rng, 64)
+    T = _dim(rng, 512)
+    while B * T > 40_000:
+        T = max(1, T // 2)
+    dtype_name = _pick(rng, ["fp32", "fp64"], p=[0.6, 0.4])
+    other = "fp64" if dtype_name == "fp32" else "fp32"
+    mask_dtype = _pick(rng, ["fp32", "int64", "fp64", "bool"])
+    mask, mask_kind = _scan_mask(rng, B, T)
+    valid_rows = mask.any(-1)
+    last = np.where(valid_rows, T - 1 - np.argmax(mask[:, ::-1], axis=-1), 0)  # last valid token (0 if none)
+
+    scale = float(_pick(rng, [0.01, 1.0, 100.0]))
+    rewards_kind = _pick(rng, ["outcome", "binary", "dense", "turns", "tied_int"], p=[0.3, 0.15, 0.25, 0.15, 0.15])
+    rewards = np.zeros((B, T))
+    if rewards_kind == "outcome":  # one score per response, on its last valid token
+        rewards[np.arange(B), last] = rng.standard_normal(B) * scale
+    elif rewards_kind == "binary":
+        rewards[np.arange(B), last] = rng.integers(0, 2, size=B)
+    elif rewards_kind == "dense":  # per-token rewards (a KL penalty, a PRM), masked positions included
+        rewards = rng.standard_normal((B, T)) * scale
+    elif rewards_kind == "turns":  # a score at the last token of every turn (before each hole)
+        ends = mask & ~np.concatenate([mask[:, 1:], np.zeros((B, 1), dtype=bool)], axis=1)
+        rewards = np.where(ends, rng.standard_normal((B, T)) * scale, 0.0)
+    else:  # small integer scores, all rows equal half of the time (equal returns: variance 0)
+        s = np.full(B, int(rng.integers(-3, 4))) if rng.random() < 0.5 else rng.integers(-3, 4, size=B)
+        rewards[np.arange(B), last] = s
+
+    params: dict[str, Any] = {}
+    inputs: dict[str, Any] = {}
+    if name == "gae":
+        params.update(gamma=_discount(rng), lam=_discount(rng))
+        values_kind = _pick(rng, ["normal", "offset", "garbage"], p=[0.5, 0.25, 0.25])
+        values = rng.standard_normal((B, T)) * _pick(rng, [0.1, 1.0, scale])
+        if values_kind == "offset":  # a common offset: the deltas nearly cancel
+            values += _pick(rng, [-50.0, 5.0, 1e3])
+        elif values_kind == "garbage":  # large values at masked positions: verl skips them
+            values = np.where(mask, values, rng.standard_normal((B, T)) * 1e4)
+        v_dtype = other if rng.random() < 0.15 else dtype_name
+        params.update(values=values_kind, values_dtype=v_dtype)
+        inputs["values"] = torch.from_numpy(values).to(DTYPES[v_dtype])
+    elif name == "reinforce_plus_plus":
+        params.update(gamma=_discount(rng))
+    else:
+        base_kind = _pick(rng, ["normal", "score", "zero"], p=[0.4, 0.45, 0.15])
+        if base_kind == "normal":
+            base = rng.standard_normal(B) * scale
+        elif base_kind == "score":  # a greedy rollout's score: near each response's own
+            base = (rewards * mask).sum(-1) + rng.standard_normal(B) * 0.1 * scale
+        else:
+            base = np.zeros(B)
+        b_dtype = other if rng.random() < 0.15 else dtype_name
+        params.update(baselines=base_kind, baselines_dtype=b_dtype)
+        inputs["reward_baselines"] = torch.from_numpy(base).to(DTYPES[b_dtype])
+
+    case.variant = name
+    case.params.update(
+        dtype=dtype_name, mask_dtype=mask_dtype, mask_kind=mask_kind, rewards=rewards_kind, scale=scale, **params,
+        api=_pick(rng, ["functional", "core_algos"]), layout=_pick(rng, ["contiguous", "transposed", "strided"], p=[0.7, 0.15, 0.15]),
+    )  # fmt: skip
+    if mask_dtype == "bool" and name in WHITENED:
+        case.params["verl_mask"] = "int64"  # verl's 1 - mask refuses bool: verl gets the same 0/1 as int64
+    case.inputs.update(
+        token_level_rewards=torch.from_numpy(rewards).to(DTYPES[dtype_name]),
+        response_mask=torch.from_numpy(mask).to(MASK_DTYPES[mask_dtype]),
+        **inputs,
     )
 
 
@@ -870,6 +995,8 @@ def kl_tols(case: Case) -> dict[str, Tol]:
 
 
 def adv_verl(case: Case, precision: str, module=None) -> Outputs:
+    if case.variant in SCAN_ESTIMATORS:
+        return scan_verl(case, precision)
     p, x = case.params, case.inputs
     kw = {k: p[k] for k in ("epsilon", "norm_adv_by_std_in_grpo", "f_norm") if k in p}
     fn = getattr(module or verl_ca, ESTIMATORS[case.variant])
@@ -879,13 +1006,108 @@ def adv_verl(case: Case, precision: str, module=None) -> Outputs:
 
 
 def adv_ours(case: Case) -> Outputs:
+    if case.variant in SCAN_ESTIMATORS:
+        return scan_ours(case)
     return adv_verl(case, "native", module=ours_ca)
 
 
 def adv_tols(case: Case) -> dict[str, Tol]:
-    dtype = DTYPES[case.params["dtype"]]
+    p = case.params
+    if case.variant in SCAN_ESTIMATORS:  # float32's if any data input (not the 0/1 mask) is float32
+        data = {p["dtype"], p.get("values_dtype", p["dtype"]), p.get("baselines_dtype", p["dtype"])}
+        tol = Tol(**(ADV_TOL[torch.float64] if data == {"fp64"} else ADV_TOL[torch.float32]))
+        return {"advantages": tol, "returns": tol}
+    dtype = DTYPES[p["dtype"]]
     tol = Tol(**(float64_tol(case.variant) if dtype == torch.float64 else ADV_TOL[torch.float32]))
     return {"advantages": tol, "returns": tol}
+
+
+def _scan_call(fn_holder: Any, case: Case, precision: str, *, verl_side: bool, layout: str = "contiguous") -> Outputs:
+    """verl's signature of the scan ``case.variant``, called on ``fn_holder``
+    (verl's core_algos or luspo-rs's adapters); inputs at ``precision``, in
+    ``layout``; on verl's side a bool mask of GAE / REINFORCE++ as int64."""
+    p, x = case.params, case.inputs
+    r = _relayout(_cast(x["token_level_rewards"], precision).clone(), layout)
+    mask = x["response_mask"]
+    if verl_side and p.get("verl_mask"):
+        mask = mask.to(MASK_DTYPES[p["verl_mask"]])
+    mask = _relayout(_cast(mask, precision), layout)
+    fn = getattr(fn_holder, SCAN_ESTIMATORS[case.variant])
+    if case.variant == "gae":
+        v = _relayout(_cast(x["values"], precision), layout)
+        adv, ret = fn(token_level_rewards=r, values=v, response_mask=mask, gamma=p["gamma"], lam=p["lam"])
+    elif case.variant == "reinforce_plus_plus":
+        adv, ret = fn(token_level_rewards=r, response_mask=mask, config=AlgoConfig(gamma=p["gamma"]))
+    else:
+        b = _relayout(_cast(x["reward_baselines"], precision), layout)
+        adv, ret = fn(token_level_rewards=r, reward_baselines=b, response_mask=mask, config=AlgoConfig())
+    return {"advantages": adv, "returns": ret}
+
+
+def scan_verl(case: Case, precision: str) -> Outputs:
+    return _scan_call(verl_ca, case, precision, verl_side=True)
+
+
+def scan_ours(case: Case) -> Outputs:
+    """``luspo_rs.advantage(..., with_returns=True)`` or the verl-signature
+    adapter in ``luspo_rs.core_algos``, inputs in the drawn layout."""
+    p, x, lay = case.params, case.inputs, case.params["layout"]
+    if p["api"] == "core_algos":
+        return _scan_call(ours_ca, case, "native", verl_side=False, layout=lay)
+    kw = {k: p[k] for k in ("gamma", "lam") if k in p}
+    if "values" in x:
+        kw["values"] = _relayout(x["values"], lay)
+    if "reward_baselines" in x:
+        kw["reward_baselines"] = _relayout(x["reward_baselines"], lay)
+    adv, ret = luspo_rs.advantage(
+        _relayout(x["token_level_rewards"], lay), _relayout(x["response_mask"], lay), None, case.variant,
+        with_returns=True, **kw,
+    )  # fmt: skip
+    return {"advantages": adv, "returns": ret}
+
+
+def _whiten_in(mode: str):
+    """A stand-in for verl's ``masked_whiten`` (called by GAE and
+    REINFORCE++): "fp64" -- verl's own whitening of its scan's output, upcast
+    to float64 (the mask too, where float); "none" -- the values as they are
+    (verl's returns where the whitening would raise)."""
+    whiten = verl_ca.verl_F.masked_whiten
+
+    def fp64(values, mask, shift_mean=True):
+        return whiten(values.double(), mask.double() if mask.is_floating_point() else mask, shift_mean)
+
+    def none(values, mask, shift_mean=True):
+        return values
+
+    return _patched(verl_ca.verl_F, "masked_whiten", fp64 if mode == "fp64" else none)
+
+
+def scan_verl_raised(case: Case, err: BaseException, got: Outputs) -> Optional[Outcome]:
+    """The documented difference: fewer than 2 valid tokens in the batch, verl's
+    ``masked_var`` raises ValueError, luspo-rs returns NaN advantages. Then
+    ours must be all NaN, and our returns (dtype and values) verl's own, from
+    verl's scan with the whitening left out. None where it does not apply."""
+    x = case.inputs
+    if case.variant not in WHITENED or not isinstance(err, ValueError):
+        return None
+    n_valid = int((x["response_mask"] != 0).sum())
+    if n_valid >= 2:
+        return None
+    with _whiten_in("none"):
+        ref = scan_verl(case, "native")
+    problems = []
+    adv, ret = got["advantages"], got["returns"]
+    if ret.dtype != ref["returns"].dtype or adv.dtype != ref["advantages"].dtype:
+        problems.append(f"dtypes: ours {adv.dtype}/{ret.dtype}, verl {ref['advantages'].dtype}/{ref['returns'].dtype}")
+    if not bool(torch.isnan(adv).all()):
+        problems.append(f"advantages: {int((~torch.isnan(adv)).sum())}/{adv.numel()} not NaN ({n_valid} valid token(s))")
+    ok = _agree(ret, ref["returns"], adv_tols(case)["returns"])
+    if ok is None or not bool(ok.all()):
+        problems.append("returns: " + ("shape" if ok is None else _diff("returns", ret, ref["returns"], ok)))
+    if problems:
+        return Outcome("mismatch", [f"verl: {type(err).__name__}: {err}"] + problems, outputs=["advantages", "returns"])
+    return Outcome("known_nan", [f"{n_valid} valid token(s): verl raised ({err}), ours NaN advantages, returns verl's"],
+                   outputs=["advantages"])  # fmt: skip
 
 
 # ---- verl without its float32 rounding (the rounding triage)
@@ -967,7 +1189,15 @@ def adv_exact(case: Case, precision: str) -> list[Outputs]:
     """verl's estimator on float64 rewards; for ``grpo_vectorized``, whose
     ``group_mean_std`` casts the scores to float32 whatever their dtype,
     verl's loop ``grpo`` on float64 rewards (the same numbers, per verl and
-    the README) instead."""
+    the README) instead. For the scans: verl on float64 upcasts of every
+    float input, and for GAE / REINFORCE++ also verl's own scan (its own
+    returns) whitened in float64, as luspo-rs sums the whitening statistics."""
+    if case.variant in SCAN_ESTIMATORS:
+        out = _upcast_exact(scan_verl)(case, precision)
+        if case.variant in WHITENED and _float_dtypes(case) != {torch.float64}:
+            with _whiten_in("fp64"):
+                out.append(scan_verl(case, precision))
+        return out
     if case.variant == "grpo_vectorized":
         x, p = case.inputs, case.params
         kw = {k: p[k] for k in ("epsilon", "norm_adv_by_std_in_grpo") if k in p}
@@ -989,13 +1219,16 @@ class OpSpec:
     half_rule: bool = False  # half inputs compared with verl on fp32 upcasts (else verl on the inputs as drawn)
     # (case, ours, verl's, differing outputs) -> tie class -> output -> elements it explains
     ties: Optional[Callable[[Case, Outputs, Outputs, dict], dict[str, dict[str, torch.Tensor]]]] = None
+    # (case, verl's exception, ours) -> the outcome of a documented case where only verl
+    # raises, or None (then it is a mismatch)
+    verl_raised: Optional[Callable[[Case, BaseException, Outputs], Optional[Outcome]]] = None
 
 
 SPECS = {
     "policy": OpSpec(policy_verl, policy_ours, policy_tols, policy_exact, policy_magnitudes, half_rule=True, ties=policy_ties),
     "agg_loss": OpSpec(agg_verl, agg_ours, agg_tols, _upcast_exact(agg_verl), agg_magnitudes, half_rule=True),
     "kl_penalty": OpSpec(kl_verl, kl_ours, kl_tols, _upcast_exact(kl_verl)),
-    "advantage": OpSpec(adv_verl, adv_ours, adv_tols, adv_exact),
+    "advantage": OpSpec(adv_verl, adv_ours, adv_tols, adv_exact, verl_raised=scan_verl_raised),
 }
 
 
@@ -1026,6 +1259,10 @@ def _run_case(case: Case) -> Outcome:
     precision = "fp32" if spec.half_rule and half else "native"
     ref, ref_err = _call(lambda: spec.verl(case, precision))
     got, our_err = _call(lambda: spec.ours(case))
+    if ref_err is not None and our_err is None and spec.verl_raised is not None:
+        documented = spec.verl_raised(case, ref_err, got)
+        if documented is not None:
+            return documented
     if ref_err is not None and our_err is not None:
         return Outcome("both_raise", [f"verl: {type(ref_err).__name__}: {ref_err}", f"ours: {type(our_err).__name__}: {our_err}"])
     if ref_err is not None or our_err is not None:
@@ -1170,11 +1407,11 @@ class Stats:
                 lines.append(f"    {name:<40}{sum(cv.values()):>8}" + "".join(f"{cv[k]:>{w}}" for k in CLASSES))
         tot = self.per_class
         lines.append(f"  {'total':<42}{self.cases:>8}" + "".join(f"{tot[k]:>{w}}" for k in CLASSES))
-        for cls in CLASSES[2:]:
+        for cls in CLASSES[3:]:
             outs = sorted((o, n) for (c, o), n in self.per_output.items() if c == cls)
             if outs:
                 lines.append(f"  {cls} by output: " + ", ".join(f"{o} {n}" for o, n in outs))
-        for cls in ("both_raise", "known_tie", "undocumented_tie", "rounding"):
+        for cls in ("both_raise", "known_nan", "known_tie", "undocumented_tie", "rounding"):
             if self.examples.get(cls):
                 lines.append(f"  e.g. {cls}: " + "; ".join(replay_command(k) for k in self.examples[cls]))
         return "\n".join(lines)
