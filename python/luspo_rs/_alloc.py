@@ -15,7 +15,7 @@ import threading
 import torch
 
 #: Outputs at least this large are allocated on transparent huge pages (Linux).
-HUGE_OUTPUT_BYTES = 8 << 20
+HUGE_OUTPUT_BYTES = 2 << 20  # one huge page: a 4 MB output faults 1000 4 KiB pages otherwise
 HUGE_PAGE = 2 << 20
 #: At most this many idle huge-page buffers are kept for reuse.
 POOL_SIZE = 4

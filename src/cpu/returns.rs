@@ -1,6 +1,9 @@
 //! The scan estimators on the CPU (twin of `cuda/kernels/returns.cu`; the
-//! formulas are in `ops/returns.rs`): one pass per row, from its last piece to
-//! its first, rows in parallel, writing both outputs and the row's whitening
+//! formulas are in `ops/returns.rs`): one backward pass over each row, eight
+//! rows at a time (one per vector lane: a row's recurrence is a chain of
+//! dependent operations, eight independent chains fill the pipeline and the
+//! vector units), column blocks of L1 size from the last to the first, lane
+//! groups in parallel, writing both outputs and each row's whitening
 //! moments; then, for GAE and REINFORCE++, the batch statistics and one pass
 //! whitening the advantages in place. No B×T buffer besides the outputs.
 //!
@@ -12,7 +15,7 @@ use super::{fold_rows, for_each_row};
 use crate::error::Result;
 pub use crate::ops::returns::{ReturnsEstimator, ReturnsProblem};
 use crate::ops::returns::whiten_stats;
-use crate::tensor::{piece_scratch, pieces, Mat, Real, PIECE};
+use crate::tensor::{piece_scratch, pieces, Mat, MatMut, Real};
 
 /// Row sums for the whitening: `sum m`, `sum m x`, `sum m x^2` over the
 /// tokens with `m != 0` (a NaN at a masked position is dropped, as verl's
@@ -24,17 +27,11 @@ struct Moments {
     sx2: f64,
 }
 
-impl Moments {
-    #[inline(always)]
-    fn add<F: Real>(&mut self, m: F, x: F) {
-        if m != F::zero() {
-            let (m, x) = (m.f64(), x.f64());
-            self.n += m;
-            self.sx += m * x;
-            self.sx2 += m * x * x;
-        }
-    }
-}
+/// Rows scanned together, one per lane: their recurrences are independent,
+/// so eight of them hide each other's latency (and vectorise across rows).
+const LANES: usize = 8;
+/// Columns of the rows of a lane group held in scratch at once (L1-sized).
+const BLOCK: usize = 256;
 
 /// Computes the advantages and returns into `p.advantages` and `p.returns`;
 /// a `MemoryError` if a working buffer cannot be allocated.
@@ -46,30 +43,133 @@ pub fn compute(p: &ReturnsProblem) -> Result<()> {
     }
 }
 
-/// The pieces of a row, last first.
-fn pieces_rev(cols: usize) -> impl Iterator<Item = (usize, usize)> {
-    let n = cols.div_ceil(PIECE);
-    (0..n).rev().map(move |k| (k * PIECE, PIECE.min(cols - k * PIECE)))
+/// The blocks of a row of `cols` columns, last first.
+fn blocks_rev(cols: usize) -> impl Iterator<Item = (usize, usize)> {
+    let n = cols.div_ceil(BLOCK);
+    (0..n).rev().map(move |k| (k * BLOCK, BLOCK.min(cols - k * BLOCK)))
+}
+
+/// [`Moments`] of the rows of a lane group, one per lane, summed in the same
+/// order as the scan (last token first); a token with `m = 0` adds zeros
+/// (a NaN there is dropped, as verl's `masked_sum` drops it). Kept apart
+/// from the recurrence so both loops vectorise.
+#[derive(Default)]
+struct LaneMoments {
+    n: [f64; LANES],
+    sx: [f64; LANES],
+    sx2: [f64; LANES],
+}
+
+impl LaneMoments {
+    /// Adds the block's columns, last first.
+    #[inline(always)]
+    fn add<F: Real>(&mut self, m: &[Col<F>], x: &[Col<F>]) {
+        for (mt, xt) in m.iter().zip(x).rev() {
+            let keep: [bool; LANES] = std::array::from_fn(|l| mt[l] != F::zero());
+            let m: [f64; LANES] = std::array::from_fn(|l| if keep[l] { mt[l].f64() } else { 0.0 });
+            let x: [f64; LANES] = std::array::from_fn(|l| if keep[l] { xt[l].f64() } else { 0.0 });
+            self.n = std::array::from_fn(|l| self.n[l] + m[l]);
+            self.sx = std::array::from_fn(|l| self.sx[l] + m[l] * x[l]);
+            self.sx2 = std::array::from_fn(|l| self.sx2[l] + m[l] * x[l] * x[l]);
+        }
+    }
+
+    fn rows(&self) -> [Moments; LANES] {
+        std::array::from_fn(|l| Moments { n: self.n[l], sx: self.sx[l], sx2: self.sx2[l] })
+    }
+}
+
+/// `LANES` values, one per row of a lane group, at one column.
+type Col<F> = [F; LANES];
+
+/// A lane group's working buffers, column-major (`[t][lane]`), so each step
+/// of the recurrence works on one vector of the group's rows: the inputs of
+/// one block, converted to `F`, the outputs before they are stored, and a
+/// row buffer for conversions.
+struct Scratch<F> {
+    r: Vec<Col<F>>,
+    v: Vec<Col<F>>,
+    m: Vec<Col<F>>,
+    adv: Vec<Col<F>>,
+    ret: Vec<Col<F>>,
+    row: Vec<F>,
+}
+
+impl<F: Real> Scratch<F> {
+    fn new(arg: &'static str) -> Result<Self> {
+        let cols = || -> Result<Vec<Col<F>>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(BLOCK).map_err(|_| crate::error::Error::memory(arg, "cannot allocate scan scratch"))?;
+            v.resize(BLOCK, [F::zero(); LANES]);
+            Ok(v)
+        };
+        Ok(Scratch { r: cols()?, v: cols()?, m: cols()?, adv: cols()?, ret: cols()?, row: crate::error::try_zeros(arg, BLOCK)? })
+    }
+}
+
+/// Loads columns `start .. start + len` of rows `first ..` (`n` of them) of
+/// `x` into `dst[t][lane]`; lanes past `n` are zero.
+#[inline(always)]
+fn load<F: Real>(x: &Mat, first: usize, n: usize, start: usize, len: usize, row: &mut [F], dst: &mut [Col<F>]) {
+    let dst = &mut dst[..len];
+    for l in 0..LANES {
+        if l < n {
+            let src = x.part::<F>(first + l, start, len, row);
+            for (d, &v) in dst.iter_mut().zip(src) {
+                d[l] = v;
+            }
+        } else {
+            dst.iter_mut().for_each(|d| d[l] = F::zero());
+        }
+    }
+}
+
+/// Stores lane `l` of `src` into row `i` of `out` from column `start` on.
+///
+/// # Safety
+/// No other task may access row `i` at the same time.
+#[inline(always)]
+unsafe fn store<F: Real>(out: &MatMut, i: usize, start: usize, src: &[Col<F>], l: usize, row: &mut [F]) {
+    match out.direct_part::<F>(i, start, src.len()) {
+        Some(dst) => dst.iter_mut().zip(src).for_each(|(d, s)| *d = s[l]),
+        None => {
+            let row = &mut row[..src.len()];
+            row.iter_mut().zip(src).for_each(|(d, s)| *d = s[l]);
+            out.store_part(i, start, row);
+        }
+    }
+}
+
+/// Stores `src` into row `i` of `out` from column `start` on.
+///
+/// # Safety
+/// No other task may access row `i` at the same time.
+#[inline]
+unsafe fn put<F: Real>(out: &MatMut, i: usize, start: usize, src: &[F]) {
+    match out.direct_part::<F>(i, start, src.len()) {
+        Some(dst) => dst.copy_from_slice(src),
+        None => out.store_part(i, start, src),
+    }
 }
 
 fn run<F: Real>(p: &ReturnsProblem) -> Result<()> {
     let (rows, cols) = (p.rewards.rows, p.rewards.cols);
     let arg = p.rewards.tensor.arg;
-    let scratch = || -> Result<_> {
-        let v = || piece_scratch::<F>(arg, cols);
-        Ok((v()?, v()?, v()?, v()?, v()?))
-    };
+    let groups = rows.div_ceil(LANES);
     let mut total = Moments::default();
     fold_rows(
         arg,
-        rows,
-        cols,
-        scratch,
-        |(sr, sv, sm, sa, st), i| scan_row(p, i, sr, sv, sm, sa, st),
-        |m| {
-            total.n += m.n;
-            total.sx += m.sx;
-            total.sx2 += m.sx2;
+        groups,
+        cols * LANES,
+        || Scratch::<F>::new(arg),
+        |s, k| scan_group(p, k * LANES, (rows - k * LANES).min(LANES), s),
+        |(moments, n)| {
+            // row by row, in index order: the same sums whatever the grouping
+            for m in &moments[..n] {
+                total.n += m.n;
+                total.sx += m.sx;
+                total.sx2 += m.sx2;
+            }
         },
     )?;
     if !p.estimator.whitens() {
@@ -102,74 +202,94 @@ fn run<F: Real>(p: &ReturnsProblem) -> Result<()> {
                 }
             } // (x may borrow the advantages themselves: read before the store)
             // SAFETY: row i is written by this task only.
-            unsafe { p.advantages.store_part(i, start, out) };
+            unsafe { put(&p.advantages, i, start, out) };
         }
     })
 }
 
-/// Scans row `i` backwards, writes its raw advantages and returns, and
-/// returns its whitening moments.
-#[allow(clippy::too_many_arguments)]
-fn scan_row<F: Real>(
-    p: &ReturnsProblem,
-    i: usize,
-    sr: &mut [F],
-    sv: &mut [F],
-    sm: &mut [F],
-    sa: &mut [F],
-    st: &mut [F],
-) -> Moments {
-    let one = F::one();
-    let mut mom = Moments::default();
-    // the state carried from one piece to the next (to the left)
-    let (mut nv, mut g, mut run, mut acc) = (F::zero(), F::zero(), F::zero(), 0.0f64);
-    for (start, len) in pieces_rev(p.rewards.cols) {
-        let r = p.rewards.part::<F>(i, start, len, sr);
-        let m = p.mask.part::<F>(i, start, len, sm);
-        // SAFETY: row i is written by this task only; the two outputs are
-        // distinct buffers (the Python layer refuses outputs that overlap).
-        unsafe {
-            p.advantages.with_part(i, start, len, sa, |adv| {
-                p.returns.with_part(i, start, len, st, |ret| match p.estimator {
-                    ReturnsEstimator::Gae { gamma, lam } => {
-                        let v = p.values.as_ref().expect("validated").part::<F>(i, start, len, sv);
-                        let (gamma, c) = (F::of(gamma), F::of(gamma * lam));
-                        for t in (0..len).rev() {
-                            let (mt, vt) = (m[t], v[t]);
-                            let delta = r[t] + gamma * nv - vt;
-                            let g_new = delta + c * g;
-                            nv = vt * mt + (one - mt) * nv;
-                            g = g_new * mt + (one - mt) * g;
-                            adv[t] = g;
-                            ret[t] = g + vt;
-                            mom.add(mt, g);
-                        }
-                    }
-                    ReturnsEstimator::ReinforcePlusPlus { gamma } => {
-                        let gamma = F::of(gamma);
-                        for t in (0..len).rev() {
-                            let mt = m[t];
-                            let new = r[t] + gamma * run;
-                            let rt = new * mt;
-                            ret[t] = rt;
-                            run = new * mt + run * (one - mt);
-                            mom.add(mt, rt);
-                        }
-                        // (the advantages are written by the whitening pass)
-                        adv.fill(F::zero());
-                    }
-                    ReturnsEstimator::Remax => {
-                        let b = p.baselines.as_ref().expect("validated").part::<F>(i, start, len, sv);
-                        for t in (0..len).rev() {
-                            acc += (r[t] * m[t]).f64();
-                            let rt = F::of(acc);
-                            ret[t] = rt;
-                            adv[t] = rt - b[t] * m[t];
-                        }
-                    }
-                })
-            })
-        };
+/// Scans rows `first .. first + n` (`n <= LANES`) backwards, one per lane,
+/// writes their raw advantages and returns, and returns their whitening
+/// moments (lanes past `n` are padding: neither stored nor summed). Compiled
+/// twice on x86-64, the second time for AVX2 (the same IEEE operations in
+/// the same order, so the same bits: Rust never fuses a multiply and add).
+fn scan_group<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut Scratch<F>) -> ([Moments; LANES], usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present.
+        return unsafe { scan_group_avx2(p, first, n, s) };
     }
-    mom
+    scan_group_impl(p, first, n, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scan_group_avx2<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut Scratch<F>) -> ([Moments; LANES], usize) {
+    scan_group_impl(p, first, n, s)
+}
+
+#[inline(always)]
+fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut Scratch<F>) -> ([Moments; LANES], usize) {
+    let one = F::one();
+    let zero = F::zero();
+    let mut mom = LaneMoments::default();
+    // the state each lane carries from one block to the next (to the left)
+    let (mut nv, mut g, mut run, mut acc) = ([zero; LANES], [zero; LANES], [zero; LANES], [0.0f64; LANES]);
+    let stores_adv = !matches!(p.estimator, ReturnsEstimator::ReinforcePlusPlus { .. });
+    for (start, len) in blocks_rev(p.rewards.cols) {
+        load(&p.rewards, first, n, start, len, &mut s.row, &mut s.r);
+        load(&p.mask, first, n, start, len, &mut s.row, &mut s.m);
+        let (r, m) = (&s.r[..len], &s.m[..len]);
+        let (adv, ret) = (&mut s.adv[..len], &mut s.ret[..len]);
+        match p.estimator {
+            ReturnsEstimator::Gae { gamma, lam } => {
+                load(p.values.as_ref().expect("validated"), first, n, start, len, &mut s.row, &mut s.v);
+                let v = &s.v[..len];
+                let (gamma, c) = (F::of(gamma), F::of(gamma * lam));
+                for t in (0..len).rev() {
+                    let (rt, mt, vt) = (r[t], m[t], v[t]);
+                    let delta: Col<F> = std::array::from_fn(|l| rt[l] + gamma * nv[l] - vt[l]);
+                    let g_new: Col<F> = std::array::from_fn(|l| delta[l] + c * g[l]);
+                    nv = std::array::from_fn(|l| vt[l] * mt[l] + (one - mt[l]) * nv[l]);
+                    g = std::array::from_fn(|l| g_new[l] * mt[l] + (one - mt[l]) * g[l]);
+                    adv[t] = g;
+                    ret[t] = std::array::from_fn(|l| g[l] + vt[l]);
+                }
+                mom.add(m, adv);
+            }
+            ReturnsEstimator::ReinforcePlusPlus { gamma } => {
+                let gamma = F::of(gamma);
+                for t in (0..len).rev() {
+                    let (rt, mt) = (r[t], m[t]);
+                    let new: Col<F> = std::array::from_fn(|l| rt[l] + gamma * run[l]);
+                    ret[t] = std::array::from_fn(|l| new[l] * mt[l]);
+                    run = std::array::from_fn(|l| new[l] * mt[l] + run[l] * (one - mt[l]));
+                }
+                mom.add(m, ret);
+                // (the advantages are written by the whitening pass)
+            }
+            ReturnsEstimator::Remax => {
+                load(p.baselines.as_ref().expect("validated"), first, n, start, len, &mut s.row, &mut s.v);
+                let b = &s.v[..len];
+                for t in (0..len).rev() {
+                    let (rt, mt, bt) = (r[t], m[t], b[t]);
+                    acc = std::array::from_fn(|l| acc[l] + (rt[l] * mt[l]).f64());
+                    let x: Col<F> = std::array::from_fn(|l| F::of(acc[l]));
+                    ret[t] = x;
+                    adv[t] = std::array::from_fn(|l| x[l] - bt[l] * mt[l]);
+                }
+            }
+        }
+        for l in 0..n {
+            // SAFETY: the rows of this group are written by this task only;
+            // the two outputs are distinct buffers (the Python layer refuses
+            // outputs that overlap).
+            unsafe {
+                store(&p.returns, first + l, start, &s.ret[..len], l, &mut s.row);
+                if stores_adv {
+                    store(&p.advantages, first + l, start, &s.adv[..len], l, &mut s.row);
+                }
+            }
+        }
+    }
+    (mom.rows(), n)
 }
