@@ -87,7 +87,7 @@ __device__ void scan_rows(const ScanArgs &a) {
         }
     }
     __syncthreads();
-    // 3. the walk, with verl's arithmetic in F (src/cpu/returns.rs scan_row)
+    // 3. the walk, with verl's arithmetic in F (src/cpu/returns.rs scan_group)
     const F one = (F)1.0, gamma = (F)a.gamma, c = (F)a.c;
     F nv = (F)carry[0][threadIdx.x], g = (F)carry[1][threadIdx.x], run = g;
     double acc = carry[1][threadIdx.x];
