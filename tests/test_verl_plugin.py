@@ -259,3 +259,44 @@ def test_restore_after_a_reimport_while_taken_over_and_for_entries_verl_never_ha
         VERL_USE_EXTERNAL_PLUGINS="none",
     )
     assert out == "OK"
+
+
+def test_take_over_replaces_the_value_loss_verls_critic_calls():
+    # verl.workers.utils.losses.value_loss (the critic's loss function) calls
+    # compute_value_loss, imported by name from core_algos: both names are
+    # taken over, give verl's numbers, and are restored
+    out = run(
+        """
+        import torch
+        from verl.trainer.ppo import core_algos as ca
+        import verl.workers.utils.losses as losses
+        import luspo_rs.core_algos as ours
+        verl_fn = ca.compute_value_loss
+        assert losses.compute_value_loss is verl_fn
+        g = torch.Generator().manual_seed(0)
+        values = torch.randn(6, 10, generator=g)
+        vpreds, returns = values + 0.3 * torch.randn(6, 10, generator=g), values + torch.randn(6, 10, generator=g)
+        mask = torch.arange(10)[None, :] < torch.tensor([10, 3, 7, 0, 5, 9])[:, None]
+        def call(fn):
+            x = vpreds.clone().requires_grad_()
+            loss, cf = fn(vpreds=x, values=values, returns=returns, response_mask=mask, cliprange_value=0.2,
+                          loss_agg_mode="seq-mean-token-mean", dp_size=2, batch_num_tokens=None,
+                          global_batch_size=12, loss_scale_factor=None)
+            loss.backward()
+            return loss, x.grad, cf
+        want = call(losses.compute_value_loss)
+        import luspo_rs.verl as plugin
+        plugin.take_over()
+        assert ca.compute_value_loss is ours.compute_value_loss
+        assert losses.compute_value_loss is ours.compute_value_loss
+        got = call(losses.compute_value_loss)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        plugin.restore()
+        assert ca.compute_value_loss is verl_fn and losses.compute_value_loss is verl_fn
+        print("OK")
+        """,
+        VERL_USE_EXTERNAL_PLUGINS="none",
+    )
+    assert out == "OK"
