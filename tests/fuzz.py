@@ -9,6 +9,10 @@ before it. A case is one call of one operation, on both sides:
   (LUSPO: verl's GSPO aggregated ``seq-mean-token-sum``, as in the tests):
   loss, gradient through ``backward()`` and metrics;
 * ``agg_loss``   -- value and gradient against verl's ``agg_loss``;
+* ``value_loss`` -- ``luspo_rs.value_loss`` (or the adapter
+  ``luspo_rs.core_algos.compute_value_loss``) against verl's
+  ``compute_value_loss``: loss, gradient w.r.t. ``vpreds`` and ``vf_clipfrac``,
+  with predictions drawn exactly on the clip bounds ``values -+ c`` now and then;
 * ``kl_penalty`` -- every estimator name verl accepts, value and gradients in
   both inputs against verl's ``kl_penalty``;
 * ``advantage``  -- the group estimators against verl's
@@ -161,8 +165,8 @@ ADV_ESTIMATORS = {**ESTIMATORS, **SCAN_ESTIMATORS}
 #: gamma / lam: the usual settings, the edge 0 and, for "random", a draw in (0, 1].
 DISCOUNTS = (1.0, 0.99, 0.95, 0.5, 0.0, "random")
 
-OPS = ("policy", "agg_loss", "kl_penalty", "advantage")
-OP_WEIGHTS = (0.45, 0.15, 0.2, 0.2)
+OPS = ("policy", "agg_loss", "kl_penalty", "advantage", "value_loss")
+OP_WEIGHTS = (0.4, 0.12, 0.16, 0.2, 0.12)
 CLASSES = ("ok", "both_raise", "known_nan", "known_tie", "undocumented_tie", "rounding", "mismatch")
 #: Classes that fail a run; ``--strict`` adds undocumented_tie and rounding.
 REAL = ("mismatch",)
@@ -173,6 +177,7 @@ def _check_reference_is_verls() -> None:
     """With ``LUSPO_RS_TAKE_OVER`` verl's registry would hold our own functions,
     and the fuzz would compare luspo-rs with itself."""
     fns = [verl_ca.get_policy_loss_fn("vanilla"), verl_ca.get_policy_loss_fn("gspo"), verl_ca.agg_loss, verl_ca.kl_penalty]
+    fns.append(verl_ca.compute_value_loss)
     fns += [getattr(verl_ca, fn) for fn in ADV_ESTIMATORS.values()]
     for fn in fns:
         if not getattr(fn, "__module__", "").startswith("verl."):
@@ -461,6 +466,44 @@ def draw_agg_loss(rng: np.random.Generator, case: Case) -> None:
     )
 
 
+def draw_value_loss(rng: np.random.Generator, case: Case) -> None:
+    B, T = _shape(rng)
+    dtype_name = _pick(rng, ["fp32", "fp64", "bf16", "fp16"], p=[0.5, 0.25, 0.15, 0.1])
+    dtype = DTYPES[dtype_name]
+    mask, mask_kind = _mask(rng, B, T)
+    norms, norm_kind = _normalisers(rng, B, T)
+    agg = _pick(rng, AGG_MODES)
+    c = _pick(rng, [0.2, 0.5, 0.0, "random"], p=[0.4, 0.2, 0.1, 0.3])
+    c = float(rng.uniform(0.0, 2.0)) if c == "random" else c
+    scale = float(_pick(rng, [1e-2, 1.0, 10.0], p=[0.2, 0.6, 0.2]))
+    # predictions: off the old values by a fraction or a multiple of the clip
+    # range; "bound": a share of them exactly on values -+ c as torch rounds it
+    # (clip_by_value's ties), "equal": some equal to the returns (l1 = 0)
+    where = _pick(rng, ["plain", "bound", "equal"], p=[0.6, 0.3, 0.1])
+    case.variant = agg
+    case.params.update(
+        dtype=dtype_name, mask_dtype=_pick(rng, MASK_DTYPES), mask_kind=mask_kind, loss_agg_mode=agg,
+        cliprange_value=c, scale=scale, where=where, norms=norm_kind, **{f"norm_{k}": v for k, v in norms.items()},
+        tensor_norms=_tensor_norms(rng, norms), api=_pick(rng, ["functional", "core_algos"]),
+        layout=_pick(rng, ["contiguous", "transposed", "strided"], p=[0.7, 0.15, 0.15]),
+        grad_out=float(_pick(rng, [1.0, 1.0, 0.5, -3.0])),
+    )  # fmt: skip
+    values = torch.from_numpy(scale * rng.standard_normal((B, T))).to(dtype)
+    spread = float(_pick(rng, [0.3, 1.0, 3.0])) * max(c, 0.05) * scale
+    vpreds = (values.double() + torch.from_numpy(spread * rng.standard_normal((B, T)))).to(dtype)
+    returns = (values.double() + torch.from_numpy(scale * rng.standard_normal((B, T)))).to(dtype)
+    pick = torch.from_numpy(rng.random((B, T)) < 0.4)
+    if where == "bound":  # values -+ c computed by torch in the inputs' dtype, as verl's clip_by_value sees them
+        up = torch.from_numpy(rng.random((B, T)) < 0.5)
+        vpreds = torch.where(pick, torch.where(up, values + c, values - c), vpreds)
+    elif where == "equal":
+        vpreds = torch.where(pick, returns, vpreds)
+    case.inputs.update(
+        vpreds=vpreds, values=values, returns=returns,
+        response_mask=torch.from_numpy(mask).to(MASK_DTYPES[case.params["mask_dtype"]]),
+    )  # fmt: skip
+
+
 def draw_kl(rng: np.random.Generator, case: Case) -> None:
     # every name verl's kl_penalty accepts; "full" is a name verl refuses
     # (NotImplementedError): both must raise
@@ -665,6 +708,7 @@ def draw_scan(rng: np.random.Generator, case: Case, name: str) -> None:
 
 DRAW: dict[str, Callable[[np.random.Generator, Case], None]] = {
     "policy": draw_policy, "agg_loss": draw_agg_loss, "kl_penalty": draw_kl, "advantage": draw_advantage,
+    "value_loss": draw_value_loss,
 }  # fmt: skip
 
 
@@ -966,6 +1010,40 @@ def agg_tols(case: Case) -> dict[str, Tol]:
     return {"loss": Tol(**TOLERANCES[dtype]), "grad": Tol(**TOLERANCES[dtype])}
 
 
+# ---- value_loss
+
+
+def value_verl(case: Case, precision: str) -> Outputs:
+    p, x = case.params, case.inputs
+    dtype = DTYPES[p["dtype"]]
+    vp, v, r = (_cast(x[k], precision) for k in ("vpreds", "values", "returns"))
+    xr = _leaf(vp)
+    loss, clipfrac = verl_ca.compute_value_loss(
+        xr, r, v, x["response_mask"], p["cliprange_value"], loss_agg_mode=p["loss_agg_mode"], **_norm_kwargs(case)
+    )
+    (loss * p["grad_out"]).backward()
+    grad = xr.grad.to(dtype) if dtype in HALF and precision != "native" else xr.grad
+    return {"loss": loss.detach(), "grad": grad, "vf_clipfrac": _scalar(clipfrac.item())}
+
+
+def value_ours(case: Case) -> Outputs:
+    p, x = case.params, case.inputs
+    lay = p["layout"]
+    xo = _leaf(x["vpreds"], lay)
+    v, r, m = (_relayout(x[k], lay) for k in ("values", "returns", "response_mask"))
+    c, agg = p["cliprange_value"], p["loss_agg_mode"]
+    if p["api"] == "functional":
+        loss, clipfrac = luspo_rs.value_loss(xo, v, r, m, c, agg, **_norm_kwargs(case))
+    else:
+        loss, clipfrac = ours_ca.compute_value_loss(xo, r, v, m, c, agg, **_norm_kwargs(case))
+    (loss * p["grad_out"]).backward()
+    return {"loss": loss.detach(), "grad": xo.grad, "vf_clipfrac": _scalar(clipfrac.item())}
+
+
+def value_tols(case: Case) -> dict[str, Tol]:
+    return {**agg_tols(case), "vf_clipfrac": Tol(0.0, METRIC_ATOL)}
+
+
 # ---- kl_penalty
 
 
@@ -1227,6 +1305,7 @@ class OpSpec:
 SPECS = {
     "policy": OpSpec(policy_verl, policy_ours, policy_tols, policy_exact, policy_magnitudes, half_rule=True, ties=policy_ties),
     "agg_loss": OpSpec(agg_verl, agg_ours, agg_tols, _upcast_exact(agg_verl), agg_magnitudes, half_rule=True),
+    "value_loss": OpSpec(value_verl, value_ours, value_tols, _upcast_exact(value_verl), half_rule=True),
     "kl_penalty": OpSpec(kl_verl, kl_ours, kl_tols, _upcast_exact(kl_verl)),
     "advantage": OpSpec(adv_verl, adv_ours, adv_tols, adv_exact, verl_raised=scan_verl_raised),
 }

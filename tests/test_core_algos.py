@@ -27,6 +27,7 @@ DROP_INS = [
     "compute_policy_loss_gspo",
     "agg_loss",
     "kl_penalty",
+    "compute_value_loss",
     "compute_grpo_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage",
     "compute_rloo_outcome_advantage",

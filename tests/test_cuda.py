@@ -1,7 +1,7 @@
 """The CUDA backend: parity with verl running on the same device and with
 our CPU path, bitwise determinism, zero-copy, and on a GPU no host sync (CUDA
 graph capture and ``torch.cuda.set_sync_debug_mode("error")``), for the
-policy losses, ``agg_loss``, ``kl_penalty``, the group advantage estimators and the
+policy losses, the value loss, ``agg_loss``, ``kl_penalty``, the group advantage estimators and the
 scan estimators (GAE, REINFORCE++, ReMax).
 
 Where torch sees a GPU, the kernels run there. Everywhere else they run on
@@ -309,6 +309,172 @@ def test_second_gpu_runs_its_own_kernels():
     b = run("gspo", *cuda(old, lp, adv, mask), "token-mean")
     for x, y in zip(a, b):
         torch.testing.assert_close(x.cpu(), y.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- value loss
+
+
+def vrun(vp, v, r, mask, agg="token-mean", c=0.2, **norm):
+    x = vp.detach().clone().requires_grad_(True)
+    loss, clipfrac = luspo_rs.value_loss(x, v, r, mask, c, agg, **norm)
+    loss.backward()
+    return loss.detach(), x.grad, clipfrac
+
+
+def value_data(B, T, dtype=torch.float32, seed=0, **kw):
+    from value_cases import value_batch
+
+    return value_batch(B, T, dtype=dtype, seed=seed, spread=0.5, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_value_loss_matches_cpu_path_and_verl_on_the_gpu(agg, dtype):
+    from value_cases import verl_value
+
+    vp, v, r, mask = value_data(9, 300, dtype, seed=21, empty_rows=(3,), full_rows=(0,))
+    with host():
+        c_loss, c_grad, c_cf = vrun(vp, v, r, mask, agg)
+    g_loss, g_grad, g_cf = vrun(*cuda(vp, v, r, mask), agg)
+    assert on_device(g_loss) and on_device(g_grad) and on_device(g_cf) and g_grad.dtype == dtype
+    assert g_loss.dtype == c_loss.dtype
+    tol = TOL_CPU[dtype]
+    close(g_loss, c_loss, tol, "loss vs CPU")
+    close(g_grad, c_grad, tol, "grad vs CPU")
+    close(g_cf, c_cf, TOL_CPU[torch.float32], "vf_clipfrac vs CPU")
+    assert g_cf.item() > 0.05, "the batch must clip"
+    up = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    r_loss, r_grad, r_cf = verl_value(*[t.to(up) for t in cuda(vp, v, r)], *cuda(mask), loss_agg_mode=agg)
+    close(g_loss, r_loss, tol, "loss vs verl")
+    close(g_grad, r_grad, tol, "grad vs verl")
+    close(g_cf, r_cf, TOL_CPU[torch.float32], "vf_clipfrac vs verl")
+
+
+@pytest.mark.parametrize("T", [1, 7, 2053])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int64, torch.float32, torch.float64], ids=str)
+def test_value_loss_mask_kinds_and_lengths_match_cpu(mask_dtype, T):
+    # 1-byte masks take the vector mask loads, the others element-wise loads;
+    # T from one token to a team of 128+ threads with a ragged tail
+    vp, v, r, mask = value_data(5, T, seed=22, empty_rows=(1,))
+    mask = mask.to(mask_dtype)
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        with host():
+            want = vrun(vp, v, r, mask, agg)
+        got = vrun(*cuda(vp, v, r, mask), agg)
+        for a, b, what in zip(got, want, ("loss", "grad", "vf_clipfrac")):
+            close(a, b, TOL_CPU[torch.float32], f"{agg} {what}")
+
+
+def test_value_loss_strided_inputs_are_read_in_place():
+    vp, v, r, mask = cuda(*value_data(16, 40, seed=23))
+    a = vrun(vp, v, r, mask, "seq-mean-token-sum")
+    t = lambda x: x.t().contiguous().t()  # noqa: E731
+    b = vrun(t(vp), t(v), t(r), t(mask), "seq-mean-token-sum")
+    for x, y in zip(a, b):
+        close(x, y, TOL_CPU[torch.float32], "strided")
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_value_loss_ties_nan_and_masked_rows_match_verl_on_the_gpu(agg):
+    from value_cases import verl_value
+
+    # predictions exactly on the bounds values -+ c (torch.min / torch.max
+    # ties: half the gradient), on l1 == l2, and c = 0 (both ties at once)
+    values = torch.tensor([[1.0, 1.0, 1.0, -2.0, 0.0, 3.0]] * 2, dtype=torch.float64)
+    vpreds = torch.tensor([[1.5, 0.5, 1.25, -2.5, 0.0, 3.5]] * 2, dtype=torch.float64)
+    returns = torch.tensor([[0.0, 2.0, 1.0, 1.0, -1.0, 0.25]] * 2, dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    for vp, c in ((vpreds, 0.5), (values, 0.0)):
+        want = verl_value(*cuda(vp, values, returns, mask), c, agg)
+        got = vrun(*cuda(vp, values, returns, mask), agg, c)
+        for a, b, what in zip(got, want, ("loss", "grad", "vf_clipfrac")):
+            close(a, b, TOL_CPU[torch.float64], f"c={c} {what}")
+    # NaN in a valid token (the loss and that gradient NaN, as verl's), a
+    # fully masked row, and a whole batch masked
+    vp, v, r, mask = value_data(4, 10, seed=24, empty_rows=(3,), full_rows=(1,))
+    r[1, 2] = float("nan")  # (masked positions get a zero gradient, verl's a NaN one there: README)
+    want = verl_value(*cuda(vp, v, r, mask), loss_agg_mode=agg)
+    got = vrun(*cuda(vp, v, r, mask), agg)
+    for a, b, what in zip(got, want, ("loss", "grad", "vf_clipfrac")):
+        close(a, b, TOL_CPU[torch.float32], f"NaN {what}")
+    r[1, 2] = 0.5
+    none = torch.zeros_like(mask)
+    want = verl_value(*cuda(vp, v, r, none), loss_agg_mode=agg)
+    got = vrun(*cuda(vp, v, r, none), agg)
+    for a, b, what in zip(got, want, ("loss", "grad", "vf_clipfrac")):
+        close(a, b, TOL_CPU[torch.float32], f"all masked {what}")
+
+
+def test_value_loss_bitwise_deterministic_and_backward_scales():
+    vp, v, r, mask = cuda(*(value_data(64, 5000, seed=25) if BIG else value_data(24, 1500, seed=25)))
+    first = vrun(vp, v, r, mask, "seq-mean-token-mean")
+    for k in range(3):
+        if SIM:
+            _core.sim_set_seed(1000 * k + 11)
+        again = vrun(vp, v, r, mask, "seq-mean-token-mean")
+        for a, b in zip(first, again):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    # seeds, and a later backward through a retained graph leaves the first gradient alone
+    x = vp.detach().clone().requires_grad_(True)
+    loss, _ = luspo_rs.value_loss(x, v, r, mask, 0.2, "seq-mean-token-mean")
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    g0 = g1.clone()
+    (g3,) = torch.autograd.grad(loss, x, grad_outputs=torch.tensor(-3.0, device=x.device), retain_graph=True)
+    assert g1.data_ptr() != g3.data_ptr() and torch.equal(g1, g0) and torch.equal(g0, first[1])
+    assert torch.equal(g3, g0 * -3.0)
+
+
+def test_value_loss_device_normalisers_match_host_ones():
+    vp, v, r, mask = cuda(*value_data(32, 400, seed=26))
+    bnt = mask.sum().double()  # a device 0-d normaliser, as verl's critic passes it: never read back
+    gbs = torch.tensor(40.0, dtype=torch.float64, device=bnt.device)
+    for agg in AGG_MODES:
+        ref = vrun(vp, v, r, mask, agg, dp_size=2, batch_num_tokens=float(bnt), global_batch_size=40.0)
+        got = vrun(vp, v, r, mask, agg, dp_size=2, batch_num_tokens=bnt, global_batch_size=gbs)
+        for x, y in zip(got, ref):
+            close(x, y, TOL_CPU[torch.float32], f"{agg}: device normaliser")
+
+
+@needs_gpu
+def test_value_loss_no_host_sync_and_cuda_graph():
+    vp, v, r, mask = cuda(*value_data(32, 1000, seed=27))
+    bnt = mask.sum().double()
+    vrun(vp, v, r, mask, "token-mean", batch_num_tokens=bnt)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for agg in AGG_MODES:
+            vrun(vp, v, r, mask, agg, batch_num_tokens=bnt)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    x = vp.clone().requires_grad_(True)
+
+    def step():
+        loss, clipfrac = luspo_rs.value_loss(x, v, r, mask, 0.2)
+        (g,) = torch.autograd.grad(loss, x)
+        return loss, g, clipfrac
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    eager = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(static, eager):
+        assert torch.equal(a, b)
+
+
+@needs_gpu
+def test_value_loss_mixed_devices_are_a_value_error():
+    vp, v, r, mask = value_data(2, 8)
+    with pytest.raises(ValueError, match="values|device"):
+        luspo_rs.value_loss(vp.cuda(), v, r.cuda(), mask.cuda(), 0.2)
 
 
 # --------------------------------------------------------------------------- kl_penalty

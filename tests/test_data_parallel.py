@@ -22,7 +22,8 @@ tensor (``log_prob`` playing the replicated parameter); the ranks all-reduce
 these (SUM, then / world size, as DDP and FSDP do; like DDP's buckets, one flat
 buffer per dtype holding every case). The result must equal the gradient of
 the same function over the whole batch in one process, to 1e-6 absolute, for
-every policy-loss mode of luspo_rs (vanilla, gspo, luspo) and ``agg_loss``, every
+every policy-loss mode of luspo_rs (vanilla, gspo, luspo), ``agg_loss`` and the
+value loss (``compute_value_loss``: ``log_prob`` plays ``vpreds``; no IS weights), every
 ``loss_agg_mode``, with and without IS weights, in float64 and float32, in two
 layouts and under two conventions for the normalisers.
 
@@ -89,7 +90,7 @@ B, T = 12, 40
 # rows 6..11 to rank 1 (short ones): 138 vs 44 valid tokens, 4 vs 6 non-empty rows.
 LENGTHS = (40, 0, 33, 0, 27, 38, 3, 9, 1, 14, 6, 11)
 MODES = ("vanilla", "gspo", "luspo")
-FNS = MODES + ("agg_loss",)
+FNS = MODES + ("agg_loss", "value_loss")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 IMPLS = ("ours", "verl")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -113,7 +114,7 @@ def dp_cases() -> list[tuple]:
         for fn in FNS:
             for agg in AGG_MODES:
                 for dtype in DTYPES:
-                    for weights in (False, True):
+                    for weights in (False,) if fn == "value_loss" else (False, True):
                         for conv in CONVENTIONS:
                             for layout in LAYOUTS:
                                 cases.append((impl, fn, agg, dtype, conv, layout, weights))
@@ -172,7 +173,13 @@ def loss_and_grad(impl: str, fn: str, agg: str, batch: dict[str, torch.Tensor], 
 
     x = batch["lp"].detach().clone().requires_grad_(True)
     w = batch["weights"] if weights else None
-    if fn == "agg_loss":
+    if fn == "value_loss":
+        # the critic: old values, predictions 0.6 away (past the clip range
+        # 0.2 on both sides), returns about 1 away; normalisers as verl's
+        # workers.utils.losses.value_loss passes them
+        value_fn = ours.compute_value_loss if impl == "ours" else verl_ca.compute_value_loss
+        loss, _ = value_fn(x, batch["old"] + batch["adv"], batch["old"], batch["mask"], 0.2, agg, **global_batch_info)
+    elif fn == "agg_loss":
         # any differentiable loss matrix: a REINFORCE-style ratio loss
         loss_mat = -batch["adv"] * torch.exp(x - batch["old"])
         if w is not None:
@@ -206,7 +213,7 @@ def _check_verl_is_verl() -> None:
     """LUSPO_RS_TAKE_OVER would make verl's functions ours: the comparison would be void."""
     import verl.trainer.ppo.core_algos as verl_ca
 
-    for name in ("compute_policy_loss_vanilla", "compute_policy_loss_gspo", "agg_loss"):
+    for name in ("compute_policy_loss_vanilla", "compute_policy_loss_gspo", "agg_loss", "compute_value_loss"):
         module = getattr(verl_ca, name).__module__
         assert module.startswith("verl."), f"verl's {name} is replaced by {module}; unset LUSPO_RS_TAKE_OVER"
 
@@ -382,7 +389,7 @@ def test_dp_gradient_equals_single_process(dp_results, single_results, impl, fn,
                 f"{case}: max |grad diff| {d_grad:.3e}, |loss diff| {d_loss:.3e} (loss {ref_loss.item():.6g})"
             )
         checked += 1
-    assert checked == len(DTYPES) * 2 * len(CONVENTIONS) * len(LAYOUTS)
+    assert checked == len(DTYPES) * (1 if fn == "value_loss" else 2) * len(CONVENTIONS) * len(LAYOUTS)
     assert not failures, "DP gradient != single-process gradient:\n" + "\n".join(failures)
 
 
@@ -423,7 +430,7 @@ def test_norm_mode_needs_a_fixed_loss_scale_factor_when_ranks_pad_differently(dp
         _, d_grad, scale = _differences(dp_results[case], _ref(single_results, case))
         assert d_grad > 1e-2 * scale, case
         seen += 1
-    assert seen == len(IMPLS) * 3  # vanilla, gspo, agg_loss (LUSPO ignores loss_agg_mode)
+    assert seen == len(IMPLS) * 4  # vanilla, gspo, agg_loss, value_loss (LUSPO ignores loss_agg_mode)
 
 
 if __name__ == "__main__":  # one rank, started by launch()

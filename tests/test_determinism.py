@@ -27,6 +27,14 @@ for mode in ["vanilla", "gspo", "luspo"]:
         loss.backward()
         for t in [loss.detach(), x.grad, *metrics.values()]:
             h.update(t.numpy().tobytes())
+from value_cases import value_batch
+vp, v, r, mask = value_batch(257, 301, seed=11, spread=1.0)
+for agg in ["token-mean", "seq-mean-token-mean"]:
+    x = vp.clone().requires_grad_()
+    loss, clipfrac = luspo_rs.value_loss(x, v, r, mask, 0.2, agg)
+    loss.backward()
+    for t in [loss.detach(), x.grad, clipfrac]:
+        h.update(t.numpy().tobytes())
 print(luspo_rs.num_threads(), h.hexdigest())
 """
 
@@ -56,4 +64,18 @@ def test_repeated_calls_are_bitwise_equal(mode, agg):
         loss, metrics = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, loss_agg_mode=agg)
         loss.backward()
         results.append(hashlib.sha256(b"".join(t.numpy().tobytes() for t in [loss.detach(), x.grad, *metrics.values()])).hexdigest())
+    assert len(set(results)) == 1
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_repeated_value_loss_calls_are_bitwise_equal(agg):
+    from value_cases import value_batch
+
+    vp, v, r, mask = value_batch(64, 129, seed=12, spread=1.0)
+    results = []
+    for _ in range(3):
+        x = vp.clone().requires_grad_()
+        loss, clipfrac = luspo_rs.value_loss(x, v, r, mask, 0.2, agg)
+        loss.backward()
+        results.append(hashlib.sha256(b"".join(t.numpy().tobytes() for t in [loss.detach(), x.grad, clipfrac])).hexdigest())
     assert len(set(results)) == 1

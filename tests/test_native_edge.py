@@ -103,3 +103,33 @@ def test_float8_inputs_are_a_type_error_naming_the_argument(arg):
                              rollout_is_weights=args["rollout_is_weights"])  # fmt: skip
     with pytest.raises(TypeError, match="loss_mat: unsupported dtype float8_e5m2"):
         luspo_rs.agg_loss(lp.to(torch.float8_e5m2), mask)
+
+
+def native_value_loss(vp, v, r, mask, grad):
+    loss = torch.empty(())
+    metrics = torch.empty(_core.METRICS_LEN, dtype=torch.float64)
+    scratch = torch.empty(_core.loss_scratch_len(B), dtype=torch.float64) if _core.sim_enabled() else None
+    _core.value_loss(vp, v, r, mask, grad, loss, metrics, cliprange_value=0.2, loss_agg_mode="token-mean",
+                     scratch=scratch, stream=0 if _core.sim_enabled() else None)  # fmt: skip
+    return loss, metrics
+
+
+def test_value_loss_refuses_outputs_that_overlap(backend):
+    v, vp, r, mask = batch()
+    loss, _ = native_value_loss(vp, v, r, mask, torch.empty(B, T))
+    torch.testing.assert_close(loss, luspo_rs.value_loss(vp, v, r, mask, 0.2)[0])
+    before = vp.clone()
+    with pytest.raises(ValueError, match="grad: .*shares memory with the input `vpreds`"):
+        native_value_loss(vp, v, r, mask, vp)
+    with pytest.raises(ValueError, match="grad: .*unit stride in its last dimension"):
+        native_value_loss(vp, v, r, mask, torch.empty(B, 1).expand(B, T))
+    assert torch.equal(vp, before), "nothing was written"
+
+
+@pytest.mark.parametrize("arg", ["vpreds", "values", "returns"])
+def test_value_loss_float8_inputs_are_a_type_error_naming_the_argument(arg):
+    v, vp, r, mask = batch()
+    args = dict(vpreds=vp, values=v, returns=r)
+    args[arg] = args[arg].to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=f"{arg}: unsupported dtype float8_e4m3fn"):
+        luspo_rs.value_loss(args["vpreds"], args["values"], args["returns"], mask, 0.2)

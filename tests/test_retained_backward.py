@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import AGG_MODES, MODES, make_batch, verl_core_algos, verl_reference
+from value_cases import CLIPRANGE, value_batch, verl_value
 
 import luspo_rs
 
@@ -28,6 +29,13 @@ def aggregate(agg, dtype):
     mask = torch.rand(5, 37, generator=g) > 0.3
     x = lm.clone().requires_grad_()
     return x, luspo_rs.agg_loss(x, mask, agg)
+
+
+def value(agg, dtype):
+    vp, v, r, mask = value_batch(5, 37, dtype=dtype, spread=0.4, seed=5)
+    x = vp.clone().requires_grad_()
+    loss, _ = luspo_rs.value_loss(x, v, r, mask, CLIPRANGE, agg)
+    return x, loss
 
 
 def seeded(dtype, v):
@@ -79,6 +87,23 @@ def test_policy_loss_gradient_never_changes_after_it_is_returned(mode, dtype):
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_agg_loss_gradient_never_changes_after_it_is_returned(agg, dtype):
     check_retained_backwards(*aggregate(agg, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_value_loss_gradient_never_changes_after_it_is_returned(agg, dtype):
+    check_retained_backwards(*value(agg, dtype), seeded_rounding=dtype == torch.float16)
+
+
+def test_value_loss_retained_backwards_with_mixed_seeds_accumulate_like_verl():
+    vp, v, r, mask = value_batch(6, 29, spread=0.5, seed=8)
+    seeds = (1.0, 0.5, -2.0, 1.0, 3.0)
+    x = vp.clone().requires_grad_()
+    loss, _ = luspo_rs.value_loss(x, v, r, mask, CLIPRANGE, "seq-mean-token-mean")
+    for k, s in enumerate(seeds):
+        loss.backward(torch.tensor(s), retain_graph=k < len(seeds) - 1)
+    _, want, _ = verl_value(vp, v, r, mask, loss_agg_mode="seq-mean-token-mean")
+    torch.testing.assert_close(x.grad, sum(seeds) * want, atol=1e-5, rtol=1e-5)
 
 
 def test_the_issues_example_matches_verl():

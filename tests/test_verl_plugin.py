@@ -259,3 +259,61 @@ def test_restore_after_a_reimport_while_taken_over_and_for_entries_verl_never_ha
         VERL_USE_EXTERNAL_PLUGINS="none",
     )
     assert out == "OK"
+
+
+def test_take_over_replaces_the_value_loss_verls_critic_calls():
+    # verl.workers.utils.losses.value_loss, the critic's loss function, calls
+    # compute_value_loss, imported by name from core_algos: taken over, verl's
+    # own value_loss (padding a flat model output, its config, its normalisers)
+    # runs our fused loss and gives verl's numbers; restore() undoes it
+    out = run(
+        """
+        import torch
+        from tensordict import TensorDict
+        from verl.trainer.ppo import core_algos as ca
+        from verl.utils import tensordict_utils as tu
+        from verl.workers.config import CriticConfig
+        import verl.workers.utils.losses as losses
+        import luspo_rs.core_algos as ours
+        verl_fn = ca.compute_value_loss
+        assert losses.compute_value_loss is verl_fn
+        B, P, R = 5, 3, 9
+        g = torch.Generator().manual_seed(0)
+        attn = torch.zeros(B, P + R, dtype=torch.int64)
+        attn[:, :P] = 1
+        for i, L in enumerate([9, 2, 0, 5, 1]):
+            attn[i, P:P + L] = 1
+        values = torch.randn(B, R, generator=g)
+        returns = values + torch.randn(B, R, generator=g)
+        flat = torch.randn(int(attn.sum()), generator=g)  # the critic's unpadded output
+        cfg = CriticConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, cliprange_value=0.2,
+                           loss_agg_mode="seq-mean-token-mean")
+        def step():
+            data = TensorDict(dict(prompts=torch.ones(B, P, dtype=torch.int64),
+                                   responses=torch.ones(B, R, dtype=torch.int64), attention_mask=attn,
+                                   values=values, returns=returns, response_mask=attn[:, P:].clone()),
+                              batch_size=[B])
+            tu.assign_non_tensor(data, dp_size=2, batch_num_tokens=40, global_batch_size=12)
+            x = flat.clone().requires_grad_()
+            loss, metrics = losses.value_loss(cfg, {"values": x}, data)
+            loss.backward()
+            return loss, x.grad, metrics["critic/vf_clipfrac"]
+        want = step()
+        assert 0 < want[2] < 1, want
+        import luspo_rs.verl as plugin
+        plugin.take_over()
+        assert ca.compute_value_loss is ours.compute_value_loss
+        assert losses.compute_value_loss is ours.compute_value_loss
+        got = step()
+        assert type(got[0].grad_fn).__name__ == "ValueLossFunctionBackward", got[0].grad_fn
+        torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+        assert abs(got[2] - want[2]) < 1e-6
+        plugin.restore()
+        assert ca.compute_value_loss is verl_fn and losses.compute_value_loss is verl_fn
+        assert type(step()[0].grad_fn).__name__ != "ValueLossFunctionBackward"
+        print("OK")
+        """,
+        VERL_USE_EXTERNAL_PLUGINS="none",
+    )
+    assert out == "OK"

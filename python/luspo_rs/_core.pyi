@@ -98,6 +98,31 @@ def agg_loss(
     (0-d, any float dtype); ``factor``, ``scratch`` and ``stream`` as in
     :func:`policy_loss`."""
 
+def value_loss(
+    vpreds: DLPack,
+    values: DLPack,
+    returns: DLPack,
+    response_mask: DLPack,
+    grad: DLPack,
+    loss: DLPack,
+    metrics: DLPack,
+    *,
+    cliprange_value: float,
+    loss_agg_mode: AggMode,
+    dp_size: float = 1.0,
+    batch_num_tokens: Optional[float] = None,
+    global_batch_size: Optional[float] = None,
+    loss_scale_factor: Optional[float] = None,
+    factor: Optional[DLPack] = None,
+    scratch: Optional[DLPack] = None,
+    stream: Optional[int] = None,
+) -> None:
+    """verl's clipped value loss, the same contract on both devices: writes the
+    final ``d loss / d vpreds`` into ``grad``, the loss into ``loss`` (0-d, any
+    float dtype) and ``vf_clipfrac`` into ``metrics[0]`` (the rest of the
+    ``METRICS_LEN`` float64 buffer is 0 or NaN); ``factor``, ``scratch`` and
+    ``stream`` as in :func:`policy_loss`."""
+
 def scale_grad(grad: DLPack, grad_output: DLPack, stream: Optional[int] = None) -> bool:
     """Backward of both losses: ``grad *= grad_output`` in place (a
     contiguous float ``grad``, a 1-element float ``grad_output``). Returns

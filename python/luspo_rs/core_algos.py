@@ -13,6 +13,8 @@ done by the public functions (:func:`luspo_rs.policy_loss`,
   ``"actor/pg_clipfrac"``, ``"actor/ppo_kl"``, ``"actor/pg_clipfrac_lower"``
   python floats; they read ``config.clip_ratio``, ``clip_ratio_low``,
   ``clip_ratio_high``, ``clip_ratio_c`` and ``config.global_batch_info``;
+* ``compute_value_loss`` — verl's clipped critic loss, returning
+  ``(vf_loss, vf_clipfrac)`` with ``vf_clipfrac`` a 0-d tensor in verl's dtype;
 * ``agg_loss`` and ``kl_penalty``, differentiable through torch autograd;
 * the outcome advantage estimators, returning ``(advantages, returns)`` (the
   same tensor twice, as verl), and the scans ``compute_gae_advantage_return``,
@@ -43,6 +45,7 @@ from .agg_loss import agg_loss as _agg_loss
 from .kl_penalty import kl_penalty  # verl's signature already: the drop-in is the public function
 from .policy_loss import METRICS
 from .policy_loss import policy_loss as _policy_loss
+from .value_loss import value_loss as _value_loss
 
 __all__ = [
     "ESTIMATORS",
@@ -60,6 +63,7 @@ __all__ = [
     "compute_remax_outcome_advantage",
     "compute_rloo_outcome_advantage",
     "compute_rloo_vectorized_outcome_advantage",
+    "compute_value_loss",
     "group_index",
     "kl_penalty",
 ]
@@ -174,6 +178,37 @@ def agg_loss(
         global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor,
     )
+
+
+def compute_value_loss(
+    vpreds: torch.Tensor,
+    returns: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    cliprange_value: float,
+    loss_agg_mode: str = "token-mean",
+    dp_size: int = 1,
+    batch_num_tokens: Optional[int] = None,
+    global_batch_size: Optional[int] = None,
+    loss_scale_factor: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_value_loss`` (see :func:`luspo_rs.value_loss`):
+    ``(vf_loss, vf_clipfrac)``, the clip fraction a 0-d tensor in the dtype
+    verl's ``masked_mean`` gives it (float32; float64 with a float64 mask)."""
+    loss, clipfrac = _value_loss(
+        vpreds,
+        values,
+        returns,
+        response_mask,
+        cliprange_value,
+        loss_agg_mode,
+        dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size,
+        loss_scale_factor=loss_scale_factor,
+    )
+    mask_dtype = getattr(response_mask, "dtype", None)
+    return loss, clipfrac.to(torch.float64 if mask_dtype == torch.float64 else torch.float32)
 
 
 # --------------------------------------------------------------------------- advantages

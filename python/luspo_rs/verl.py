@@ -12,8 +12,9 @@ verl imports this module itself when started with
   ones: the ``vanilla`` and ``gspo`` policy losses, the advantage estimators
   ``grpo``, ``grpo_vectorized``, ``rloo``, ``rloo_vectorized``,
   ``reinforce_plus_plus_baseline``, ``opo``, ``gpg`` (registry entries and the
-  ``core_algos.compute_*`` module attributes verl's trainer calls directly), and
-  ``kl_penalty``: in every loaded verl module that holds verl's function
+  ``core_algos.compute_*`` module attributes verl's trainer calls directly),
+  ``kl_penalty`` and the critic's ``compute_value_loss`` (which
+  ``verl.workers.utils.losses.value_loss`` calls): in every loaded verl module that holds verl's function
   object (found by identity), so modules that imported it by name are taken
   over too. :func:`restore` puts verl's originals back.
 
@@ -63,6 +64,7 @@ def _replacements() -> dict[str, Callable[..., Any]]:
     out = {attr: fn for attr, fn in _TAKEN_OVER_LOSSES.values()}
     out.update({attr: fn for attr, fn in TAKEN_OVER_ESTIMATORS.values()})
     out["kl_penalty"] = _ours.kl_penalty
+    out["compute_value_loss"] = _ours.compute_value_loss
     return out
 
 
@@ -101,7 +103,7 @@ def register() -> None:
 
 def take_over() -> None:
     """Replaces verl's ``vanilla``/``gspo`` losses, the group advantage
-    estimators and ``kl_penalty`` with luspo-rs's (idempotent): the registry
+    estimators, ``kl_penalty`` and ``compute_value_loss`` with luspo-rs's (idempotent): the registry
     entries, and every loaded verl module's name bound to verl's function
     object (``core_algos``, ``verl.workers.utils.losses``,
     ``verl.trainer.distillation.losses``, ...), found by identity. A module

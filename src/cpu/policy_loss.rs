@@ -10,7 +10,10 @@
 //! * GSPO / LUSPO: `s_i = exp(min(sum_t m d / max(L_i, 1), 10))` per row, and the
 //!   token ratio `s_it = exp(min(lp - sg(lp) + sg(log s_i), 10))` equals `s_i` in
 //!   value with `d s_it / d lp_it = s_it` (0 where the clamp at 10 bites);
-//!   `l = max(-A s_it, -A clip(s_it, lo, hi))`.
+//!   `l = max(-A s_it, -A clip(s_it, lo, hi))`;
+//! * value (verl's critic loss, `ops::value_loss`; `old` holds the old
+//!   values, `lp` the predictions, `A` the returns): `vc = max(min(lp,
+//!   old + c), old - c)`, `l = 0.5 max((lp - A)^2, (vc - A)^2)`.
 //!
 //! Gradients follow torch's conventions exactly: `maximum`/`minimum` split it
 //! in half on ties, `clamp` passes it strictly inside its bounds or, as older
@@ -124,6 +127,32 @@ impl TokenRule for Gspo {
         let dr = L::select(finite, L::splat(self.ds), nan);
         let (loss, dloss, clipped) = clipped_surrogate(a, r, dr, &self.clip);
         (Tok { loss, dloss, clipped, lower: L::mask(false) }, lp - old)
+    }
+}
+
+/// verl's `compute_value_loss` per token, `c = cliprange_value`: `old` are
+/// the values, `lp` the predictions, `a` the returns. The bounds `old -+ c`
+/// are rounded to the lane's type, as torch rounds `values -+ c`;
+/// `clip_by_value` is torch's `max(min(x, hi), lo)`, so a prediction on a
+/// bound gets half the gradient (ties split), and a NaN anywhere passes it.
+/// The 0.5 of verl's `0.5 * agg_loss(...)` is applied per token (exact).
+/// The metric flag is verl's `vf_clipfrac` condition `l2 > l1`.
+struct Value {
+    c: f64,
+}
+
+impl TokenRule for Value {
+    #[inline(always)]
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L) -> (Tok<L>, L) {
+        let (zero, one, c) = (L::splat(0.0), L::splat(1.0), L::splat(self.c));
+        let (lo, hi) = (old - c, old + c);
+        let (mn, dmn) = minimum(lp, one, hi, zero);
+        let (vc, dvc) = maximum(mn, dmn, lo, zero);
+        let (x1, x2) = (lp - a, vc - a);
+        let (l1, l2) = (x1 * x1, x2 * x2);
+        let (l, dl) = maximum(l1, x1 + x1, l2, (x2 + x2) * dvc);
+        let half = L::splat(0.5);
+        (Tok { loss: half * l, dloss: half * dl, clipped: l2.gt(l1), lower: L::mask(false) }, zero)
     }
 }
 
@@ -260,7 +289,7 @@ fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> Result<Polic
 #[inline(always)]
 fn row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<W::F>) -> RowSums {
     let cols = p.log_prob.cols;
-    let with_seq = p.mode != LossMode::Vanilla;
+    let with_seq = p.with_seq();
     let mut sums = (0.0, 0.0);
     if cols > PIECE {
         for (start, len) in pieces(cols) {
@@ -299,6 +328,7 @@ fn row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, plan: &AggPlan, i: usiz
                 let ds = <W::F as Lane>::select(pass, sr, <W::F as Lane>::splat(0.0));
                 ctx.token_pass::<W, _, DIAG>(g, &mut st, &Gspo { clip: p.clip, s: sr.f64(), ds: ds.f64() })
             }
+            LossMode::Value => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Value { c: p.clip.c }),
         }
         if converted {
             // SAFETY: as above.
@@ -512,7 +542,21 @@ mod tests {
         let (o, l, a, ww) = (d("old_log_prob", &old), d("log_prob", &lp), d("advantages", &adv), d("rollout_is_weights", &w));
         let m = Tensor::from_slice("response_mask", &mask, &[b, t]);
         let g = Tensor::from_mut_slice("grad", &mut grad, &[b, t]);
-        let p = PolicyLossProblem::new(&PolicyLossArgs {
+        let p = if mode == "value" {
+            // old as the values, lp as the predictions, adv as the returns
+            crate::ops::value_loss::problem(&crate::ops::value_loss::ValueLossArgs {
+                vpreds: &l,
+                values: &o,
+                returns: &a,
+                response_mask: &m,
+                grad: &g,
+                cliprange_value: 0.2,
+                loss_agg_mode: agg,
+                norm: Normalizers::default(),
+            })
+            .unwrap()
+        } else {
+            PolicyLossProblem::new(&PolicyLossArgs {
             old_log_prob: &o,
             log_prob: &l,
             advantages: &a,
@@ -529,7 +573,8 @@ mod tests {
             norm: Normalizers::default(),
             diagnostics: true,
         })
-        .unwrap();
+        .unwrap()
+        };
         let out = match width {
             "scalar" => run::<ScalarF32>(&p),
             #[cfg(target_arch = "x86_64")]
@@ -553,13 +598,18 @@ mod tests {
                 widths.push("avx2");
             }
         }
-        for mode in ["vanilla", "gspo", "luspo"] {
+        for mode in ["vanilla", "gspo", "luspo", "value"] {
             for agg in ["token-mean", "seq-mean-token-mean"] {
                 let (want, want_g) = run_width(mode, agg, "scalar");
                 assert!(want.loss.is_finite() && want.pg_clipfrac > 0.0, "{mode}: the batch must clip");
                 for w in &widths {
                     let (got, got_g) = run_width(mode, agg, w);
-                    assert_eq!(got, want, "{mode} {agg} {w}");
+                    if mode == "value" {
+                        // (no length diagnostics: NaN on both sides)
+                        assert_eq!((got.loss, got.pg_clipfrac), (want.loss, want.pg_clipfrac), "{mode} {agg} {w}");
+                    } else {
+                        assert_eq!(got, want, "{mode} {agg} {w}");
+                    }
                     let same = got_g.iter().zip(&want_g).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{mode} {agg} {w}: gradients differ");
                 }

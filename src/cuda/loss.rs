@@ -1,5 +1,6 @@
-//! The loss kernels' launcher (`kernels/loss.cu`): the policy loss and
-//! verl's `agg_loss` share the same two kernels, and backward is
+//! The loss kernels' launcher (`kernels/loss.cu`): the policy loss, verl's
+//! value loss (a rule of the policy loss, `ops::value_loss`) and verl's
+//! `agg_loss` share the same two kernels, and backward is
 //! [`scale_grad`].
 //!
 //! A call zeroes two tickets and launches two kernels, then returns: a team
@@ -51,8 +52,9 @@ struct LossArgs {
     vec: i64,
 }
 
-/// The token kernels' rules, by name suffix: vanilla, GSPO / LUSPO, agg_loss.
-const TOKEN_RULES: [&str; 3] = ["vanilla", "seq", "agg"];
+/// The token kernels' rules, by name suffix: vanilla, GSPO / LUSPO,
+/// agg_loss, the value loss.
+const TOKEN_RULES: [&str; 4] = ["vanilla", "seq", "agg", "value"];
 
 /// Which instantiation of the loss kernels runs: 16-byte runs of one float
 /// storage type, or element-wise loads of any dtypes (f32 or f64 math).
@@ -106,7 +108,7 @@ impl Variant {
 /// `loss_tokens_*` by `Variant` and token rule, and `scale_grad`.
 pub struct Kernels {
     rows: [CUfunction; 6],
-    tokens: [[CUfunction; 3]; 6],
+    tokens: [[CUfunction; 4]; 6],
     scale_grad: CUfunction,
 }
 
@@ -123,7 +125,7 @@ impl Kernels {
 
     pub fn load(get: &dyn Fn(&str) -> Result<CUfunction>) -> Result<Self> {
         let mut rows = [std::ptr::null_mut(); 6];
-        let mut tokens = [[std::ptr::null_mut(); 3]; 6];
+        let mut tokens = [[std::ptr::null_mut(); 4]; 6];
         for (k, v) in Variant::ALL.iter().enumerate() {
             rows[k] = get(&format!("loss_rows_{}", v.suffix()))?;
             for (j, rule) in TOKEN_RULES.iter().enumerate() {
@@ -247,6 +249,7 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossOutputs<'_>, scratch: &Tensor, device
         let rule = match l.mode {
             abi::MODE_VANILLA => 0,
             abi::MODE_AGG => 2,
+            abi::MODE_VALUE => 3,
             _ => 1,
         };
         launch(&d, s.loss.tokens[k][rule], blocks, block, stream, args)
@@ -257,7 +260,8 @@ fn clip_of(p: &PolicyLossProblem) -> (f64, f64, f64, bool) {
     (1.0 - p.clip.low, 1.0 + p.clip.high, p.clip.c, p.clip.clamp_closed)
 }
 
-/// Enqueues the fused policy loss on `stream` (a `CUstream` of the inputs'
+/// Enqueues the fused policy loss (or, in `LossMode::Value`, verl's value
+/// loss, with `vf_clipfrac` as the first metric) on `stream` (a `CUstream` of the inputs'
 /// device, 0 for the legacy default stream): the final `d loss / d log_prob`
 /// into `p.grad`, the loss into `b.loss`, verl's metrics into `b.metrics`;
 /// `scratch` is float64, `abi::loss_scratch_len(rows)` values on the device.
@@ -267,6 +271,7 @@ pub fn policy_loss(p: &PolicyLossProblem, b: &LossOutputs<'_>, scratch: &Tensor,
         LossMode::Vanilla => abi::MODE_VANILLA,
         LossMode::Gspo => abi::MODE_GSPO,
         LossMode::Luspo => abi::MODE_LUSPO,
+        LossMode::Value => abi::MODE_VALUE,
     };
     let l = LossLaunch {
         old_lp: view(&p.old_log_prob),

@@ -20,8 +20,9 @@ shared_constants! {
     "element types" {
         DT_F64 = 0, DT_F32 = 1, DT_BF16 = 2, DT_F16 = 3, DT_U8 = 4, DT_I8 = 5, DT_I16 = 6, DT_I32 = 7, DT_I64 = 8,
     }
-    /// `LossArgs.mode`: the policy-loss modes, and the loss kernels computing `agg_loss`.
-    "loss kernels' modes" { MODE_VANILLA = 0, MODE_GSPO = 1, MODE_LUSPO = 2, MODE_AGG = 3 }
+    /// `LossArgs.mode`: the policy-loss modes, the loss kernels computing
+    /// `agg_loss`, and verl's value loss (`ops::value_loss`).
+    "loss kernels' modes" { MODE_VANILLA = 0, MODE_GSPO = 1, MODE_LUSPO = 2, MODE_AGG = 3, MODE_VALUE = 4 }
     /// `LossArgs.agg`: verl's `loss_agg_mode`s.
     "aggregation modes" {
         AGG_TOKEN_MEAN = 0, AGG_TOKEN_SUM = 1, AGG_SEQ_SUM = 2, AGG_SEQ_MEAN = 3, AGG_SEQ_SUM_NORM = 4,

@@ -20,6 +20,10 @@ pub enum LossMode {
     /// LUSPO: GSPO's per-token loss aggregated `seq-mean-token-sum`, whatever
     /// `loss_agg_mode` says, so each sequence is weighted by its length.
     Luspo,
+    /// Not a policy loss: verl's clipped critic loss (`compute_value_loss`),
+    /// run by the same pipeline (see `ops::value_loss`). Never parsed from a
+    /// name: only `value_loss::problem` builds it.
+    Value,
 }
 
 impl LossMode {
@@ -46,7 +50,8 @@ impl LossMode {
 }
 
 /// Clip parameters of the surrogate, already resolved and validated:
-/// the ratio is clipped to `[1 - low, 1 + high]`; `c` is the dual-clip bound.
+/// the ratio is clipped to `[1 - low, 1 + high]`; `c` is the dual-clip bound
+/// (in [`LossMode::Value`]: `cliprange_value`, and `low`/`high` are unused).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Clip {
     pub low: f64,
@@ -281,20 +286,26 @@ impl PolicyLossProblem {
         })
     }
 
+    /// Whether the rows need the sequence log-ratio `sum_t m (lp - old)`
+    /// before their token pass (GSPO, LUSPO).
+    pub fn with_seq(&self) -> bool {
+        matches!(self.mode, LossMode::Gspo | LossMode::Luspo)
+    }
+
     /// Whether any float input is float64, in which case the kernels compute
     /// in f64; otherwise in f32 (the math type of verl for 16/32-bit inputs
     /// is the input type; f32 is at least as precise). A float64 mask counts
     /// for GSPO / LUSPO: verl's sequence mean `sum(d * m) / sum(m)` is then
     /// float64, and so is the sequence ratio and the loss built on it. The
-    /// vanilla token ratio does not involve the mask (verl computes it in the
-    /// log-probs' type, and so do we; the sums are f64 anyway).
+    /// vanilla token ratio and the value loss do not involve the mask (verl
+    /// computes them in the inputs' type, and so do we; the sums are f64 anyway).
     pub fn wants_f64(&self) -> bool {
         use crate::tensor::DType::F64;
         [&self.old_log_prob, &self.log_prob, &self.advantages]
             .iter()
             .any(|m| m.tensor.dtype == F64)
             || self.rollout_is_weights.as_ref().is_some_and(|w| w.tensor.dtype == F64)
-            || (self.mode != LossMode::Vanilla && self.response_mask.tensor.dtype == F64)
+            || (self.with_seq() && self.response_mask.tensor.dtype == F64)
     }
 }
 

@@ -1,4 +1,4 @@
-//! `policy_loss`, `agg_loss` and their backward, `scale_grad`. Both losses
+//! `policy_loss`, `value_loss`, `agg_loss` and their backward, `scale_grad`. The losses
 //! write the final gradient into `grad`, the loss into `loss` (0-d, any
 //! float dtype) and, for the policy loss, verl's metrics into `metrics`
 //! (float64 `[pg_clipfrac, ppo_kl, pg_clipfrac_lower]`), on either device.
@@ -10,6 +10,7 @@ use super::to_py;
 use crate::ops::abi;
 use crate::ops::agg_loss::{AggProblem, Normalizers};
 use crate::ops::policy_loss::{PolicyLossArgs, PolicyLossProblem};
+use crate::ops::value_loss::{problem as value_problem, ValueLossArgs};
 use crate::ops::LossOutputs;
 use crate::{cpu, cuda};
 use pyo3::prelude::*;
@@ -113,6 +114,71 @@ pub fn policy_loss(
                 ];
                 cpu::outputs::write(&out, r.loss, Some(&metrics))
             }
+        },
+        |stream| cuda::policy_loss(&p, &out, needed(&sc, "scratch", scratch_what(p.log_prob.rows))?, stream),
+    )
+}
+
+/// verl's clipped value loss (`compute_value_loss`), fused with
+/// `d loss / d vpreds`: the policy-loss pipeline in `LossMode::Value`;
+/// `metrics` gets `vf_clipfrac` first (the other values are 0 or NaN).
+#[pyfunction]
+#[pyo3(signature = (
+    vpreds, values, returns, response_mask, grad, loss, metrics, *, cliprange_value, loss_agg_mode,
+    dp_size=1.0, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None, factor=None,
+    scratch=None, stream=None
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn value_loss(
+    py: Python<'_>,
+    vpreds: &Bound<'_, PyAny>,
+    values: &Bound<'_, PyAny>,
+    returns: &Bound<'_, PyAny>,
+    response_mask: &Bound<'_, PyAny>,
+    grad: &Bound<'_, PyAny>,
+    loss: &Bound<'_, PyAny>,
+    metrics: &Bound<'_, PyAny>,
+    cliprange_value: f64,
+    loss_agg_mode: &str,
+    dp_size: f64,
+    batch_num_tokens: Option<f64>,
+    global_batch_size: Option<f64>,
+    loss_scale_factor: Option<f64>,
+    factor: Option<&Bound<'_, PyAny>>,
+    scratch: Option<&Bound<'_, PyAny>>,
+    stream: Option<usize>,
+) -> PyResult<()> {
+    let call = Call::new(stream);
+    let vp = call.import("vpreds", vpreds, false)?;
+    let v = call.import("values", values, false)?;
+    let r = call.import("returns", returns, false)?;
+    let mask = call.import("response_mask", response_mask, false)?;
+    let g = call.import("grad", grad, true)?;
+    let l = call.import("loss", loss, true)?;
+    let m = call.import("metrics", metrics, true)?;
+    let f = call.import_opt("factor", factor, false)?;
+    let sc = call.import_opt("scratch", scratch, true)?;
+    let p = value_problem(&ValueLossArgs {
+        vpreds: &vp.tensor,
+        values: &v.tensor,
+        returns: &r.tensor,
+        response_mask: &mask.tensor,
+        grad: &g.tensor,
+        cliprange_value,
+        loss_agg_mode,
+        norm: Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor, factor: cpu_factor(&f)? },
+    })
+    .map_err(to_py)?;
+    let out = LossOutputs { loss: &l.tensor, metrics: Some(&m.tensor), factor: f.as_ref().map(|f| &f.tensor) };
+    out.check(p.device, true).map_err(to_py)?;
+    call.run(
+        py,
+        p.device,
+        || {
+            let r = cpu::policy_loss::policy_loss(&p)?;
+            let nan = f64::NAN;
+            let metrics = [r.pg_clipfrac, r.ppo_kl, r.pg_clipfrac_lower, nan, nan, nan, nan];
+            cpu::outputs::write(&out, r.loss, Some(&metrics))
         },
         |stream| cuda::policy_loss(&p, &out, needed(&sc, "scratch", scratch_what(p.log_prob.rows))?, stream),
     )

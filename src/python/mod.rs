@@ -36,6 +36,7 @@ fn cuda_err(e: CudaError) -> PyErr {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(loss::policy_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(loss::value_loss, m)?)?;
     m.add_function(wrap_pyfunction!(loss::agg_loss, m)?)?;
     m.add_function(wrap_pyfunction!(loss::scale_grad, m)?)?;
     m.add_function(wrap_pyfunction!(kl_penalty::kl_penalty, m)?)?;

@@ -1,5 +1,6 @@
-// The loss kernels: the policy loss (vanilla, GSPO, LUSPO) and verl's
-// agg_loss, and backward's in-place scale. Twin of src/cpu/policy_loss.rs
+// The loss kernels: the policy loss (vanilla, GSPO, LUSPO), verl's value
+// loss (MODE_VALUE, a token rule like the policy losses': src/ops/value_loss.rs)
+// and verl's agg_loss, and backward's in-place scale. Twin of src/cpu/policy_loss.rs
 // and src/cpu/agg_loss.rs, token for token (torch's clamp / maximum /
 // minimum gradient conventions, the same NaN rules, the same gradient
 // formula `coef_i * m * (dl * w)`), so the forward writes the final
@@ -24,7 +25,7 @@ struct LossArgs {
     double *scratch;                // SCRATCH_HEAD + ROW_STRIDE * rows float64, see below
     const double *factor;           // 0, or a device float64 scalar that multiplies the scale
     i64 rows, cols, mode, agg;
-    double lo, hi, c;               // clip bounds [1 - low, 1 + high], dual-clip c
+    double lo, hi, c;               // clip bounds [1 - low, 1 + high], dual-clip c (MODE_VALUE: cliprange_value)
     i64 clamp_closed;               // 1: clamp passes the gradient on its bounds too (torch < 2.15)
     double dp_size;
     double batch_num_tokens;        // <= 0: use the batch's own sum(mask)
@@ -294,7 +295,8 @@ __device__ void loss_rows(const LossArgs &a) {
 
 // One token: loss l, dl / dlp, the log-ratio the ppo_kl metric averages,
 // and verl's clip flags (src/cpu/policy_loss.rs, token for token). MODE is
-// MODE_VANILLA, MODE_GSPO (GSPO and LUSPO: the row's s_i, ds_i) or MODE_AGG.
+// MODE_VANILLA, MODE_GSPO (GSPO and LUSPO: the row's s_i, ds_i), MODE_AGG or
+// MODE_VALUE (old: the values, lp: the predictions, A: the returns).
 template <typename F, int MODE>
 __device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F sr, F dsr, F *dloss, F *d, bool *clipped,
                                         bool *lower) {
@@ -306,6 +308,21 @@ __device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F s
         *d = zero;
         *clipped = false;
         return lp;
+    }
+    if (MODE == MODE_VALUE) {
+        // verl's clip_by_value: max(min(x, values + c), values - c), ties
+        // split; l = 0.5 max((x - R)^2, (vc - R)^2), the 0.5 per token (exact)
+        const F c = cvt<F>(a.c), one = cvt<F>(1.0), half = cvt<F>(0.5);
+        F dmn, dvc, dl;
+        F mn = minimumg(lp, one, old + c, zero, &dmn);
+        F vc = maximumg(mn, dmn, old - c, zero, &dvc);
+        F x1 = lp - A, x2 = vc - A;
+        F l1 = x1 * x1, l2 = x2 * x2;
+        F l = maximumg(l1, x1 + x1, l2, (x2 + x2) * dvc, &dl);
+        *clipped = l2 > l1;
+        *d = zero;
+        *dloss = half * dl;
+        return half * l;
     }
     if (MODE == MODE_VANILLA) {
         bool pass;
@@ -494,6 +511,10 @@ __device__ void loss_tokens(const LossArgs &a) {
     extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS)                                              \
         loss_tokens_##suffix##_agg(LossArgs a) {                                                                       \
         loss_tokens<F, S, VEC, MODE_AGG>(a);                                                                           \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS)                                              \
+        loss_tokens_##suffix##_value(LossArgs a) {                                                                     \
+        loss_tokens<F, S, VEC, MODE_VALUE>(a);                                                                         \
     }
 LOSS_KERNELS(f32, float, SF32, true)
 LOSS_KERNELS(bf16, float, SBF16, true)
