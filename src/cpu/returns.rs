@@ -14,18 +14,8 @@
 use super::{fold_rows, for_each_row};
 use crate::error::Result;
 pub use crate::ops::returns::{ReturnsEstimator, ReturnsProblem};
-use crate::ops::returns::whiten_stats;
+use crate::ops::returns::{whiten_stats, Moments};
 use crate::tensor::{piece_scratch, pieces, Mat, MatMut, Real};
-
-/// Row sums for the whitening: `sum m`, `sum m x`, `sum m x^2` over the
-/// tokens with `m != 0` (a NaN at a masked position is dropped, as verl's
-/// `masked_sum` drops it), `x` the whitened quantity.
-#[derive(Clone, Copy, Default)]
-struct Moments {
-    n: f64,
-    sx: f64,
-    sx2: f64,
-}
 
 /// Rows scanned together, one per lane: their recurrences are independent,
 /// so eight of them hide each other's latency (and vectorise across rows).
@@ -49,15 +39,18 @@ fn blocks_rev(cols: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).rev().map(move |k| (k * BLOCK, BLOCK.min(cols - k * BLOCK)))
 }
 
-/// [`Moments`] of the rows of a lane group, one per lane, summed in the same
-/// order as the scan (last token first); a token with `m = 0` adds zeros
-/// (a NaN there is dropped, as verl's `masked_sum` drops it). Kept apart
-/// from the recurrence so both loops vectorise.
+/// The [`Moments`] of the rows of a lane group, one per lane, from sums
+/// about each row's first valid value (in scan order: its last), so the
+/// sums stay small next to the spread; a token with `m = 0` adds zeros (a
+/// NaN there is dropped, as verl's `masked_sum` drops it). Kept apart from
+/// the recurrence, and branch-free, so both loops vectorise.
 #[derive(Default)]
 struct LaneMoments {
+    seen: [bool; LANES],
+    k: [f64; LANES],
     n: [f64; LANES],
-    sx: [f64; LANES],
-    sx2: [f64; LANES],
+    s: [f64; LANES],
+    q: [f64; LANES],
 }
 
 impl LaneMoments {
@@ -66,16 +59,19 @@ impl LaneMoments {
     fn add<F: Real>(&mut self, m: &[Col<F>], x: &[Col<F>]) {
         for (mt, xt) in m.iter().zip(x).rev() {
             let keep: [bool; LANES] = std::array::from_fn(|l| mt[l] != F::zero());
-            let m: [f64; LANES] = std::array::from_fn(|l| if keep[l] { mt[l].f64() } else { 0.0 });
+            let w: [f64; LANES] = std::array::from_fn(|l| if keep[l] { mt[l].f64() } else { 0.0 });
             let x: [f64; LANES] = std::array::from_fn(|l| if keep[l] { xt[l].f64() } else { 0.0 });
-            self.n = std::array::from_fn(|l| self.n[l] + m[l]);
-            self.sx = std::array::from_fn(|l| self.sx[l] + m[l] * x[l]);
-            self.sx2 = std::array::from_fn(|l| self.sx2[l] + m[l] * x[l] * x[l]);
+            self.k = std::array::from_fn(|l| if keep[l] && !self.seen[l] { x[l] } else { self.k[l] });
+            self.seen = std::array::from_fn(|l| self.seen[l] | keep[l]);
+            let d: [f64; LANES] = std::array::from_fn(|l| if keep[l] { x[l] - self.k[l] } else { 0.0 });
+            self.n = std::array::from_fn(|l| self.n[l] + w[l]);
+            self.s = std::array::from_fn(|l| self.s[l] + w[l] * d[l]);
+            self.q = std::array::from_fn(|l| self.q[l] + w[l] * d[l] * d[l]);
         }
     }
 
     fn rows(&self) -> [Moments; LANES] {
-        std::array::from_fn(|l| Moments { n: self.n[l], sx: self.sx[l], sx2: self.sx2[l] })
+        std::array::from_fn(|l| Moments::shifted(self.n[l], self.k[l], self.s[l], self.q[l]))
     }
 }
 
@@ -165,17 +161,15 @@ fn run<F: Real>(p: &ReturnsProblem) -> Result<()> {
         |s, k| scan_group(p, k * LANES, (rows - k * LANES).min(LANES), s),
         |(moments, n)| {
             // row by row, in index order: the same sums whatever the grouping
-            for m in &moments[..n] {
-                total.n += m.n;
-                total.sx += m.sx;
-                total.sx2 += m.sx2;
+            for &m in &moments[..n] {
+                total = total.merge(m);
             }
         },
     )?;
     if !p.estimator.whitens() {
         return Ok(());
     }
-    let (mean, rstd) = whiten_stats(total.n, total.sx, total.sx2, p.mask_f64());
+    let (mean, rstd) = whiten_stats(total, p.mask_f64());
     let (mean, rstd) = (F::of(mean), F::of(rstd));
     // GAE whitens its raw advantages in place; REINFORCE++ whitens its returns
     // into the advantages, times the mask.

@@ -93,7 +93,7 @@ pub fn returns(p: &ReturnsProblem, scratch: &Tensor, stream: usize) -> Result<()
     unsafe {
         launch(&d, scan, g, abi::SCAN_THREADS as u32, stream, args)?;
         if p.estimator.whitens() {
-            launch(&d, k.batch, 1, 256, stream, args)?;
+            launch(&d, k.batch, 1, abi::SCAN_THREADS as u32, stream, args)?; // block_merge holds SCAN_THREADS
             launch(&d, whiten, g, threads_per_row(cols), stream, args)?;
         }
     }

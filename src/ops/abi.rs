@@ -52,9 +52,10 @@ shared_constants! {
     "advantage scratch: per row" { A_SCORE = 0, A_M1 = 1, A_M2 = 2, A_M3 = 3, A_SCALAR = 4, ADV_NSTAT = 5 }
     /// `ScanArgs.estimator`: the scan estimators (`ops::returns`).
     "scan estimators" { SCAN_GAE = 0, SCAN_RFPP = 1, SCAN_REMAX = 2 }
-    /// The scan scratch: `SCAN_NSTAT` float64 per row (the whitening moments
-    /// `sum m`, `sum m x`, `sum m x^2`), then 2 batch values (mean, 1 / std).
-    "scan scratch: per row" { S_N = 0, S_SX = 1, S_SX2 = 2, SCAN_NSTAT = 3 }
+    /// The scan scratch: `SCAN_NSTAT` float64 per row (the row's whitening
+    /// moments, `ops::returns::Moments`: `sum m`, the mean, `sum m (x - mean)^2`),
+    /// then 2 batch values (mean, 1 / std).
+    "scan scratch: per row" { S_N = 0, S_MEAN = 1, S_M2 = 2, SCAN_NSTAT = 3 }
     /// Threads per row of the scan kernels: one chunk of the row each.
     "scan kernels' block" { SCAN_THREADS = 128 }
 }

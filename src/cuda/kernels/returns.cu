@@ -58,6 +58,42 @@ __device__ __forceinline__ ScanMap scan_step(const ScanArgs &a, i64 i, i64 t, Sc
     return o;
 }
 
+// The whitening moments (ops::returns::Moments): n = sum m, the mean and
+// m2 = sum m (x - mean)^2, merged pairwise (Chan et al.), never as raw sums
+// of x and x^2 (those cancel when the mean is far from 0 next to the spread).
+struct Moments {
+    double n, mean, m2;
+};
+
+__device__ __forceinline__ Moments moments_shifted(double n, double k, double s, double q) {
+    if (n == 0.0) return Moments{0.0, 0.0, 0.0};
+    const double d = s / n;
+    return Moments{n, k + d, q - s * d};
+}
+
+__device__ __forceinline__ Moments moments_merge(Moments a, Moments b) {
+    const double n = a.n + b.n;
+    if (b.n == 0.0) return a;
+    if (a.n == 0.0 || n == 0.0) return b;
+    const double delta = b.mean - a.mean, r = b.n / n;
+    return Moments{n, a.mean + delta * r, a.m2 + b.m2 + delta * delta * a.n * r};
+}
+
+// Merges every thread's moments into thread 0's, in thread order (a fixed
+// order: the result does not depend on timing). Ends with a barrier. Blocks
+// of at most SCAN_THREADS threads (the launcher uses exactly that).
+__device__ inline Moments block_merge(Moments m) {
+    __shared__ double sh[3][SCAN_THREADS];
+    sh[0][threadIdx.x] = m.n;
+    sh[1][threadIdx.x] = m.mean;
+    sh[2][threadIdx.x] = m.m2;
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (unsigned j = 1; j < blockDim.x; ++j) m = moments_merge(m, Moments{sh[0][j], sh[1][j], sh[2][j]});
+    __syncthreads();
+    return m;
+}
+
 template <typename F>
 __device__ void scan_rows(const ScanArgs &a) {
     __shared__ double maps[5][SCAN_THREADS];
@@ -91,7 +127,9 @@ __device__ void scan_rows(const ScanArgs &a) {
     const F one = (F)1.0, gamma = (F)a.gamma, c = (F)a.c;
     F nv = (F)carry[0][threadIdx.x], g = (F)carry[1][threadIdx.x], run = g;
     double acc = carry[1][threadIdx.x];
-    double mom[3] = {0.0, 0.0, 0.0};  // sum m, sum m x, sum m x^2 over m != 0
+    // sum m, sum m (x - k), sum m (x - k)^2 over m != 0, k this chunk's first valid x
+    double mn = 0.0, ms = 0.0, mq = 0.0, mk = 0.0;
+    bool seen = false;
     for (i64 t = hi - 1; t >= lo; --t) {
         const F r = load<F>(a.rewards, i, t), m = load<F>(a.mask, i, t);
         F x = (F)0.0;
@@ -117,46 +155,47 @@ __device__ void scan_rows(const ScanArgs &a) {
         }
         if (m != (F)0.0) {
             const double md = (double)m, xd = (double)x;
-            mom[0] += md;
-            mom[1] += md * xd;
-            mom[2] += md * xd * xd;
+            if (!seen) mk = xd, seen = true;
+            const double d = xd - mk;
+            mn += md;
+            ms += md * d;
+            mq += md * d * d;
         }
     }
-    block_sum<3>(mom);
+    const Moments row = block_merge(moments_shifted(mn, mk, ms, mq));
     if (threadIdx.x == 0) {
         double *p = a.scratch + i * SCAN_NSTAT;
-        *GLOBAL(p + S_N) = mom[0];
-        *GLOBAL(p + S_SX) = mom[1];
-        *GLOBAL(p + S_SX2) = mom[2];
+        *GLOBAL(p + S_N) = row.n;
+        *GLOBAL(p + S_MEAN) = row.mean;
+        *GLOBAL(p + S_M2) = row.m2;
     }
 }
 
 extern "C" __global__ void returns_scan_f32(ScanArgs a) { scan_rows<float>(a); }
 extern "C" __global__ void returns_scan_f64(ScanArgs a) { scan_rows<double>(a); }
 
-// The whitening statistics (ops::returns::whiten_stats): with N = sum m,
-// mean = sum m x / (N + 1e-8), var = sum m (x - mean)^2 / (N + 1e-8) * N / (N - 1),
-// the epsilon and the Bessel factor in float32 unless the mask is float64;
-// NaN for N < 2 (verl raises). Into scratch[rows * SCAN_NSTAT + {0, 1}] =
-// (mean, 1 / sqrt(var + 1e-8)).
+// The whitening statistics (ops::returns::whiten_stats): the rows' moments
+// merged (each thread its rows in order, then the threads in order); with
+// N = sum m, verl's mean = sum m x / (N + 1e-8) and var = sum m (x - mean)^2 /
+// (N + 1e-8) * N / (N - 1), the epsilon and the Bessel factor in float32
+// unless the mask is float64; NaN for N < 2 (verl raises). Into
+// scratch[rows * SCAN_NSTAT + {0, 1}] = (mean, 1 / sqrt(var + 1e-8)).
 extern "C" __global__ void returns_batch(ScanArgs a) {
     const double *st = a.scratch;
-    double s[3] = {0.0, 0.0, 0.0};
+    Moments m = {0.0, 0.0, 0.0};
     for (i64 i = threadIdx.x; i < a.rows; i += blockDim.x) {
         const double *p = st + i * SCAN_NSTAT;
-        s[0] += *GLOBAL(p + S_N);
-        s[1] += *GLOBAL(p + S_SX);
-        s[2] += *GLOBAL(p + S_SX2);
+        m = moments_merge(m, Moments{*GLOBAL(p + S_N), *GLOBAL(p + S_MEAN), *GLOBAL(p + S_M2)});
     }
-    block_sum<3>(s);
+    m = block_merge(m);
     if (threadIdx.x == 0) {
-        const double n = s[0], nan = __longlong_as_double(0x7ff8000000000000LL);
+        const double n = m.n, nan = __longlong_as_double(0x7ff8000000000000LL);
         double mean = nan, rstd = nan;
         if (n != 0.0 && n != 1.0) {
             const bool mask_f64 = a.mask_f64 != 0;
             const double denom = plus_eps(n, mask_f64);
-            mean = s[1] / denom;
-            const double ss = s[2] - 2.0 * mean * s[1] + mean * mean * n;
+            mean = n * m.mean / denom;
+            const double d = m.mean - mean, ss = m.m2 + n * d * d;
             const float n32 = (float)n;
             const double bessel = mask_f64 ? n / (n - 1.0) : (double)(n32 / (n32 - 1.0f));
             rstd = 1.0 / sqrt(ss / denom * bessel + 1e-8);
