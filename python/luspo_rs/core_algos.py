@@ -17,7 +17,9 @@ done by the public functions (:func:`luspo_rs.policy_loss`,
 * the outcome advantage estimators, returning ``(advantages, returns)`` (the
   same tensor twice, as verl), and the scans ``compute_gae_advantage_return``,
   ``compute_reinforce_plus_plus_outcome_advantage`` and
-  ``compute_remax_outcome_advantage`` (two tensors).
+  ``compute_remax_outcome_advantage`` (two tensors), and the optimal token
+  baselines ``compute_optimal_token_baseline_advantage`` and
+  ``compute_multi_turn_optimal_token_baseline_advantage`` (two tensors).
 
 Known, deliberate differences from verl (documented in the README):
 
@@ -51,7 +53,9 @@ __all__ = [
     "compute_gpg_outcome_advantage",
     "compute_grpo_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage",
+    "compute_multi_turn_optimal_token_baseline_advantage",
     "compute_opo_outcome_advantage",
+    "compute_optimal_token_baseline_advantage",
     "compute_policy_loss_gspo",
     "compute_policy_loss_luspo",
     "compute_policy_loss_vanilla",
@@ -322,3 +326,56 @@ def compute_remax_outcome_advantage(
 ESTIMATORS["gae"] = compute_gae_advantage_return
 ESTIMATORS["reinforce_plus_plus"] = compute_reinforce_plus_plus_outcome_advantage
 ESTIMATORS["remax"] = compute_remax_outcome_advantage
+
+
+# --------------------------------------------------------------------------- token baselines
+
+
+def compute_optimal_token_baseline_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    old_log_probs: torch.Tensor,
+    sum_pi_squared: torch.Tensor,
+    rollout_is_weights: torch.Tensor = None,
+    handle_zero_tail: bool = True,
+    epsilon: float = 1e-8,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimal token baseline (verl ``optimal_token_baseline``): ``(advantages,
+    returns)``. Returns ``G`` are the reverse cumulative sum of ``r m``;
+    ``W`` the cumulative sum of ``(1 - 2 exp(old_log_probs) + sum_pi_squared) m``
+    (times ``rollout_is_weights**2``); per ``index`` group and column
+    ``B_t = sum(G W m) / (sum(W m) + epsilon)`` (0 for singletons, and, with
+    ``handle_zero_tail``, beyond the second-longest length for the unique
+    longest row); advantages ``(G - B) m``."""
+    return advantage(token_level_rewards, response_mask, index, "optimal_token_baseline",
+                     old_log_probs=old_log_probs, sum_pi_squared=sum_pi_squared,
+                     rollout_is_weights=rollout_is_weights, handle_zero_tail=handle_zero_tail,
+                     epsilon=epsilon, with_returns=True)  # fmt: skip
+
+
+def compute_multi_turn_optimal_token_baseline_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    old_log_probs: torch.Tensor,
+    sum_pi_squared: torch.Tensor,
+    rollout_is_weights: torch.Tensor = None,
+    handle_zero_tail: bool = True,
+    epsilon: float = 1e-8,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-turn optimal token baseline (verl ``tir_optimal_token_baseline``):
+    :func:`compute_optimal_token_baseline_advantage` over valid-token ranks
+    (the k-th token with ``m != 0`` of each row, so masks with holes line up
+    by token, not by column); rows without a valid token are left out of
+    their group and get zero advantages."""
+    return advantage(token_level_rewards, response_mask, index, "tir_optimal_token_baseline",
+                     old_log_probs=old_log_probs, sum_pi_squared=sum_pi_squared,
+                     rollout_is_weights=rollout_is_weights, handle_zero_tail=handle_zero_tail,
+                     epsilon=epsilon, with_returns=True)  # fmt: skip
+
+
+ESTIMATORS["optimal_token_baseline"] = compute_optimal_token_baseline_advantage
+ESTIMATORS["tir_optimal_token_baseline"] = compute_multi_turn_optimal_token_baseline_advantage

@@ -10,6 +10,7 @@ pub mod agg_loss;
 pub mod kl_penalty;
 pub mod policy_loss;
 pub mod returns;
+pub mod token_baseline;
 
 use crate::error::{Error, Result};
 use crate::tensor::{Device, Tensor};
