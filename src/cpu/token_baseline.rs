@@ -12,6 +12,9 @@
 //!    so results do not depend on the thread count.
 //!
 //! A batch that is a single group runs its second pass on one thread.
+//! `exp(old)` is computed in float64 and rounded: the correctly rounded
+//! value, which torch's float32 `exp` misses by one ulp now and then (where
+//! `1 - 2 pi + sp` cancels, for `pi` near 1, that ulp is all of `w`).
 
 use super::fold_rows;
 use crate::error::{try_zeros, Error, Result};
@@ -181,7 +184,7 @@ fn group<F: Real>(
                 let g = returns.part::<F>(i, start, n, sg);
                 let (one, two) = (F::one(), F::of(2.0));
                 for t in 0..n {
-                    let pi = rd(rn.pi, old[t].exp());
+                    let pi = rd(rn.pi, F::of(old[t].f64().exp()));
                     let mut w = rd(rn.wp, rd(rn.pi, one - rd(rn.pi, two * pi)) + sp[t]);
                     if let Some(rho) = rho {
                         w = rd(rn.w, w * rd(rn.q, rho[t] * rho[t]));
