@@ -219,10 +219,10 @@ def _token_baseline(rewards, mask, index, estimator, old, sp, rho, handle_zero_t
         raise TypeError(f"token_level_rewards: expected a floating-point tensor, got {rewards.dtype}")
     dtype = torch.promote_types(rewards.dtype, mask.dtype)
     if _cuda.on_device(rewards):
-        gid = group_index(index).to(rewards.device)
+        # the labels on the device, their stable argsort and the kernels' scratch
+        gid, cuda = _cuda.advantage_inputs(rewards, group_index(index), _core.token_baseline_scratch_len)
         adv = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)
         ret = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)
-        cuda = dict(stream=_cuda.stream_of(rewards))
     else:
         gid = group_index(index).cpu()
         adv, ret, cuda = empty_host(tuple(rewards.shape), dtype), empty_host(tuple(rewards.shape), dtype), {}
