@@ -20,7 +20,7 @@ import typing
 import numpy as np
 import pytest
 import torch
-from conftest import stable_seed
+from conftest import check_public_op, stable_seed
 from verl.trainer.ppo import core_algos as verl_ca
 
 import luspo_rs
@@ -144,6 +144,25 @@ def test_otb_fractional_masks_truncate_lengths_as_verl():
     check("optimal_token_baseline", b, m.double(), rho=False)
 
 
+def test_tir_with_mask_values_other_than_one_ranks_the_nonzero_tokens():
+    # verl's TIR takes a row's length as int(sum m) and copies the m != 0
+    # tokens into that many slots: it raises when the two differ. Here the
+    # ranks are those of the m != 0 tokens (documented). On prefix masks
+    # without empty rows, ranks are columns, so this is verl's OTB (whose
+    # G W m and W m sums carry the constant m = 0.5 that TIR's leave out).
+    rng = np.random.default_rng(12)
+    b = make(8, 15, rng, torch.float64, "prefix", groups=[0, 0, 0, 1, 1, 2, 2, 2])
+    m = b["response_mask"].double()
+    m[1, 0] = 1.0  # no empty row (row 1 is made empty by `make`)
+    m = m * 0.5
+    with pytest.raises(RuntimeError):
+        call(verl_ca, "tir_optimal_token_baseline", b, m, True, False)
+    got = call(ours, "tir_optimal_token_baseline", b, m, True, False)
+    want = call(verl_ca, "optimal_token_baseline", b, m, True, False)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-7)
+
+
 #: float64 inputs among float32 ones, and whether verl 0.9.1 raises for them
 #: (OTB, TIR): its baselines are stored into a tensor of another dtype
 #: ("Index put requires the source and destination dtypes match").
@@ -254,6 +273,10 @@ def test_public_entry_point():
         assert fn is getattr(ours, FNS[name]) and fn.__name__ == FNS[name] and fn.__doc__
         assert fn.__name__ == getattr(verl_ca, FNS[name]).__name__
     assert list(typing.get_args(TokenBaselineEstimator)) == list(TOKEN_BASELINE_ESTIMATORS) == list(FNS)
+    check_public_op("advantage", "TokenBaselineEstimator", FNS)  # the native stubs spell the same names
+    # every estimator verl 0.9.1 registers that luspo-rs computes has a drop-in of verl's name
+    for name in FNS:
+        assert name in verl_ca.ADV_ESTIMATOR_REGISTRY and name in ours.ESTIMATORS
 
 
 def test_bad_input_names_the_argument():

@@ -30,7 +30,14 @@ Known, deliberate differences from verl (documented in the README):
   divided by ``std + epsilon``;
 * ``reinforce_plus_plus_baseline`` does not raise when the whole batch has at
   most one valid token (verl's ``masked_var`` does); it returns zeros or NaN;
-  GAE and REINFORCE++ return NaN advantages there (their returns are right).
+  GAE and REINFORCE++ return NaN advantages there (their returns are right);
+* the optimal token baselines sum over a group's rows in float64, take
+  ``exp(old_log_probs)`` correctly rounded (torch's float32 ``exp`` can be
+  an ulp off), compute the mixtures of float32 and float64 inputs for which
+  verl raises ("Index put requires the source and destination dtypes
+  match"), leave the zero tail alone where a mask sum is not finite (verl's
+  ``int(nan)`` raises), and in the multi-turn form rank the ``m != 0`` tokens
+  whatever the mask's values (verl raises unless ``int(sum m)`` is their count).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 //! `optimal_token_baseline` (OTB) and `tir_optimal_token_baseline` (its
 //! multi-turn form). Each writes verl's two B×T outputs, the advantages and
 //! the returns. The formulas below are computed in `cpu/token_baseline.rs`
-//! with verl 0.9.x semantics.
+//! and, twinned, in `cuda/kernels/token_baseline.cu`, with verl 0.9.x
+//! semantics.
 //!
 //! Per row `i`, with `m` the mask, `old` the old log-probabilities, `sp` the
 //! sum of squared probabilities and `rho` the optional rollout IS weights:
@@ -19,7 +20,9 @@
 //!   `B_k = sum_g(G W) / (sum_g W + eps)` over the rows that have a `k`-th
 //!   one; rows with no valid token are left out of their group (their
 //!   advantages are 0); the advantages are `(G - B) m` at valid tokens and
-//!   `0 m` elsewhere.
+//!   `0 m` elsewhere. Ranks are those of the `m != 0` tokens whatever the
+//!   mask's values (verl takes a row's length as `int(sum m)` and raises
+//!   where that differs from the number of such tokens).
 //!
 //! `handle_zero_tail`: in a group of at least two rows, when exactly one row
 //! has the largest length `L` (OTB: `int(sum m)`; TIR: the number of valid
@@ -31,7 +34,11 @@
 //! Dtypes as torch gives them: the outputs have `promote(rewards, mask)`;
 //! when an input is float64 every step is computed in float64 and rounded to
 //! float32 wherever torch's intermediate tensor is float32 ([`Rounding`]), so
-//! mixed float32/float64 inputs give verl's numbers. 16-bit inputs are
+//! mixed float32/float64 inputs give verl's numbers (for the mixtures where
+//! verl raises, "Index put requires the source and destination dtypes
+//! match", the baselines are rounded to the dtype verl stores them in).
+//! `exp(old)` is correctly rounded (computed in float64), where torch's
+//! float32 `exp` is off by an ulp now and then. 16-bit inputs are
 //! computed in float32 and rounded once (verl rounds at every step). The sums
 //! over a group's rows are float64, in row order (torch's are float32 for
 //! float32 inputs).
