@@ -20,12 +20,19 @@ before it. A case is one call of one operation, on both sides:
   ``reinforce_plus_plus``, ``remax``: ``luspo_rs.advantage(...,
   with_returns=True)`` or the verl-signature adapters) against verl's
   ``compute_gae_advantage_return``, ``compute_reinforce_plus_plus_outcome_advantage``
-  and ``compute_remax_outcome_advantage``: advantages and returns.
+  and ``compute_remax_outcome_advantage``: advantages and returns; and the
+  optimal token baselines (``optimal_token_baseline``,
+  ``tir_optimal_token_baseline``) against verl's
+  ``compute_optimal_token_baseline_advantage`` and
+  ``compute_multi_turn_optimal_token_baseline_advantage``: grouped rows with
+  multi-turn masks, IS weights, the zero tail on and off.
 
 Tolerances are the ones of the parity tests, imported from them where they are
 named constants (``conftest.TOLERANCES``, ``test_kl_penalty.TOL``,
 ``test_advantage.TOL`` / ``float64_tol``), copied with a reference to
-the test where they are inline literals (half-precision policy rule).
+the test where they are inline literals (half-precision policy rule). The
+token baselines' absolute tolerance is scaled by the largest return, as their
+baseline is a weighted mean of returns (test_token_baseline's long-row rule).
 
 Triage of each case:
 
@@ -58,7 +65,10 @@ Triage of each case:
   ``grpo_vectorized``, whose group statistics are float32 whatever the input,
   verl's loop ``grpo`` in float64; for GAE / REINFORCE++ also verl's own scan
   whitened in float64) is at least as close to ours as to verl's
-  result and within the tolerance of ours (or not of verl's), or, for a sum
+  result and within the tolerance of ours (or not of verl's) (for the token
+  baselines also verl with a correctly rounded float32 ``exp``, as luspo-rs
+  takes it: torch's misses it by an ulp now and then, and for probabilities
+  near 1 ``1 - 2 pi + sum_pi_squared`` cancels down to that ulp), or, for a sum
   (a loss, ``ppo_kl``), ours and verl's differ by less than float32's
   forward-error bound ``ROUNDING_ULPS * u * sum|terms|``; fatal with ``--strict``;
 * ``mismatch``      -- anything else: printed with its replay command.
@@ -161,7 +171,12 @@ SCAN_ESTIMATORS = {
 }
 #: The scans whose advantages are whitened over the batch's valid tokens (verl raises below 2).
 WHITENED = ("gae", "reinforce_plus_plus")
-ADV_ESTIMATORS = {**ESTIMATORS, **SCAN_ESTIMATORS}
+#: The optimal token baselines (grouped, with returns) and verl's functions.
+TOKEN_BASELINES = {
+    "optimal_token_baseline": "compute_optimal_token_baseline_advantage",
+    "tir_optimal_token_baseline": "compute_multi_turn_optimal_token_baseline_advantage",
+}
+ADV_ESTIMATORS = {**ESTIMATORS, **SCAN_ESTIMATORS, **TOKEN_BASELINES}
 #: gamma / lam: the usual settings, the edge 0 and, for "random", a draw in (0, 1].
 DISCOUNTS = (1.0, 0.99, 0.95, 0.5, 0.0, "random")
 
@@ -544,6 +559,13 @@ def draw_kl(rng: np.random.Generator, case: Case) -> None:
 
 
 def draw_advantage(rng: np.random.Generator, case: Case) -> None:
+    # The token baselines take a sixth of the advantage cases, drawn from their
+    # own stream of (seed, index), so the other estimators' cases stay those
+    # of earlier versions (their replay commands keep working).
+    sub = np.random.default_rng([case.seed, case.index, 16])
+    if sub.random() < 1 / 6:
+        draw_token_baseline(sub, case, _pick(sub, sorted(TOKEN_BASELINES)))
+        return
     name = _pick(rng, sorted(ESTIMATORS) + sorted(SCAN_ESTIMATORS))
     if name in SCAN_ESTIMATORS:
         draw_scan(rng, case, name)
@@ -702,6 +724,80 @@ def draw_scan(rng: np.random.Generator, case: Case, name: str) -> None:
     case.inputs.update(
         token_level_rewards=torch.from_numpy(rewards).to(DTYPES[dtype_name]),
         response_mask=torch.from_numpy(mask).to(MASK_DTYPES[mask_dtype]),
+        **inputs,
+    )
+
+
+def draw_token_baseline(rng: np.random.Generator, case: Case, name: str) -> None:
+    """The optimal token baselines: groups of 1 to 16 rows interleaved, the
+    scans' masks (multi-turn holes, empty rows, a fully masked batch), outcome,
+    dense or per-turn rewards, a policy's probabilities (``w >= 0``) or
+    arbitrary ones (``w`` of either sign), garbage at masked positions, IS
+    weights or none, the zero tail on or off. One float dtype for every data
+    input (verl raises on most mixtures: test_token_baseline covers them)."""
+    layout = _pick(rng, ["1", "2", "4", "16", "mixed"], p=[0.1, 0.15, 0.15, 0.2, 0.4])
+    if layout == "mixed":
+        sizes = [int(s) for s in rng.choice([1, 2, 3, 4, 5, 8, 16], size=int(rng.integers(1, 13)))]
+    else:
+        sizes = [int(layout)] * int(rng.integers(1, max(2, 64 // int(layout)) + 1))
+    B = sum(sizes)
+    T = _dim(rng, 512)
+    while B * T > 40_000:
+        T = max(1, T // 2)
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    index_kind = _pick(rng, ["uid", "int", "list"])
+    if index_kind == "int":
+        index: Any = (labels * 7919 + 3).astype(np.int64)
+    else:
+        uids = [str(uuid.UUID(int=int(rng.integers(1 << 62)))) for _ in sizes]
+        index = np.array([uids[g] for g in labels], dtype=object)
+        if index_kind == "list":
+            index = index.tolist()
+    dtype_name = _pick(rng, ["fp32", "fp64"], p=[0.6, 0.4])
+    dtype = DTYPES[dtype_name]
+    mask_dtype = _pick(rng, ["fp32", "int64", "fp64", "bool"])
+    mask, mask_kind = _scan_mask(rng, B, T)
+    valid_rows = mask.any(-1)
+    last = np.where(valid_rows, T - 1 - np.argmax(mask[:, ::-1], axis=-1), 0)
+
+    scale = float(_pick(rng, [0.01, 1.0, 100.0]))
+    rewards_kind = _pick(rng, ["outcome", "binary", "dense", "turns"], p=[0.35, 0.2, 0.25, 0.2])
+    rewards = np.zeros((B, T))
+    if rewards_kind == "outcome":
+        rewards[np.arange(B), last] = rng.standard_normal(B) * scale
+    elif rewards_kind == "binary":
+        rewards[np.arange(B), last] = rng.integers(0, 2, size=B)
+    elif rewards_kind == "dense":
+        rewards = rng.standard_normal((B, T)) * scale
+    else:
+        ends = mask & ~np.concatenate([mask[:, 1:], np.zeros((B, 1), dtype=bool)], axis=1)
+        rewards = np.where(ends, rng.standard_normal((B, T)) * scale, 0.0)
+
+    probs_kind = _pick(rng, ["policy", "peaked", "arbitrary"], p=[0.55, 0.3, 0.15])
+    if probs_kind == "arbitrary":  # not a distribution: w of either sign, small sums
+        old = rng.uniform(-6.0, 0.5, size=(B, T))
+        sp = rng.uniform(0.0, 1.0, size=(B, T))
+    else:
+        p = rng.uniform(0.01, 1.0, size=(B, T)) if probs_kind == "policy" else 1.0 - rng.uniform(0, 1e-3, size=(B, T))
+        old = np.log(p)
+        sp = p * p + rng.uniform(0, 1, size=(B, T)) * (1 - p) ** 2
+    if rng.random() < 0.3:  # padding values at masked positions
+        old = np.where(mask, old, _pick(rng, [0.0, -1e4, 3.0]))
+    inputs: dict[str, Any] = dict(old_log_probs=torch.from_numpy(old).to(dtype), sum_pi_squared=torch.from_numpy(sp).to(dtype))
+    is_kind = _pick(rng, ["none", "weights"], p=[0.5, 0.5])
+    if is_kind == "weights":
+        inputs["rollout_is_weights"] = torch.from_numpy(rng.uniform(0.2, 2.0, size=(B, T))).to(dtype)
+    case.variant = name
+    case.params.update(
+        dtype=dtype_name, mask_dtype=mask_dtype, mask_kind=mask_kind, layout=layout, index=index_kind,
+        rewards=rewards_kind, scale=scale, probs=probs_kind, is_weights=is_kind,
+        handle_zero_tail=bool(rng.random() < 0.7), epsilon=float(_pick(rng, [1e-8, 1e-6], p=[0.8, 0.2])),
+        api=_pick(rng, ["functional", "core_algos"]),
+    )  # fmt: skip
+    case.inputs.update(
+        token_level_rewards=torch.from_numpy(rewards).to(dtype),
+        response_mask=torch.from_numpy(mask).to(MASK_DTYPES[mask_dtype]),
+        index=index,
         **inputs,
     )
 
@@ -1075,6 +1171,8 @@ def kl_tols(case: Case) -> dict[str, Tol]:
 def adv_verl(case: Case, precision: str, module=None) -> Outputs:
     if case.variant in SCAN_ESTIMATORS:
         return scan_verl(case, precision)
+    if case.variant in TOKEN_BASELINES:
+        return token_baseline_call(module or verl_ca, case, precision)
     p, x = case.params, case.inputs
     kw = {k: p[k] for k in ("epsilon", "norm_adv_by_std_in_grpo", "f_norm") if k in p}
     fn = getattr(module or verl_ca, ESTIMATORS[case.variant])
@@ -1086,6 +1184,15 @@ def adv_verl(case: Case, precision: str, module=None) -> Outputs:
 def adv_ours(case: Case) -> Outputs:
     if case.variant in SCAN_ESTIMATORS:
         return scan_ours(case)
+    if case.variant in TOKEN_BASELINES and case.params["api"] == "functional":
+        x, p = case.inputs, case.params
+        adv, ret = luspo_rs.advantage(
+            x["token_level_rewards"], x["response_mask"], x["index"], case.variant,
+            old_log_probs=x["old_log_probs"], sum_pi_squared=x["sum_pi_squared"],
+            rollout_is_weights=x.get("rollout_is_weights"), handle_zero_tail=p["handle_zero_tail"],
+            epsilon=p["epsilon"], with_returns=True,
+        )  # fmt: skip
+        return {"advantages": adv, "returns": ret}
     return adv_verl(case, "native", module=ours_ca)
 
 
@@ -1096,8 +1203,32 @@ def adv_tols(case: Case) -> dict[str, Tol]:
         tol = Tol(**(ADV_TOL[torch.float64] if data == {"fp64"} else ADV_TOL[torch.float32]))
         return {"advantages": tol, "returns": tol}
     dtype = DTYPES[p["dtype"]]
+    if case.variant in TOKEN_BASELINES:
+        # the advantages are G - B with B a weighted mean of the group's returns:
+        # B's rounding scales with the returns, so the absolute tolerance does too
+        x = case.inputs
+        rm = x["token_level_rewards"].double() * x["response_mask"].double()
+        scale = max(1.0, rm.flip(-1).cumsum(-1).abs().max().item()) if rm.numel() else 1.0
+        base = ADV_TOL[dtype]
+        return {"advantages": Tol(atol=base["atol"] * scale, rtol=base["rtol"]), "returns": Tol(**base)}
     tol = Tol(**(float64_tol(case.variant) if dtype == torch.float64 else ADV_TOL[torch.float32]))
     return {"advantages": tol, "returns": tol}
+
+
+def token_baseline_call(fn_holder: Any, case: Case, precision: str) -> Outputs:
+    """verl's signature of the token baseline ``case.variant`` on ``fn_holder``
+    (verl's core_algos or luspo-rs's adapters), float inputs at ``precision``."""
+    x, p = case.inputs, case.params
+    fn = getattr(fn_holder, TOKEN_BASELINES[case.variant])
+    ris = x.get("rollout_is_weights")
+    adv, ret = fn(
+        token_level_rewards=_cast(x["token_level_rewards"], precision).clone(),
+        response_mask=_cast(x["response_mask"], precision), index=x["index"],
+        old_log_probs=_cast(x["old_log_probs"], precision), sum_pi_squared=_cast(x["sum_pi_squared"], precision),
+        rollout_is_weights=None if ris is None else _cast(ris, precision),
+        handle_zero_tail=p["handle_zero_tail"], epsilon=p["epsilon"],
+    )  # fmt: skip
+    return {"advantages": adv, "returns": ret}
 
 
 def _scan_call(fn_holder: Any, case: Case, precision: str, *, verl_side: bool, layout: str = "contiguous") -> Outputs:
@@ -1213,6 +1344,24 @@ def _patched(obj: Any, name: str, value: Any):
 
 
 @contextlib.contextmanager
+def _correctly_rounded_exp():
+    """``torch.exp`` of float32 tensors computed in float64 and rounded, as
+    luspo-rs's token baselines take ``exp(old_log_probs)``: torch's float32
+    exp misses the correctly rounded value by an ulp now and then, and where
+    ``1 - 2 pi + sum_pi_squared`` cancels (pi near 1) that ulp is all of
+    ``w``. Patches ``torch.exp`` for the duration (single-threaded harness)."""
+    exp = torch.exp
+
+    def rounded(x, *args, **kwargs):
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and not args and not kwargs:
+            return exp(x.double()).float()
+        return exp(x, *args, **kwargs)
+
+    with _patched(torch, "exp", rounded):
+        yield
+
+
+@contextlib.contextmanager
 def verl_accumulating_in_fp64():
     """verl with its reductions -- ``agg_loss`` and ``masked_mean`` (the
     metrics) -- in float64, its token math untouched: luspo-rs's documented
@@ -1275,6 +1424,12 @@ def adv_exact(case: Case, precision: str) -> list[Outputs]:
         if case.variant in WHITENED and _float_dtypes(case) != {torch.float64}:
             with _whiten_in("fp64"):
                 out.append(scan_verl(case, precision))
+        return out
+    if case.variant in TOKEN_BASELINES:
+        out = _upcast_exact(adv_verl)(case, precision)
+        if torch.float32 in _float_dtypes(case):
+            with _correctly_rounded_exp():
+                out.append(adv_verl(case, precision))
         return out
     if case.variant == "grpo_vectorized":
         x, p = case.inputs, case.params

@@ -291,9 +291,11 @@ def test_public_advantage_bad_input_names_the_argument():
 
 def test_public_function_and_its_modes():
     check_public_op("advantage", "GroupEstimator", ESTIMATORS)
-    # every estimator: the group ones, then the scans (tests/test_returns.py)
+    # every estimator: the group ones, then the scans (tests/test_returns.py),
+    # then the token baselines (tests/test_token_baseline.py)
     assert list(ours.ESTIMATORS) == list(typing.get_args(Estimator))
-    assert list(typing.get_args(Estimator)) == list(typing.get_args(GroupEstimator)) + ["gae", "reinforce_plus_plus", "remax"]
+    assert list(typing.get_args(Estimator)) == list(typing.get_args(GroupEstimator)) + [
+        "gae", "reinforce_plus_plus", "remax", "optimal_token_baseline", "tir_optimal_token_baseline"]  # fmt: skip
     for name in ESTIMATORS:
         fn = ours.ESTIMATORS[name]
         assert fn is getattr(ours, ESTIMATORS[name]) and fn.__name__ == ESTIMATORS[name]

@@ -763,3 +763,122 @@ def test_scans_do_not_sync_the_host():
             scan_call(ours, name, r, v, b, m, 0.99, 0.95)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------- optimal token baselines
+
+
+from test_token_baseline import FNS as TB_FNS  # noqa: E402
+from test_token_baseline import call as tb_call  # noqa: E402
+from test_token_baseline import make as make_tb_batch  # noqa: E402
+
+# vs the CPU path: W's float64 running sums go through block scans (a few
+# float64 ulps), so float32 results are bitwise as a rule and float64 ones
+# agree to a few ulps of the returns
+TB_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-11, rtol=1e-10)}
+
+
+def tb_cuda(b):
+    return {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+
+@pytest.mark.parametrize("name", sorted(TB_FNS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["prefix", "holes"])
+@pytest.mark.parametrize("tail", [True, False], ids=["zero_tail", "keep_tail"])
+@pytest.mark.parametrize("B, T", [(12, 17), (3, 1), (9, 300), (4, 700)])
+def test_token_baseline_matches_verl_and_cpu_on_the_gpu(name, dtype, layout, tail, B, T):
+    # T from 1 to several column tiles of the 128-thread block (and, with holes,
+    # rank tiles that end inside a column tile)
+    rng = np.random.default_rng(stable_seed(name, str(dtype), layout, tail, B, T))
+    groups = [0, 1, 0, 2, 1, 1, 2, 3, 4, 4, 4, 4][:B] if B > 4 else [0, 0, 1, 0][:B]
+    b = make_tb_batch(B, T, rng, dtype, layout, groups=groups)
+    m = b["response_mask"]
+    got = tb_call(ours, name, tb_cuda(b), m.to(DEV), True, tail)
+    assert all(on_device(g) for g in got)
+    with host():
+        cpu = tb_call(ours, name, b, m, True, tail)
+    want = tb_call(verl_ca, name, b, m, True, tail)
+    for g, c, w, what in zip(got, cpu, want, ("advantages", "returns")):
+        assert g.dtype == c.dtype == w.dtype, what
+        close(g, c, TB_TOL[dtype], f"{what} vs CPU")
+        close(g, w, TB_TOL[dtype], f"{what} vs verl")
+
+
+@pytest.mark.parametrize("name", sorted(TB_FNS))
+def test_token_baseline_long_rank_tiles_and_singletons_on_the_gpu(name):
+    # rows with a few hundred valid tokens scattered over 900 columns: rank tiles
+    # end mid column tile and a singleton walks its own; empty rows and an empty group
+    rng = np.random.default_rng(stable_seed(name, "ranks"))
+    B, T = 7, 900
+    b = make_tb_batch(B, T, rng, torch.float32, "prefix", groups=[0, 0, 0, 1, 2, 2, 3])
+    m = torch.from_numpy(rng.random((B, T)) < 0.4)
+    m[2, 500:] = False
+    m[4] = m[5] = False  # group 2: no valid token at all
+    m[6, :3] = False
+    got = tb_call(ours, name, tb_cuda(b), m.to(DEV), True, True)
+    with host():
+        cpu = tb_call(ours, name, b, m, True, True)
+    want = tb_call(verl_ca, name, b, m, True, True)
+    for g, c, w, what in zip(got, cpu, want, ("advantages", "returns")):
+        close(g, c, TB_TOL[torch.float32], f"{what} vs CPU")
+        close(g, w, TB_TOL[torch.float32], f"{what} vs verl")
+
+
+@pytest.mark.parametrize("name", sorted(TB_FNS))
+@pytest.mark.parametrize(
+    "dtypes", [dict(old_log_probs=torch.float64), dict(token_level_rewards=torch.float64),
+               dict(response_mask=torch.float64), dict(all=torch.bfloat16), dict(response_mask=torch.int64)],
+    ids=lambda d: "+".join(f"{k}:{str(v).removeprefix('torch.')}" for k, v in d.items()))  # fmt: skip
+def test_token_baseline_dtypes_match_cpu(name, dtypes):
+    rng = np.random.default_rng(stable_seed(name, *map(str, dtypes.items())))
+    b = make_tb_batch(8, 90, rng, torch.float32, "holes", groups=[0, 0, 1, 1, 1, 2, 3, 3])
+    b["response_mask"] = b["response_mask"].float()
+    for k, dt in dtypes.items():
+        for key in b if k == "all" else [k]:
+            if isinstance(b[key], torch.Tensor) and (k != "all" or key != "response_mask"):
+                b[key] = b[key].to(dt)
+    got = tb_call(ours, name, tb_cuda(b), b["response_mask"].to(DEV), True)
+    with host():
+        cpu = tb_call(ours, name, b, b["response_mask"], True)
+    for g, c in zip(got, cpu):
+        assert g.dtype == c.dtype
+        tol = dict(atol=1e-2, rtol=1.6e-2) if c.dtype == torch.bfloat16 else TB_TOL[torch.float32]
+        close(g, c, tol, f"{dtypes}")
+
+
+@pytest.mark.parametrize("name", sorted(TB_FNS))
+def test_token_baseline_bitwise_deterministic_over_runs(name):
+    rng = np.random.default_rng(9)
+    B, T = (256, 4096) if BIG else (24, 500)
+    b = tb_cuda(make_tb_batch(B, T, rng, torch.float32, "holes"))
+    first = tb_call(ours, name, b, b["response_mask"], True)
+    for k in range(3):
+        if SIM:
+            _core.sim_set_seed(100 * k + 7)
+        again = tb_call(ours, name, b, b["response_mask"], True)
+        assert all(torch.equal(a, f) for a, f in zip(again, first))
+
+
+@needs_gpu
+def test_token_baseline_mixed_devices_are_a_value_error():
+    b = make_tb_batch(4, 9, np.random.default_rng(1))
+    dev = tb_cuda(b)
+    dev["sum_pi_squared"] = b["sum_pi_squared"]  # left on the CPU
+    with pytest.raises(ValueError, match="sum_pi_squared"):
+        tb_call(ours, "optimal_token_baseline", dev, dev["response_mask"])
+
+
+@needs_gpu
+def test_token_baselines_do_not_sync_the_host():
+    b = tb_cuda(make_tb_batch(64, 300, np.random.default_rng(2)))
+    b["index"] = torch.from_numpy(b["index"]).to(DEV)  # labels already on the device
+    for name in TB_FNS:  # compile + load outside the check
+        tb_call(ours, name, b, b["response_mask"], True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for name in TB_FNS:
+            tb_call(ours, name, b, b["response_mask"], True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

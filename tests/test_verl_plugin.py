@@ -166,7 +166,7 @@ def test_taken_over_estimators_are_what_verls_trainer_calls():
     """verl's ray_trainer.compute_advantage calls core_algos.compute_gae_advantage_return
     for gae, core_algos.compute_grpo_outcome_advantage for grpo and
     get_adv_estimator_fn(name)(token_level_rewards=, response_mask=, config=, index=
-    [, reward_baselines=]) for the others (ray_trainer itself needs torchdata, not a
+    [, reward_baselines=] [, sum_pi_squared=, old_log_probs=, rollout_is_weights=]) for the others (ray_trainer itself needs torchdata, not a
     test dependency, so the three call forms are made here the same way)."""
     out = run(
         """
@@ -179,8 +179,10 @@ def test_taken_over_estimators_are_what_verls_trainer_calls():
                   response_mask=torch.ones(B, T, dtype=torch.int64),
                   index=np.array([f"u{i // 2}" for i in range(B - 1)] + ["solo"], dtype=object))
         values, baselines = torch.randn(B, T, generator=g), torch.randn(B, generator=g)
+        p = torch.rand(B, T, generator=g) * 0.9 + 0.05
+        otb = dict(sum_pi_squared=p * p, old_log_probs=p.log(), rollout_is_weights=torch.rand(B, T, generator=g) + 0.5)
         names = ["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg",
-                 "gae", "reinforce_plus_plus", "remax"]
+                 "gae", "reinforce_plus_plus", "remax", "optimal_token_baseline", "tir_optimal_token_baseline"]
         config = AlgoConfig(gamma=0.99, lam=0.95)
         def call(name):
             if name == "gae":
@@ -190,6 +192,8 @@ def test_taken_over_estimators_are_what_verls_trainer_calls():
             if name == "grpo":
                 return ca.compute_grpo_outcome_advantage(norm_adv_by_std_in_grpo=True, **kw)
             extra = dict(reward_baselines=baselines) if name == "remax" else {}
+            if "optimal_token_baseline" in name:
+                extra = otb
             return ca.get_adv_estimator_fn(name)(config=config, **kw, **extra)
         want = {n: [t.clone() for t in call(n)] for n in names}
         import luspo_rs.verl as plugin

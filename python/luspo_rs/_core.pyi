@@ -13,7 +13,8 @@ writable; nothing is copied. Errors are ``TypeError`` (dtype) or
 The mode literals below are the strings the native module accepts; the
 Python package spells the same ones (``luspo_rs.policy_loss.PolicyMode``,
 ``luspo_rs.agg_loss.AggMode``, ``luspo_rs.kl_penalty.KlMode``,
-``luspo_rs.advantage.GroupEstimator`` and ``ScanEstimator``), and a test
+``luspo_rs.advantage.GroupEstimator``, ``ScanEstimator`` and
+``TokenBaselineEstimator``), and a test
 compares them.
 """
 
@@ -36,6 +37,7 @@ GroupEstimator = Literal[
     "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg"
 ]
 ScanEstimator = Literal["gae", "reinforce_plus_plus", "remax"]
+TokenBaselineEstimator = Literal["optimal_token_baseline", "tir_optimal_token_baseline"]
 CompileTarget = Literal["ptx", "cubin"]
 
 def policy_loss(
@@ -215,6 +217,37 @@ def returns(
 
 def returns_scratch_len(rows: int) -> int:
     """float64 elements of the ``scratch`` the CUDA scan kernels need for ``rows`` rows."""
+
+def token_baseline(
+    token_level_rewards: DLPack,
+    response_mask: DLPack,
+    index: DLPack,
+    old_log_probs: DLPack,
+    sum_pi_squared: DLPack,
+    advantages: DLPack,
+    returns: DLPack,
+    *,
+    estimator: TokenBaselineEstimator,
+    rollout_is_weights: Optional[DLPack] = None,
+    handle_zero_tail: bool = True,
+    epsilon: float = 1e-8,
+    order: Optional[DLPack] = None,
+    scratch: Optional[DLPack] = None,
+    stream: Optional[int] = None,
+) -> None:
+    """verl's optimal token baselines (``optimal_token_baseline``: per group
+    and column; ``tir_optimal_token_baseline``: per group and valid-token
+    rank), grouped by the integer labels ``index`` (shape ``(B,)``): writes
+    verl's ``(B, T)`` advantages and returns into ``advantages`` and
+    ``returns`` (float, shape of ``token_level_rewards``, distinct buffers).
+
+    CUDA tensors: ``index`` int64 on the device, ``order`` a stable argsort
+    of it (int64, on the device), ``scratch`` a contiguous float64 device
+    tensor of at least ``token_baseline_scratch_len(B)`` elements, and
+    ``stream`` the ``CUstream`` to queue the kernels on; the call returns at once."""
+
+def token_baseline_scratch_len(rows: int) -> int:
+    """float64 elements of the ``scratch`` the CUDA token baseline kernels need for ``rows`` rows."""
 
 def group_ids(index: Iterable[Hashable], out: DLPack) -> int:
     """Dense group ids (first-appearance order) of arbitrary hashable labels,

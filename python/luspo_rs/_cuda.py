@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -96,11 +96,13 @@ def _current_stream_public(index: int) -> int:
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", _current_stream_public)
 
 
-def advantage_inputs(rewards: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def advantage_inputs(
+    rewards: torch.Tensor, labels: torch.Tensor, scratch_len: Callable[[int], int] = _core.advantage_scratch_len
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """What the advantage kernels need besides the inputs: the integer group
     labels on ``rewards``' device (one non-blocking copy from the host), a
-    stable argsort of them (``order``), the float64 ``scratch`` and the
-    caller's ``stream``."""
+    stable argsort of them (``order``), the float64 ``scratch`` (of
+    ``scratch_len(rows)`` values) and the caller's ``stream``."""
     device = rewards.device
     labels = labels.to(torch.int64)
     order = torch.sort(labels, stable=True).indices
@@ -108,5 +110,5 @@ def advantage_inputs(rewards: torch.Tensor, labels: torch.Tensor) -> tuple[torch
         groups = torch.stack((labels, order)).pin_memory().to(device, non_blocking=True)
         labels, order = groups[0], groups[1]
     rows = rewards.shape[0] if rewards.dim() > 0 else 0
-    scratch = torch.empty(_core.advantage_scratch_len(rows), dtype=torch.float64, device=device)
+    scratch = torch.empty(scratch_len(rows), dtype=torch.float64, device=device)
     return labels, dict(order=order, scratch=scratch, stream=stream_of(rewards))

@@ -18,14 +18,19 @@ GroupEstimator = Literal[
     "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg"
 ]
 ScanEstimator = Literal["gae", "reinforce_plus_plus", "remax"]
+TokenBaselineEstimator = Literal["optimal_token_baseline", "tir_optimal_token_baseline"]
 Estimator = Literal[
     "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg",
-    "gae", "reinforce_plus_plus", "remax",
+    "gae", "reinforce_plus_plus", "remax", "optimal_token_baseline", "tir_optimal_token_baseline",
 ]  # fmt: skip
 
 #: The estimators that scan each row backwards (``_core.returns``); they write
 #: verl's returns as well as the advantages.
 SCAN_ESTIMATORS = ("gae", "reinforce_plus_plus", "remax")
+
+#: The per-token group baselines (``_core.token_baseline``); they write verl's
+#: returns as well as the advantages.
+TOKEN_BASELINE_ESTIMATORS = ("optimal_token_baseline", "tir_optimal_token_baseline")
 
 
 def group_index(index: Any) -> torch.Tensor:
@@ -57,12 +62,16 @@ def advantage(
     estimator: Estimator = "grpo",
     *,
     norm_adv_by_std_in_grpo: bool = True,
-    epsilon: float = 1e-6,
+    epsilon: Optional[float] = None,
     f_norm: float = 1.0,
     values: Optional[torch.Tensor] = None,
     reward_baselines: Optional[torch.Tensor] = None,
     gamma: float = 1.0,
     lam: float = 1.0,
+    old_log_probs: Optional[torch.Tensor] = None,
+    sum_pi_squared: Optional[torch.Tensor] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    handle_zero_tail: bool = True,
     with_returns: bool = False,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """verl's advantage ``estimator``, as a ``(B, T)`` tensor (with
@@ -103,7 +112,21 @@ def advantage(
     * ``opo``: ``s_i - sum_g L s / sum_g L`` (singletons keep ``s_i``);
     * ``gpg``: ``alpha (s_i - mean_g) / f_norm``, ``alpha = B / max(#{s_i != 0}, 1)``.
 
-    ``epsilon`` and ``norm_adv_by_std_in_grpo`` are used by the GRPO
+    **Optimal token baselines** (``index``, ``old_log_probs``,
+    ``sum_pi_squared``, optional ``rollout_is_weights`` and ``handle_zero_tail``):
+    returns ``G`` the reverse cumulative sum of ``r m``; ``w = (1 - 2 exp(old) + sum_pi_squared)``
+    times ``rollout_is_weights**2`` when given, ``W`` the cumulative sum of ``w m``;
+
+    * ``optimal_token_baseline``: per group and column ``B_t = sum_g(G W m) / (sum_g(W m) + epsilon)``,
+      advantages ``(G - B) m`` (singleton groups: ``B = 0``);
+    * ``tir_optimal_token_baseline``: the same over valid-token ranks (the k-th
+      token with ``m != 0`` of each row, for multi-turn masks with holes);
+      rows without a valid token are left out of their group (advantages 0).
+
+    With ``handle_zero_tail`` the unique longest row of a group gets ``B = 0``
+    beyond the second-longest length. ``epsilon`` defaults to 1e-8 here.
+
+    ``epsilon`` (default 1e-6) and ``norm_adv_by_std_in_grpo`` are used by the GRPO
     estimators only, ``f_norm`` by ``gpg`` only (each must still be valid).
     Group statistics are computed in float64. The returns of a group
     estimator are its advantages (verl returns the same tensor twice).
@@ -119,9 +142,14 @@ def advantage(
         return (adv, ret) if with_returns else adv
     if index is None:
         raise ValueError(f"index: the {estimator} estimator needs the group labels (the batch's uid array)")
+    if estimator in TOKEN_BASELINE_ESTIMATORS:
+        adv, ret = _token_baseline(token_level_rewards, response_mask, index, estimator, old_log_probs,
+                                   sum_pi_squared, rollout_is_weights, handle_zero_tail,
+                                   1e-8 if epsilon is None else epsilon)  # fmt: skip
+        return (adv, ret) if with_returns else adv
     params = dict(
         norm_adv_by_std_in_grpo=bool(norm_adv_by_std_in_grpo),
-        epsilon=to_float("epsilon", epsilon),
+        epsilon=to_float("epsilon", 1e-6 if epsilon is None else epsilon),
         f_norm=to_float("f_norm", f_norm),
     )
     rewards, mask = token_level_rewards.detach(), response_mask.detach()
@@ -172,4 +200,32 @@ def _scan(rewards, mask, estimator, values, baselines, gamma, lam) -> tuple[torc
         adv, ret, cuda = empty_host(tuple(rewards.shape), adv_dtype), empty_host(tuple(rewards.shape), ret_dtype), {}
     _core.returns(rewards, mask, adv, ret, estimator=estimator, values=values, reward_baselines=baselines,
                   gamma=gamma, lam=lam, **cuda)
+    return adv, ret
+
+
+def _token_baseline(rewards, mask, index, estimator, old, sp, rho, handle_zero_tail, epsilon):
+    """The optimal token baselines through ``_core.token_baseline``: both
+    outputs in verl's dtype, ``promote(rewards, mask)``."""
+    for name, t in (("old_log_probs", old), ("sum_pi_squared", sp)):
+        if t is None:
+            raise ValueError(f"{name}: the {estimator} estimator needs it")
+    require_tensors(old_log_probs=old, sum_pi_squared=sp)
+    if rho is not None:
+        require_tensors(rollout_is_weights=rho)
+        rho = rho.detach()
+    epsilon = to_float("epsilon", epsilon)
+    rewards, mask, old, sp = rewards.detach(), mask.detach(), old.detach(), sp.detach()
+    if not rewards.dtype.is_floating_point:
+        raise TypeError(f"token_level_rewards: expected a floating-point tensor, got {rewards.dtype}")
+    dtype = torch.promote_types(rewards.dtype, mask.dtype)
+    if _cuda.on_device(rewards):
+        # the labels on the device, their stable argsort and the kernels' scratch
+        gid, cuda = _cuda.advantage_inputs(rewards, group_index(index), _core.token_baseline_scratch_len)
+        adv = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)
+        ret = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)
+    else:
+        gid = group_index(index).cpu()
+        adv, ret, cuda = empty_host(tuple(rewards.shape), dtype), empty_host(tuple(rewards.shape), dtype), {}
+    _core.token_baseline(rewards, mask, gid, old, sp, adv, ret, estimator=estimator, rollout_is_weights=rho,
+                         handle_zero_tail=bool(handle_zero_tail), epsilon=epsilon, **cuda)  # fmt: skip
     return adv, ret

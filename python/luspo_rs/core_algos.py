@@ -19,7 +19,9 @@ done by the public functions (:func:`luspo_rs.policy_loss`,
 * the outcome advantage estimators, returning ``(advantages, returns)`` (the
   same tensor twice, as verl), and the scans ``compute_gae_advantage_return``,
   ``compute_reinforce_plus_plus_outcome_advantage`` and
-  ``compute_remax_outcome_advantage`` (two tensors).
+  ``compute_remax_outcome_advantage`` (two tensors), and the optimal token
+  baselines ``compute_optimal_token_baseline_advantage`` and
+  ``compute_multi_turn_optimal_token_baseline_advantage`` (two tensors).
 
 Known, deliberate differences from verl (documented in the README):
 
@@ -30,7 +32,14 @@ Known, deliberate differences from verl (documented in the README):
   divided by ``std + epsilon``;
 * ``reinforce_plus_plus_baseline`` does not raise when the whole batch has at
   most one valid token (verl's ``masked_var`` does); it returns zeros or NaN;
-  GAE and REINFORCE++ return NaN advantages there (their returns are right).
+  GAE and REINFORCE++ return NaN advantages there (their returns are right);
+* the optimal token baselines sum over a group's rows in float64, take
+  ``exp(old_log_probs)`` correctly rounded (torch's float32 ``exp`` can be
+  an ulp off), compute the mixtures of float32 and float64 inputs for which
+  verl raises ("Index put requires the source and destination dtypes
+  match"), leave the zero tail alone where a mask sum is not finite (verl's
+  ``int(nan)`` raises), and in the multi-turn form rank the ``m != 0`` tokens
+  whatever the mask's values (verl raises unless ``int(sum m)`` is their count).
 """
 
 from __future__ import annotations
@@ -54,7 +63,9 @@ __all__ = [
     "compute_gpg_outcome_advantage",
     "compute_grpo_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage",
+    "compute_multi_turn_optimal_token_baseline_advantage",
     "compute_opo_outcome_advantage",
+    "compute_optimal_token_baseline_advantage",
     "compute_policy_loss_gspo",
     "compute_policy_loss_luspo",
     "compute_policy_loss_vanilla",
@@ -357,3 +368,56 @@ def compute_remax_outcome_advantage(
 ESTIMATORS["gae"] = compute_gae_advantage_return
 ESTIMATORS["reinforce_plus_plus"] = compute_reinforce_plus_plus_outcome_advantage
 ESTIMATORS["remax"] = compute_remax_outcome_advantage
+
+
+# --------------------------------------------------------------------------- token baselines
+
+
+def compute_optimal_token_baseline_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    old_log_probs: torch.Tensor,
+    sum_pi_squared: torch.Tensor,
+    rollout_is_weights: torch.Tensor = None,
+    handle_zero_tail: bool = True,
+    epsilon: float = 1e-8,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimal token baseline (verl ``optimal_token_baseline``): ``(advantages,
+    returns)``. Returns ``G`` are the reverse cumulative sum of ``r m``;
+    ``W`` the cumulative sum of ``(1 - 2 exp(old_log_probs) + sum_pi_squared) m``
+    (times ``rollout_is_weights**2``); per ``index`` group and column
+    ``B_t = sum(G W m) / (sum(W m) + epsilon)`` (0 for singletons, and, with
+    ``handle_zero_tail``, beyond the second-longest length for the unique
+    longest row); advantages ``(G - B) m``."""
+    return advantage(token_level_rewards, response_mask, index, "optimal_token_baseline",
+                     old_log_probs=old_log_probs, sum_pi_squared=sum_pi_squared,
+                     rollout_is_weights=rollout_is_weights, handle_zero_tail=handle_zero_tail,
+                     epsilon=epsilon, with_returns=True)  # fmt: skip
+
+
+def compute_multi_turn_optimal_token_baseline_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    old_log_probs: torch.Tensor,
+    sum_pi_squared: torch.Tensor,
+    rollout_is_weights: torch.Tensor = None,
+    handle_zero_tail: bool = True,
+    epsilon: float = 1e-8,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-turn optimal token baseline (verl ``tir_optimal_token_baseline``):
+    :func:`compute_optimal_token_baseline_advantage` over valid-token ranks
+    (the k-th token with ``m != 0`` of each row, so masks with holes line up
+    by token, not by column); rows without a valid token are left out of
+    their group and get zero advantages."""
+    return advantage(token_level_rewards, response_mask, index, "tir_optimal_token_baseline",
+                     old_log_probs=old_log_probs, sum_pi_squared=sum_pi_squared,
+                     rollout_is_weights=rollout_is_weights, handle_zero_tail=handle_zero_tail,
+                     epsilon=epsilon, with_returns=True)  # fmt: skip
+
+
+ESTIMATORS["optimal_token_baseline"] = compute_optimal_token_baseline_advantage
+ESTIMATORS["tir_optimal_token_baseline"] = compute_multi_turn_optimal_token_baseline_advantage

@@ -10,6 +10,7 @@ pub mod kl_penalty;
 pub mod policy_loss;
 pub mod pool;
 pub mod returns;
+pub mod token_baseline;
 
 use crate::error::{Error, Result};
 use crate::ops::agg_loss::MaskTotals;

@@ -69,7 +69,7 @@ struct AdvArgs {
 }
 
 /// Checks an int64 vector of `rows` elements on `device` (any stride).
-fn check_i64_vector(device: Device, d: &Tensor, rows: usize) -> Result<()> {
+pub(crate) fn check_i64_vector(device: Device, d: &Tensor, rows: usize) -> Result<()> {
     if d.device != device {
         return Err(Error::value_error(d.arg, format!("is on {} but the inputs are on {device}", d.device)).into());
     }

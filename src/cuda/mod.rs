@@ -29,9 +29,11 @@ pub mod returns;
 pub mod runtime;
 pub mod sim;
 pub mod sys;
+pub mod token_baseline;
 
 pub use advantage::advantage;
 pub use kl_penalty::kl_penalty;
 pub use loss::{agg_loss, policy_loss, scale_grad};
 pub use returns::returns;
+pub use token_baseline::token_baseline;
 pub use runtime::{compile, nvrtc, set_nvrtc_hints, source, CudaError, Target};

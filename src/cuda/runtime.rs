@@ -18,6 +18,7 @@ const LOSS: &str = include_str!("kernels/loss.cu");
 const KL_PENALTY: &str = include_str!("kernels/kl_penalty.cu");
 const ADVANTAGE: &str = include_str!("kernels/advantage.cu");
 const RETURNS: &str = include_str!("kernels/returns.cu");
+const TOKEN_BASELINE: &str = include_str!("kernels/token_baseline.cu");
 
 /// A CUDA-side failure.
 #[derive(Debug)]
@@ -102,7 +103,7 @@ pub enum Target {
 /// run (on a GPU or the simulator) without a rebuild, and the mutation
 /// tests (`tests/mutate_kernels.py`) run mutated copies.
 pub fn source() -> String {
-    let built = [("common.cuh", COMMON), ("loss.cu", LOSS), ("kl_penalty.cu", KL_PENALTY), ("advantage.cu", ADVANTAGE), ("returns.cu", RETURNS)];
+    let built = [("common.cuh", COMMON), ("loss.cu", LOSS), ("kl_penalty.cu", KL_PENALTY), ("advantage.cu", ADVANTAGE), ("returns.cu", RETURNS), ("token_baseline.cu", TOKEN_BASELINE)];
     let dir = std::env::var_os("LUSPO_RS_KERNEL_DIR").filter(|d| !d.is_empty()).map(PathBuf::from);
     let mut src = abi::prelude();
     for (name, text) in built {
@@ -317,6 +318,7 @@ pub struct DeviceState {
     pub kl_penalty: super::kl_penalty::Kernels,
     pub advantage: super::advantage::Kernels,
     pub returns: super::returns::Kernels,
+    pub token_baseline: super::token_baseline::Kernels,
 }
 
 // SAFETY: context and function handles are process-wide driver objects,
@@ -409,10 +411,13 @@ fn device(d: &Driver, ordinal: i32) -> Result<Arc<DeviceState>> {
                 super::kl_penalty::Kernels::load(&get)?,
                 super::advantage::Kernels::load(&get)?,
                 super::returns::Kernels::load(&get)?,
+                super::token_baseline::Kernels::load(&get)?,
             ))
         })();
         match kernels {
-            Ok((loss, kl_penalty, advantage, returns)) => DeviceState { ctx, loss, kl_penalty, advantage, returns },
+            Ok((loss, kl_penalty, advantage, returns, token_baseline)) => {
+                DeviceState { ctx, loss, kl_penalty, advantage, returns, token_baseline }
+            }
             Err(e) => {
                 (d.cuModuleUnload)(module);
                 let msg = match e {
@@ -549,6 +554,7 @@ pub(crate) mod tests {
         names.extend(super::super::kl_penalty::Kernels::NAMES.iter().map(|s| s.to_string()));
         names.extend(super::super::advantage::Kernels::NAMES.iter().map(|s| s.to_string()));
         names.extend(super::super::returns::Kernels::NAMES.iter().map(|s| s.to_string()));
+        names.extend(super::super::token_baseline::Kernels::NAMES.iter().map(|s| s.to_string()));
         names
     }
     /// A small unit for the cache tests, compiled by the simulator's NVRTC in a second.

@@ -58,6 +58,14 @@ shared_constants! {
     "scan scratch: per row" { S_N = 0, S_MEAN = 1, S_M2 = 2, SCAN_NSTAT = 3 }
     /// Threads per row of the scan kernels: one chunk of the row each.
     "scan kernels' block" { SCAN_THREADS = 128 }
+    /// The token baselines' scratch: `TB_NSTAT` float64 per row (its length,
+    /// W's carried sum, TIR's column cursor and the cursor of the tile before).
+    "token baseline scratch: per row" { TB_LEN = 0, TB_CARRY = 1, TB_CUR = 2, TB_CUR0 = 3, TB_NSTAT = 4 }
+    /// `TbArgs.rounding` bits (`ops::token_baseline::Rounding`), and the block
+    /// of the token baseline kernels (a column or a rank per thread).
+    "token baseline kernels" {
+        TB_RD_PI = 1, TB_RD_WP = 2, TB_RD_Q = 4, TB_RD_W = 8, TB_RD_WC = 16, TB_RD_R = 32, TB_THREADS = 128,
+    }
 }
 
 /// float64 values of the loss kernels' scratch for `rows` rows.
@@ -73,6 +81,11 @@ pub fn advantage_scratch_len(rows: usize) -> usize {
 /// float64 values of the scan kernels' scratch for `rows` rows.
 pub fn returns_scratch_len(rows: usize) -> usize {
     (SCAN_NSTAT * rows as i64 + 2) as usize
+}
+
+/// float64 values of the token baseline kernels' scratch for `rows` rows.
+pub fn token_baseline_scratch_len(rows: usize) -> usize {
+    (TB_NSTAT * rows as i64) as usize
 }
 
 /// The constants as C enumerators, one `enum` per group, to put in front of

@@ -54,7 +54,7 @@ impl Estimator {
                     format!(
                         "unknown advantage estimator {name:?}; expected one of \"grpo\", \"grpo_vectorized\", \
                          \"rloo\", \"rloo_vectorized\", \"reinforce_plus_plus_baseline\", \"opo\", \"gpg\" \
-                         (with index), or \"gae\", \"reinforce_plus_plus\", \"remax\""
+                         (with index), or \"gae\", \"reinforce_plus_plus\", \"remax\", \"optimal_token_baseline\", \"tir_optimal_token_baseline\""
                     ),
                 ))
             }

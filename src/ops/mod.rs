@@ -10,6 +10,7 @@ pub mod agg_loss;
 pub mod kl_penalty;
 pub mod policy_loss;
 pub mod returns;
+pub mod token_baseline;
 pub mod value_loss;
 
 use crate::error::{Error, Result};

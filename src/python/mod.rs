@@ -10,6 +10,7 @@ mod kl_penalty;
 mod loss;
 mod returns;
 mod runtime;
+mod token_baseline;
 
 use crate::cuda::CudaError;
 use crate::error::{Error, Kind};
@@ -44,6 +45,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(advantage::group_ids, m)?)?;
     m.add_function(wrap_pyfunction!(returns::returns, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::returns_scratch_len, m)?)?;
+    m.add_function(wrap_pyfunction!(token_baseline::token_baseline, m)?)?;
+    m.add_function(wrap_pyfunction!(token_baseline::token_baseline_scratch_len, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::loss_scratch_len, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::advantage_scratch_len, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::num_threads, m)?)?;
