@@ -175,7 +175,9 @@ def _key_scores(estimator: str, rewards: torch.Tensor, scores: Any, weights: Any
     require_tensors(reward_scores=scores)
     scores = scores.detach()
     if scores.dim() != 2 or scores.shape[1] == 0:
-        raise ValueError(f"reward_scores: expected a (batch, keys) tensor with at least one key, got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"reward_scores: expected a (batch, keys) tensor with at least one key, got shape {tuple(scores.shape)}"
+        )
     k = scores.shape[1]
     if weights is None:
         w = torch.ones(k, dtype=torch.float64)

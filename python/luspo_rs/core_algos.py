@@ -258,7 +258,9 @@ def _passk_args(estimator: str) -> Callable[..., tuple[torch.Tensor, torch.Tenso
             raise ValueError(f"config: compute_{estimator}_outcome_advantage needs the algorithm config, got None")
         # as verl: the argument norm_adv_by_std_in_grpo is ignored, the config's is read
         norm = _cfg(config, "norm_adv_by_std_in_grpo", True)
-        out = advantage(token_level_rewards, response_mask, index, estimator, norm_adv_by_std_in_grpo=norm, epsilon=epsilon)
+        out = advantage(
+            token_level_rewards, response_mask, index, estimator, norm_adv_by_std_in_grpo=norm, epsilon=epsilon
+        )
         return out, out
 
     return drop_in
@@ -313,16 +315,22 @@ def _gdpo_key_scores(rewards: torch.Tensor, mask: torch.Tensor, config: Any, non
         bad = torch.nonzero((last >= T) | (last < -T))
         if bad.numel():
             i = int(bad[0, 0])
-            raise IndexError(f"batch: attention_mask row {i} has {int(last[i]) + 1} response tokens, more than the {T} of response_mask")
+            raise IndexError(
+                f"batch: attention_mask row {i} has {int(last[i]) + 1} response tokens, "
+                f"more than the {T} of response_mask"
+            )
     columns = []
     for key in reward_keys:
         if key not in non_tensor_batch:  # verl: assert
-            raise KeyError(f"non_tensor_batch: GDPO reward key {key!r} not found; available: {list(non_tensor_batch.keys())}")
+            available = list(non_tensor_batch.keys())
+            raise KeyError(f"non_tensor_batch: GDPO reward key {key!r} not found; available: {available}")
         column = torch.from_numpy(np.asarray(non_tensor_batch[key], dtype=np.float32))
         try:
             columns.append(torch.broadcast_to(column, (B,)))
         except RuntimeError as e:
-            raise ValueError(f"non_tensor_batch: {key!r} has shape {tuple(column.shape)}, expected one score per row ({B})") from e
+            raise ValueError(
+                f"non_tensor_batch: {key!r} has shape {tuple(column.shape)}, expected one score per row ({B})"
+            ) from e
     weights = _cfg(config, "gdpo_reward_weights", None)
     if weights is not None:
         weights = list(weights)
