@@ -293,6 +293,7 @@ fn row_scalars(p: &AdvantageProblem, stats: &[RowScore], gid: &[u32], n_groups: 
             Estimator::Opo if c > 1.0 => s - div[g],
             Estimator::Opo => s,
             Estimator::Gpg => alpha * (s - mean[g]) / p.f_norm,
+            // (their scalars are returned above)
             Estimator::Grpo { .. } | Estimator::Gdpo { .. } | Estimator::GrpoPassk { .. } => unreachable!(),
         };
     }
