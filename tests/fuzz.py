@@ -16,7 +16,9 @@ before it. A case is one call of one operation, on both sides:
 * ``kl_penalty`` -- every estimator name verl accepts, value and gradients in
   both inputs against verl's ``kl_penalty``;
 * ``advantage``  -- the group estimators against verl's
-  ``compute_*_outcome_advantage``, and the scans (``gae``,
+  ``compute_*_outcome_advantage`` (``grpo_passk`` with verl's required
+  ``config``; ``gdpo`` half of the time with per-key scores: ``config.gdpo_reward_keys``,
+  ``non_tensor_batch`` and ``batch`` as verl's trainer passes them), and the scans (``gae``,
   ``reinforce_plus_plus``, ``remax``: ``luspo_rs.advantage(...,
   with_returns=True)`` or the verl-signature adapters) against verl's
   ``compute_gae_advantage_return``, ``compute_reinforce_plus_plus_outcome_advantage``
@@ -38,7 +40,8 @@ Triage of each case:
 
 * ``ok``            -- every output within tolerance;
 * ``both_raise``    -- verl and luspo-rs both refuse the input (``dp_size > 1``
-  without the global count the aggregation divides by);
+  without the global count the aggregation divides by; ``grpo_passk`` with a
+  group of one row);
 * ``known_nan``     -- the documented difference of the whitening scans (GAE,
   REINFORCE++): the batch has fewer than 2 valid tokens, verl's
   ``masked_var`` raises ``ValueError`` and luspo-rs returns NaN advantages;
@@ -74,8 +77,9 @@ Triage of each case:
 * ``mismatch``      -- anything else: printed with its replay command.
 
 Inputs that fall under the README's other *documented* deliberate differences
-are not drawn (a ``torch.Tensor`` index, ``reinforce_plus_plus_baseline`` with at
-most one valid token, groups of equal scores that float32 cannot average
+are not drawn (a ``torch.Tensor`` index, ``reinforce_plus_plus_baseline`` or
+``gdpo`` with at most one valid token or a response without one,
+``grpo_passk`` ties under ``epsilon=0``, groups of equal scores that float32 cannot average
 exactly, float64 scores far from zero mean in ``grpo_vectorized``, empty
 batches or responses); a bool mask for GAE / REINFORCE++ (which verl refuses:
 its ``1 - mask``) is compared with verl given the same mask as int64; NaN inputs
@@ -119,6 +123,7 @@ if _HERE not in sys.path:  # run as a script: the tests' helpers live next to th
 from conftest import AGG_MODES, MODES, TOLERANCES, verl_config  # noqa: E402
 from test_advantage import ESTIMATORS, float64_tol  # noqa: E402
 from test_advantage import TOL as ADV_TOL  # noqa: E402
+from test_advantage import WHITENED as WHITENED_GROUP  # noqa: E402
 from test_kl_penalty import MODES as KL_MODES  # noqa: E402
 from test_kl_penalty import TOL as KL_TOL  # noqa: E402
 from verl.trainer.config import AlgoConfig  # noqa: E402
@@ -558,6 +563,13 @@ def draw_kl(rng: np.random.Generator, case: Case) -> None:
     )
 
 
+#: Group estimators added after the first seven. A case drawing a group
+#: estimator becomes one of these with their share of the group estimators,
+#: decided by a side stream of the case key: every other case -- and its
+#: replay key -- stays as it was before they were added.
+LATER_GROUP = ("grpo_passk", "gdpo")
+
+
 def draw_advantage(rng: np.random.Generator, case: Case) -> None:
     # The token baselines take a sixth of the advantage cases, drawn from their
     # own stream of (seed, index), so the other estimators' cases stay those
@@ -566,7 +578,12 @@ def draw_advantage(rng: np.random.Generator, case: Case) -> None:
     if sub.random() < 1 / 6:
         draw_token_baseline(sub, case, _pick(sub, sorted(TOKEN_BASELINES)))
         return
-    name = _pick(rng, sorted(ESTIMATORS) + sorted(SCAN_ESTIMATORS))
+    first = sorted(n for n in ESTIMATORS if n not in LATER_GROUP)
+    name = _pick(rng, first + sorted(SCAN_ESTIMATORS))
+    if name in ESTIMATORS:  # grpo_passk and gdpo: from a side stream of their own too
+        side = np.random.default_rng([case.seed, case.index, 17])
+        if side.random() < len(LATER_GROUP) / len(ESTIMATORS):
+            name = str(side.choice(LATER_GROUP))
     if name in SCAN_ESTIMATORS:
         draw_scan(rng, case, name)
         return
@@ -575,9 +592,11 @@ def draw_advantage(rng: np.random.Generator, case: Case) -> None:
         sizes = [int(s) for s in rng.choice([1, 2, 3, 4, 5, 8, 16], size=int(rng.integers(1, 13)))]
     else:
         sizes = [int(layout)] * int(rng.integers(1, max(2, 64 // int(layout)) + 1))
-    rpp = name == "reinforce_plus_plus_baseline"
+    rpp = name in WHITENED_GROUP
     if rpp and sum(sizes) < 2:
         sizes.append(1)
+    if name == "grpo_passk" and rng.random() < 0.9:  # else verl's ValueError for a lone row, ours too
+        sizes = [max(s, 2) for s in sizes]
     B = sum(sizes)
     T = _dim(rng, 300)
     labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))  # groups interleaved, as after a shuffle
@@ -594,7 +613,7 @@ def draw_advantage(rng: np.random.Generator, case: Case) -> None:
     mask_dtype = _pick(rng, ["fp32", "bool", "int64", "fp64"])
     mask, mask_kind = _mask(rng, B, T, min_len=1 if rpp else 0)
     if rpp:
-        # reinforce_plus_plus_baseline whitens over the batch's valid tokens: verl
+        # reinforce_plus_plus_baseline (and gdpo) whitens over the batch's valid tokens: verl
         # raises on <= 1 of them, and where they all come from one response
         # (one value, variance 0) the rounding residue of the mean, divided by
         # sqrt(1e-8), is all there is -- the README's equal-scores difference.
@@ -615,10 +634,26 @@ def draw_advantage(rng: np.random.Generator, case: Case) -> None:
         rewards[np.arange(B), last] = s
 
     params: dict[str, Any] = {}
-    if name in ("grpo", "grpo_vectorized"):
+    if name in ("grpo", "grpo_vectorized", "grpo_passk", "gdpo"):
         params = dict(epsilon=float(_pick(rng, [1e-6, 1e-2])), norm_adv_by_std_in_grpo=bool(rng.random() < 0.75))
     elif name == "gpg":
         params = dict(f_norm=float(_pick(rng, [1.0, 2.5])))
+    if name == "gdpo" and rng.random() < 0.5:  # per-key scores, as verl's trainer passes them
+        K = int(rng.integers(1, 4))
+        columns = []
+        for _ in range(K):
+            kind = _pick(rng, ["binary", "half", "normal"])
+            if kind == "binary":
+                columns.append(rng.integers(0, 2, size=B).astype(np.float64))
+            elif kind == "half":
+                columns.append(rng.integers(-4, 5, size=B) * 0.5)
+            else:
+                columns.append(rng.standard_normal(B) * _pick(rng, [0.1, 1.0, 10.0]))
+        weights = _pick(rng, [None, K, K + 1])  # None: verl's default 1; K + 1: the extra one unused
+        if weights is not None:
+            weights = [float(_pick(rng, [1.0, 0.5, -0.25, 0.1, 2.0])) for _ in range(weights)]
+        params.update(keys=K, weights=weights)
+        case.inputs["gdpo_scores"] = np.stack(columns, axis=1)
     case.variant = name
     case.params.update(
         dtype=dtype_name, mask_dtype=mask_dtype, mask_kind=mask_kind, layout=layout, index=index_kind,
@@ -1175,10 +1210,31 @@ def adv_verl(case: Case, precision: str, module=None) -> Outputs:
         return token_baseline_call(module or verl_ca, case, precision)
     p, x = case.params, case.inputs
     kw = {k: p[k] for k in ("epsilon", "norm_adv_by_std_in_grpo", "f_norm") if k in p}
+    if case.variant == "grpo_passk":  # verl asserts a config and reads the flag from it
+        kw["config"] = AlgoConfig(norm_adv_by_std_in_grpo=kw.pop("norm_adv_by_std_in_grpo"))
+    if "gdpo_scores" in x:
+        kw.update(_gdpo_data(case))
     fn = getattr(module or verl_ca, ESTIMATORS[case.variant])
     rewards = _cast(x["token_level_rewards"], precision).clone()
     adv, ret = fn(token_level_rewards=rewards, response_mask=x["response_mask"], index=x["index"], **kw)
     return {"advantages": adv, "returns": ret}
+
+
+def _gdpo_data(case: Case) -> dict[str, Any]:
+    """gdpo's per-key path as verl's trainer calls it: the config naming the
+    keys (and weights), ``non_tensor_batch`` holding a float64 array per key
+    (verl reads them as float32), ``batch`` with a 2-token prompt and the
+    attention mask of the valid tokens."""
+    x, p = case.inputs, case.params
+    scores, mask = x["gdpo_scores"], x["response_mask"]
+    keys = [f"reward_{k}" for k in range(scores.shape[1])]
+    B = scores.shape[0]
+    attention = torch.cat([torch.ones(B, 2, dtype=torch.int64), (mask != 0).to(torch.int64)], dim=1)
+    return dict(
+        config=AlgoConfig(gdpo_reward_keys=keys, gdpo_reward_weights=p["weights"]),
+        non_tensor_batch={k: scores[:, i].copy() for i, k in enumerate(keys)},
+        batch={"prompts": torch.zeros(B, 2, dtype=torch.int64), "attention_mask": attention},
+    )
 
 
 def adv_ours(case: Case) -> Outputs:
@@ -1211,6 +1267,8 @@ def adv_tols(case: Case) -> dict[str, Tol]:
         scale = max(1.0, rm.flip(-1).cumsum(-1).abs().max().item()) if rm.numel() else 1.0
         base = ADV_TOL[dtype]
         return {"advantages": Tol(atol=base["atol"] * scale, rtol=base["rtol"]), "returns": Tol(**base)}
+    if "gdpo_scores" in case.inputs:  # verl's per-key scores and their GRPO are float32 whatever the rewards
+        dtype = torch.float32
     tol = Tol(**(float64_tol(case.variant) if dtype == torch.float64 else ADV_TOL[torch.float32]))
     return {"advantages": tol, "returns": tol}
 
@@ -1431,6 +1489,8 @@ def adv_exact(case: Case, precision: str) -> list[Outputs]:
             with _correctly_rounded_exp():
                 out.append(adv_verl(case, precision))
         return out
+    if "gdpo_scores" in case.inputs:
+        return [_gdpo_keys_fp64(case)]
     if case.variant == "grpo_vectorized":
         x, p = case.inputs, case.params
         kw = {k: p[k] for k in ("epsilon", "norm_adv_by_std_in_grpo") if k in p}
@@ -1438,6 +1498,31 @@ def adv_exact(case: Case, precision: str) -> list[Outputs]:
         adv, ret = verl_ca.compute_grpo_outcome_advantage(rewards, x["response_mask"], x["index"], **kw)
         return [{"advantages": adv, "returns": ret}]
     return _upcast_exact(adv_verl)(case, precision)
+
+
+def _gdpo_keys_fp64(case: Case) -> Outputs:
+    """gdpo's per-key path with verl's float32 steps taken in float64, from
+    verl's own pieces: its float32-rounded scores and weights, its
+    ``compute_grpo_outcome_advantage`` per key on float64 rewards holding the
+    score, the weighted sum, its ``masked_whiten`` on a float64 mask. (Keys
+    whose GRPO values nearly cancel leave verl's float32 rounding residue,
+    which the whitening scales up.)"""
+    x, p = case.inputs, case.params
+    scores, mask, index = x["gdpo_scores"], x["response_mask"], x["index"]
+    B, T = mask.shape
+    m64 = mask.to(torch.float64)
+    weights = p["weights"] or [1.0] * scores.shape[1]
+    total = None
+    for k in range(scores.shape[1]):
+        r = torch.zeros(B, T, dtype=torch.float64)
+        r[:, 0] = torch.from_numpy(scores[:, k].astype(np.float32)).double()
+        a, _ = verl_ca.compute_grpo_outcome_advantage(
+            r, m64, index, epsilon=p["epsilon"], norm_adv_by_std_in_grpo=p["norm_adv_by_std_in_grpo"]
+        )
+        term = float(np.float32(weights[k])) * a
+        total = term if total is None else total + term
+    adv = verl_ca.verl_F.masked_whiten(total, m64) * m64
+    return {"advantages": adv, "returns": adv}
 
 
 @dataclass

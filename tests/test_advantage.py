@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import check_public_op, stable_seed
+from verl.trainer.config import AlgoConfig
 from verl.trainer.ppo import core_algos as verl_ca
 
 import luspo_rs
@@ -30,7 +31,19 @@ ESTIMATORS = {
     "reinforce_plus_plus_baseline": "compute_reinforce_plus_plus_baseline_outcome_advantage",
     "opo": "compute_opo_outcome_advantage",
     "gpg": "compute_gpg_outcome_advantage",
+    "grpo_passk": "compute_grpo_passk_outcome_advantage",
+    "gdpo": "compute_gdpo_outcome_advantage",
 }
+#: The estimators whose output verl whitens over the batch's valid tokens (verl raises below 2).
+WHITENED = ("reinforce_plus_plus_baseline", "gdpo")
+#: Arguments verl requires beyond the tensors (grpo_passk asserts a config).
+VERL_KW = {"grpo_passk": dict(config=AlgoConfig())}
+
+
+def sizes_for(name: str, sizes: list[int]) -> list[int]:
+    """grpo_passk refuses groups of one row (verl's ValueError; tests/test_passk_gdpo.py
+    checks it): its singletons become pairs."""
+    return [max(s, 2) for s in sizes] if name == "grpo_passk" else sizes
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 
@@ -66,6 +79,7 @@ def make_batch(sizes, index_kind, rng, dtype=torch.float32, mask_dtype=torch.flo
 
 def run_both(name, rewards, mask, index, **kw):
     fn = ESTIMATORS[name]
+    kw = {**VERL_KW.get(name, {}), **kw}
     want, want_ret = getattr(verl_ca, fn)(token_level_rewards=rewards.clone(), response_mask=mask, index=index, **kw)
     got, got_ret = getattr(ours, fn)(token_level_rewards=rewards.clone(), response_mask=mask, index=index, **kw)
     return want, got, want_ret, got_ret
@@ -76,8 +90,8 @@ def run_both(name, rewards, mask, index, **kw):
 @pytest.mark.parametrize("index_kind", ["uid", "int"])
 def test_estimator_matches_verl(name, layout, index_kind):
     rng = np.random.default_rng(stable_seed(name, layout, index_kind))
-    sizes = group_layout(layout, rng)
-    if name == "reinforce_plus_plus_baseline" and sum(sizes) < 2:
+    sizes = sizes_for(name, group_layout(layout, rng))
+    if name in WHITENED and sum(sizes) < 2:
         pytest.skip("needs two valid tokens")
     rewards, mask, index = make_batch(sizes, index_kind, rng)
     want, got, want_ret, got_ret = run_both(name, rewards, mask, index)
@@ -89,7 +103,7 @@ def test_estimator_matches_verl(name, layout, index_kind):
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_estimator_float64_and_bool_mask(name):
     rng = np.random.default_rng(7)
-    rewards, mask, index = make_batch(group_layout("mixed", rng), "uid", rng, dtype=torch.float64, mask_dtype=torch.bool)
+    rewards, mask, index = make_batch(sizes_for(name, group_layout("mixed", rng)), "uid", rng, dtype=torch.float64, mask_dtype=torch.bool)
     want, got, _, _ = run_both(name, rewards, mask, index)
     assert got.dtype == want.dtype == torch.float64
     torch.testing.assert_close(got, want, **float64_tol(name))
@@ -112,7 +126,7 @@ def float64_tol(name):
 def test_float64_rewards_match_verl_for_every_mask_dtype(name, layout, mask_dtype):
     # The inputs of tests/test_cuda.py's estimator test (float64 rewards, T=40), on the CPU.
     rng = np.random.default_rng(stable_seed(name, layout, "uid", str(torch.float64)))
-    rewards, mask, index = make_batch(group_layout(layout, rng), "uid", rng, dtype=torch.float64, T=40)
+    rewards, mask, index = make_batch(sizes_for(name, group_layout(layout, rng)), "uid", rng, dtype=torch.float64, T=40)
     want, got, _, _ = run_both(name, rewards, mask.to(mask_dtype), index)
     assert got.dtype == want.dtype == torch.float64
     torch.testing.assert_close(got, want, **float64_tol(name))
@@ -121,7 +135,7 @@ def test_float64_rewards_match_verl_for_every_mask_dtype(name, layout, mask_dtyp
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_estimator_binary_rewards_with_tied_groups(name):
     rng = np.random.default_rng(11)
-    rewards, mask, index = make_batch(group_layout("mixed", rng), "uid", rng, binary=True, mask_dtype=torch.int64)
+    rewards, mask, index = make_batch(sizes_for(name, group_layout("mixed", rng)), "uid", rng, binary=True, mask_dtype=torch.int64)
     want, got, _, _ = run_both(name, rewards, mask, index)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
@@ -233,12 +247,13 @@ def test_public_advantage_matches_verl(name):
     """``luspo_rs.advantage(..., estimator)`` is verl's estimator, and the
     drop-in's bits."""
     rng = np.random.default_rng(stable_seed("public", name))
-    rewards, mask, index = make_batch(group_layout("mixed", rng), "uid", rng, mask_dtype=torch.bool)
-    want, _ = getattr(verl_ca, ESTIMATORS[name])(token_level_rewards=rewards.clone(), response_mask=mask, index=index)
+    rewards, mask, index = make_batch(sizes_for(name, group_layout("mixed", rng)), "uid", rng, mask_dtype=torch.bool)
+    kw = VERL_KW.get(name, {})
+    want, _ = getattr(verl_ca, ESTIMATORS[name])(token_level_rewards=rewards.clone(), response_mask=mask, index=index, **kw)
     got = luspo_rs.advantage(rewards, mask, index, name)
     assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got, want, **TOL[torch.float32])
-    drop_in, _ = getattr(ours, ESTIMATORS[name])(token_level_rewards=rewards, response_mask=mask, index=index)
+    drop_in, _ = getattr(ours, ESTIMATORS[name])(token_level_rewards=rewards, response_mask=mask, index=index, **kw)
     assert torch.equal(got, drop_in)
 
 

@@ -35,6 +35,8 @@ DROP_INS = [
     "compute_reinforce_plus_plus_baseline_outcome_advantage",
     "compute_opo_outcome_advantage",
     "compute_gpg_outcome_advantage",
+    "compute_grpo_passk_outcome_advantage",
+    "compute_gdpo_outcome_advantage",
 ]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import AGG_MODES, MODES, make_batch, stable_seed, verl_reference
-from test_advantage import ESTIMATORS, group_layout
+from test_advantage import ESTIMATORS, VERL_KW, WHITENED, group_layout, sizes_for
 from test_advantage import make_batch as make_adv_batch
 from test_kl_penalty import MODES as KL_MODES
 from test_kl_penalty import inputs as kl_inputs
@@ -548,6 +548,7 @@ ADV_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1
 
 
 def adv(fn_owner, name, rewards, mask, index, **kw):
+    kw = {**VERL_KW.get(name, {}), **kw}
     out, ret = getattr(fn_owner, ESTIMATORS[name])(token_level_rewards=rewards.clone(), response_mask=mask, index=index, **kw)
     return out, ret
 
@@ -567,7 +568,7 @@ def as_index(index, kind):
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_estimator_matches_verl_and_cpu_on_the_gpu(name, layout, index_kind, dtype):
     rng = np.random.default_rng(stable_seed(name, layout, index_kind, str(dtype)))
-    rewards, mask, uid = make_adv_batch(group_layout(layout, rng), "uid", rng, dtype=dtype, T=40)
+    rewards, mask, uid = make_adv_batch(sizes_for(name, group_layout(layout, rng)), "uid", rng, dtype=dtype, T=40)
     index = as_index(uid, index_kind)
     got, got_ret = adv(ours, name, *cuda(rewards, mask), index)
     assert on_device(got) and got.dtype == dtype and got_ret is got
@@ -587,17 +588,17 @@ def test_estimator_bitwise_equal_to_cpu_on_exact_scores(name):
     # value is bitwise the CPU's (reinforce_plus_plus_baseline's batch whitening sums in
     # another order: close only).
     rng = np.random.default_rng(5)
-    rewards, mask, uid = make_adv_batch(group_layout("mixed", rng), "uid", rng, binary=True, mask_dtype=torch.int64)
+    rewards, mask, uid = make_adv_batch(sizes_for(name, group_layout("mixed", rng)), "uid", rng, binary=True, mask_dtype=torch.int64)
     got, _ = adv(ours, name, *cuda(rewards, mask), uid)
     with host():
         cpu, _ = adv(ours, name, rewards, mask, uid)
-    if name == "reinforce_plus_plus_baseline":
+    if name in WHITENED:
         close(got, cpu, ADV_TOL[torch.float32], "vs CPU")
     else:
         assert torch.equal(got.cpu(), cpu)
 
 
-@pytest.mark.parametrize("name", ["grpo", "opo", "reinforce_plus_plus_baseline"])
+@pytest.mark.parametrize("name", ["grpo", "opo", "reinforce_plus_plus_baseline", "grpo_passk", "gdpo"])
 @pytest.mark.parametrize(
     "rdtype,mdtype",
     [(torch.bfloat16, torch.bool), (torch.float16, torch.float32), (torch.float32, torch.bool), (torch.float64, torch.int64)],
@@ -605,7 +606,7 @@ def test_estimator_bitwise_equal_to_cpu_on_exact_scores(name):
 )
 def test_estimator_dtypes_match_cpu(name, rdtype, mdtype):
     rng = np.random.default_rng(8)
-    rewards, mask, uid = make_adv_batch(group_layout("mixed", rng), "uid", rng, dtype=rdtype, mask_dtype=mdtype)
+    rewards, mask, uid = make_adv_batch(sizes_for(name, group_layout("mixed", rng)), "uid", rng, dtype=rdtype, mask_dtype=mdtype)
     got, _ = adv(ours, name, *cuda(rewards, mask), uid)
     with host():
         cpu, _ = adv(ours, name, rewards, mask, uid)
@@ -622,6 +623,72 @@ def test_grpo_options_and_gpg_f_norm_on_the_gpu(norm):
           adv(verl_ca, "grpo", *cuda(rewards, mask), uid, **kw)[0], ADV_TOL[torch.float32], "grpo options")
     close(adv(ours, "gpg", *cuda(rewards, mask), uid, f_norm=2.5)[0],
           adv(verl_ca, "gpg", *cuda(rewards, mask), uid, f_norm=2.5)[0], ADV_TOL[torch.float32], "gpg f_norm")
+
+
+def test_passk_ties_nan_and_epsilon_bitwise_equal_to_cpu_on_the_gpu():
+    # integer scores with tied maxima, a NaN score, an all-equal group under
+    # epsilon=0 (NaN on its first row): the first tied row is the best on both
+    rng = np.random.default_rng(12)
+    sizes = [2, 3, 4, 5, 8, 16, 2, 3]
+    B = sum(sizes)
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    rewards = torch.zeros(B, 6, dtype=torch.float64)
+    rewards[:, 2] = torch.from_numpy(rng.integers(0, 3, size=B).astype(np.float64))
+    rewards[labels == 0, 2] = 1.0
+    rewards[np.flatnonzero(labels == 1)[1], 4] = float("nan")
+    mask = torch.ones(B, 6, dtype=torch.bool)
+    for norm, eps in ((True, 1e-6), (False, 1e-6), (True, 0.0)):
+        kw = dict(norm_adv_by_std_in_grpo=norm, epsilon=eps)
+        got = luspo_rs.advantage(*cuda(rewards, mask), labels, "grpo_passk", **kw)
+        with host():
+            cpu = luspo_rs.advantage(rewards, mask, labels, "grpo_passk", **kw)
+        assert torch.equal(got.cpu().isnan(), cpu.isnan()) and torch.equal(got.cpu().nan_to_num(), cpu.nan_to_num())
+        rows0 = np.flatnonzero(labels == 0)  # the all-equal group: NaN on its first row under epsilon=0
+        assert bool(got[rows0[0]].isnan().all()) == (eps == 0) and not got[rows0[1:]].isnan().any()
+        assert got[np.flatnonzero(labels == 1)[1]].isnan().all()  # the NaN score is the best
+        if norm and eps:
+            want, _ = adv(verl_ca, "grpo_passk", *cuda(rewards, mask), labels)
+            close(got, want, ADV_TOL[torch.float64], "vs verl")  # (no NaN row of verl's differs: groups of 3)
+
+
+def test_passk_group_of_one_row_on_the_gpu():
+    # labels on the host: verl's ValueError before any launch; labels already on
+    # the device: no sync to raise, the lone row gets NaN (documented)
+    rng = np.random.default_rng(13)
+    rewards, mask, uid = make_adv_batch([2, 1, 3], "uid", rng)
+    rewards, mask = cuda(rewards, mask)
+    with pytest.raises(ValueError, match="^index: grpo_passk"):
+        luspo_rs.advantage(rewards, mask, uid, "grpo_passk")
+    labels = torch.from_numpy(np.unique(uid, return_inverse=True)[1]).to(DEV)
+    if GPU:
+        got = luspo_rs.advantage(rewards, mask, labels, "grpo_passk")
+    else:  # (the simulator's device tensors are host tensors, which the host check sees: the kernel directly)
+        from luspo_rs import _cuda
+
+        got = torch.empty_like(rewards)
+        gid, extra = _cuda.advantage_inputs(rewards, labels)
+        _core.advantage(rewards, mask, gid, got, estimator="grpo_passk", **extra)
+    lone = (labels[:, None] == labels[None, :]).sum(1).cpu() == 1
+    assert torch.isnan(got.cpu()[lone]).all() and not torch.isnan(got.cpu()[~lone]).any()
+
+
+@pytest.mark.parametrize("mdtype", [torch.int64, torch.float64], ids=str)
+@pytest.mark.parametrize("norm", [True, False], ids=["std", "no_std"])
+def test_gdpo_reward_keys_match_verl_and_cpu_on_the_gpu(norm, mdtype):
+    from test_passk_gdpo import keyed_batch
+    from verl.trainer.config import AlgoConfig
+
+    rng = np.random.default_rng(14)
+    rewards, mask, uid, non_tensor, batch = keyed_batch(rng, [int(s) for s in rng.choice([1, 2, 4, 8], 12)], mask_dtype=mdtype)
+    config = AlgoConfig(gdpo_reward_keys=["accuracy", "format", "length"], gdpo_reward_weights=[1.0, 0.3, -0.25])
+    kw = dict(norm_adv_by_std_in_grpo=norm, config=config, non_tensor_batch=non_tensor)
+    got, _ = adv(ours, "gdpo", *cuda(rewards, mask), uid, batch={k: v.to(DEV) for k, v in batch.items()}, **kw)
+    assert on_device(got) and got.dtype == (torch.float64 if mdtype == torch.float64 else torch.float32)
+    with host():
+        cpu, _ = adv(ours, "gdpo", rewards, mask, uid, batch=batch, **kw)
+    close(got, cpu, ADV_TOL[torch.float32], "vs CPU")
+    want, _ = adv(verl_ca, "gdpo", *cuda(rewards, mask), uid, batch={k: v.to(DEV) for k, v in batch.items()}, **kw)
+    close(got, want, ADV_TOL[torch.float32], "vs verl")
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))

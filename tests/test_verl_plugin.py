@@ -118,8 +118,10 @@ def test_take_over_env_var_replaces_verls_functions():
             assert ca.get_adv_estimator_fn(name) is fn, name
             assert getattr(ca, attr) is fn, attr
         assert ca.kl_penalty is ours.kl_penalty and losses.kl_penalty is ours.kl_penalty
-        # estimators verl keeps: untouched
-        assert ca.get_adv_estimator_fn("grpo_passk").__module__ == "verl.trainer.ppo.core_algos"
+        # estimators verl keeps (if any): untouched
+        for name, fn in ca.ADV_ESTIMATOR_REGISTRY.items():
+            if name not in plugin.TAKEN_OVER_ESTIMATORS:
+                assert fn.__module__ == "verl.trainer.ppo.core_algos", name
         # restore() gives verl's originals back
         plugin.restore()
         assert ca.get_policy_loss_fn("vanilla").__module__ == "verl.trainer.ppo.core_algos"
@@ -182,8 +184,14 @@ def test_taken_over_estimators_are_what_verls_trainer_calls():
         p = torch.rand(B, T, generator=g) * 0.9 + 0.05
         otb = dict(sum_pi_squared=p * p, old_log_probs=p.log(), rollout_is_weights=torch.rand(B, T, generator=g) + 0.5)
         names = ["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg",
-                 "gae", "reinforce_plus_plus", "remax", "optimal_token_baseline", "tir_optimal_token_baseline"]
-        config = AlgoConfig(gamma=0.99, lam=0.95)
+                 "grpo_passk", "gdpo", "gae", "reinforce_plus_plus", "remax",
+                 "optimal_token_baseline", "tir_optimal_token_baseline"]
+        config = AlgoConfig(gamma=0.99, lam=0.95, gdpo_reward_keys=["acc", "fmt"], gdpo_reward_weights=[1.0, 0.5])
+        # gdpo: the trainer also passes the batch (per-key scores, prompts, attention mask)
+        gdpo = dict(non_tensor_batch={"uid": kw["index"], "acc": np.arange(B) % 2 * 1.0, "fmt": list(np.linspace(0, 1, B))},
+                    batch={"prompts": torch.zeros(B, 3, dtype=torch.int64),
+                           "attention_mask": torch.ones(B, 3 + T, dtype=torch.int64)})
+        pairs = np.array([f"u{i // 2}" for i in range(B)], dtype=object)  # Pass@k: no singleton
         def call(name):
             if name == "gae":
                 return ca.compute_gae_advantage_return(token_level_rewards=kw["token_level_rewards"], values=values,
@@ -191,9 +199,11 @@ def test_taken_over_estimators_are_what_verls_trainer_calls():
                                                        lam=config.lam)
             if name == "grpo":
                 return ca.compute_grpo_outcome_advantage(norm_adv_by_std_in_grpo=True, **kw)
-            extra = dict(reward_baselines=baselines) if name == "remax" else {}
+            extra = dict(reward_baselines=baselines) if name == "remax" else gdpo if name == "gdpo" else {}
             if "optimal_token_baseline" in name:
                 extra = otb
+            if name == "grpo_passk":
+                return ca.get_adv_estimator_fn(name)(config=config, **dict(kw, index=pairs))
             return ca.get_adv_estimator_fn(name)(config=config, **kw, **extra)
         want = {n: [t.clone() for t in call(n)] for n in names}
         import luspo_rs.verl as plugin

@@ -34,7 +34,8 @@ KlMode = Literal[
     "kl+", "k1+", "abs+", "mse+", "k2+", "low_var_kl+", "k3+",
 ]
 GroupEstimator = Literal[
-    "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg"
+    "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg",
+    "grpo_passk", "gdpo",
 ]
 ScanEstimator = Literal["gae", "reinforce_plus_plus", "remax"]
 TokenBaselineEstimator = Literal["optimal_token_baseline", "tir_optimal_token_baseline"]
@@ -179,12 +180,19 @@ def advantage(
     order: Optional[DLPack] = None,
     scratch: Optional[DLPack] = None,
     stream: Optional[int] = None,
+    scores: Optional[DLPack] = None,
+    weights: Optional[DLPack] = None,
 ) -> None:
     """Group outcome advantages (``grpo``, ``grpo_vectorized``, ``rloo``,
-    ``rloo_vectorized``, ``reinforce_plus_plus_baseline``, ``opo``, ``gpg``)
-    with verl 0.9.x semantics: writes the ``(B, T)`` advantages into ``out``
-    (float, shape of ``token_level_rewards``). ``index`` is a 1-D integer
-    tensor/array of group labels of length ``B``.
+    ``rloo_vectorized``, ``reinforce_plus_plus_baseline``, ``opo``, ``gpg``,
+    ``grpo_passk``, ``gdpo``) with verl 0.9.x semantics: writes the ``(B, T)``
+    advantages into ``out`` (float, shape of ``token_level_rewards``).
+    ``index`` is a 1-D integer tensor/array of group labels of length ``B``.
+    ``grpo_passk`` refuses a group of one row (``ValueError`` naming
+    ``index``; on CUDA such a row gets NaN). ``gdpo`` optionally takes
+    ``scores`` (float, ``(B, K)``: each row's score under K reward keys, read
+    instead of the rewards' row sums) and ``weights`` (contiguous float64
+    ``(K,)`` on the same device), both or neither.
 
     CUDA tensors: ``index`` must be int64 on the device, ``order`` a stable
     argsort of it (int64, on the device), ``scratch`` a contiguous float64

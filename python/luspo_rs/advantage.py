@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -15,12 +15,14 @@ from ._alloc import empty_host
 from ._args import require_strings, require_tensors, to_float
 
 GroupEstimator = Literal[
-    "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg"
-]
+    "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg",
+    "grpo_passk", "gdpo",
+]  # fmt: skip
 ScanEstimator = Literal["gae", "reinforce_plus_plus", "remax"]
 TokenBaselineEstimator = Literal["optimal_token_baseline", "tir_optimal_token_baseline"]
 Estimator = Literal[
     "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg",
+    "grpo_passk", "gdpo",
     "gae", "reinforce_plus_plus", "remax", "optimal_token_baseline", "tir_optimal_token_baseline",
 ]  # fmt: skip
 
@@ -73,6 +75,8 @@ def advantage(
     rollout_is_weights: Optional[torch.Tensor] = None,
     handle_zero_tail: bool = True,
     with_returns: bool = False,
+    reward_scores: Optional[torch.Tensor] = None,
+    reward_weights: Optional[Sequence[float]] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """verl's advantage ``estimator``, as a ``(B, T)`` tensor (with
     ``with_returns=True``, verl's pair ``(advantages, returns)``).
@@ -110,7 +114,22 @@ def advantage(
     * ``reinforce_plus_plus_baseline``: ``(s_i - mean_g) m``, then whitened over
       the batch's valid tokens (verl's ``masked_whiten``) and masked;
     * ``opo``: ``s_i - sum_g L s / sum_g L`` (singletons keep ``s_i``);
-    * ``gpg``: ``alpha (s_i - mean_g) / f_norm``, ``alpha = B / max(#{s_i != 0}, 1)``.
+    * ``gpg``: ``alpha (s_i - mean_g) / f_norm``, ``alpha = B / max(#{s_i != 0}, 1)``;
+    * ``grpo_passk`` (Pass@k): only the best row of each group gets
+      ``(s_(1) - s_(2)) / (std_g + epsilon)`` (``s_(1) - s_(2)`` without
+      ``norm_adv_by_std_in_grpo``), the gap between the group's two largest
+      scores; the other rows get 0. Of tied maxima the first row (in batch
+      order) is the best, NaN counts as the largest score. Every group needs
+      two rows or more (``ValueError``, as verl; on CUDA with labels already
+      on the device such a row gets NaN instead);
+    * ``gdpo``: ``c_i = sum_k w_k a_ik``, ``a_ik`` the ``grpo`` value of row
+      ``i`` for the ``k``-th column of ``reward_scores`` (``(B, K)``, each row's
+      score under K reward keys), ``w`` the ``reward_weights`` (rounded to
+      float32 as verl's; default all 1); without ``reward_scores`` one key,
+      ``s_i``, weight 1. Then ``c_i m`` whitened over the batch's valid tokens
+      (verl's ``masked_whiten``) and masked, as ``reinforce_plus_plus_baseline``.
+      With ``reward_scores`` the rewards are not read (only their shape and
+      device) and the result's dtype is ``reward_scores``' promoted with the mask's.
 
     **Optimal token baselines** (``index``, ``old_log_probs``,
     ``sum_pi_squared``, optional ``rollout_is_weights`` and ``handle_zero_tail``):
@@ -127,7 +146,8 @@ def advantage(
     beyond the second-longest length. ``epsilon`` defaults to 1e-8 here.
 
     ``epsilon`` (default 1e-6) and ``norm_adv_by_std_in_grpo`` are used by the GRPO
-    estimators only, ``f_norm`` by ``gpg`` only (each must still be valid).
+    estimators (``grpo``, ``grpo_vectorized``, ``grpo_passk``, ``gdpo``) only,
+    ``f_norm`` by ``gpg`` only (each must still be valid).
     Group statistics are computed in float64. The returns of a group
     estimator are its advantages (verl returns the same tensor twice).
 
@@ -153,8 +173,13 @@ def advantage(
         f_norm=to_float("f_norm", f_norm),
     )
     rewards, mask = token_level_rewards.detach(), response_mask.detach()
+    keys = _key_scores(estimator, rewards, reward_scores, reward_weights)
     gid = group_index(index)
+    if estimator == "grpo_passk" and gid.device.type == "cpu":
+        _require_pairs(gid, index)
     dtype = torch.promote_types(rewards.dtype, mask.dtype) if rewards.dtype.is_floating_point else rewards.dtype
+    if keys and keys["scores"].dtype.is_floating_point:  # gdpo: verl's float32 scores times the mask
+        dtype = torch.promote_types(keys["scores"].dtype, mask.dtype)
     if _cuda.on_device(rewards):
         # the labels on the device, their stable argsort and the kernels' scratch
         gid, cuda = _cuda.advantage_inputs(rewards, gid)
@@ -162,8 +187,50 @@ def advantage(
     else:
         gid, cuda = gid.cpu(), {}
         out = empty_host(tuple(rewards.shape), dtype)
-    _core.advantage(rewards, mask, gid, out, estimator=estimator, **params, **cuda)
+    _core.advantage(rewards, mask, gid, out, estimator=estimator, **params, **cuda, **keys)
     return (out, out) if with_returns else out
+
+
+def _key_scores(estimator: str, rewards: torch.Tensor, scores: Any, weights: Any) -> dict[str, torch.Tensor]:
+    """``gdpo``'s per-key ``scores`` and float64 ``weights`` (verl's float32
+    weights, widened) for ``_core.advantage``, or nothing."""
+    if scores is None:
+        if weights is not None:
+            raise ValueError("reward_weights: given without reward_scores (gdpo's per-key scores)")
+        return {}
+    if estimator != "gdpo":
+        raise ValueError(f"reward_scores: only the gdpo estimator reads per-key scores, not {estimator}")
+    require_tensors(reward_scores=scores)
+    scores = scores.detach()
+    if scores.dim() != 2 or scores.shape[1] == 0:
+        raise ValueError(
+            f"reward_scores: expected a (batch, keys) tensor with at least one key, got shape {tuple(scores.shape)}"
+        )
+    k = scores.shape[1]
+    if weights is None:
+        w = torch.ones(k, dtype=torch.float64)
+    else:
+        try:
+            w = torch.as_tensor(weights, dtype=torch.float32).reshape(-1).to(torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"reward_weights: expected {k} numbers, got {weights!r}") from e
+        if w.numel() != k:
+            raise ValueError(f"reward_weights: expected one weight per key ({k}), got {w.numel()}")
+    if _cuda.on_device(rewards):
+        w = w.to(rewards.device, non_blocking=True)
+    return dict(scores=scores, weights=w)
+
+
+def _require_pairs(gid: torch.Tensor, index: Any) -> None:
+    """verl's Pass@k ``ValueError`` for a group of one row, naming its label."""
+    _, inverse, counts = torch.unique(gid, return_inverse=True, return_counts=True)
+    lone = torch.nonzero(counts[inverse] < 2)
+    if lone.numel():
+        i = int(lone[0, 0])
+        label = index[i].item() if isinstance(index, torch.Tensor) else index[i]
+        raise ValueError(
+            f"index: grpo_passk (Pass@k) needs at least 2 responses per group, got 1 for group {label!r} (row {i})"
+        )
 
 
 def _scan(rewards, mask, estimator, values, baselines, gamma, lam) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,9 +30,18 @@ Known, deliberate differences from verl (documented in the README):
 * group statistics are computed in f64, so groups whose scores are all equal
   get exactly 0 where verl's f32 arithmetic may leave a rounding residue
   divided by ``std + epsilon``;
-* ``reinforce_plus_plus_baseline`` does not raise when the whole batch has at
-  most one valid token (verl's ``masked_var`` does); it returns zeros or NaN;
-  GAE and REINFORCE++ return NaN advantages there (their returns are right);
+* ``reinforce_plus_plus_baseline`` and ``gdpo`` do not raise when the whole
+  batch has at most one valid token (verl's ``masked_var`` does); they return
+  zeros or NaN; GAE and REINFORCE++ return NaN advantages there (their returns
+  are right);
+* ``grpo_passk``: of tied best scores in a group the first row gets the
+  advantage (torch's CPU ``topk`` picks an implementation-defined one in
+  groups of more than 3 rows); this shows only where that advantage is NaN
+  (``epsilon=0`` with an all-equal group, or non-finite scores). A missing
+  ``config`` (verl: ``assert``) and, for ``gdpo``, a missing
+  ``gdpo_reward_keys`` or reward key (verl: ``assert``) or too few
+  ``gdpo_reward_weights`` (verl: ``IndexError``) are ``ValueError`` /
+  ``KeyError`` naming what is missing.
 * the optimal token baselines sum over a group's rows in float64, take
   ``exp(old_log_probs)`` correctly rounded (torch's float32 ``exp`` can be
   an ulp off), compute the mixtures of float32 and float64 inputs for which
@@ -61,7 +70,9 @@ __all__ = [
     "agg_loss",
     "compute_gae_advantage_return",
     "compute_gpg_outcome_advantage",
+    "compute_gdpo_outcome_advantage",
     "compute_grpo_outcome_advantage",
+    "compute_grpo_passk_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage",
     "compute_multi_turn_optimal_token_baseline_advantage",
     "compute_opo_outcome_advantage",
@@ -224,7 +235,7 @@ def compute_value_loss(
 
 # --------------------------------------------------------------------------- advantages
 #
-# verl's seven outcome estimators take one of three argument lists; each
+# verl's nine outcome estimators take one of five argument lists; each
 # drop-in is that list over :func:`luspo_rs.advantage` with the estimator's
 # name, returning ``(advantages, returns)``, the same tensor twice, as verl.
 
@@ -279,6 +290,103 @@ def _gpg_args(estimator: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]
     return drop_in
 
 
+def _passk_args(estimator: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    def drop_in(
+        token_level_rewards: torch.Tensor,
+        response_mask: torch.Tensor,
+        index: np.ndarray,
+        epsilon: float = 1e-6,
+        norm_adv_by_std_in_grpo: bool = True,
+        config: Optional[Any] = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if config is None:  # verl: `assert config is not None`
+            raise ValueError(f"config: compute_{estimator}_outcome_advantage needs the algorithm config, got None")
+        # as verl: the argument norm_adv_by_std_in_grpo is ignored, the config's is read
+        norm = _cfg(config, "norm_adv_by_std_in_grpo", True)
+        out = advantage(
+            token_level_rewards, response_mask, index, estimator, norm_adv_by_std_in_grpo=norm, epsilon=epsilon
+        )
+        return out, out
+
+    return drop_in
+
+
+def _gdpo_args(estimator: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    def drop_in(
+        token_level_rewards: torch.Tensor,
+        response_mask: torch.Tensor,
+        index: np.ndarray,
+        epsilon: float = 1e-6,
+        norm_adv_by_std_in_grpo: bool = True,
+        config: Optional[Any] = None,
+        non_tensor_batch: Optional[dict] = None,
+        batch: Optional[dict] = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = {}
+        if config is not None and non_tensor_batch is not None and batch is not None:
+            keys = _gdpo_key_scores(token_level_rewards, response_mask, config, non_tensor_batch, batch)
+        out = advantage(
+            token_level_rewards, response_mask, index, estimator,
+            norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo, epsilon=epsilon, **keys,
+        )  # fmt: skip
+        return out, out
+
+    return drop_in
+
+
+def _gdpo_key_scores(rewards: torch.Tensor, mask: torch.Tensor, config: Any, non_tensor_batch: Any, batch: Any) -> dict:
+    """verl's per-key GDPO scores: ``non_tensor_batch[key]`` as float32, one
+    column per ``config.gdpo_reward_keys`` entry, and the float32
+    ``config.gdpo_reward_weights`` (the first ``K``; default 1). verl puts
+    each score at the response's last token, ``valid_response_length`` from
+    ``batch["attention_mask"]``; the row sum GRPO takes is the score itself,
+    so only verl's range check of that position is kept."""
+    reward_keys = _cfg(config, "gdpo_reward_keys", None)
+    if not reward_keys:  # verl: assert
+        raise ValueError(
+            "config: gdpo needs 'algorithm.gdpo_reward_keys', the reward component keys of compute_score's "
+            "result (e.g. ['format_reward', 'accuracy_reward'])"
+        )
+    B, T = (mask.shape[0], mask.shape[1]) if mask.dim() == 2 else (len(mask), 0)
+    prompt_length = batch["prompts"].size(1)
+    attention = batch["attention_mask"]
+    if attention.shape[0] != B:
+        raise ValueError(f"batch: attention_mask has {attention.shape[0]} rows, response_mask {B}")
+    # verl indexes (B, T) at attention_mask[:, prompt_length:].sum(1) - 1, which
+    # is in range whenever the response part has at most T columns
+    if attention.shape[1] - prompt_length > T:
+        last = attention[:, prompt_length:].sum(dim=1) - 1
+        bad = torch.nonzero((last >= T) | (last < -T))
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise IndexError(
+                f"batch: attention_mask row {i} has {int(last[i]) + 1} response tokens, "
+                f"more than the {T} of response_mask"
+            )
+    columns = []
+    for key in reward_keys:
+        if key not in non_tensor_batch:  # verl: assert
+            available = list(non_tensor_batch.keys())
+            raise KeyError(f"non_tensor_batch: GDPO reward key {key!r} not found; available: {available}")
+        column = torch.from_numpy(np.asarray(non_tensor_batch[key], dtype=np.float32))
+        try:
+            columns.append(torch.broadcast_to(column, (B,)))
+        except RuntimeError as e:
+            raise ValueError(
+                f"non_tensor_batch: {key!r} has shape {tuple(column.shape)}, expected one score per row ({B})"
+            ) from e
+    weights = _cfg(config, "gdpo_reward_weights", None)
+    if weights is not None:
+        weights = list(weights)
+        if len(weights) < len(columns):  # verl: IndexError; more weights than keys: the rest unused
+            raise ValueError(f"config: gdpo_reward_weights has {len(weights)} weights for {len(columns)} reward keys")
+        weights = weights[: len(columns)]
+    scores = torch.stack(columns, dim=1).to(rewards.device)
+    return dict(reward_scores=scores, reward_weights=weights)
+
+
 def _drop_in(estimator: str, args: Callable[[str], Callable[..., Any]], doc: str) -> Callable[..., Any]:
     fn = args(estimator)
     fn.__name__ = fn.__qualname__ = f"compute_{estimator}_outcome_advantage"
@@ -303,6 +411,15 @@ _ESTIMATOR_TABLE = {
             "(singletons keep ``s_i``), ``L_i = sum_t m_it``."),
     "gpg": (_gpg_args, "GPG: ``alpha (s_i - mean_g) / f_norm`` with ``alpha = B / max(#{s_i != 0}, 1)`` "
             "(verl recomputes ``alpha``; the argument is ignored, as there)."),
+    "grpo_passk": (_passk_args, "Pass@k (verl ``grpo_passk``): only the best row of each group gets "
+                   "``(s_(1) - s_(2)) / (std_g + epsilon)``, the gap to the second best score (without "
+                   "std when ``config.norm_adv_by_std_in_grpo`` is false; the argument is ignored, as in "
+                   "verl); the others 0. Tied best: the first row. Needs ``config`` and groups of 2 or more."),
+    "gdpo": (_gdpo_args, "GDPO: per reward key ``k`` (``config.gdpo_reward_keys``, scores from "
+             "``non_tensor_batch[k]`` as float32, when ``config``, ``non_tensor_batch`` and ``batch`` are "
+             "all given; else one key, the rewards' row sums) the GRPO advantage ``a_k``, summed with "
+             "``config.gdpo_reward_weights`` (float32, default 1), times ``response_mask``, then whitened over "
+             "the batch's valid tokens (verl's ``masked_whiten``) and masked."),
 }  # fmt: skip
 
 #: verl's estimator name -> our ``compute_<name>_outcome_advantage``, in the
@@ -318,6 +435,8 @@ compute_rloo_vectorized_outcome_advantage = ESTIMATORS["rloo_vectorized"]
 compute_reinforce_plus_plus_baseline_outcome_advantage = ESTIMATORS["reinforce_plus_plus_baseline"]
 compute_opo_outcome_advantage = ESTIMATORS["opo"]
 compute_gpg_outcome_advantage = ESTIMATORS["gpg"]
+compute_grpo_passk_outcome_advantage = ESTIMATORS["grpo_passk"]
+compute_gdpo_outcome_advantage = ESTIMATORS["gdpo"]
 
 
 # --------------------------------------------------------------------------- scans

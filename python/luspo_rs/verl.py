@@ -11,7 +11,8 @@ verl imports this module itself when started with
   :func:`take_over`), also replaces verl's own implementations with the Rust
   ones: the ``vanilla`` and ``gspo`` policy losses, the advantage estimators
   ``grpo``, ``grpo_vectorized``, ``rloo``, ``rloo_vectorized``,
-  ``reinforce_plus_plus_baseline``, ``opo``, ``gpg`` (registry entries and the
+  ``reinforce_plus_plus_baseline``, ``opo``, ``gpg``, ``grpo_passk``, ``gdpo``
+  and the rest of :data:`luspo_rs.core_algos.ESTIMATORS` (registry entries and the
   ``core_algos.compute_*`` module attributes verl's trainer calls directly),
   ``kl_penalty`` and the critic's ``compute_value_loss`` (which
   ``verl.workers.utils.losses.value_loss`` calls): in every loaded verl module that holds verl's function

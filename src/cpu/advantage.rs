@@ -2,11 +2,12 @@
 //! `cuda/kernels/advantage.cu`; the formulas are in `ops/advantage.rs`):
 //! one pass over `token_level_rewards` (and the mask where the estimator
 //! needs lengths) for the scores, per-group statistics in f64 in row order,
-//! one pass writing the B×T advantages.
+//! one pass writing the B×T advantages. `gdpo` given per-key scores reads
+//! them instead of the rewards.
 
 use super::{fold_rows, for_each_row, Sum8};
 use crate::error::{try_zeros, Error, Result};
-pub use crate::ops::advantage::{dense_groups, AdvantageProblem, Estimator};
+pub use crate::ops::advantage::{dense_groups, AdvantageProblem, Estimator, KeyScores};
 use crate::ops::plus_eps;
 use crate::tensor::{piece_scratch, pieces, DType, Mat, MatMut, Real};
 
@@ -35,6 +36,8 @@ pub fn compute(p: &AdvantageProblem) -> Result<()> {
 fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
     let (rows, cols) = (p.rewards.rows, p.rewards.cols);
     let need_mask = p.estimator.needs_mask_stats();
+    // gdpo with per-key scores never reads the rewards (verl: only their device)
+    let need_score = p.keys.is_none();
     let mut stats = Vec::new();
     stats
         .try_reserve_exact(rows)
@@ -52,7 +55,9 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
             let mut score = Sum8::default();
             let mut st = RowScore::default();
             for (start, len) in pieces(cols) {
-                score.add(p.rewards.part(i, start, len, sr));
+                if need_score {
+                    score.add(p.rewards.part(i, start, len, sr));
+                }
                 if need_mask {
                     for &m in p.mask.part::<f64>(i, start, len, sm).iter() {
                         if m != 0.0 {
@@ -73,7 +78,8 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
 
     // Whitening of reinforce_plus_plus_baseline: v_it = a_i m_it, statistics
     // over all tokens weighted by m (verl's masked_mean / masked_var).
-    let whiten = (p.estimator == Estimator::ReinforcePlusPlusBaseline).then(|| {
+    // (and of gdpo, whose c_i takes the place of a_i)
+    let whiten = p.estimator.whitens().then(|| {
         let mask_f64 = p.mask.tensor.dtype == DType::F64;
         let n: f64 = stats.iter().map(|s| s.m1).sum();
         // verl's masked_mean divides by `mask.sum() + 1e-8`, float32 unless the mask is float64.
@@ -223,37 +229,52 @@ fn row_scalars(p: &AdvantageProblem, stats: &[RowScore], gid: &[u32], n_groups: 
         count[g as usize] += 1;
         sum[g as usize] += s.score;
     }
+    let scores = || -> Result<Vec<f64>> {
+        let mut v = zeros(n)?;
+        for (o, s) in v.iter_mut().zip(stats) {
+            *o = s.score;
+        }
+        Ok(v)
+    };
+    match p.estimator {
+        Estimator::Grpo { norm_by_std } | Estimator::Gdpo { norm_by_std } => {
+            let Some(keys) = &p.keys else {
+                return grpo_scalars(&scores()?, gid, &count, norm_by_std, p.epsilon);
+            };
+            // gdpo: c_i = sum_k w_k a_ik, in key order (verl's `new_advantage +=`)
+            let mut c = zeros(n)?;
+            let mut s = zeros(n)?;
+            let mut row = piece_scratch::<f64>(keys.scores.tensor.arg, keys.scores.cols)?;
+            for (k, &w) in keys.host_weights().iter().enumerate() {
+                for (i, o) in s.iter_mut().enumerate() {
+                    *o = keys.scores.part::<f64>(i, k, 1, &mut row)[0];
+                }
+                for (o, a) in c.iter_mut().zip(grpo_scalars(&s, gid, &count, norm_by_std, p.epsilon)?) {
+                    *o += w * a;
+                }
+            }
+            return Ok(c);
+        }
+        Estimator::GrpoPassk { norm_by_std } => {
+            return passk_scalars(&scores()?, gid, &count, norm_by_std, p.epsilon);
+        }
+        _ => {}
+    }
     let mut mean = zeros(n_groups)?;
     for ((m, &s), &c) in mean.iter_mut().zip(&sum).zip(&count) {
         *m = if c > 1 { s / c as f64 } else { 0.0 };
     }
-    // the per-group divisor of the estimators that need one
-    let mut div = zeros(if matches!(p.estimator, Estimator::Grpo { norm_by_std: true } | Estimator::Opo) { n_groups } else { 0 })?;
-    match p.estimator {
-        Estimator::Grpo { norm_by_std: true } => {
-            for (i, &g) in gid.iter().enumerate() {
-                let d = stats[i].score - mean[g as usize];
-                div[g as usize] += d * d;
-            }
-            // verl's singleton std is a float32 `tensor(1.0)`, so `std + eps` is
-            // rounded to float32 there, whatever the scores' dtype.
-            let single = (1.0f32 + p.epsilon as f32) as f64;
-            for (d, &c) in div.iter_mut().zip(&count) {
-                *d = if c > 1 { (*d / (c - 1) as f64).sqrt() + p.epsilon } else { single };
-            }
+    // OPO's length-weighted group mean sum_g(L s) / sum_g(L)
+    let mut div = zeros(if p.estimator == Estimator::Opo { n_groups } else { 0 })?;
+    if p.estimator == Estimator::Opo {
+        let mut l = zeros(n_groups)?;
+        for (s, &g) in stats.iter().zip(gid) {
+            div[g as usize] += s.m1 * s.score;
+            l[g as usize] += s.m1;
         }
-        Estimator::Opo => {
-            // sum_g(L s) / sum_g(L)
-            let mut l = zeros(n_groups)?;
-            for (s, &g) in stats.iter().zip(gid) {
-                div[g as usize] += s.m1 * s.score;
-                l[g as usize] += s.m1;
-            }
-            for (d, &l) in div.iter_mut().zip(&l) {
-                *d /= l;
-            }
+        for (d, &l) in div.iter_mut().zip(&l) {
+            *d /= l;
         }
-        _ => {}
     }
     let alpha = match p.estimator {
         Estimator::Gpg => gpg_alpha(n, stats.iter().filter(|s| s.score != 0.0).count()),
@@ -264,8 +285,7 @@ fn row_scalars(p: &AdvantageProblem, stats: &[RowScore], gid: &[u32], n_groups: 
         let (s, g) = (stats[i].score, gid[i] as usize);
         let c = count[g] as f64;
         *o = match p.estimator {
-            Estimator::Grpo { norm_by_std: false } | Estimator::ReinforcePlusPlusBaseline => s - mean[g],
-            Estimator::Grpo { norm_by_std: true } => (s - mean[g]) / div[g],
+            Estimator::ReinforcePlusPlusBaseline => s - mean[g],
             Estimator::Rloo if c > 1.0 => s * c / (c - 1.0) - mean[g] * c / (c - 1.0),
             Estimator::Rloo => s,
             Estimator::RlooVectorized if c > 1.0 => (c * s - sum[g]) / (c - 1.0),
@@ -273,7 +293,105 @@ fn row_scalars(p: &AdvantageProblem, stats: &[RowScore], gid: &[u32], n_groups: 
             Estimator::Opo if c > 1.0 => s - div[g],
             Estimator::Opo => s,
             Estimator::Gpg => alpha * (s - mean[g]) / p.f_norm,
+            // (their scalars are returned above)
+            Estimator::Grpo { .. } | Estimator::Gdpo { .. } | Estimator::GrpoPassk { .. } => unreachable!(),
         };
+    }
+    Ok(out)
+}
+
+/// verl's GRPO scalar of each row for the scores `s` (in row order), groups
+/// `gid` of `count` rows: `(s_i - mu_g) / (sd_g + eps)` (unbiased `sd_g`),
+/// or `s_i - mu_g` without std normalisation; a singleton gets verl's mean 0
+/// and std 1, i.e. `s_i / f32(1 + eps)` (verl's `tensor(1.0)` is float32, so
+/// `std + eps` is rounded to float32 whatever the scores' dtype) or `s_i`.
+/// Every sum runs in row order.
+fn grpo_scalars(s: &[f64], gid: &[u32], count: &[u32], norm_by_std: bool, epsilon: f64) -> Result<Vec<f64>> {
+    let n_groups = count.len();
+    let mut mean = try_zeros::<f64>("index", n_groups)?;
+    for (&x, &g) in s.iter().zip(gid) {
+        mean[g as usize] += x;
+    }
+    for (m, &c) in mean.iter_mut().zip(count) {
+        *m = if c > 1 { *m / c as f64 } else { 0.0 };
+    }
+    let mut div = try_zeros::<f64>("index", if norm_by_std { n_groups } else { 0 })?;
+    if norm_by_std {
+        for (&x, &g) in s.iter().zip(gid) {
+            let d = x - mean[g as usize];
+            div[g as usize] += d * d;
+        }
+        let single = (1.0f32 + epsilon as f32) as f64;
+        for (d, &c) in div.iter_mut().zip(count) {
+            *d = if c > 1 { (*d / (c - 1) as f64).sqrt() + epsilon } else { single };
+        }
+    }
+    let mut out = try_zeros::<f64>("index", s.len())?;
+    for ((o, &x), &g) in out.iter_mut().zip(s).zip(gid) {
+        let g = g as usize;
+        *o = if norm_by_std { (x - mean[g]) / div[g] } else { x - mean[g] };
+    }
+    Ok(out)
+}
+
+/// torch's `topk` order: NaN above every number.
+#[inline]
+fn topk_greater(x: f64, y: f64) -> bool {
+    (x.is_nan() && !y.is_nan()) || x > y
+}
+
+/// verl's Pass@k scalars for the scores `s`: in each group (of at least 2
+/// rows, else a `ValueError` naming `index`, as verl raises) the best row --
+/// the first in row order of the tied maxima, NaN the largest -- gets
+/// `(s_(1) - s_(2)) / (sd_g + eps)` (or `s_(1) - s_(2)`), the rest 0. Scan
+/// in row order, as `advantage_groups` in the CUDA twin.
+fn passk_scalars(s: &[f64], gid: &[u32], count: &[u32], norm_by_std: bool, epsilon: f64) -> Result<Vec<f64>> {
+    if let Some(i) = gid.iter().position(|&g| count[g as usize] < 2) {
+        return Err(Error::value_error(
+            "index",
+            format!(
+                "grpo_passk (Pass@k) needs at least 2 responses per group, as verl requires; \
+                 the group of row {i} has {}",
+                count[gid[i] as usize]
+            ),
+        ));
+    }
+    let n_groups = count.len();
+    let zeros = |k| try_zeros::<f64>("index", k);
+    let (mut best, mut second, mut sum) = (zeros(n_groups)?, zeros(n_groups)?, zeros(n_groups)?);
+    let mut best_row = try_zeros::<u32>("index", n_groups)?;
+    let mut seen = try_zeros::<u32>("index", n_groups)?;
+    for (i, (&x, &g)) in s.iter().zip(gid).enumerate() {
+        let g = g as usize;
+        sum[g] += x;
+        if seen[g] == 0 || topk_greater(x, best[g]) {
+            if seen[g] > 0 {
+                second[g] = best[g];
+            }
+            best[g] = x;
+            best_row[g] = i as u32;
+        } else if seen[g] == 1 || topk_greater(x, second[g]) {
+            second[g] = x;
+        }
+        seen[g] += 1;
+    }
+    let mut value = zeros(n_groups)?;
+    for (g, v) in value.iter_mut().enumerate() {
+        *v = best[g] - second[g];
+    }
+    if norm_by_std {
+        let mut ss = zeros(n_groups)?;
+        for (&x, &g) in s.iter().zip(gid) {
+            let d = x - sum[g as usize] / count[g as usize] as f64;
+            ss[g as usize] += d * d;
+        }
+        for (g, v) in value.iter_mut().enumerate() {
+            *v /= (ss[g] / (count[g] - 1) as f64).sqrt() + epsilon;
+        }
+    }
+    let mut out = zeros(s.len())?;
+    for (g, &i) in best_row.iter().enumerate() {
+        out[i as usize] = value[g];
     }
     Ok(out)
 }
@@ -290,7 +408,7 @@ mod tests {
         let md = Tensor::from_slice("response_mask", m, &[rows, cols]);
         let id = Tensor::from_slice("index", idx, &[rows]);
         let od = Tensor::from_mut_slice("out", &mut out, &[rows, cols]);
-        let p = AdvantageProblem::new(&rd, &md, &id, &od, est, norm, 1e-6, 1.0).unwrap();
+        let p = AdvantageProblem::new(&rd, &md, &id, &od, est, norm, 1e-6, 1.0, None).unwrap();
         compute(&p).unwrap();
         out
     }
@@ -349,7 +467,7 @@ mod tests {
         let md = Tensor::from_slice("response_mask", &m32, &[7, 1]);
         let id = Tensor::from_slice("index", &idx, &[7]);
         let od = Tensor::from_mut_slice("out", &mut out32, &[7, 1]);
-        compute(&AdvantageProblem::new(&rd, &md, &id, &od, est, true, 1e-6, 1.0).unwrap()).unwrap();
+        compute(&AdvantageProblem::new(&rd, &md, &id, &od, est, true, 1e-6, 1.0, None).unwrap()).unwrap();
         let mut a = [0.0f64; 7];
         for g in [1, 2, 3] {
             let rows: Vec<usize> = (0..7).filter(|&i| idx[i] == g).collect();
@@ -373,6 +491,70 @@ mod tests {
     }
 
     #[test]
+    fn passk_rewards_only_the_first_best_row_of_each_group() {
+        // group 1: scores 1, 3, 3, 2 (tied best: the first, row 1); group 2: 5, -1.
+        let r = [1.0, 3.0, 5.0, 3.0, 2.0, -1.0];
+        let m = [1.0; 6];
+        let idx = [1i64, 1, 2, 1, 1, 2];
+        assert_eq!(run_est("grpo_passk", false, &r, &m, &idx, 1), vec![0.0, 0.0, 6.0, 0.0, 0.0, 0.0]);
+        let out = run_est("grpo_passk", true, &r, &m, &idx, 1);
+        let sd2 = 18.0f64.sqrt(); // group 2: unbiased std of (5, -1)
+        assert_eq!(out, vec![0.0, 0.0, 6.0 / (sd2 + 1e-6), 0.0, 0.0, 0.0]);
+        // a NaN score is the largest
+        let r = [1.0, f64::NAN, 2.0, 0.5];
+        let out = run_est("grpo_passk", false, &r, &[1.0; 4], &[0, 0, 1, 1], 1);
+        assert!(out[0] == 0.0 && out[1].is_nan() && out[2] == 1.5 && out[3] == 0.0, "{out:?}");
+    }
+
+    #[test]
+    fn passk_refuses_a_group_of_one_row() {
+        let (r, m) = ([1.0f64, 2.0, 3.0], [1.0f64; 3]);
+        let mut out = [0.0f64; 3];
+        let rd = Tensor::from_slice("token_level_rewards", &r, &[3, 1]);
+        let md = Tensor::from_slice("response_mask", &m, &[3, 1]);
+        let idx = [4i64, 4, 9];
+        let id = Tensor::from_slice("index", &idx, &[3]);
+        let od = Tensor::from_mut_slice("out", &mut out, &[3, 1]);
+        let p = AdvantageProblem::new(&rd, &md, &id, &od, "grpo_passk", true, 1e-6, 1.0, None).unwrap();
+        let e = compute(&p).err().unwrap();
+        assert_eq!(e.arg, "index");
+    }
+
+    #[test]
+    fn gdpo_sums_the_weighted_per_key_grpo_then_whitens() {
+        // two keys; the rewards are not read (NaN here)
+        let r = [f64::NAN; 4];
+        let m = [1.0f64; 4];
+        let keys = [1.0f64, 0.0, 3.0, 1.0, 2.0, 5.0, 0.0, 2.0]; // (4, 2) row-major
+        let w = [1.0f64, -0.5];
+        let idx = [0i64, 0, 1, 1];
+        let mut out = [0.0f64; 4];
+        let rd = Tensor::from_slice("token_level_rewards", &r, &[4, 1]);
+        let md = Tensor::from_slice("response_mask", &m, &[4, 1]);
+        let id = Tensor::from_slice("index", &idx, &[4]);
+        let sd = Tensor::from_slice("scores", &keys, &[4, 2]);
+        let wd = Tensor::from_slice("weights", &w, &[2]);
+        let od = Tensor::from_mut_slice("out", &mut out, &[4, 1]);
+        let p = AdvantageProblem::new(&rd, &md, &id, &od, "gdpo", false, 1e-6, 1.0, Some((&sd, &wd))).unwrap();
+        compute(&p).unwrap();
+        // Dr.GRPO per key: key 0 (1,3 | 2,0) -> (-1, 1 | 1, -1); key 1 (0,1 | 5,2) -> (-.5, .5 | 1.5, -1.5)
+        let c = [-1.0 + 0.25, 1.0 - 0.25, 1.0 - 0.75, -1.0 + 0.75];
+        // (a float64 mask: verl's N + 1e-8 and N / (N - 1) in float64)
+        let mean = c.iter().sum::<f64>() / (4.0 + 1e-8);
+        let var = c.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (4.0 + 1e-8) * (4.0 / 3.0);
+        for (o, x) in out.iter().zip(c) {
+            assert!((o - (x - mean) / (var + 1e-8).sqrt()).abs() < 1e-12, "{out:?}");
+        }
+        // per-key scores are gdpo's only
+        let e = AdvantageProblem::new(&rd, &md, &id, &od, "grpo", false, 1e-6, 1.0, Some((&sd, &wd)));
+        assert_eq!(e.err().unwrap().arg, "scores");
+        let w3 = [1.0f64; 3];
+        let wd3 = Tensor::from_slice("weights", &w3, &[3]);
+        let e = AdvantageProblem::new(&rd, &md, &id, &od, "gdpo", false, 1e-6, 1.0, Some((&sd, &wd3)));
+        assert_eq!(e.err().unwrap().arg, "weights");
+    }
+
+    #[test]
     fn bad_input_names_the_argument() {
         let r = [0.0f32; 4];
         let m = [1u8; 4];
@@ -381,18 +563,18 @@ mod tests {
         let md = Tensor::from_slice("response_mask", &m, &[2, 2]);
         let od = Tensor::from_mut_slice("out", &mut out, &[2, 2]);
         let bad = [0i64; 3];
-        let e = AdvantageProblem::new(&rd, &md, &Tensor::from_slice("index", &bad, &[3]), &od, "grpo", true, 1e-6, 1.0);
+        let e = AdvantageProblem::new(&rd, &md, &Tensor::from_slice("index", &bad, &[3]), &od, "grpo", true, 1e-6, 1.0, None);
         assert_eq!(e.err().unwrap().arg, "index");
         let idx = [0i64; 2];
         let id = Tensor::from_slice("index", &idx, &[2]);
-        let e = AdvantageProblem::new(&rd, &md, &id, &od, "ppo", true, 1e-6, 1.0);
+        let e = AdvantageProblem::new(&rd, &md, &id, &od, "ppo", true, 1e-6, 1.0, None);
         assert_eq!(e.err().unwrap().arg, "estimator");
         let md3 = Tensor::from_slice("response_mask", &m[..2], &[1, 2]);
-        let e = AdvantageProblem::new(&rd, &md3, &id, &od, "grpo", true, 1e-6, 1.0);
+        let e = AdvantageProblem::new(&rd, &md3, &id, &od, "grpo", true, 1e-6, 1.0, None);
         assert_eq!(e.err().unwrap().arg, "response_mask");
         let empty: [f32; 0] = [];
         let ed = Tensor::from_slice("token_level_rewards", &empty, &[0, 2]);
-        let e = AdvantageProblem::new(&ed, &md, &id, &od, "grpo", true, 1e-6, 1.0);
+        let e = AdvantageProblem::new(&ed, &md, &id, &od, "grpo", true, 1e-6, 1.0, None);
         assert_eq!(e.err().unwrap().arg, "token_level_rewards");
     }
 }

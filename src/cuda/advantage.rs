@@ -3,7 +3,7 @@
 //! the B×T write).
 
 use super::runtime::{
-    device_state, driver, grid, launch, threads_per_row, view, view_mut, CtxGuard, Result, View,
+    device_state, driver, grid, launch, threads_per_row, view, view_mut, CtxGuard, Result, View, NO_VIEW,
 };
 use super::sys::CUfunction;
 use crate::error::Error;
@@ -66,6 +66,9 @@ struct AdvArgs {
     f_norm: f64,
     need_mask: i64,
     mask_f64: i64,
+    scores: View,
+    weights: *const f64,
+    n_keys: i64,
 }
 
 /// Checks an int64 vector of `rows` elements on `device` (any stride).
@@ -88,8 +91,11 @@ pub(crate) fn check_i64_vector(device: Device, d: &Tensor, rows: usize) -> Resul
 /// device and `order` a stable argsort of them (int64, on the device), so
 /// that each group is a contiguous run of `order` in row order; `scratch`
 /// is float64 of at least `abi::advantage_scratch_len(rows)` elements. Launches three
-/// or four kernels (scores, group statistics, batch statistics for `gpg` and
-/// `reinforce_plus_plus_baseline`, the B×T write) and returns at once.
+/// or four kernels (scores, group statistics, batch statistics for `gpg`,
+/// `reinforce_plus_plus_baseline` and `gdpo`, the B×T write) and returns at
+/// once. `grpo_passk` cannot raise for a group of one row here (that would
+/// need the labels on the host): such a row gets NaN; callers whose labels
+/// are on the host refuse it first.
 pub fn advantage(p: &AdvantageProblem, order: &Tensor, scratch: &Tensor, stream: usize) -> Result<()> {
     let (rows, cols) = (p.rewards.rows, p.rewards.cols);
     let device = p.rewards.tensor.device;
@@ -107,6 +113,10 @@ pub fn advantage(p: &AdvantageProblem, order: &Tensor, scratch: &Tensor, stream:
         Estimator::ReinforcePlusPlusBaseline => abi::EST_RFPP,
         Estimator::Opo => abi::EST_OPO,
         Estimator::Gpg => abi::EST_GPG,
+        Estimator::GrpoPassk { norm_by_std: true } => abi::EST_PASSK,
+        Estimator::GrpoPassk { norm_by_std: false } => abi::EST_PASSK_NOSTD,
+        Estimator::Gdpo { norm_by_std: true } => abi::EST_GDPO,
+        Estimator::Gdpo { norm_by_std: false } => abi::EST_GDPO_NOSTD,
     };
     let mut a = AdvArgs {
         rewards: view(&p.rewards),
@@ -124,14 +134,17 @@ pub fn advantage(p: &AdvantageProblem, order: &Tensor, scratch: &Tensor, stream:
         // verl's singleton std is a float32 `tensor(1.0)`: `std + eps` is float32.
         single: (1.0f32 + p.epsilon as f32) as f64,
         f_norm: p.f_norm,
-        need_mask: matches!(p.estimator, Estimator::Opo | Estimator::ReinforcePlusPlusBaseline) as i64,
+        need_mask: p.estimator.needs_mask_stats() as i64,
         mask_f64: (p.mask.tensor.dtype == DType::F64) as i64,
+        scores: p.keys.as_ref().map_or(NO_VIEW, |k| view(&k.scores)),
+        weights: p.keys.as_ref().map_or(std::ptr::null(), |k| k.weights.ptr as *const f64),
+        n_keys: p.keys.as_ref().map_or(0, |k| k.scores.cols as i64),
     };
     // f64 math when the rewards or the output are float64, as `cpu::advantage::compute`.
     let f64_math = p.rewards.tensor.dtype == DType::F64 || p.out.tensor.dtype == DType::F64;
     let (rows_fn, write_fn) =
         if f64_math { (k.scores_f64, k.write_f64) } else { (k.scores_f32, k.write_f32) };
-    let batch = matches!(p.estimator, Estimator::Gpg | Estimator::ReinforcePlusPlusBaseline);
+    let batch = p.estimator == Estimator::Gpg || p.estimator.whitens();
     let (g, tpr) = (grid(rows)?, threads_per_row(cols));
     let args = &mut a as *mut _ as *mut c_void;
     let _g = CtxGuard::push(&d, s.ctx)?;
@@ -153,9 +166,12 @@ mod tests {
 
     #[test]
     fn struct_layout_matches_the_kernel() {
-        // AdvArgs: 3 views + 5 pointers/strides + 3 words + 3 doubles + 2 words
-        assert_eq!(std::mem::size_of::<AdvArgs>(), 3 * 32 + 5 * 8 + 3 * 8 + 3 * 8 + 2 * 8);
+        // AdvArgs: 3 views + 5 pointers/strides + 3 words + 3 doubles + 2 words,
+        // then the per-key scores' view, the weights pointer and n_keys
+        assert_eq!(std::mem::size_of::<AdvArgs>(), 3 * 32 + 5 * 8 + 3 * 8 + 3 * 8 + 2 * 8 + 32 + 2 * 8);
         assert_eq!(std::mem::offset_of!(AdvArgs, scratch), 3 * 32 + 4 * 8);
         assert_eq!(std::mem::offset_of!(AdvArgs, epsilon), 3 * 32 + 8 * 8);
+        assert_eq!(std::mem::offset_of!(AdvArgs, scores), 3 * 32 + 13 * 8);
+        assert_eq!(std::mem::offset_of!(AdvArgs, n_keys), 4 * 32 + 14 * 8);
     }
 }

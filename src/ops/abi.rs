@@ -47,6 +47,7 @@ shared_constants! {
     /// `AdvArgs.estimator`: the outcome advantage estimators.
     "advantage estimators" {
         EST_GRPO = 0, EST_GRPO_NOSTD = 1, EST_RLOO = 2, EST_RLOO_VEC = 3, EST_RFPP = 4, EST_OPO = 5, EST_GPG = 6,
+        EST_PASSK = 7, EST_PASSK_NOSTD = 8, EST_GDPO = 9, EST_GDPO_NOSTD = 10,
     }
     /// The advantage scratch: `ADV_NSTAT` float64 per row, then 2 batch values.
     "advantage scratch: per row" { A_SCORE = 0, A_M1 = 1, A_M2 = 2, A_M3 = 3, A_SCALAR = 4, ADV_NSTAT = 5 }

@@ -17,7 +17,17 @@
 //!   `(v - mean) / sqrt(var + 1e-8) * m` with `mean`, unbiased `var` over `m`;
 //!   with `N = sum m`, verl divides by `N + 1e-8` and multiplies by the Bessel
 //!   factor `N / (N - 1)`, both computed in float32 unless the mask is float64
-//!   (torch's dtype of `mask.sum()`, see `ops::plus_eps` and `cpu::advantage::bessel`).
+//!   (torch's dtype of `mask.sum()`, see `ops::plus_eps` and `cpu::advantage::bessel`);
+//! * `grpo_passk` (Pass@k): in each group only its best row `i*` gets
+//!   `(s_(1) - s_(2)) / (sd_g + eps)` (without std normalisation
+//!   `s_(1) - s_(2)`), the two largest scores of the group; every other row
+//!   gets 0. NaN counts as the largest score (torch's `topk`), and of tied
+//!   maxima the first in row order is `i*` (see [`Estimator::GrpoPassk`]).
+//!   Groups of one row are an error (verl's `ValueError`);
+//! * `gdpo`: `c_i = sum_k w_k a_ik`, `a_ik` the `grpo` scalar (std
+//!   normalisation as asked, singletons `s_ik / f32(1 + eps)`) of key `k`'s
+//!   scores `s_ik` ([`KeyScores`]; without them one key, `s_i`, weight 1),
+//!   then `c_i m_it` whitened and masked as `reinforce_plus_plus_baseline`.
 //!
 //! Every other estimator writes `a_i * m_it`.
 
@@ -36,6 +46,16 @@ pub enum Estimator {
     ReinforcePlusPlusBaseline,
     Opo,
     Gpg,
+    /// verl's `grpo_passk`. The best row of a group is torch's `topk(., 2)`
+    /// index 0 on verl's side; where the maximum is tied, torch's CPU `topk`
+    /// picks the first tied row in groups of up to 3 rows and an
+    /// implementation-defined one beyond (its selection algorithm is not
+    /// stable); we always pick the first. The difference is visible only
+    /// where the best row's value is NaN (a tie gives `0 / (sd + eps)`,
+    /// which is 0 unless `eps = 0` and the whole group is equal).
+    GrpoPassk { norm_by_std: bool },
+    /// verl's `gdpo`: per-key GRPO, weighted sum, batch whitening.
+    Gdpo { norm_by_std: bool },
 }
 
 impl Estimator {
@@ -48,13 +68,16 @@ impl Estimator {
             "reinforce_plus_plus_baseline" => Estimator::ReinforcePlusPlusBaseline,
             "opo" => Estimator::Opo,
             "gpg" => Estimator::Gpg,
+            "grpo_passk" => Estimator::GrpoPassk { norm_by_std: norm_adv_by_std_in_grpo },
+            "gdpo" => Estimator::Gdpo { norm_by_std: norm_adv_by_std_in_grpo },
             _ => {
                 return Err(Error::value_error(
                     "estimator",
                     format!(
                         "unknown advantage estimator {name:?}; expected one of \"grpo\", \"grpo_vectorized\", \
-                         \"rloo\", \"rloo_vectorized\", \"reinforce_plus_plus_baseline\", \"opo\", \"gpg\" \
-                         (with index), or \"gae\", \"reinforce_plus_plus\", \"remax\", \"optimal_token_baseline\", \"tir_optimal_token_baseline\""
+                         \"rloo\", \"rloo_vectorized\", \"reinforce_plus_plus_baseline\", \"opo\", \"gpg\", \
+                         \"grpo_passk\", \"gdpo\" (with index), or \"gae\", \"reinforce_plus_plus\", \"remax\", \
+                         \"optimal_token_baseline\", \"tir_optimal_token_baseline\""
                     ),
                 ))
             }
@@ -63,7 +86,31 @@ impl Estimator {
 
     /// Whether the score pass also needs per-row mask sums.
     pub fn needs_mask_stats(self) -> bool {
-        matches!(self, Estimator::Opo | Estimator::ReinforcePlusPlusBaseline)
+        matches!(self, Estimator::Opo | Estimator::ReinforcePlusPlusBaseline | Estimator::Gdpo { .. })
+    }
+
+    /// Whether the output is `c_i m_it` whitened over the batch (verl's `masked_whiten`).
+    pub fn whitens(self) -> bool {
+        matches!(self, Estimator::ReinforcePlusPlusBaseline | Estimator::Gdpo { .. })
+    }
+}
+
+/// `gdpo`'s per-key scores: `scores` is `(rows, K)`, column `k` the score of
+/// every row under reward key `k` (verl's `non_tensor_batch[key]`, float32
+/// there), and `weights` a contiguous float64 `(K,)` vector on the same
+/// device (verl's float32 `gdpo_reward_weights`, widened).
+pub struct KeyScores {
+    pub scores: Mat,
+    pub weights: Tensor,
+}
+
+impl KeyScores {
+    /// The weights, on the CPU.
+    pub fn host_weights(&self) -> &[f64] {
+        debug_assert!(self.weights.device == crate::tensor::Device::Cpu);
+        // SAFETY: validated in `AdvantageProblem::new`: a contiguous float64
+        // vector of `scores.cols` elements, alive for the call.
+        unsafe { std::slice::from_raw_parts(self.weights.ptr as *const f64, self.scores.cols) }
     }
 }
 
@@ -78,6 +125,8 @@ pub struct AdvantageProblem {
     pub estimator: Estimator,
     pub epsilon: f64,
     pub f_norm: f64,
+    /// `gdpo` only: per-key scores in place of the rewards' row sums.
+    pub keys: Option<KeyScores>,
 }
 
 impl AdvantageProblem {
@@ -92,6 +141,7 @@ impl AdvantageProblem {
         norm_adv_by_std_in_grpo: bool,
         epsilon: f64,
         f_norm: f64,
+        keys: Option<(&Tensor, &Tensor)>,
     ) -> Result<Self> {
         let estimator = Estimator::parse(estimator, norm_adv_by_std_in_grpo)?;
         rewards.expect_float()?;
@@ -127,7 +177,40 @@ impl AdvantageProblem {
         }
         let o = MatMut::new(out, r.rows, r.cols, "token_level_rewards")?;
         same_device(rewards.device, &[mask, index, out])?;
-        Ok(AdvantageProblem { rewards: r, mask: m, index: index.clone(), out: o, estimator, epsilon, f_norm })
+        let keys = match keys {
+            None => None,
+            Some((scores, weights)) => Some(KeyScores::new(scores, weights, r.rows, rewards, estimator)?),
+        };
+        Ok(AdvantageProblem { rewards: r, mask: m, index: index.clone(), out: o, estimator, epsilon, f_norm, keys })
+    }
+}
+
+impl KeyScores {
+    fn new(scores: &Tensor, weights: &Tensor, rows: usize, rewards: &Tensor, estimator: Estimator) -> Result<Self> {
+        if !matches!(estimator, Estimator::Gdpo { .. }) {
+            return Err(Error::value_error("scores", "per-key scores are read by the gdpo estimator only"));
+        }
+        scores.expect_float()?;
+        let s = scores.matrix()?;
+        if s.rows != rows || s.cols == 0 {
+            return Err(Error::value_error(
+                "scores",
+                format!("expected (batch, keys) = ({rows}, K >= 1) per-key scores, got shape {:?}", scores.shape),
+            ));
+        }
+        if weights.dtype != DType::F64 || weights.shape != [s.cols] || !weights.is_contiguous() {
+            return Err(Error::value_error(
+                "weights",
+                format!(
+                    "expected a contiguous float64 tensor of shape ({},), one weight per key, got {} {:?}",
+                    s.cols,
+                    weights.dtype.name(),
+                    weights.shape
+                ),
+            ));
+        }
+        same_device(rewards.device, &[scores, weights])?;
+        Ok(KeyScores { scores: s, weights: weights.clone() })
     }
 }
 

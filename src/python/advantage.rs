@@ -14,11 +14,14 @@ use pyo3::prelude::*;
 /// `out`. `index` is an integer vector of group labels (see [`group_ids`]
 /// for arbitrary Python labels). CUDA tensors also need `order` (a stable
 /// argsort of `index`, int64 on the device), `scratch` (float64,
-/// `advantage_scratch_len(rows)` values) and `stream`.
+/// `advantage_scratch_len(rows)` values) and `stream`. `gdpo` also takes
+/// `scores` (rows, K), each row's score under K reward keys, with `weights`
+/// (float64, K): then the rewards are not read.
 #[pyfunction]
 #[pyo3(signature = (
     token_level_rewards, response_mask, index, out, *, estimator,
-    norm_adv_by_std_in_grpo=true, epsilon=1e-6, f_norm=1.0, order=None, scratch=None, stream=None
+    norm_adv_by_std_in_grpo=true, epsilon=1e-6, f_norm=1.0, order=None, scratch=None, stream=None,
+    scores=None, weights=None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn advantage(
@@ -34,6 +37,8 @@ pub fn advantage(
     order: Option<&Bound<'_, PyAny>>,
     scratch: Option<&Bound<'_, PyAny>>,
     stream: Option<usize>,
+    scores: Option<&Bound<'_, PyAny>>,
+    weights: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let call = Call::new(stream);
     let r = call.import("token_level_rewards", token_level_rewards, false)?;
@@ -42,8 +47,17 @@ pub fn advantage(
     let o = call.import("out", out, true)?;
     let ord = call.import_opt("order", order, false)?;
     let sc = call.import_opt("scratch", scratch, true)?;
-    let p = AdvantageProblem::new(&r.tensor, &m.tensor, &i.tensor, &o.tensor, estimator, norm_adv_by_std_in_grpo, epsilon, f_norm)
-        .map_err(to_py)?;
+    let ks = call.import_opt("scores", scores, false)?;
+    let kw = call.import_opt("weights", weights, false)?;
+    let keys = match (&ks, &kw) {
+        (None, None) => None,
+        (Some(s), Some(w)) => Some((&s.tensor, &w.tensor)),
+        _ => return Err(PyValueError::new_err("scores: per-key scores and their weights go together")),
+    };
+    let p = AdvantageProblem::new(
+        &r.tensor, &m.tensor, &i.tensor, &o.tensor, estimator, norm_adv_by_std_in_grpo, epsilon, f_norm, keys,
+    )
+    .map_err(to_py)?;
     let rows = p.rewards.rows;
     call.run(
         py,
