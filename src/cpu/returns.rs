@@ -21,7 +21,7 @@ use crate::tensor::{piece_scratch, pieces, Mat, MatMut, Real};
 /// so eight of them hide each other's latency (and vectorise across rows).
 const LANES: usize = 8;
 /// Columns of the rows of a lane group held in scratch at once (L1-sized).
-const BLOCK: usize = 256;
+const BLOCK: usize = 128;
 
 /// Computes the advantages and returns into `p.advantages` and `p.returns`;
 /// a `MemoryError` if a working buffer cannot be allocated.
@@ -39,39 +39,52 @@ fn blocks_rev(cols: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).rev().map(move |k| (k * BLOCK, BLOCK.min(cols - k * BLOCK)))
 }
 
-/// The [`Moments`] of the rows of a lane group, one per lane, from sums
-/// about each row's first valid value (in scan order: its last), so the
-/// sums stay small next to the spread; a token with `m = 0` adds zeros (a
-/// NaN there is dropped, as verl's `masked_sum` drops it). Kept apart from
-/// the recurrence, and branch-free, so both loops vectorise.
+/// The [`Moments`] of the rows of a lane group, one per lane: each block's
+/// moments from two passes over its columns (the block's mean, then the
+/// squares about it), merged into the row's in scan order (last block
+/// first), so no sum cancels. A token with `m = 0` adds nothing (a NaN there
+/// is dropped, as verl's `masked_sum` drops it). Kept apart from the
+/// recurrence, and branch-free, so both loops vectorise.
 #[derive(Default)]
 struct LaneMoments {
-    seen: [bool; LANES],
-    k: [f64; LANES],
-    n: [f64; LANES],
-    s: [f64; LANES],
-    q: [f64; LANES],
+    rows: [Moments; LANES],
 }
 
 impl LaneMoments {
-    /// Adds the block's columns, last first.
+    /// Adds a block's columns, through `w` and `xs` (one block each).
     #[inline(always)]
-    fn add<F: Real>(&mut self, m: &[Col<F>], x: &[Col<F>]) {
-        for (mt, xt) in m.iter().zip(x).rev() {
-            let keep: [bool; LANES] = std::array::from_fn(|l| mt[l] != F::zero());
-            let w: [f64; LANES] = std::array::from_fn(|l| if keep[l] { mt[l].f64() } else { 0.0 });
-            let x: [f64; LANES] = std::array::from_fn(|l| if keep[l] { xt[l].f64() } else { 0.0 });
-            self.k = std::array::from_fn(|l| if keep[l] && !self.seen[l] { x[l] } else { self.k[l] });
-            self.seen = std::array::from_fn(|l| self.seen[l] | keep[l]);
-            let d: [f64; LANES] = std::array::from_fn(|l| if keep[l] { x[l] - self.k[l] } else { 0.0 });
-            self.n = std::array::from_fn(|l| self.n[l] + w[l]);
-            self.s = std::array::from_fn(|l| self.s[l] + w[l] * d[l]);
-            self.q = std::array::from_fn(|l| self.q[l] + w[l] * d[l] * d[l]);
+    fn add<F: Real>(&mut self, m: &[Col<F>], x: &[Col<F>], w: &mut [[f64; LANES]], xs: &mut [[f64; LANES]]) {
+        let zero = F::zero();
+        let (w, xs) = (&mut w[..m.len()], &mut xs[..m.len()]);
+        // the weights and values in float64, 0 where m = 0
+        for ((wt, vt), (mt, xt)) in w.iter_mut().zip(xs.iter_mut()).zip(m.iter().zip(x)) {
+            *wt = std::array::from_fn(|l| if mt[l] != zero { mt[l].f64() } else { 0.0 });
+            *vt = std::array::from_fn(|l| if mt[l] != zero { xt[l].f64() } else { 0.0 });
+        }
+        let (mut n, mut sx) = ([0.0f64; LANES], [0.0f64; LANES]);
+        for (wt, vt) in w.iter().zip(xs.iter()) {
+            for l in 0..LANES {
+                n[l] += wt[l];
+                sx[l] += wt[l] * vt[l];
+            }
+        }
+        let mean: [f64; LANES] = std::array::from_fn(|l| if n[l] != 0.0 { sx[l] / n[l] } else { 0.0 });
+        let (mut sd, mut q) = ([0.0f64; LANES], [0.0f64; LANES]);
+        for (wt, vt) in w.iter().zip(xs.iter()) {
+            for l in 0..LANES {
+                let c = vt[l] - mean[l];
+                let d = wt[l] * c;
+                sd[l] += d;
+                q[l] += d * c;
+            }
+        }
+        for l in 0..LANES {
+            self.rows[l] = self.rows[l].merge(Moments::shifted(n[l], mean[l], sd[l], q[l]));
         }
     }
 
     fn rows(&self) -> [Moments; LANES] {
-        std::array::from_fn(|l| Moments::shifted(self.n[l], self.k[l], self.s[l], self.q[l]))
+        self.rows
     }
 }
 
@@ -89,6 +102,9 @@ struct Scratch<F> {
     adv: Vec<Col<F>>,
     ret: Vec<Col<F>>,
     row: Vec<F>,
+    /// the whitening moments' weights and values, in float64
+    w: Vec<[f64; LANES]>,
+    xs: Vec<[f64; LANES]>,
 }
 
 impl<F: Real> Scratch<F> {
@@ -99,7 +115,22 @@ impl<F: Real> Scratch<F> {
             v.resize(BLOCK, [F::zero(); LANES]);
             Ok(v)
         };
-        Ok(Scratch { r: cols()?, v: cols()?, m: cols()?, adv: cols()?, ret: cols()?, row: crate::error::try_zeros(arg, BLOCK)? })
+        let f64s = || -> Result<Vec<[f64; LANES]>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(BLOCK).map_err(|_| crate::error::Error::memory(arg, "cannot allocate scan scratch"))?;
+            v.resize(BLOCK, [0.0; LANES]);
+            Ok(v)
+        };
+        Ok(Scratch {
+            r: cols()?,
+            v: cols()?,
+            m: cols()?,
+            adv: cols()?,
+            ret: cols()?,
+            row: crate::error::try_zeros(arg, BLOCK)?,
+            w: f64s()?,
+            xs: f64s()?,
+        })
     }
 }
 
@@ -248,7 +279,7 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
                     adv[t] = g;
                     ret[t] = std::array::from_fn(|l| g[l] + vt[l]);
                 }
-                mom.add(m, adv);
+                mom.add(m, adv, &mut s.w, &mut s.xs);
             }
             ReturnsEstimator::ReinforcePlusPlus { gamma } => {
                 let gamma = F::of(gamma);
@@ -258,7 +289,7 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
                     ret[t] = std::array::from_fn(|l| new[l] * mt[l]);
                     run = std::array::from_fn(|l| new[l] * mt[l] + run[l] * (one - mt[l]));
                 }
-                mom.add(m, ret);
+                mom.add(m, ret, &mut s.w, &mut s.xs);
                 // (the advantages are written by the whitening pass)
             }
             ReturnsEstimator::Remax => {
