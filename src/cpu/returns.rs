@@ -21,7 +21,7 @@ use crate::tensor::{piece_scratch, pieces, Mat, MatMut, Real};
 /// so eight of them hide each other's latency (and vectorise across rows).
 const LANES: usize = 8;
 /// Columns of the rows of a lane group held in scratch at once (L1-sized).
-const BLOCK: usize = 128;
+const BLOCK: usize = 512;
 
 /// Computes the advantages and returns into `p.advantages` and `p.returns`;
 /// a `MemoryError` if a working buffer cannot be allocated.
@@ -61,23 +61,7 @@ impl LaneMoments {
             *wt = std::array::from_fn(|l| if mt[l] != zero { mt[l].f64() } else { 0.0 });
             *vt = std::array::from_fn(|l| if mt[l] != zero { xt[l].f64() } else { 0.0 });
         }
-        let (mut n, mut sx) = ([0.0f64; LANES], [0.0f64; LANES]);
-        for (wt, vt) in w.iter().zip(xs.iter()) {
-            for l in 0..LANES {
-                n[l] += wt[l];
-                sx[l] += wt[l] * vt[l];
-            }
-        }
-        let mean: [f64; LANES] = std::array::from_fn(|l| if n[l] != 0.0 { sx[l] / n[l] } else { 0.0 });
-        let (mut sd, mut q) = ([0.0f64; LANES], [0.0f64; LANES]);
-        for (wt, vt) in w.iter().zip(xs.iter()) {
-            for l in 0..LANES {
-                let c = vt[l] - mean[l];
-                let d = wt[l] * c;
-                sd[l] += d;
-                q[l] += d * c;
-            }
-        }
+        let (n, mean, sd, q) = block_moments(w, xs);
         for l in 0..LANES {
             self.rows[l] = self.rows[l].merge(Moments::shifted(n[l], mean[l], sd[l], q[l]));
         }
@@ -86,6 +70,76 @@ impl LaneMoments {
     fn rows(&self) -> [Moments; LANES] {
         self.rows
     }
+}
+
+/// Per lane over a block's columns, with weights `w` and values `x` (both 0
+/// where the mask is): `n = sum w`, `mean = sum w x / n` (0 for `n = 0`),
+/// `sd = sum w (x - mean)` and `q = sum w (x - mean)^2`, each lane's sums in
+/// column order. The same IEEE operations in the same order on every path,
+/// so the same bits with or without AVX.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn block_moments(w: &[[f64; LANES]], x: &[[f64; LANES]]) -> ([f64; LANES], [f64; LANES], [f64; LANES], [f64; LANES]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present.
+        return unsafe { block_moments_avx2(w, x) };
+    }
+    let (mut n, mut sx) = ([0.0f64; LANES], [0.0f64; LANES]);
+    for (wt, xt) in w.iter().zip(x) {
+        for l in 0..LANES {
+            n[l] += wt[l];
+            sx[l] += wt[l] * xt[l];
+        }
+    }
+    let mean: [f64; LANES] = std::array::from_fn(|l| if n[l] != 0.0 { sx[l] / n[l] } else { 0.0 });
+    let (mut sd, mut q) = ([0.0f64; LANES], [0.0f64; LANES]);
+    for (wt, xt) in w.iter().zip(x) {
+        for l in 0..LANES {
+            let c = xt[l] - mean[l];
+            let d = wt[l] * c;
+            sd[l] += d;
+            q[l] += d * c;
+        }
+    }
+    (n, mean, sd, q)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::type_complexity)]
+unsafe fn block_moments_avx2(w: &[[f64; LANES]], x: &[[f64; LANES]]) -> ([f64; LANES], [f64; LANES], [f64; LANES], [f64; LANES]) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(LANES == 8);
+    let ld = |a: &[f64; LANES], h: usize| _mm256_loadu_pd(a.as_ptr().add(4 * h));
+    let zero = _mm256_setzero_pd();
+    let (mut n, mut sx) = ([zero; 2], [zero; 2]);
+    for (wt, xt) in w.iter().zip(x) {
+        for h in 0..2 {
+            let (wv, xv) = (ld(wt, h), ld(xt, h));
+            n[h] = _mm256_add_pd(n[h], wv);
+            sx[h] = _mm256_add_pd(sx[h], _mm256_mul_pd(wv, xv));
+        }
+    }
+    let out = |v: [__m256d; 2]| -> [f64; LANES] {
+        let mut a = [0.0; LANES];
+        _mm256_storeu_pd(a.as_mut_ptr(), v[0]);
+        _mm256_storeu_pd(a.as_mut_ptr().add(4), v[1]);
+        a
+    };
+    let (n, sx) = (out(n), out(sx));
+    let mean: [f64; LANES] = std::array::from_fn(|l| if n[l] != 0.0 { sx[l] / n[l] } else { 0.0 });
+    let mv = [ld(&mean, 0), ld(&mean, 1)];
+    let (mut sd, mut q) = ([zero; 2], [zero; 2]);
+    for (wt, xt) in w.iter().zip(x) {
+        for h in 0..2 {
+            let c = _mm256_sub_pd(ld(xt, h), mv[h]);
+            let d = _mm256_mul_pd(ld(wt, h), c);
+            sd[h] = _mm256_add_pd(sd[h], d);
+            q[h] = _mm256_add_pd(q[h], _mm256_mul_pd(d, c));
+        }
+    }
+    (n, mean, out(sd), out(q))
 }
 
 /// `LANES` values, one per row of a lane group, at one column.
@@ -101,6 +155,7 @@ struct Scratch<F> {
     m: Vec<Col<F>>,
     adv: Vec<Col<F>>,
     ret: Vec<Col<F>>,
+    /// `LANES` row buffers of `BLOCK` (conversions of inputs and outputs)
     row: Vec<F>,
     /// the whitening moments' weights and values, in float64
     w: Vec<[f64; LANES]>,
@@ -127,7 +182,7 @@ impl<F: Real> Scratch<F> {
             m: cols()?,
             adv: cols()?,
             ret: cols()?,
-            row: crate::error::try_zeros(arg, BLOCK)?,
+            row: crate::error::try_zeros(arg, LANES * BLOCK)?,
             w: f64s()?,
             xs: f64s()?,
         })
@@ -135,34 +190,158 @@ impl<F: Real> Scratch<F> {
 }
 
 /// Loads columns `start .. start + len` of rows `first ..` (`n` of them) of
-/// `x` into `dst[t][lane]`; lanes past `n` are zero.
+/// `x` into `dst[t][lane]` (through `rows`, `LANES` row buffers of `BLOCK`,
+/// where a row needs converting); lanes past `n` are zero.
 #[inline(always)]
-fn load<F: Real>(x: &Mat, first: usize, n: usize, start: usize, len: usize, row: &mut [F], dst: &mut [Col<F>]) {
-    let dst = &mut dst[..len];
-    for l in 0..LANES {
-        if l < n {
-            let src = x.part::<F>(first + l, start, len, row);
-            for (d, &v) in dst.iter_mut().zip(src) {
-                d[l] = v;
-            }
+fn load<F: Real>(x: &Mat, first: usize, n: usize, start: usize, len: usize, rows: &mut [F], dst: &mut [Col<F>]) {
+    let mut src = [std::ptr::null::<F>(); LANES];
+    for (l, (buf, s)) in rows.chunks_exact_mut(BLOCK).zip(src.iter_mut()).enumerate() {
+        *s = if l < n {
+            x.part::<F>(first + l, start, len, buf).as_ptr()
         } else {
-            dst.iter_mut().for_each(|d| d[l] = F::zero());
+            buf[..len].fill(F::zero());
+            buf.as_ptr()
+        };
+    }
+    // SAFETY: each pointer is `len` readable elements, disjoint from `dst`.
+    unsafe { transpose::rows_to_cols(&src, &mut dst[..len]) };
+}
+
+/// Stores lanes `0 .. n` of `src` (`src[t][lane]`) into rows `first ..` of
+/// `out` from column `start` on (through `rows` where a row is converted).
+///
+/// # Safety
+/// No other task may access these rows at the same time.
+#[inline(always)]
+unsafe fn store<F: Real>(out: &MatMut, first: usize, n: usize, start: usize, src: &[Col<F>], rows: &mut [F]) {
+    let len = src.len();
+    let mut dst = [std::ptr::null_mut::<F>(); LANES];
+    let mut direct = [false; LANES];
+    for (l, buf) in rows.chunks_exact_mut(BLOCK).enumerate() {
+        dst[l] = match (l < n).then(|| out.direct_part::<F>(first + l, start, len)).flatten() {
+            Some(run) => {
+                direct[l] = true;
+                run.as_mut_ptr()
+            }
+            None => buf.as_mut_ptr(),
+        };
+    }
+    transpose::cols_to_rows(src, &dst);
+    for (l, buf) in rows.chunks_exact_mut(BLOCK).enumerate().take(n) {
+        if !direct[l] {
+            out.store_part(first + l, start, &buf[..len]);
         }
     }
 }
 
-/// Stores lane `l` of `src` into row `i` of `out` from column `start` on.
-///
-/// # Safety
-/// No other task may access row `i` at the same time.
-#[inline(always)]
-unsafe fn store<F: Real>(out: &MatMut, i: usize, start: usize, src: &[Col<F>], l: usize, row: &mut [F]) {
-    match out.direct_part::<F>(i, start, src.len()) {
-        Some(dst) => dst.iter_mut().zip(src).for_each(|(d, s)| *d = s[l]),
-        None => {
-            let row = &mut row[..src.len()];
-            row.iter_mut().zip(src).for_each(|(d, s)| *d = s[l]);
-            out.store_part(i, start, row);
+/// Moving a block between `LANES` rows and `[t][lane]` columns: an 8×8
+/// transpose in AVX2 registers for float32 where the CPU has AVX2, else
+/// element by element (the same values either way: moves only).
+mod transpose {
+    use super::{Col, LANES};
+    use crate::tensor::{DType, Real};
+
+    /// `dst[t][l] = src[l][t]` for `t < dst.len()`.
+    ///
+    /// # Safety
+    /// Each `src[l]` points at `dst.len()` readable elements.
+    #[inline(always)]
+    pub unsafe fn rows_to_cols<F: Real>(src: &[*const F; LANES], dst: &mut [Col<F>]) {
+        let len = dst.len();
+        let mut t = 0;
+        #[cfg(target_arch = "x86_64")]
+        if F::DTYPE == DType::F32 && std::is_x86_feature_detected!("avx2") {
+            t = avx::rows_to_cols(src.map(|p| p as *const f32), dst.as_mut_ptr() as *mut f32, len);
+        }
+        for t in t..len {
+            for l in 0..LANES {
+                dst[t][l] = *src[l].add(t);
+            }
+        }
+    }
+
+    /// `dst[l][t] = src[t][l]` for `t < src.len()`.
+    ///
+    /// # Safety
+    /// Each `dst[l]` points at `src.len()` writable elements, disjoint from
+    /// `src` and from each other.
+    #[inline(always)]
+    pub unsafe fn cols_to_rows<F: Real>(src: &[Col<F>], dst: &[*mut F; LANES]) {
+        let len = src.len();
+        let mut t = 0;
+        #[cfg(target_arch = "x86_64")]
+        if F::DTYPE == DType::F32 && std::is_x86_feature_detected!("avx2") {
+            t = avx::cols_to_rows(src.as_ptr() as *const f32, dst.map(|p| p as *mut f32), len);
+        }
+        for t in t..len {
+            for l in 0..LANES {
+                *dst[l].add(t) = src[t][l];
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx {
+        use std::arch::x86_64::*;
+
+        /// The 8×8 transpose of eight rows of eight floats.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn t8(r: [__m256; 8]) -> [__m256; 8] {
+            let a0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let a1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let a2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let a3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let a4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let a5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let a6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let a7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let b0 = _mm256_shuffle_ps::<0x44>(a0, a2);
+            let b1 = _mm256_shuffle_ps::<0xEE>(a0, a2);
+            let b2 = _mm256_shuffle_ps::<0x44>(a1, a3);
+            let b3 = _mm256_shuffle_ps::<0xEE>(a1, a3);
+            let b4 = _mm256_shuffle_ps::<0x44>(a4, a6);
+            let b5 = _mm256_shuffle_ps::<0xEE>(a4, a6);
+            let b6 = _mm256_shuffle_ps::<0x44>(a5, a7);
+            let b7 = _mm256_shuffle_ps::<0xEE>(a5, a7);
+            [
+                _mm256_permute2f128_ps::<0x20>(b0, b4),
+                _mm256_permute2f128_ps::<0x20>(b1, b5),
+                _mm256_permute2f128_ps::<0x20>(b2, b6),
+                _mm256_permute2f128_ps::<0x20>(b3, b7),
+                _mm256_permute2f128_ps::<0x31>(b0, b4),
+                _mm256_permute2f128_ps::<0x31>(b1, b5),
+                _mm256_permute2f128_ps::<0x31>(b2, b6),
+                _mm256_permute2f128_ps::<0x31>(b3, b7),
+            ]
+        }
+
+        /// Rows to columns in whole tiles of 8; returns the columns done.
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn rows_to_cols(src: [*const f32; 8], dst: *mut f32, len: usize) -> usize {
+            let mut t = 0;
+            while t + 8 <= len {
+                let c = t8(std::array::from_fn(|l| _mm256_loadu_ps(src[l].add(t))));
+                for (j, v) in c.into_iter().enumerate() {
+                    _mm256_storeu_ps(dst.add((t + j) * 8), v);
+                }
+                t += 8;
+            }
+            t
+        }
+
+        /// Columns to rows in whole tiles of 8; returns the columns done.
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn cols_to_rows(src: *const f32, dst: [*mut f32; 8], len: usize) -> usize {
+            let mut t = 0;
+            while t + 8 <= len {
+                let r = t8(std::array::from_fn(|j| _mm256_loadu_ps(src.add((t + j) * 8))));
+                for (l, v) in r.into_iter().enumerate() {
+                    _mm256_storeu_ps(dst[l].add(t), v);
+                }
+                t += 8;
+            }
+            t
         }
     }
 }
@@ -304,15 +483,13 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
                 }
             }
         }
-        for l in 0..n {
-            // SAFETY: the rows of this group are written by this task only;
-            // the two outputs are distinct buffers (the Python layer refuses
-            // outputs that overlap).
-            unsafe {
-                store(&p.returns, first + l, start, &s.ret[..len], l, &mut s.row);
-                if stores_adv {
-                    store(&p.advantages, first + l, start, &s.adv[..len], l, &mut s.row);
-                }
+        // SAFETY: the rows of this group are written by this task only; the
+        // two outputs are distinct buffers (the Python layer refuses outputs
+        // that overlap).
+        unsafe {
+            store(&p.returns, first, n, start, &s.ret[..len], &mut s.row);
+            if stores_adv {
+                store(&p.advantages, first, n, start, &s.adv[..len], &mut s.row);
             }
         }
     }
