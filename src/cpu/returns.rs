@@ -253,9 +253,9 @@ mod transpose {
         if F::DTYPE == DType::F32 && std::is_x86_feature_detected!("avx2") {
             t = avx::rows_to_cols(src.map(|p| p as *const f32), dst.as_mut_ptr() as *mut f32, len);
         }
-        for t in t..len {
-            for l in 0..LANES {
-                dst[t][l] = *src[l].add(t);
+        for (t, d) in dst.iter_mut().enumerate().skip(t) {
+            for (l, v) in d.iter_mut().enumerate() {
+                *v = *src[l].add(t);
             }
         }
     }
@@ -273,9 +273,9 @@ mod transpose {
         if F::DTYPE == DType::F32 && std::is_x86_feature_detected!("avx2") {
             t = avx::cols_to_rows(src.as_ptr() as *const f32, dst.map(|p| p as *mut f32), len);
         }
-        for t in t..len {
-            for l in 0..LANES {
-                *dst[l].add(t) = src[t][l];
+        for (t, c) in src.iter().enumerate().skip(t) {
+            for (l, &v) in c.iter().enumerate() {
+                *dst[l].add(t) = v;
             }
         }
     }
@@ -391,6 +391,22 @@ fn run<F: Real>(p: &ReturnsProblem) -> Result<()> {
     };
     for_each_row(rows, cols, scratch, |(sx, sm, out), i| {
         for (start, len) in pieces(cols) {
+            // SAFETY: row i is written by this task only.
+            if let Some(adv) = unsafe { p.advantages.direct_part::<F>(i, start, len) } {
+                // the advantages are a contiguous `F` run: whiten them where they are
+                if times_mask {
+                    let x = source.part::<F>(i, start, len, sx);
+                    let m = p.mask.part::<F>(i, start, len, sm);
+                    for ((o, &x), &m) in adv.iter_mut().zip(x).zip(m) {
+                        *o = (x - mean) * rstd * m;
+                    }
+                } else {
+                    for o in adv.iter_mut() {
+                        *o = (*o - mean) * rstd;
+                    }
+                }
+                continue;
+            }
             let out = &mut out[..len];
             {
                 let x = source.part::<F>(i, start, len, sx);
