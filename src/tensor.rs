@@ -560,6 +560,12 @@ impl MatMut {
         }
     }
 
+    /// Whether every row is a contiguous `F` run ([`MatMut::direct_part`] is `Some`).
+    #[inline]
+    pub fn is_direct<F: Real>(&self) -> bool {
+        self.tensor.dtype == F::DTYPE && self.cs == 1
+    }
+
     /// Columns `start .. start + len` of row `i` as a mutable `F` slice, when
     /// the buffer holds contiguous `F` rows; otherwise `None` (write a scratch
     /// run and [`MatMut::store_part`] it).

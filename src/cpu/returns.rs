@@ -395,10 +395,10 @@ fn run<F: Real>(p: &ReturnsProblem) -> Result<()> {
             if let Some(adv) = unsafe { p.advantages.direct_part::<F>(i, start, len) } {
                 // the advantages are a contiguous `F` run: whiten them where they are
                 if times_mask {
+                    // the scan left the mask here (see scan_group)
                     let x = source.part::<F>(i, start, len, sx);
-                    let m = p.mask.part::<F>(i, start, len, sm);
-                    for ((o, &x), &m) in adv.iter_mut().zip(x).zip(m) {
-                        *o = (x - mean) * rstd * m;
+                    for (o, &x) in adv.iter_mut().zip(x) {
+                        *o = (x - mean) * rstd * *o;
                     }
                 } else {
                     for o in adv.iter_mut() {
@@ -454,7 +454,11 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
     let mut mom = LaneMoments::default();
     // the state each lane carries from one block to the next (to the left)
     let (mut nv, mut g, mut run, mut acc) = ([zero; LANES], [zero; LANES], [zero; LANES], [0.0f64; LANES]);
-    let stores_adv = !matches!(p.estimator, ReturnsEstimator::ReinforcePlusPlus { .. });
+    let rfpp = matches!(p.estimator, ReturnsEstimator::ReinforcePlusPlus { .. });
+    // REINFORCE++ writes its advantages in the whitening pass; until then
+    // they hold the mask in `F` where they are `F` runs, so that pass reads
+    // 4 bytes a token there instead of converting the mask again
+    let (stores_adv, mask_in_adv) = (!rfpp, rfpp && p.advantages.is_direct::<F>());
     for (start, len) in blocks_rev(p.rewards.cols) {
         load(&p.rewards, first, n, start, len, &mut s.row, &mut s.r);
         load(&p.mask, first, n, start, len, &mut s.row, &mut s.m);
@@ -506,6 +510,8 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
             store(&p.returns, first, n, start, &s.ret[..len], &mut s.row);
             if stores_adv {
                 store(&p.advantages, first, n, start, &s.adv[..len], &mut s.row);
+            } else if mask_in_adv {
+                store(&p.advantages, first, n, start, &s.m[..len], &mut s.row);
             }
         }
     }
