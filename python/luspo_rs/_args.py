@@ -220,6 +220,22 @@ def gradient(ctx, grad_loss: torch.Tensor, rerun) -> torch.Tensor:
     return grad
 
 
+def half_gradient(ctx, grad_loss: torch.Tensor, run_again) -> torch.Tensor:
+    """Backward of both losses for a float16 differentiated input: forward's
+    buffer on the CPU for a first backward with a seed of 1; otherwise the
+    gradient computed again (``run_again(factor)``) with ``grad_loss`` in the
+    aggregation's scale, so it is rounded to float16 once, after the seed (as
+    torch's chain would not overflow where the result fits). On CUDA the seed
+    is not read back (no sync), so the gradient is always computed again: one
+    more forward pass."""
+    if not ctx.handed_over and not _cuda.on_device(grad_loss) and grad_loss.item() == 1.0:
+        ctx.handed_over = True
+        return ctx.saved_tensors[0]
+    factor = ctx.rerun[1]
+    seed = grad_loss.detach().reshape(()).to(torch.float64)
+    return run_again(ctx, seed if factor is None else factor * seed)
+
+
 # --------------------------------------------------------------------------- buffers
 
 

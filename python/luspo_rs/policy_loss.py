@@ -13,9 +13,9 @@ from typing import Literal, Optional
 
 import torch
 
-from . import _core, _cuda
+from . import _core
 from ._args import Number, as_float, as_tensor, check_entry, loss_buffers, normalisers, refuse_double_backward
-from ._args import gradient, keep_gradient, result_dtype, saved_inputs, stream_of, torch_clamp_closed
+from ._args import gradient, half_gradient, keep_gradient, result_dtype, saved_inputs, stream_of, torch_clamp_closed
 from .agg_loss import AggMode
 
 PolicyMode = Literal["vanilla", "gspo", "luspo"]
@@ -82,7 +82,7 @@ class PolicyLossFunction(torch.autograd.Function):
         # float16 overflows at 65504: a gradient computed for a seed of 1 may
         # not fit where the seeded one does, so its backward computes it again
         # with the seed as `factor` (applied before rounding) unless the seed
-        # is 1 (see _half_gradient)
+        # is 1 (see _args.half_gradient)
         ctx.half = log_prob.dtype == torch.float16
         ctx.rerun = (options, factor)
         keep_gradient(ctx, grad, log_prob.detach(), old_log_prob, advantages, response_mask, rollout_is_weights)
@@ -98,7 +98,7 @@ class PolicyLossFunction(torch.autograd.Function):
             return (None, *none)
         refuse_double_backward("luspo_rs.policy_loss")
         if ctx.half:
-            return (_half_gradient(ctx, grad_loss), *none)
+            return (half_gradient(ctx, grad_loss, _run_again), *none)
         return (gradient(ctx, grad_loss, lambda: _run_again(ctx, ctx.rerun[1])), *none)
 
 
@@ -113,21 +113,6 @@ def _run_again(ctx, factor: Optional[torch.Tensor]) -> torch.Tensor:
         stream=stream_of(lp), **options,
     )  # fmt: skip
     return grad
-
-
-def _half_gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
-    """Backward for a float16 ``log_prob``: forward's buffer on the CPU for a
-    first backward with a seed of 1; otherwise the gradient computed again
-    with ``grad_loss`` in the aggregation's scale, so it is rounded to
-    float16 once, after the seed (as torch's chain would not overflow where
-    the result fits). On CUDA the seed is not read back (no sync), so the
-    gradient is always computed again: one more forward pass."""
-    if not ctx.handed_over and not _cuda.on_device(grad_loss) and grad_loss.item() == 1.0:
-        ctx.handed_over = True
-        return ctx.saved_tensors[0]
-    factor = ctx.rerun[1]
-    seed = grad_loss.detach().reshape(()).to(torch.float64)
-    return _run_again(ctx, seed if factor is None else factor * seed)
 
 
 def policy_loss(

@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 
-from . import _core, _cuda
+from . import _core
 from ._args import Number, as_float, as_tensor, check_entry, gradient, keep_gradient, loss_buffers, normalisers
-from ._args import refuse_double_backward, result_dtype, saved_inputs, stream_of
+from ._args import half_gradient, refuse_double_backward, result_dtype, saved_inputs, stream_of
 from .agg_loss import AggMode
 
 
@@ -50,7 +50,7 @@ class ValueLossFunction(torch.autograd.Function):
             return (None, *none)
         refuse_double_backward("luspo_rs.value_loss")
         if ctx.half:
-            return (_half_gradient(ctx, grad_loss), *none)
+            return (half_gradient(ctx, grad_loss, _run_again), *none)
         return (gradient(ctx, grad_loss, lambda: _run_again(ctx, ctx.rerun[1])), *none)
 
 
@@ -65,18 +65,6 @@ def _run_again(ctx, factor: Optional[torch.Tensor]) -> torch.Tensor:
         stream=stream_of(vpreds), **options,
     )  # fmt: skip
     return grad
-
-
-def _half_gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
-    """Backward for float16 ``vpreds``, as the policy loss's: forward's buffer
-    for a first CPU backward with a seed of 1, else the gradient computed
-    again with the seed in the scale (rounded to float16 once)."""
-    if not ctx.handed_over and not _cuda.on_device(grad_loss) and grad_loss.item() == 1.0:
-        ctx.handed_over = True
-        return ctx.saved_tensors[0]
-    factor = ctx.rerun[1]
-    seed = grad_loss.detach().reshape(()).to(torch.float64)
-    return _run_again(ctx, seed if factor is None else factor * seed)
 
 
 def value_loss(
