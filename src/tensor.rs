@@ -496,21 +496,7 @@ unsafe fn load_contiguous<F: Real>(p: *const u8, dtype: DType, out: &mut [F]) {
         DType::I8 => conv(p, out, |v: i8| F::of_f32(v as f32)),
         DType::I16 => conv(p, out, |v: i16| F::of_f32(v as f32)),
         DType::I32 => conv(p, out, |v: i32| F::of(v as f64)),
-        DType::I64 => {
-            // masks: 0/1 (or small) int64; through i32 when every value fits,
-            // which vectorises (x86 has no packed i64 -> float conversion
-            // before AVX-512) and rounds the same (one rounding of the integer)
-            let src = std::slice::from_raw_parts(p as *const i64, out.len());
-            if src.iter().fold(true, |ok, &v| ok & (v as i32 as i64 == v)) {
-                if F::DTYPE == DType::F32 {
-                    conv(p, out, |v: i64| F::of_f32(v as i32 as f32))
-                } else {
-                    conv(p, out, |v: i64| F::of(v as i32 as f64))
-                }
-            } else {
-                conv(p, out, |v: i64| F::of(v as f64))
-            }
-        }
+        DType::I64 => conv(p, out, |v: i64| F::of(v as f64)),
     }
 }
 
@@ -576,7 +562,7 @@ impl MatMut {
     pub unsafe fn direct_part<'a, F: Real>(&'a self, i: usize, start: usize, len: usize) -> Option<&'a mut [F]> {
         debug_assert!(i < self.rows && start + len <= self.cols);
         let p = self.tensor.ptr.wrapping_offset((i as isize * self.rs + start as isize) * self.tensor.dtype.size() as isize);
-        (self.tensor.dtype == F::DTYPE && self.cs == 1).then(|| std::slice::from_raw_parts_mut(p as *mut F, len))
+        self.is_direct::<F>().then(|| std::slice::from_raw_parts_mut(p as *mut F, len))
     }
 
     /// Converts and stores `src` into row `i` from column `start` on.

@@ -8,7 +8,7 @@
 use super::{fold_rows, for_each_row, Sum8};
 use crate::error::{try_zeros, Error, Result};
 pub use crate::ops::advantage::{dense_groups, AdvantageProblem, Estimator, KeyScores};
-use crate::ops::plus_eps;
+use crate::ops::{bessel, plus_eps};
 use crate::tensor::{piece_scratch, pieces, DType, Mat, MatMut, Real};
 
 /// Per-row statistics of the score pass.
@@ -126,20 +126,6 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
     })?;
     fence();
     Ok(())
-}
-
-/// verl's `masked_var` Bessel factor `mask_sum / (mask_sum - 1)` for a mask
-/// summing to `n`: `mask.sum()` is float32 for float32 masks and int64 for
-/// bool / integer masks, whose true division gives float32 (torch's default
-/// dtype), so the factor is rounded to float32 unless the mask is float64.
-#[inline]
-fn bessel(n: f64, mask_is_f64: bool) -> f64 {
-    if mask_is_f64 {
-        n / (n - 1.0)
-    } else {
-        let n = n as f32;
-        (n / (n - 1.0)) as f64
-    }
 }
 
 /// `out = a * m` for a contiguous int64 run of a mask row (from column

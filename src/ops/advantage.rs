@@ -17,7 +17,7 @@
 //!   `(v - mean) / sqrt(var + 1e-8) * m` with `mean`, unbiased `var` over `m`;
 //!   with `N = sum m`, verl divides by `N + 1e-8` and multiplies by the Bessel
 //!   factor `N / (N - 1)`, both computed in float32 unless the mask is float64
-//!   (torch's dtype of `mask.sum()`, see `ops::plus_eps` and `cpu::advantage::bessel`);
+//!   (torch's dtype of `mask.sum()`, see `ops::plus_eps` and `ops::bessel`);
 //! * `grpo_passk` (Pass@k): in each group only its best row `i*` gets
 //!   `(s_(1) - s_(2)) / (sd_g + eps)` (without std normalisation
 //!   `s_(1) - s_(2)`), the two largest scores of the group; every other row

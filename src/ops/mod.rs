@@ -66,3 +66,17 @@ pub fn plus_eps(sum: f64, mask_is_f64: bool) -> f64 {
     }
 }
 
+/// verl's `masked_var` Bessel factor `N / (N - 1)` for a mask summing to
+/// `n`: `mask.sum()` is float32 for float32 masks and int64 for bool and
+/// integer masks, whose true division gives float32 (torch's default dtype),
+/// so the factor is rounded to float32 unless the mask is float64.
+#[inline]
+pub fn bessel(n: f64, mask_is_f64: bool) -> f64 {
+    if mask_is_f64 {
+        n / (n - 1.0)
+    } else {
+        let n = n as f32;
+        (n / (n - 1.0)) as f64
+    }
+}
+

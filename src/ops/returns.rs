@@ -24,7 +24,7 @@
 //! `mean` and the unbiased `var` over the batch, weighted by `m`, with
 //! `N = sum m`; verl divides by `N + 1e-8` and multiplies by `N / (N - 1)`,
 //! both in float32 unless the mask is float64 (`ops::plus_eps`,
-//! [`bessel`]). verl raises for `N < 2`; here the advantages are then NaN
+//! `ops::bessel`). verl raises for `N < 2`; here the advantages are then NaN
 //! (see [`whiten_stats`]).
 
 use crate::error::{Error, Result};
@@ -161,20 +161,6 @@ impl ReturnsProblem {
     }
 }
 
-/// verl's `masked_var` Bessel factor `N / (N - 1)` for a mask summing to
-/// `n`: `mask.sum()` is float32 for float32 masks and int64 for bool and
-/// integer masks, whose true division gives float32 (torch's default dtype),
-/// so the factor is rounded to float32 unless the mask is float64.
-#[inline]
-pub fn bessel(n: f64, mask_is_f64: bool) -> f64 {
-    if mask_is_f64 {
-        n / (n - 1.0)
-    } else {
-        let n = n as f32;
-        (n / (n - 1.0)) as f64
-    }
-}
-
 /// The whitening statistics of a set of tokens, weighted by the mask `m`
 /// over the tokens with `m != 0`: `n = sum m`, `mean = sum m x / n`,
 /// `m2 = sum m (x - mean)^2` (all 0 for no token). Kept centred, not as raw
@@ -233,6 +219,6 @@ pub fn whiten_stats(m: Moments, mask_is_f64: bool) -> (f64, f64) {
     let mean = n * m.mean / denom;
     let d = m.mean - mean;
     let ss = m.m2 + n * d * d;
-    let var = ss / denom * bessel(n, mask_is_f64);
+    let var = ss / denom * super::bessel(n, mask_is_f64);
     (mean, 1.0 / (var + 1e-8).sqrt())
 }

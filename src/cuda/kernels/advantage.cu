@@ -199,7 +199,7 @@ extern "C" __global__ void advantage_groups(AdvArgs a) {
 // scratch[rows * ADV_NSTAT + {0, 1}] = (mean, 1 / sqrt(var + 1e-8)); with
 // N = sum m, verl's masked_mean divides by N + 1e-8 and masked_var multiplies
 // by N / (N - 1), both in float32 unless the mask is float64
-// (src/cpu/advantage.rs plus_eps, bessel).
+// (ops::plus_eps, ops::bessel).
 extern "C" __global__ void advantage_batch(AdvArgs a) {
     double *st = a.scratch;
     const i64 n = a.rows;
@@ -235,9 +235,7 @@ extern "C" __global__ void advantage_batch(AdvArgs a) {
     }
     block_sum<1>(s);
     if (threadIdx.x == 0) {
-        const float t32 = (float)tokens;
-        const double bessel = mask_f64 ? tokens / (tokens - 1.0) : (double)(t32 / (t32 - 1.0f));
-        double var = s[0] / denom * bessel;
+        double var = s[0] / denom * bessel(tokens, mask_f64);
         *GLOBAL(st + n * ADV_NSTAT) = mean;
         *GLOBAL(st + n * ADV_NSTAT + 1) = 1.0 / sqrt(var + 1e-8);
     }

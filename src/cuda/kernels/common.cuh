@@ -194,6 +194,13 @@ __device__ __forceinline__ double plus_eps(double sum, bool mask_f64) {
     return mask_f64 ? sum + 1e-8 : (double)((float)sum + 1e-8f);
 }
 
+// verl's masked_var Bessel factor N / (N - 1) (ops::bessel): float32 unless
+// the mask is float64.
+__device__ __forceinline__ double bessel(double n, bool mask_f64) {
+    const float n32 = (float)n;
+    return mask_f64 ? n / (n - 1.0) : (double)(n32 / (n32 - 1.0f));
+}
+
 // Sums v[0..N) over each team of `team` threads (a power of two >= 32, the
 // teams of a block side by side); the result is valid in every thread of
 // the team. Order: a shuffle tree in each warp, then the team's warps in

@@ -196,9 +196,7 @@ extern "C" __global__ void returns_batch(ScanArgs a) {
             const double denom = plus_eps(n, mask_f64);
             mean = n * m.mean / denom;
             const double d = m.mean - mean, ss = m.m2 + n * d * d;
-            const float n32 = (float)n;
-            const double bessel = mask_f64 ? n / (n - 1.0) : (double)(n32 / (n32 - 1.0f));
-            rstd = 1.0 / sqrt(ss / denom * bessel + 1e-8);
+            rstd = 1.0 / sqrt(ss / denom * bessel(n, mask_f64) + 1e-8);
         }
         *GLOBAL(a.scratch + a.rows * SCAN_NSTAT) = mean;
         *GLOBAL(a.scratch + a.rows * SCAN_NSTAT + 1) = rstd;
