@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import AGG_MODES, MODES, assert_close, check_public_op, make_batch, stable_seed, verl_reference
+from conftest import AGG_MODES, MODES, assert_close, check_public_op, make_batch, stable_seed, verl_core_algos, verl_reference
 
 import luspo_rs
 
@@ -295,4 +295,7 @@ def test_float64_mask_promotes_like_verl(mode):
 
 
 def test_public_function_and_its_modes():
-    check_public_op("policy_loss", "PolicyMode", MODES)
+    # every loss verl registers (bypass_mode dispatches to vanilla or
+    # reinforce in Python), LUSPO, and the REINFORCE loss bypass mode runs
+    every = set(verl_core_algos.POLICY_LOSS_REGISTRY) - {"bypass_mode"} | {"luspo", "reinforce"}
+    check_public_op("policy_loss", "PolicyMode", sorted(every))

@@ -27,7 +27,10 @@ class DLPack(Protocol):
     def __dlpack__(self, *args: Any, **kwargs: Any) -> Any: ...
     def __dlpack_device__(self) -> tuple[int, int]: ...
 
-PolicyMode = Literal["vanilla", "gspo", "luspo"]
+PolicyMode = Literal[
+    "vanilla", "gspo", "luspo", "cispo", "sapo", "geo_mean", "gpg", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl",
+    "dro", "reinforce",
+]
 AggMode = Literal["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KlMode = Literal[
     "kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3",
@@ -57,6 +60,11 @@ def policy_loss(
     clip_ratio_high: Optional[float] = None,
     clip_ratio_c: float = 3.0,
     rollout_is_weights: Optional[DLPack] = None,
+    picks: Optional[DLPack] = None,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    dro_beta: Optional[float] = None,
+    ppo_kl_coef: float = 0.1,
     dp_size: float = 1.0,
     batch_num_tokens: Optional[float] = None,
     global_batch_size: Optional[float] = None,

@@ -1,4 +1,4 @@
-"""The fused policy loss (vanilla PPO/GRPO, GSPO, LUSPO): its autograd
+"""The fused policy loss (every verl loss mode, and LUSPO): its autograd
 Function and the public entry point :func:`policy_loss`.
 
 Forward allocates the outputs with torch (the gradient buffer in
@@ -17,8 +17,12 @@ from . import _core
 from ._args import Number, as_float, as_tensor, check_entry, loss_buffers, normalisers, refuse_double_backward
 from ._args import gradient, half_gradient, keep_gradient, result_dtype, saved_inputs, stream_of, torch_clamp_closed
 from .agg_loss import AggMode
+from .cov_select import choose_tokens
 
-PolicyMode = Literal["vanilla", "gspo", "luspo"]
+PolicyMode = Literal[
+    "vanilla", "gspo", "luspo", "cispo", "sapo", "geo_mean", "gpg", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl",
+    "dro", "reinforce",
+]
 
 #: The metrics of :func:`policy_loss`, in order: verl's three, then the length
 #: diagnostics. The native loss writes all but the last; ``len_net_push`` is
@@ -45,6 +49,14 @@ def net_push(grad: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     return (w.sum() / w.abs().sum()).reshape(1)
 
 
+def mode_metrics(mode: str) -> list[tuple[str, int]]:
+    """verl's metrics for policy-loss ``mode``, as ``(name, slot)`` pairs (the
+    slot in the native metrics buffer), in verl's order: GPG has none;
+    KL-Cov, DRO and REINFORCE only ``ppo_kl``; Clip-Cov no
+    ``pg_clipfrac_lower`` (the native rule, ``LossMode::metric_slots``)."""
+    return _core.policy_metrics(mode)
+
+
 def effective_agg_mode(mode: str, loss_agg_mode: str) -> str:
     """The aggregation a policy loss uses: LUSPO is GSPO's token loss
     aggregated ``seq-mean-token-sum``, whatever ``loss_agg_mode`` says (the
@@ -61,7 +73,7 @@ class PolicyLossFunction(torch.autograd.Function):
     :func:`luspo_rs._args.gradient`)."""
 
     @staticmethod
-    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, options, factor, loss_dtype):
+    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, picks, options, factor, loss_dtype):
         # no zero gradient is built for the metrics output (a fill kernel on CUDA)
         ctx.set_materialize_grads(False)
         grad, loss, metrics, scratch = loss_buffers(log_prob, loss_dtype, metrics=True)
@@ -74,6 +86,7 @@ class PolicyLossFunction(torch.autograd.Function):
             loss,
             metrics,
             rollout_is_weights=rollout_is_weights,
+            picks=picks,
             factor=factor,
             scratch=scratch,
             stream=stream_of(log_prob),
@@ -84,7 +97,7 @@ class PolicyLossFunction(torch.autograd.Function):
         # with the seed as `factor` (applied before rounding) unless the seed
         # is 1 (see _args.half_gradient)
         ctx.half = log_prob.dtype == torch.float16
-        ctx.rerun = (options, factor)
+        ctx.rerun = (options, factor, picks)
         keep_gradient(ctx, grad, log_prob.detach(), old_log_prob, advantages, response_mask, rollout_is_weights)
         if options["diagnostics"]:  # one more read of the gradient, in torch
             metrics = torch.cat((metrics, net_push(grad, response_mask)))
@@ -93,7 +106,7 @@ class PolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
-        none = (None,) * 7
+        none = (None,) * 8
         if grad_loss is None:  # only the metrics were used
             return (None, *none)
         refuse_double_backward("luspo_rs.policy_loss")
@@ -106,11 +119,11 @@ def _run_again(ctx, factor: Optional[torch.Tensor]) -> torch.Tensor:
     """The gradient forward wrote, computed again from the saved inputs into
     a new buffer, with ``factor`` in the aggregation's scale."""
     lp, old, adv, mask, weights = saved_inputs(ctx)
-    options, _ = ctx.rerun
+    options, _, picks = ctx.rerun
     grad, loss, metrics, scratch = loss_buffers(lp, torch.float64, metrics=True)
     _core.policy_loss(
-        old, lp, adv, mask, grad, loss, metrics, rollout_is_weights=weights, factor=factor, scratch=scratch,
-        stream=stream_of(lp), **options,
+        old, lp, adv, mask, grad, loss, metrics, rollout_is_weights=weights, picks=picks, factor=factor,
+        scratch=scratch, stream=stream_of(lp), **options,
     )  # fmt: skip
     return grad
 
@@ -133,8 +146,18 @@ def policy_loss(
     global_batch_size: Optional[Number] = None,
     loss_scale_factor: Optional[Number] = None,
     diagnostics: bool = False,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    dro_beta: Optional[float] = None,
+    ppo_kl_coef: float = 0.1,
+    clip_cov_ratio: float = 0.0002,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    kl_cov_ratio: float = 0.0002,
+    picks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """LUSPO / GSPO / vanilla (PPO, GRPO) policy loss, fused.
+    """Every verl policy loss, and LUSPO, fused: the loss, its gradient and
+    verl's metrics in one pass.
 
     Per token, with ``d = log_prob - old_log_prob``, ``A`` the advantage and
     ``clip(x) = clamp(x, 1 - clip_ratio_low, 1 + clip_ratio_high)``:
@@ -190,6 +213,7 @@ def policy_loss(
         Each is NaN where undefined (e.g. no long row when all lengths are equal).
     """
     check_entry("luspo_rs.policy_loss", "log_prob", log_prob, mode=mode, loss_agg_mode=loss_agg_mode)
+    metric_names = mode_metrics(mode)  # (also: an unknown mode is a ValueError naming it)
     options = dict(
         mode=mode,
         loss_agg_mode=loss_agg_mode,
@@ -199,6 +223,10 @@ def policy_loss(
         clip_ratio_c=as_float("clip_ratio_c", clip_ratio_c),
         clamp_closed=torch_clamp_closed(),
         diagnostics=bool(diagnostics),
+        tau_pos=as_float("tau_pos", tau_pos),
+        tau_neg=as_float("tau_neg", tau_neg),
+        dro_beta=as_float("dro_beta", dro_beta),
+        ppo_kl_coef=as_float("ppo_kl_coef", ppo_kl_coef),
     )
     agg = effective_agg_mode(mode, loss_agg_mode)
     norms, factor = normalisers(log_prob, agg, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
@@ -207,11 +235,23 @@ def policy_loss(
     old_log_prob = as_tensor("old_log_prob", old_log_prob)
     advantages = as_tensor("advantages", advantages)
     response_mask = as_tensor("response_mask", response_mask)
+    if picks is not None:
+        picks = as_tensor("picks", picks)
+    elif mode in ("clip_cov", "kl_cov"):
+        picks = choose_tokens(
+            mode, old_log_prob, log_prob.detach(), advantages, response_mask, clip_ratio=options["clip_ratio"],
+            clip_ratio_low=options["clip_ratio_low"], clip_ratio_high=options["clip_ratio_high"],
+            clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio,
+        )  # fmt: skip
     loss_dtype = result_dtype(
         log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, response_mask=response_mask,
         rollout_is_weights=weights,
     )  # fmt: skip
     loss, metrics = PolicyLossFunction.apply(
-        log_prob, old_log_prob, advantages, response_mask, weights, options, factor, loss_dtype
+        log_prob, old_log_prob, advantages, response_mask, weights, picks, options, factor, loss_dtype
     )
-    return loss, dict(zip(METRICS if diagnostics else METRICS[:3], metrics.unbind()))
+    values = metrics.unbind()
+    out = {name: values[slot] for name, slot in metric_names}
+    if diagnostics:
+        out.update(zip(METRICS[3:], values[3:]))
+    return loss, out

@@ -5,10 +5,12 @@
 //! the scalar tail give bitwise the same values, and no data-dependent
 //! branch is left for random clip / sign / mask patterns to mispredict.
 
-use std::ops::{Add, BitAnd, BitOr, Mul, Neg, Sub};
+use std::ops::{Add, BitAnd, BitOr, Div, Mul, Neg, Sub};
 
 /// A scalar or a short vector of floats.
-pub trait Lane: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Neg<Output = Self> {
+pub trait Lane:
+    Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + Neg<Output = Self>
+{
     /// Per-lane booleans.
     type Mask: Copy + BitAnd<Output = Self::Mask> + BitOr<Output = Self::Mask>;
     /// Every lane set to `v` (rounded to the lane's float type).
@@ -28,6 +30,23 @@ pub trait Lane: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Se
     /// `exp(x)` for `|x| <= 20` and NaN: [`exp_f32`] for `f32` lanes
     /// (within 2 ulp), the library `exp` for `f64`.
     fn exp_bounded(self) -> Self;
+    /// `exp(x)` for any `x` (0 below the range, inf above, NaN for NaN):
+    /// [`exp_any_f32`] for `f32` lanes, the library `exp` for `f64`.
+    fn exp_any(self) -> Self;
+    /// The natural logarithm, lane by lane with the library `ln` (the same
+    /// function for every width, so every width gives the same bits).
+    fn ln(self) -> Self;
+}
+
+/// `exp` of `f32` lanes over the whole line from [`exp_f32`]: far from 0
+/// (`|x| > 80`) as the square of `exp(x / 2)`, which overflows to inf past
+/// `ln(f32::MAX)` and underflows through the subnormals to 0 (a few ulp
+/// there); NaN stays NaN.
+#[inline(always)]
+pub fn exp_any_f32<L: F32Lane>(x: L) -> L {
+    let c = L::splat;
+    let h = exp_f32(x * c(0.5));
+    L::select(x.gt(c(80.0)) | x.lt(c(-80.0)), h * h, exp_f32(x))
 }
 
 /// `torch.clamp(x, lo, hi)`: NaN stays NaN; the mask says whether the
@@ -76,7 +95,7 @@ pub fn exp_f32<L: F32Lane>(x: L) -> L {
 }
 
 macro_rules! scalar_lane {
-    ($t:ty, $exp:expr) => {
+    ($t:ty, $exp:expr, $exp_any:expr) => {
         impl Lane for $t {
             type Mask = bool;
             #[inline(always)]
@@ -127,11 +146,19 @@ macro_rules! scalar_lane {
             fn exp_bounded(self) -> Self {
                 $exp(self)
             }
+            #[inline(always)]
+            fn exp_any(self) -> Self {
+                $exp_any(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
         }
     };
 }
-scalar_lane!(f32, exp_f32);
-scalar_lane!(f64, f64::exp);
+scalar_lane!(f32, exp_f32, exp_any_f32);
+scalar_lane!(f64, f64::exp, f64::exp);
 
 impl F32Lane for f32 {
     #[inline(always)]
@@ -152,7 +179,7 @@ mod sse {
     //! run-time feature detection.
     use super::Lane;
     use std::arch::x86_64::*;
-    use std::ops::{Add, BitAnd, BitOr, Mul, Neg, Sub};
+    use std::ops::{Add, BitAnd, BitOr, Div, Mul, Neg, Sub};
 
     /// Four `f32` lanes.
     #[derive(Clone, Copy)]
@@ -194,6 +221,7 @@ mod sse {
     binop!(Add, add, _mm_add_ps);
     binop!(Sub, sub, _mm_sub_ps);
     binop!(Mul, mul, _mm_mul_ps);
+    binop!(Div, div, _mm_div_ps);
 
     impl Neg for F32x4 {
         type Output = F32x4;
@@ -263,6 +291,16 @@ mod sse {
         #[inline(always)]
         fn exp_bounded(self) -> Self {
             super::exp_f32(self)
+        }
+        #[inline(always)]
+        fn exp_any(self) -> Self {
+            super::exp_any_f32(self)
+        }
+        #[inline(always)]
+        fn ln(self) -> Self {
+            let mut x = [0.0f32; 4];
+            self.store(&mut x);
+            F32x4::load(&x.map(f32::ln))
         }
     }
 
@@ -396,7 +434,7 @@ pub mod avx {
     //! paths bit for bit).
     use super::Lane;
     use std::arch::x86_64::*;
-    use std::ops::{Add, BitAnd, BitOr, Mul, Neg, Sub};
+    use std::ops::{Add, BitAnd, BitOr, Div, Mul, Neg, Sub};
 
     #[derive(Clone, Copy)]
     pub struct F32x8(__m256);
@@ -438,6 +476,13 @@ pub mod avx {
         #[inline(always)]
         fn mul(self, o: F32x8) -> F32x8 {
             F32x8(unsafe { _mm256_mul_ps(self.0, o.0) })
+        }
+    }
+    impl Div for F32x8 {
+        type Output = F32x8;
+        #[inline(always)]
+        fn div(self, o: F32x8) -> F32x8 {
+            F32x8(unsafe { _mm256_div_ps(self.0, o.0) })
         }
     }
     impl Neg for F32x8 {
@@ -508,6 +553,16 @@ pub mod avx {
         fn exp_bounded(self) -> Self {
             super::exp_f32(self)
         }
+        #[inline(always)]
+        fn exp_any(self) -> Self {
+            super::exp_any_f32(self)
+        }
+        #[inline(always)]
+        fn ln(self) -> Self {
+            let mut x = [0.0f32; 8];
+            self.store(&mut x);
+            F32x8::load(&x.map(f32::ln))
+        }
     }
 
     impl super::F32Lane for F32x8 {
@@ -540,5 +595,30 @@ mod tests {
         assert!(worst <= 2.0, "worst error {worst} ulp");
         assert!(exp_f32(f32::NAN).is_nan());
         assert_eq!(exp_f32(0.0f32), 1.0);
+    }
+
+    #[test]
+    fn exp_any_f32_covers_the_line() {
+        let mut worst = 0.0f64;
+        for k in -1_100..=900 {
+            let x = k as f32 * 0.1;
+            let exact = (x as f64).exp();
+            let got = exp_any_f32(x) as f64;
+            if exact < f32::MIN_POSITIVE as f64 {
+                // subnormal or 0: within the subnormal spacing
+                assert!((got - exact).abs() <= 4.0 * 1.5e-45, "{x}: {got} vs {exact}");
+                continue;
+            }
+            if exact > f32::MAX as f64 {
+                assert_eq!(got, f64::INFINITY, "{x}");
+                continue;
+            }
+            let ulp = (exact as f32).abs() as f64 * f32::EPSILON as f64;
+            worst = worst.max((got - exact).abs() / ulp);
+        }
+        assert!(worst <= 5.0, "worst error {worst} ulp");
+        assert_eq!(exp_any_f32(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp_any_f32(f32::NEG_INFINITY), 0.0);
+        assert!(exp_any_f32(f32::NAN).is_nan());
     }
 }

@@ -83,10 +83,17 @@ fn clipped_surrogate<L: Lane>(a: L, r: L, dr: L, clip: &Clip) -> (L, L, L::Mask)
     (l, dl, pl2.gt(pl1))
 }
 
-/// How one token's loss is computed from `(old, lp, A)`; also returns the
-/// log-ratio the `ppo_kl` metric averages.
+/// How one token's loss is computed from `(old, lp, A)` and, for Clip-Cov
+/// and KL-Cov, whether the token was picked (`pick`: 1 or 0); also returns
+/// the term `d` whose masked mean of `-d` is the `ppo_kl` metric.
 trait TokenRule: Sync {
-    fn eval<L: Lane>(&self, old: L, lp: L, a: L) -> (Tok<L>, L);
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L, pick: L) -> (Tok<L>, L);
+}
+
+/// A token's loss without metric flags.
+#[inline(always)]
+fn plain<L: Lane>(loss: L, dloss: L) -> Tok<L> {
+    Tok { loss, dloss, clipped: L::mask(false), lower: L::mask(false) }
 }
 
 /// verl's `compute_policy_loss_vanilla` (the log-ratio is clamped to ±20,
@@ -95,7 +102,7 @@ struct Vanilla(Clip);
 
 impl TokenRule for Vanilla {
     #[inline(always)]
-    fn eval<L: Lane>(&self, old: L, lp: L, a: L) -> (Tok<L>, L) {
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L, _pick: L) -> (Tok<L>, L) {
         let (d, pass) = clamp(lp - old, L::splat(-20.0), L::splat(20.0), self.0.clamp_closed);
         let r = d.exp_bounded();
         let zero = L::splat(0.0);
@@ -119,7 +126,7 @@ struct Gspo {
 
 impl TokenRule for Gspo {
     #[inline(always)]
-    fn eval<L: Lane>(&self, old: L, lp: L, a: L) -> (Tok<L>, L) {
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L, _pick: L) -> (Tok<L>, L) {
         #[allow(clippy::eq_op)] // torch's `lp - lp.detach()`: 0, or NaN for non-finite lp
         let finite = (lp - lp).eq(L::splat(0.0));
         let nan = L::splat(f64::NAN);
@@ -143,7 +150,7 @@ struct Value {
 
 impl TokenRule for Value {
     #[inline(always)]
-    fn eval<L: Lane>(&self, old: L, lp: L, a: L) -> (Tok<L>, L) {
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L, _pick: L) -> (Tok<L>, L) {
         let (zero, one, c) = (L::splat(0.0), L::splat(1.0), L::splat(self.c));
         let (lo, hi) = (old - c, old + c);
         let (mn, dmn) = minimum(lp, one, hi, zero);
@@ -153,6 +160,166 @@ impl TokenRule for Value {
         let (l, dl) = maximum(l1, x1 + x1, l2, (x2 + x2) * dvc);
         let half = L::splat(0.5);
         (Tok { loss: half * l, dloss: half * dl, clipped: l2.gt(l1), lower: L::mask(false) }, zero)
+    }
+}
+
+/// verl's `compute_policy_loss_cispo`: `l = -sg(clip(r)) A lp` with
+/// `r = exp(clamp(lp - old, -20, 20))`; `pg_clipfrac` counts `r != clip(r)`.
+struct Cispo(Clip);
+
+impl TokenRule for Cispo {
+    #[inline(always)]
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L, _pick: L) -> (Tok<L>, L) {
+        let closed = self.0.clamp_closed;
+        let (d, _) = clamp(lp - old, L::splat(-20.0), L::splat(20.0), closed);
+        let r = d.exp_bounded();
+        let (rc, _) = clamp(r, L::splat(1.0 - self.0.low), L::splat(1.0 + self.0.high), closed);
+        let k = -rc * a;
+        (Tok { loss: k * lp, dloss: k, clipped: r.ne(rc), lower: L::mask(false) }, d)
+    }
+}
+
+/// verl's `compute_policy_loss_sapo`: `l = -g A` with the gate
+/// `g = sigmoid(tau (r - 1)) 4 / tau`, `tau = tau_pos` where `A > 0`, else
+/// `tau_neg` (rounded to the advantages' type, as verl's `as_tensor`), and
+/// `r = exp(clamp(lp - old, -20, 20))`; no clip metrics.
+struct Sapo {
+    tau_pos: f64,
+    tau_neg: f64,
+    closed: bool,
+}
+
+impl TokenRule for Sapo {
+    #[inline(always)]
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L, _pick: L) -> (Tok<L>, L) {
+        let (zero, one) = (L::splat(0.0), L::splat(1.0));
+        let (d, pass) = clamp(lp - old, L::splat(-20.0), L::splat(20.0), self.closed);
+        let r = d.exp_bounded();
+        let tau = L::select(a.gt(zero), L::splat(self.tau_pos), L::splat(self.tau_neg));
+        let y = one / (one + (-(tau * (r - one))).exp_any());
+        let k = L::splat(4.0) / tau;
+        // torch's chain: d(-g A)/dg = -A, then 4 / tau, sigmoid's (1 - y) y, tau, exp's r
+        let dl = ((-a * k) * ((one - y) * y)) * tau * r;
+        (plain(-(y * k) * a, L::select(pass, dl, zero)), d)
+    }
+}
+
+/// verl's `compute_policy_loss_gpg`: `l = -lp A`; no metrics.
+struct Gpg;
+
+impl TokenRule for Gpg {
+    #[inline(always)]
+    fn eval<L: Lane>(&self, _old: L, lp: L, a: L, _pick: L) -> (Tok<L>, L) {
+        (plain(-lp * a, -a), L::splat(0.0))
+    }
+}
+
+/// verl's `compute_policy_loss_reinforce` (bypass mode's REINFORCE):
+/// `l = -A lp` (the IS weights multiply it as constants); `ppo_kl` is the
+/// masked mean of `old - lp`.
+struct Reinforce;
+
+impl TokenRule for Reinforce {
+    #[inline(always)]
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L, _pick: L) -> (Tok<L>, L) {
+        (plain(-a * lp, -a), lp - old)
+    }
+}
+
+/// verl's `compute_policy_loss_dro`: `l = -(lp A - (beta / 2) (lp - old)^2)`
+/// (`beta / 2` rounded once to the lane's type, as torch's scalar).
+struct Dro {
+    half_beta: f64,
+}
+
+impl TokenRule for Dro {
+    #[inline(always)]
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L, _pick: L) -> (Tok<L>, L) {
+        let hb = L::splat(self.half_beta);
+        let d = lp - old;
+        (plain(-(lp * a - hb * (d * d)), -(a - hb * (d + d))), d)
+    }
+}
+
+/// verl's DPPO-Binary losses (`compute_policy_loss_dppo_tv`, `_kl`):
+/// `l = -A sg(min(r, c)) lp v`, `r = exp(clamp(lp - old, -20, 20))`, where
+/// `v` keeps a token unless its probability moved past the divergence bound
+/// in the direction of its advantage: `p - p_old <= high` (`A > 0`),
+/// `>= -low` (else) for TV; for KL the binary KL
+/// `p_old (old - lp) + (1 - p_old) ln((1 - p_old + 1e-8) / (1 - p + 1e-8))`
+/// is `<= high` or `p <= p_old` (`A > 0`), `<= low` or `p >= p_old` (else).
+/// `pg_clipfrac` counts the tokens dropped, `pg_clipfrac_lower` the kept ones
+/// with `r > c`. Here `Clip::low`/`high` are the divergence bounds.
+struct Dppo {
+    clip: Clip,
+    kl: bool,
+}
+
+impl TokenRule for Dppo {
+    #[inline(always)]
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L, _pick: L) -> (Tok<L>, L) {
+        let (zero, one) = (L::splat(0.0), L::splat(1.0));
+        let (lo, hi, c) = (L::splat(self.clip.low), L::splat(self.clip.high), L::splat(self.clip.c));
+        let (d, _) = clamp(lp - old, L::splat(-20.0), L::splat(20.0), self.clip.clamp_closed);
+        let r = d.exp_bounded();
+        let tr = L::select(r.gt(c), c, r); // torch.clamp(max=c): NaN stays NaN
+        let (p, po) = (lp.exp_any(), old.exp_any());
+        let (up, down) = if self.kl {
+            let eps = L::splat(1e-8);
+            let bkl = po * (old - lp) + (one - po) * ((one - po + eps) / (one - p + eps)).ln();
+            (bkl.le(hi) | p.le(po), bkl.le(lo) | p.ge(po))
+        } else {
+            let moved = p - po;
+            (moved.le(hi), moved.ge(-lo))
+        };
+        let pos = a.gt(zero);
+        let v = L::select(pos, L::select(up, one, zero), L::select(down, one, zero));
+        let k = -a * tr;
+        let keep = v.ne(zero);
+        (Tok { loss: (k * lp) * v, dloss: k * v, clipped: v.eq(zero), lower: r.gt(c) & keep }, d)
+    }
+}
+
+/// verl's `compute_policy_loss_clip_cov` given its choice (`pick`: the
+/// tokens whose `corr` is 0): `l = max(-A r, -A clip(r)) corr` with
+/// `r = exp(lp - old)` (no clamp, no dual clip); `pg_clipfrac` counts the
+/// picked tokens.
+struct ClipCov(Clip);
+
+impl TokenRule for ClipCov {
+    #[inline(always)]
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L, pick: L) -> (Tok<L>, L) {
+        let d = lp - old;
+        let r = d.exp_any();
+        let (l, dl, _) = clipped_surrogate(a, r, r, &self.0);
+        let picked = pick.ne(L::splat(0.0));
+        let corr = L::select(picked, L::splat(0.0), L::splat(1.0));
+        (Tok { loss: l * corr, dloss: dl * corr, clipped: picked, lower: L::mask(false) }, d)
+    }
+}
+
+/// verl's `compute_policy_loss_kl_cov` given its choice (`pick`: the tokens
+/// with the KL term): `l = -A r (+ coef |lp - old|)`, `r = exp(lp - old)`;
+/// `ppo_kl` is the masked mean of `|lp - old|` (so `d = -|lp - old|`).
+struct KlCov {
+    coef: f64,
+}
+
+impl TokenRule for KlCov {
+    #[inline(always)]
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L, pick: L) -> (Tok<L>, L) {
+        let (zero, one) = (L::splat(0.0), L::splat(1.0));
+        let d = lp - old;
+        let r = d.exp_any();
+        let abs = L::select(d.lt(zero), -d, d);
+        let picked = pick.ne(zero);
+        let coef = L::splat(self.coef);
+        let l1 = -a * r;
+        // abs's gradient is sign(d): 0 at 0, NaN for NaN (as torch's sgn)
+        let sign = L::select(d.gt(zero), one, L::select(d.lt(zero), -one, d * zero));
+        let loss = L::select(picked, l1 + coef * abs, l1);
+        let dloss = L::select(picked, l1 + coef * sign, l1);
+        (plain(loss, dloss), -abs)
     }
 }
 
@@ -178,6 +345,7 @@ struct Scratch<F> {
     adv: Vec<F>,
     mask: Vec<F>,
     w: Vec<F>,
+    picks: Vec<F>,
     grad: Vec<F>,
 }
 
@@ -188,7 +356,12 @@ impl<F: Real> Scratch<F> {
             Some(w) => v(w)?,
             None => Vec::new(),
         };
+        let picks = match &p.picks {
+            Some(k) => v(k)?,
+            None => Vec::new(),
+        };
         Ok(Scratch {
+            picks,
             old: v(&p.old_log_prob)?,
             lp: v(&p.log_prob)?,
             adv: v(&p.advantages)?,
@@ -202,6 +375,9 @@ impl<F: Real> Scratch<F> {
 /// Runs the loss on the CPU, writing `d loss / d log_prob` into `p.grad`;
 /// a `MemoryError` if its (bounded) working buffers cannot be allocated.
 pub fn policy_loss(p: &PolicyLossProblem) -> Result<PolicyLossOutput> {
+    if p.mode == LossMode::GeoMean {
+        return Err(Error::value_error("mode", "geo_mean is not built yet"));
+    }
     if p.wants_f64() {
         return run::<ScalarF64>(p);
     }
@@ -306,12 +482,13 @@ fn row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, plan: &AggPlan, i: usiz
         let adv = p.advantages.part(i, start, len, &mut s.adv);
         let mask = p.response_mask.part(i, start, len, &mut s.mask);
         let w = p.rollout_is_weights.as_ref().map(|w| w.part(i, start, len, &mut s.w));
+        let picks = p.picks.as_ref().map(|k| k.part(i, start, len, &mut s.picks));
         if cols <= PIECE {
             row_sums::<W>(old, lp, mask, with_seq, &mut sums);
         }
         let (tokens, seq) = sums;
         st.tokens = tokens;
-        let ctx = RowCtx { old, lp, adv, mask, w, coef: W::F::of(plan.row_coef(tokens)), seq_mode: plan.mode.is_seq_mode() };
+        let ctx = RowCtx { old, lp, adv, mask, w, picks, coef: W::F::of(plan.row_coef(tokens)), seq_mode: plan.mode.is_seq_mode() };
         // No closure here: `row` is inlined into `row_avx2`, and a closure
         // would be compiled without AVX2 (its intrinsics would become calls).
         // SAFETY: row i is written by this task only.
@@ -329,6 +506,19 @@ fn row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, plan: &AggPlan, i: usiz
                 ctx.token_pass::<W, _, DIAG>(g, &mut st, &Gspo { clip: p.clip, s: sr.f64(), ds: ds.f64() })
             }
             LossMode::Value => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Value { c: p.clip.c }),
+            LossMode::Cispo => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Cispo(p.clip)),
+            LossMode::Sapo => {
+                let rule = Sapo { tau_pos: p.knobs.tau_pos, tau_neg: p.knobs.tau_neg, closed: p.clip.clamp_closed };
+                ctx.token_pass::<W, _, DIAG>(g, &mut st, &rule)
+            }
+            LossMode::Gpg => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Gpg),
+            LossMode::Reinforce => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Reinforce),
+            LossMode::Dro => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Dro { half_beta: 0.5 * p.knobs.beta }),
+            LossMode::DppoTv => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Dppo { clip: p.clip, kl: false }),
+            LossMode::DppoKl => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Dppo { clip: p.clip, kl: true }),
+            LossMode::ClipCov => ctx.token_pass::<W, _, DIAG>(g, &mut st, &ClipCov(p.clip)),
+            LossMode::KlCov => ctx.token_pass::<W, _, DIAG>(g, &mut st, &KlCov { coef: p.knobs.kl_coef }),
+            LossMode::GeoMean => unreachable!("GMPO runs its own row pass (cpu::geo_mean)"),
         }
         if converted {
             // SAFETY: as above.
@@ -425,6 +615,7 @@ struct RowCtx<'a, F> {
     adv: &'a [F],
     mask: &'a [F],
     w: Option<&'a [F]>,
+    picks: Option<&'a [F]>,
     coef: F,
     seq_mode: bool,
 }
@@ -437,8 +628,8 @@ const SUMS: usize = 6;
 /// `|g|`, and the gradient `g = coef*m*w*dl` (0 where masked).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn terms<L: Lane, R: TokenRule>(rule: &R, o: L, l: L, a: L, m: L, w: L, coef: L, seq_mode: bool) -> [L; SUMS + 1] {
-    let (k, d) = rule.eval(o, l, a);
+fn terms<L: Lane, R: TokenRule>(rule: &R, o: L, l: L, a: L, m: L, w: L, pick: L, coef: L, seq_mode: bool) -> [L; SUMS + 1] {
+    let (k, d) = rule.eval(o, l, a, pick);
     let zero = L::splat(0.0);
     let keep = m.ne(zero);
     let g = L::select(keep, coef * m * (k.dloss * w), zero);
@@ -471,6 +662,7 @@ impl<F: Real + Lane> RowCtx<'_, F> {
             let end = start + len;
             let (o, l, a, m) = (&self.old[start..end], &self.lp[start..end], &self.adv[start..end], &self.mask[start..end]);
             let w = self.w.map(|w| &w[start..end]);
+            let pk = self.picks.map(|k| &k[start..end]);
             let g = &mut g[start..end];
             // (no closures here: see `row`)
             let mut acc = [Lanes8::<W>::new(), Lanes8::new(), Lanes8::new(), Lanes8::new(), Lanes8::new(), Lanes8::new()];
@@ -480,7 +672,11 @@ impl<F: Real + Lane> RowCtx<'_, F> {
                     Some(w) => W::load(&w[j..]),
                     None => W::V::splat(1.0),
                 };
-                let t = terms(rule, W::load(&o[j..]), W::load(&l[j..]), W::load(&a[j..]), W::load(&m[j..]), wv, coef_v, self.seq_mode);
+                let kv = match pk {
+                    Some(k) => W::load(&k[j..]),
+                    None => W::V::splat(0.0),
+                };
+                let t = terms(rule, W::load(&o[j..]), W::load(&l[j..]), W::load(&a[j..]), W::load(&m[j..]), wv, kv, coef_v, self.seq_mode);
                 for k in 0..sums {
                     acc[k].add(j, t[k]);
                 }
@@ -493,7 +689,11 @@ impl<F: Real + Lane> RowCtx<'_, F> {
                     Some(w) => w[j],
                     None => F::one(),
                 };
-                let t = terms(rule, o[j], l[j], a[j], m[j], wj, coef, self.seq_mode);
+                let kj = match pk {
+                    Some(k) => k[j],
+                    None => F::zero(),
+                };
+                let t = terms(rule, o[j], l[j], a[j], m[j], wj, kj, coef, self.seq_mode);
                 for k in 0..sums {
                     lanes[k][j % 8] = lanes[k][j % 8] + t[k];
                 }
@@ -519,7 +719,7 @@ const BLOCK: usize = 64;
 mod tests {
     use super::*;
     use crate::ops::agg_loss::Normalizers;
-    use crate::ops::policy_loss::PolicyLossArgs;
+    use crate::ops::policy_loss::{ModeKnobs, PolicyLossArgs};
     use crate::tensor::Tensor;
 
     /// Runs one width on a random batch with masked tails, clipping on both
@@ -541,6 +741,8 @@ mod tests {
         let d = |a: &'static str, v: &[f32]| Tensor::from_slice(a, v, &[b, t]);
         let (o, l, a, ww) = (d("old_log_prob", &old), d("log_prob", &lp), d("advantages", &adv), d("rollout_is_weights", &w));
         let m = Tensor::from_slice("response_mask", &mask, &[b, t]);
+        let picks: Vec<bool> = (0..b * t).map(|k| k % 7 == 3).collect();
+        let pk = Tensor::from_slice("picks", &picks, &[b, t]);
         let g = Tensor::from_mut_slice("grad", &mut grad, &[b, t]);
         let p = if mode == "value" {
             // old as the values, lp as the predictions, adv as the returns
@@ -562,6 +764,7 @@ mod tests {
             advantages: &a,
             response_mask: &m,
             rollout_is_weights: Some(&ww),
+            picks: if mode.ends_with("_cov") { Some(&pk) } else { None },
             grad: &g,
             mode,
             loss_agg_mode: agg,
@@ -570,6 +773,7 @@ mod tests {
             clip_ratio_high: Some(0.28),
             clip_ratio_c: 3.0,
             clamp_closed: false,
+            knobs: ModeKnobs { beta: 0.3, ..ModeKnobs::default() },
             norm: Normalizers::default(),
             diagnostics: true,
         })
@@ -598,10 +802,15 @@ mod tests {
                 widths.push("avx2");
             }
         }
-        for mode in ["vanilla", "gspo", "luspo", "value"] {
+        let modes = [
+            "vanilla", "gspo", "luspo", "value", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "reinforce", "clip_cov",
+            "kl_cov",
+        ];
+        for mode in modes {
             for agg in ["token-mean", "seq-mean-token-mean"] {
                 let (want, want_g) = run_width(mode, agg, "scalar");
-                assert!(want.loss.is_finite() && want.pg_clipfrac > 0.0, "{mode}: the batch must clip");
+                let clips = !matches!(mode, "sapo" | "gpg" | "dro" | "reinforce" | "kl_cov");
+                assert!(want.loss.is_finite() && (!clips || want.pg_clipfrac > 0.0), "{mode}: the batch must clip");
                 for w in &widths {
                     let (got, got_g) = run_width(mode, agg, w);
                     if mode == "value" {

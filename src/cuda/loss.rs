@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::ops::abi;
 use crate::ops::LossOutputs;
 use crate::ops::agg_loss::{AggMode, AggProblem, Normalizers};
-use crate::ops::policy_loss::{LossMode, PolicyLossProblem};
+use crate::ops::policy_loss::{LossMode, ModeKnobs, PolicyLossProblem};
 use crate::tensor::{DType, Device, Mat, MatMut, Tensor};
 use std::ffi::c_void;
 
@@ -50,11 +50,17 @@ struct LossArgs {
     loss_scale_factor: f64,
     team: i64,
     vec: i64,
+    picks: View,
+    tau_pos: f64,
+    tau_neg: f64,
+    beta: f64,
+    kl_coef: f64,
 }
 
 /// The token kernels' rules, by name suffix: vanilla, GSPO / LUSPO,
-/// agg_loss, the value loss.
-const TOKEN_RULES: [&str; 4] = ["vanilla", "seq", "agg", "value"];
+/// agg_loss, the value loss, and the other token rules (`ext`: CISPO,
+/// SAPO, GPG, REINFORCE, DRO, DPPO-TV / KL, Clip-Cov, KL-Cov).
+const TOKEN_RULES: [&str; 5] = ["vanilla", "seq", "agg", "value", "ext"];
 
 /// Which instantiation of the loss kernels runs: 16-byte runs of one float
 /// storage type, or element-wise loads of any dtypes (f32 or f64 math).
@@ -108,7 +114,7 @@ impl Variant {
 /// `loss_tokens_*` by `Variant` and token rule, and `scale_grad`.
 pub struct Kernels {
     rows: [CUfunction; 6],
-    tokens: [[CUfunction; 4]; 6],
+    tokens: [[CUfunction; 5]; 6],
     scale_grad: CUfunction,
 }
 
@@ -125,7 +131,7 @@ impl Kernels {
 
     pub fn load(get: &dyn Fn(&str) -> Result<CUfunction>) -> Result<Self> {
         let mut rows = [std::ptr::null_mut(); 6];
-        let mut tokens = [[std::ptr::null_mut(); 4]; 6];
+        let mut tokens = [[std::ptr::null_mut(); 5]; 6];
         for (k, v) in Variant::ALL.iter().enumerate() {
             rows[k] = get(&format!("loss_rows_{}", v.suffix()))?;
             for (j, rule) in TOKEN_RULES.iter().enumerate() {
@@ -185,6 +191,8 @@ struct LossLaunch<'a> {
     agg: AggMode,
     norm: &'a Normalizers,
     clip: (f64, f64, f64, bool),
+    picks: Option<&'a Mat>,
+    knobs: ModeKnobs,
     f64_math: bool,
     /// The length diagnostics are wanted (policy loss only).
     diagnostics: bool,
@@ -237,6 +245,11 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossOutputs<'_>, scratch: &Tensor, device
         loss_scale_factor: n.loss_scale_factor.unwrap_or(-1.0),
         team: team as i64,
         vec,
+        picks: l.picks.map(view).unwrap_or(NO_VIEW),
+        tau_pos: l.knobs.tau_pos,
+        tau_neg: l.knobs.tau_neg,
+        beta: l.knobs.beta,
+        kl_coef: l.knobs.kl_coef,
     };
     let k = Variant::ALL.iter().position(|v| *v == variant).unwrap();
     let args = &mut a as *mut _ as *mut c_void;
@@ -248,16 +261,24 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossOutputs<'_>, scratch: &Tensor, device
         launch(&d, s.loss.rows[k], blocks, block, stream, args)?;
         let rule = match l.mode {
             abi::MODE_VANILLA => 0,
+            abi::MODE_GSPO | abi::MODE_LUSPO => 1,
             abi::MODE_AGG => 2,
             abi::MODE_VALUE => 3,
-            _ => 1,
+            _ => 4,
         };
         launch(&d, s.loss.tokens[k][rule], blocks, block, stream, args)
     }
 }
 
+/// `(lo, hi, c, closed)` of `LossArgs`: the ratio's clip bounds
+/// `[1 - low, 1 + high]`, except for DPPO, whose bounds are the divergence
+/// thresholds `low` and `high` themselves.
 fn clip_of(p: &PolicyLossProblem) -> (f64, f64, f64, bool) {
-    (1.0 - p.clip.low, 1.0 + p.clip.high, p.clip.c, p.clip.clamp_closed)
+    let c = &p.clip;
+    match p.mode {
+        LossMode::DppoTv | LossMode::DppoKl => (c.low, c.high, c.c, c.clamp_closed),
+        _ => (1.0 - c.low, 1.0 + c.high, c.c, c.clamp_closed),
+    }
 }
 
 /// Enqueues the fused policy loss (or, in `LossMode::Value`, verl's value
@@ -272,6 +293,16 @@ pub fn policy_loss(p: &PolicyLossProblem, b: &LossOutputs<'_>, scratch: &Tensor,
         LossMode::Gspo => abi::MODE_GSPO,
         LossMode::Luspo => abi::MODE_LUSPO,
         LossMode::Value => abi::MODE_VALUE,
+        LossMode::Cispo => abi::MODE_CISPO,
+        LossMode::Sapo => abi::MODE_SAPO,
+        LossMode::GeoMean => return Err(Error::value_error("mode", "geo_mean is not built yet").into()),
+        LossMode::Gpg => abi::MODE_GPG,
+        LossMode::ClipCov => abi::MODE_CLIP_COV,
+        LossMode::KlCov => abi::MODE_KL_COV,
+        LossMode::DppoTv => abi::MODE_DPPO_TV,
+        LossMode::DppoKl => abi::MODE_DPPO_KL,
+        LossMode::Dro => abi::MODE_DRO,
+        LossMode::Reinforce => abi::MODE_REINFORCE,
     };
     let l = LossLaunch {
         old_lp: view(&p.old_log_prob),
@@ -284,6 +315,8 @@ pub fn policy_loss(p: &PolicyLossProblem, b: &LossOutputs<'_>, scratch: &Tensor,
         agg: p.agg,
         norm: &p.norm,
         clip: clip_of(p),
+        picks: p.picks.as_ref(),
+        knobs: p.knobs,
         f64_math: p.wants_f64(),
         diagnostics: p.diagnostics,
     };
@@ -304,6 +337,8 @@ pub fn agg_loss(p: &AggProblem, b: &LossOutputs<'_>, scratch: &Tensor, stream: u
         agg: p.agg,
         norm: &p.norm,
         clip: (0.0, 0.0, 0.0, false),
+        picks: None,
+        knobs: ModeKnobs::default(),
         f64_math: p.loss_mat.tensor.dtype == DType::F64,
         diagnostics: false,
     };
@@ -386,9 +421,10 @@ mod tests {
     #[test]
     fn struct_layouts_match_kernels() {
         // View: 4 x 8 bytes; LossArgs: 7 views + 3 pointers + 4 words + 3 doubles
-        // + 1 word + 4 doubles + 2 words; ScaleArgs: 2 views + 1 word.
+        // + 1 word + 4 doubles + 2 words, then a view and 4 doubles; ScaleArgs: 2 views + 1 word.
         assert_eq!(std::mem::size_of::<View>(), 32);
-        assert_eq!(std::mem::size_of::<LossArgs>(), 7 * 32 + 3 * 8 + 4 * 8 + 3 * 8 + 8 + 4 * 8 + 2 * 8);
+        assert_eq!(std::mem::size_of::<LossArgs>(), 7 * 32 + 3 * 8 + 4 * 8 + 3 * 8 + 8 + 4 * 8 + 2 * 8 + 32 + 4 * 8);
+        assert_eq!(std::mem::offset_of!(LossArgs, picks), 7 * 32 + 3 * 8 + 4 * 8 + 3 * 8 + 8 + 4 * 8 + 2 * 8);
         assert_eq!(std::mem::offset_of!(LossArgs, rows), 7 * 32 + 3 * 8);
         assert_eq!(std::mem::offset_of!(LossArgs, dp_size), 7 * 32 + 3 * 8 + 4 * 8 + 4 * 8);
         assert_eq!(std::mem::size_of::<ScaleArgs>(), 2 * 32 + 8);

@@ -22,7 +22,11 @@ shared_constants! {
     }
     /// `LossArgs.mode`: the policy-loss modes, the loss kernels computing
     /// `agg_loss`, and verl's value loss (`ops::value_loss`).
-    "loss kernels' modes" { MODE_VANILLA = 0, MODE_GSPO = 1, MODE_LUSPO = 2, MODE_AGG = 3, MODE_VALUE = 4 }
+    "loss kernels' modes" {
+        MODE_VANILLA = 0, MODE_GSPO = 1, MODE_LUSPO = 2, MODE_AGG = 3, MODE_VALUE = 4, MODE_CISPO = 5, MODE_SAPO = 6,
+        MODE_GEO_MEAN = 7, MODE_GPG = 8, MODE_CLIP_COV = 9, MODE_KL_COV = 10, MODE_DPPO_TV = 11, MODE_DPPO_KL = 12,
+        MODE_DRO = 13, MODE_REINFORCE = 14,
+    }
     /// `LossArgs.agg`: verl's `loss_agg_mode`s.
     "aggregation modes" {
         AGG_TOKEN_MEAN = 0, AGG_TOKEN_SUM = 1, AGG_SEQ_SUM = 2, AGG_SEQ_MEAN = 3, AGG_SEQ_SUM_NORM = 4,

@@ -8,7 +8,9 @@ use super::agg_loss::{AggMode, Normalizers};
 use crate::error::{Error, Result};
 use crate::tensor::{same_device, Device, Mat, MatMut, Tensor};
 
-/// The policy-loss family.
+/// The policy-loss family: every loss verl 0.9.1 registers (but
+/// `bypass_mode`, which the Python layer dispatches to [`LossMode::Vanilla`]
+/// or [`LossMode::Reinforce`]), LUSPO, and the value loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LossMode {
     /// PPO/GRPO token-level clipped surrogate with dual clip where `A < 0`
@@ -20,31 +22,152 @@ pub enum LossMode {
     /// LUSPO: GSPO's per-token loss aggregated `seq-mean-token-sum`, whatever
     /// `loss_agg_mode` says, so each sequence is weighted by its length.
     Luspo,
+    /// CISPO: `-sg(clip(r)) A lp` (verl `compute_policy_loss_cispo`).
+    Cispo,
+    /// SAPO: the soft gate `sigmoid(tau (r - 1)) 4 / tau` in place of the
+    /// clip, always aggregated `seq-mean-token-mean` (verl `compute_policy_loss_sapo`).
+    Sapo,
+    /// GMPO: the geometric mean of the token ratios per sequence, clipped in
+    /// log space token by token, averaged over the rows (verl
+    /// `compute_policy_loss_geo_mean`, which ignores `loss_agg_mode`).
+    GeoMean,
+    /// GPG: `-lp A` (verl `compute_policy_loss_gpg`).
+    Gpg,
+    /// Clip-Cov: the vanilla surrogate without the ±20 clamp or dual clip,
+    /// with the tokens chosen by the caller (`picks`) cut out (verl
+    /// `compute_policy_loss_clip_cov`).
+    ClipCov,
+    /// KL-Cov: `-A r`, plus `ppo_kl_coef |lp - old|` on the tokens chosen by the
+    /// caller (`picks`) (verl `compute_policy_loss_kl_cov`).
+    KlCov,
+    /// DPPO-Binary-TV: `-A sg(min(r, c)) lp`, masked where the probability
+    /// moved past its bound in the advantage's direction (verl `compute_policy_loss_dppo_tv`).
+    DppoTv,
+    /// DPPO-Binary-KL: as DPPO-TV with the binary KL as the divergence (verl
+    /// `compute_policy_loss_dppo_kl`).
+    DppoKl,
+    /// DRO: `-(lp A - beta / 2 (lp - old)^2)` (verl `compute_policy_loss_dro`).
+    Dro,
+    /// REINFORCE: `-A lp`, with the IS weights as constant factors (verl
+    /// `compute_policy_loss_reinforce`, bypass mode's `loss_type="reinforce"`).
+    Reinforce,
     /// Not a policy loss: verl's clipped critic loss (`compute_value_loss`),
     /// run by the same pipeline (see `ops::value_loss`). Never parsed from a
     /// name: only `value_loss::problem` builds it.
     Value,
 }
 
+/// Every policy mode by name, in the order the README lists them.
+pub const POLICY_MODES: [(&str, LossMode); 13] = [
+    ("vanilla", LossMode::Vanilla),
+    ("gspo", LossMode::Gspo),
+    ("luspo", LossMode::Luspo),
+    ("cispo", LossMode::Cispo),
+    ("sapo", LossMode::Sapo),
+    ("geo_mean", LossMode::GeoMean),
+    ("gpg", LossMode::Gpg),
+    ("clip_cov", LossMode::ClipCov),
+    ("kl_cov", LossMode::KlCov),
+    ("dppo_tv", LossMode::DppoTv),
+    ("dppo_kl", LossMode::DppoKl),
+    ("dro", LossMode::Dro),
+    ("reinforce", LossMode::Reinforce),
+];
+
+/// The metrics buffer's first three slots, by the names verl gives them.
+pub const METRIC_SLOTS: [&str; 3] = ["pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"];
+
 impl LossMode {
-    /// Parses `"vanilla"`, `"gspo"` or `"luspo"`.
+    /// Parses a policy mode's name (see [`POLICY_MODES`]).
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "vanilla" => Ok(LossMode::Vanilla),
-            "gspo" => Ok(LossMode::Gspo),
-            "luspo" => Ok(LossMode::Luspo),
-            _ => Err(Error::value_error(
-                "mode",
-                format!("unknown policy loss mode {s:?}; expected one of \"vanilla\", \"gspo\", \"luspo\""),
-            )),
+        match POLICY_MODES.iter().find(|(n, _)| *n == s) {
+            Some((_, m)) => Ok(*m),
+            None => {
+                let names: Vec<String> = POLICY_MODES.iter().map(|(n, _)| format!("{n:?}")).collect();
+                Err(Error::value_error("mode", format!("unknown policy loss mode {s:?}; expected one of {}", names.join(", "))))
+            }
         }
     }
 
-    /// The aggregation this mode really uses: LUSPO forces `seq-mean-token-sum`.
+    /// The mode's name.
+    pub fn name(self) -> &'static str {
+        match POLICY_MODES.iter().find(|(_, m)| *m == self) {
+            Some((n, _)) => n,
+            None => "value",
+        }
+    }
+
+    /// The aggregation this mode really uses: LUSPO forces
+    /// `seq-mean-token-sum`, SAPO `seq-mean-token-mean` (verl passes that
+    /// whatever `loss_agg_mode` says). GMPO's mean over rows is not an
+    /// `agg_loss` mode: its problem keeps the requested one, unused.
     pub fn effective_agg(self, requested: AggMode) -> AggMode {
         match self {
             LossMode::Luspo => AggMode::SeqMeanTokenSum,
+            LossMode::Sapo => AggMode::SeqMeanTokenMean,
             _ => requested,
+        }
+    }
+
+    /// Which of [`METRIC_SLOTS`] verl returns for this mode (by index), in
+    /// its dict's order: none for GPG; `ppo_kl` only for KL-Cov (where it is
+    /// the mean `|lp - old|`), DRO and REINFORCE; no `pg_clipfrac_lower` for Clip-Cov.
+    pub fn metric_slots(self) -> &'static [usize] {
+        match self {
+            LossMode::Gpg => &[],
+            LossMode::KlCov | LossMode::Dro | LossMode::Reinforce => &[1],
+            LossMode::ClipCov => &[0, 1],
+            _ => &[0, 1, 2],
+        }
+    }
+
+    /// Whether the mode reads `picks` (the tokens chosen at random or by
+    /// covariance in torch before the fused pass).
+    pub fn takes_picks(self) -> bool {
+        matches!(self, LossMode::ClipCov | LossMode::KlCov)
+    }
+}
+
+/// The knobs of the modes that have their own (verl's `ActorConfig` and
+/// `policy_loss` config fields), validated for the mode that reads them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModeKnobs {
+    /// SAPO's gate temperatures for `A > 0` and `A <= 0` (`tau_pos`, `tau_neg`).
+    pub tau_pos: f64,
+    pub tau_neg: f64,
+    /// DRO's `dro_beta`.
+    pub beta: f64,
+    /// KL-Cov's `ppo_kl_coef`.
+    pub kl_coef: f64,
+}
+
+impl Default for ModeKnobs {
+    /// verl's defaults (`dro_beta` has none: DRO requires it).
+    fn default() -> Self {
+        ModeKnobs { tau_pos: 1.0, tau_neg: 1.05, beta: f64::NAN, kl_coef: 0.1 }
+    }
+}
+
+impl ModeKnobs {
+    fn validate(&self, mode: LossMode) -> Result<()> {
+        let positive = |arg: &'static str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::value_error(arg, format!("must be a finite number > 0, got {v}")))
+            }
+        };
+        match mode {
+            LossMode::Sapo => {
+                positive("tau_pos", self.tau_pos)?;
+                positive("tau_neg", self.tau_neg)
+            }
+            // verl: "policy_loss.dro_beta must be a positive value when using DRO"
+            LossMode::Dro => positive("dro_beta", self.beta),
+            LossMode::KlCov if !self.kl_coef.is_finite() => {
+                Err(Error::value_error("ppo_kl_coef", format!("must be a finite number, got {}", self.kl_coef)))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -197,12 +320,16 @@ pub struct PolicyLossProblem {
     pub advantages: Mat,
     pub response_mask: Mat,
     pub rollout_is_weights: Option<Mat>,
+    /// Clip-Cov: the tokens cut out; KL-Cov: the tokens given the KL term
+    /// (nonzero = chosen). `None`: no token chosen.
+    pub picks: Option<Mat>,
     /// `d loss / d log_prob`, written by the call.
     pub grad: MatMut,
     pub mode: LossMode,
     /// The aggregation actually applied (LUSPO forces `seq-mean-token-sum`).
     pub agg: AggMode,
     pub clip: Clip,
+    pub knobs: ModeKnobs,
     pub norm: Normalizers,
     pub device: Device,
     /// Whether to compute the [`LengthDiagnostics`] (a few more sums per token).
@@ -216,6 +343,8 @@ pub struct PolicyLossArgs<'a> {
     pub advantages: &'a Tensor,
     pub response_mask: &'a Tensor,
     pub rollout_is_weights: Option<&'a Tensor>,
+    /// See [`PolicyLossProblem::picks`].
+    pub picks: Option<&'a Tensor>,
     pub grad: &'a Tensor,
     pub mode: &'a str,
     pub loss_agg_mode: &'a str,
@@ -225,6 +354,7 @@ pub struct PolicyLossArgs<'a> {
     pub clip_ratio_c: f64,
     /// See [`Clip::clamp_closed`].
     pub clamp_closed: bool,
+    pub knobs: ModeKnobs,
     pub norm: Normalizers,
     /// See [`PolicyLossProblem::diagnostics`].
     pub diagnostics: bool,
@@ -238,6 +368,13 @@ impl PolicyLossProblem {
         let agg = mode.effective_agg(requested);
         let mut clip = Clip::new(a.clip_ratio, a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c, mode == LossMode::Vanilla)?;
         clip.clamp_closed = a.clamp_closed;
+        if mode == LossMode::DppoTv || mode == LossMode::DppoKl {
+            // DPPO's clip_ratio_c truncates the ratio: any bound but NaN
+            if a.clip_ratio_c.is_nan() {
+                return Err(Error::value_error("clip_ratio_c", "must be a number, got NaN"));
+            }
+        }
+        a.knobs.validate(mode)?;
         a.norm.validate(agg)?;
 
         let log_prob = a.log_prob.matrix()?;
@@ -263,11 +400,22 @@ impl PolicyLossProblem {
             }
             None => None,
         };
+        let picks = match a.picks {
+            Some(_) if !mode.takes_picks() => {
+                return Err(Error::value_error("picks", format!("only clip_cov and kl_cov take picks, not {:?}", mode.name())))
+            }
+            Some(p) => {
+                p.expect_shape(&[rows, cols], "log_prob")?;
+                Some(p.matrix()?)
+            }
+            None => None,
+        };
         let grad = MatMut::new(a.grad, rows, cols, "log_prob")?;
 
         let device = a.log_prob.device;
         let mut all = vec![a.old_log_prob, a.advantages, a.response_mask, a.grad];
         all.extend(a.rollout_is_weights);
+        all.extend(a.picks);
         same_device(device, &all)?;
 
         Ok(PolicyLossProblem {
@@ -276,10 +424,12 @@ impl PolicyLossProblem {
             advantages,
             response_mask,
             rollout_is_weights,
+            picks,
             grad,
             mode,
             agg,
             clip,
+            knobs: a.knobs,
             norm: a.norm,
             device,
             diagnostics: a.diagnostics,
@@ -287,7 +437,7 @@ impl PolicyLossProblem {
     }
 
     /// Whether the rows need the sequence log-ratio `sum_t m (lp - old)`
-    /// before their token pass (GSPO, LUSPO).
+    /// before their token pass (GSPO, LUSPO; GMPO has its own row sums).
     pub fn with_seq(&self) -> bool {
         matches!(self.mode, LossMode::Gspo | LossMode::Luspo)
     }
@@ -320,6 +470,21 @@ mod tests {
         assert_eq!(LossMode::parse("vanilla").unwrap(), LossMode::Vanilla);
         let e = LossMode::parse("ppo").unwrap_err();
         assert_eq!(e.arg, "mode");
+        for (n, m) in POLICY_MODES {
+            assert_eq!(LossMode::parse(n).unwrap(), m);
+            assert_eq!(m.name(), n);
+        }
+        assert!(LossMode::parse("value").is_err() && LossMode::parse("bypass_mode").is_err());
+    }
+
+    #[test]
+    fn knobs_are_checked_for_the_mode_that_reads_them() {
+        let k = ModeKnobs::default();
+        assert_eq!(k.validate(LossMode::Dro).unwrap_err().arg, "dro_beta");
+        assert!(k.validate(LossMode::Vanilla).is_ok());
+        let k = ModeKnobs { tau_neg: 0.0, ..ModeKnobs::default() };
+        assert_eq!(k.validate(LossMode::Sapo).unwrap_err().arg, "tau_neg");
+        assert_eq!(LossMode::Sapo.effective_agg(AggMode::TokenMean), AggMode::SeqMeanTokenMean);
     }
 
     #[test]

@@ -21,7 +21,7 @@
 //! `cuda/kernels/loss.cu` (`MODE_VALUE`).
 
 use super::agg_loss::{AggMode, Normalizers};
-use super::policy_loss::{Clip, LossMode, PolicyLossProblem};
+use super::policy_loss::{Clip, LossMode, ModeKnobs, PolicyLossProblem};
 use crate::error::{Error, Result};
 use crate::tensor::{same_device, MatMut, Tensor};
 
@@ -71,10 +71,12 @@ pub fn problem(a: &ValueLossArgs<'_>) -> Result<PolicyLossProblem> {
         advantages: a.returns.matrix()?,
         response_mask: a.response_mask.matrix()?,
         rollout_is_weights: None,
+        picks: None,
         grad,
         mode: LossMode::Value,
         agg,
         clip: Clip { low: 0.0, high: 0.0, c, clamp_closed: false },
+        knobs: ModeKnobs::default(),
         norm: a.norm,
         device: a.vpreds.device,
         diagnostics: false,

@@ -9,7 +9,7 @@ use super::args::{needed, Call};
 use super::to_py;
 use crate::ops::abi;
 use crate::ops::agg_loss::{AggProblem, Normalizers};
-use crate::ops::policy_loss::{PolicyLossArgs, PolicyLossProblem};
+use crate::ops::policy_loss::{ModeKnobs, PolicyLossArgs, PolicyLossProblem};
 use crate::ops::value_loss::{problem as value_problem, ValueLossArgs};
 use crate::ops::LossOutputs;
 use crate::{cpu, cuda};
@@ -34,7 +34,8 @@ fn scratch_what(rows: usize) -> String {
 #[pyo3(signature = (
     old_log_prob, log_prob, advantages, response_mask, grad, loss, metrics, *,
     mode, loss_agg_mode, clip_ratio, clip_ratio_low=None, clip_ratio_high=None,
-    clip_ratio_c=3.0, rollout_is_weights=None, dp_size=1.0, batch_num_tokens=None,
+    clip_ratio_c=3.0, rollout_is_weights=None, picks=None, tau_pos=1.0, tau_neg=1.05, dro_beta=None,
+    ppo_kl_coef=0.1, dp_size=1.0, batch_num_tokens=None,
     global_batch_size=None, loss_scale_factor=None, clamp_closed=false, diagnostics=false, factor=None,
     scratch=None, stream=None
 ))]
@@ -55,6 +56,11 @@ pub fn policy_loss(
     clip_ratio_high: Option<f64>,
     clip_ratio_c: f64,
     rollout_is_weights: Option<&Bound<'_, PyAny>>,
+    picks: Option<&Bound<'_, PyAny>>,
+    tau_pos: f64,
+    tau_neg: f64,
+    dro_beta: Option<f64>,
+    ppo_kl_coef: f64,
     dp_size: f64,
     batch_num_tokens: Option<f64>,
     global_batch_size: Option<f64>,
@@ -71,6 +77,7 @@ pub fn policy_loss(
     let adv = call.import("advantages", advantages, false)?;
     let mask = call.import("response_mask", response_mask, false)?;
     let w = call.import_opt("rollout_is_weights", rollout_is_weights, false)?;
+    let pk = call.import_opt("picks", picks, false)?;
     let g = call.import("grad", grad, true)?;
     let l = call.import("loss", loss, true)?;
     let m = call.import("metrics", metrics, true)?;
@@ -82,6 +89,7 @@ pub fn policy_loss(
         advantages: &adv.tensor,
         response_mask: &mask.tensor,
         rollout_is_weights: w.as_ref().map(|w| &w.tensor),
+        picks: pk.as_ref().map(|p| &p.tensor),
         grad: &g.tensor,
         mode,
         loss_agg_mode,
@@ -90,6 +98,7 @@ pub fn policy_loss(
         clip_ratio_high,
         clip_ratio_c,
         clamp_closed,
+        knobs: ModeKnobs { tau_pos, tau_neg, beta: dro_beta.unwrap_or(f64::NAN), kl_coef: ppo_kl_coef },
         norm: Normalizers { dp_size, batch_num_tokens, global_batch_size, loss_scale_factor, factor: cpu_factor(&f)? },
         diagnostics,
     })

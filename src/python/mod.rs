@@ -56,6 +56,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(runtime::sim_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::agg_divisors, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::effective_agg_mode, m)?)?;
+    m.add_function(wrap_pyfunction!(runtime::policy_modes, m)?)?;
+    m.add_function(wrap_pyfunction!(runtime::policy_metrics, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::sim_set_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::sim_set_seed, m)?)?;
     m.add("METRICS_LEN", crate::ops::abi::METRICS_LEN)?;

@@ -79,6 +79,21 @@ pub fn effective_agg_mode(mode: &str, loss_agg_mode: &str) -> PyResult<&'static 
     Ok(LossMode::parse(mode).map_err(super::to_py)?.effective_agg(agg).name())
 }
 
+/// The policy modes by name, and the metrics verl returns for `mode` (as
+/// `(name, slot)` pairs: the slot in the metrics buffer the loss writes)
+/// (`ops::policy_loss::LossMode::metric_slots`).
+#[pyfunction]
+pub fn policy_modes() -> Vec<&'static str> {
+    crate::ops::policy_loss::POLICY_MODES.iter().map(|(n, _)| *n).collect()
+}
+
+#[pyfunction]
+pub fn policy_metrics(mode: &str) -> PyResult<Vec<(&'static str, usize)>> {
+    use crate::ops::policy_loss::{LossMode, METRIC_SLOTS};
+    let m = LossMode::parse(mode).map_err(super::to_py)?;
+    Ok(m.metric_slots().iter().map(|&k| (METRIC_SLOTS[k], k)).collect())
+}
+
 /// Whether CUDA calls run on the simulator (`LUSPO_RS_CUDA=sim`): CPU
 /// tensors are then the simulated `cuda:0` (see `crate::cuda::sim`).
 #[pyfunction]

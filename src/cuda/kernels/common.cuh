@@ -157,6 +157,8 @@ __device__ __forceinline__ F minimumg(F a, F da, F b, F db, F *d) {
 
 __device__ __forceinline__ float expg(float x) { return expf(x); }
 __device__ __forceinline__ double expg(double x) { return exp(x); }
+__device__ __forceinline__ float logg(float x) { return logf(x); }
+__device__ __forceinline__ double logg(double x) { return log(x); }
 
 // ---- fixed-order block reduction of N doubles ----
 

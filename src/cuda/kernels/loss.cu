@@ -1,4 +1,5 @@
-// The loss kernels: the policy loss (vanilla, GSPO, LUSPO), verl's value
+// The loss kernels: the policy loss (every mode: vanilla, GSPO, LUSPO, and
+// in the `_ext` kernels the other token rules of src/cpu/policy_loss.rs), verl's value
 // loss (MODE_VALUE, a token rule like the policy losses': src/ops/value_loss.rs)
 // and verl's agg_loss, and backward's in-place scale. Twin of src/cpu/policy_loss.rs
 // and src/cpu/agg_loss.rs, token for token (torch's clamp / maximum /
@@ -33,6 +34,9 @@ struct LossArgs {
     double loss_scale_factor;       // <= 0: use cols
     i64 team;                       // threads per row: a power of two in [32, MAX_THREADS]
     i64 vec;                        // VEC_MASK* bits: how the mask is loaded
+    View picks;                     // MODE_CLIP_COV / MODE_KL_COV: the chosen tokens (nonzero), or ptr 0
+    double tau_pos, tau_neg;        // MODE_SAPO's temperatures
+    double beta, kl_coef;           // MODE_DRO's dro_beta, MODE_KL_COV's ppo_kl_coef
 };
 
 template <typename F>
@@ -293,15 +297,120 @@ __device__ void loss_rows(const LossArgs &a) {
     }
 }
 
+// The token rules of the `_ext` kernels, chosen by a.mode at run time (one
+// kernel for them all: a uniform branch per token), twins of the rules of
+// src/cpu/policy_loss.rs of the same names. `pick`: the token was chosen
+// (Clip-Cov, KL-Cov). Returns l; *dloss, *d (-d is what ppo_kl averages)
+// and the flags as token_loss.
+template <typename F>
+__device__ __forceinline__ F ext_token_loss(const LossArgs &a, F old, F lp, F A, bool pick, F *dloss, F *d,
+                                            bool *clipped, bool *lower) {
+    const F zero = cvt<F>(0.0), one = cvt<F>(1.0);
+    const bool closed = a.clamp_closed != 0;
+    *clipped = false;
+    *lower = false;
+    switch (a.mode) {
+    case MODE_CISPO: {
+        // l = -sg(clip(r)) A lp; the clip bounds are [1 - low, 1 + high]
+        bool pass;
+        *d = clampg(lp - old, cvt<F>(-20.0), cvt<F>(20.0), closed, &pass);
+        const F r = expg(*d);
+        const F rc = clampg(r, cvt<F>(a.lo), cvt<F>(a.hi), closed, &pass);
+        const F k = -rc * A;
+        *clipped = r != rc;
+        *dloss = k;
+        return k * lp;
+    }
+    case MODE_SAPO: {
+        // l = -g A, g = sigmoid(tau (r - 1)) 4 / tau
+        bool pass;
+        *d = clampg(lp - old, cvt<F>(-20.0), cvt<F>(20.0), closed, &pass);
+        const F r = expg(*d);
+        const F tau = A > zero ? cvt<F>(a.tau_pos) : cvt<F>(a.tau_neg);
+        const F y = one / (one + expg(-(tau * (r - one))));
+        const F k = cvt<F>(4.0) / tau;
+        const F dl = ((-A * k) * ((one - y) * y)) * tau * r;
+        *dloss = pass ? dl : zero;
+        return -(y * k) * A;
+    }
+    case MODE_GPG:
+        *d = zero;
+        *dloss = -A;
+        return -lp * A;
+    case MODE_REINFORCE:
+        *d = lp - old;
+        *dloss = -A;
+        return -A * lp;
+    case MODE_DRO: {
+        const F hb = cvt<F>(0.5 * a.beta), x = lp - old;
+        *d = x;
+        *dloss = -(A - hb * (x + x));
+        return -(lp * A - hb * (x * x));
+    }
+    case MODE_DPPO_TV:
+    case MODE_DPPO_KL: {
+        // the divergence bounds are `low` and `high` themselves here
+        // (the launcher passes them so for DPPO), c the truncation
+        bool pass;
+        *d = clampg(lp - old, cvt<F>(-20.0), cvt<F>(20.0), closed, &pass);
+        const F r = expg(*d), c = cvt<F>(a.c), lo = cvt<F>(a.lo), hi = cvt<F>(a.hi);
+        const F tr = r > c ? c : r;
+        const F p = expg(lp), po = expg(old);
+        bool up, down;
+        if (a.mode == MODE_DPPO_KL) {
+            const F eps = cvt<F>(1e-8);
+            const F bkl = po * (old - lp) + (one - po) * logg((one - po + eps) / (one - p + eps));
+            up = bkl <= hi || p <= po;
+            down = bkl <= lo || p >= po;
+        } else {
+            const F moved = p - po;
+            up = moved <= hi;
+            down = moved >= -lo;
+        }
+        const F v = (A > zero ? up : down) ? one : zero;
+        const F k = -A * tr;
+        *clipped = v == zero;
+        *lower = r > c && v != zero;
+        *dloss = k * v;
+        return (k * lp) * v;
+    }
+    case MODE_CLIP_COV: {
+        // max(-A r, -A clip(r)) with r = exp(lp - old), times corr (0 where picked)
+        *d = lp - old;
+        const F r = expg(*d);
+        bool clip_flag;
+        F dl;
+        const F l = clipped_surrogate(A, r, r, cvt<F>(a.lo), cvt<F>(a.hi), closed, &dl, &clip_flag);
+        const F corr = pick ? zero : one;
+        *clipped = pick;
+        *dloss = dl * corr;
+        return l * corr;
+    }
+    default: {  // MODE_KL_COV: -A r, plus coef |lp - old| where picked
+        const F x = lp - old;
+        const F r = expg(x);
+        const F ab = x < zero ? -x : x;
+        const F coef = cvt<F>(a.kl_coef);
+        const F l1 = -A * r;
+        const F sign = x > zero ? one : (x < zero ? -one : x * zero);
+        *d = -ab;
+        *dloss = pick ? l1 + coef * sign : l1;
+        return pick ? l1 + coef * ab : l1;
+    }
+    }
+}
+
 // One token: loss l, dl / dlp, the log-ratio the ppo_kl metric averages,
 // and verl's clip flags (src/cpu/policy_loss.rs, token for token). MODE is
-// MODE_VANILLA, MODE_GSPO (GSPO and LUSPO: the row's s_i, ds_i), MODE_AGG or
-// MODE_VALUE (old: the values, lp: the predictions, A: the returns).
+// MODE_VANILLA, MODE_GSPO (GSPO and LUSPO: the row's s_i, ds_i), MODE_AGG,
+// MODE_VALUE (old: the values, lp: the predictions, A: the returns) or
+// MODE_CISPO, which stands for every rule of ext_token_loss.
 template <typename F, int MODE>
-__device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F sr, F dsr, F *dloss, F *d, bool *clipped,
-                                        bool *lower) {
+__device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F sr, F dsr, bool pick, F *dloss, F *d,
+                                        bool *clipped, bool *lower) {
     const F zero = cvt<F>(0.0), lo = cvt<F>(a.lo), hi = cvt<F>(a.hi);
     const bool closed = a.clamp_closed != 0;
+    if (MODE == MODE_CISPO) return ext_token_loss<F>(a, old, lp, A, pick, dloss, d, clipped, lower);
     *lower = false;
     if (MODE == MODE_AGG) {
         *dloss = cvt<F>(1.0);
@@ -364,8 +473,9 @@ __device__ void loss_tokens(const LossArgs &a) {
     const F sr = cvt<F>(r.live ? *GLOBAL(p + R_S) : 0.0), dsr = cvt<F>(r.live ? *GLOBAL(p + R_DS) : 0.0);
     const i64 step = a.team * V;
     double s[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};  // sum m w l, sum m d, clipped, lower, sum m A, sum |g|
+    const bool picked = MODE == MODE_CISPO && a.picks.ptr != 0;
     for (i64 t0 = (i64)r.tl * V; t0 < r.cols; t0 += U * step) {
-        F o[U][V], l[U][V], A[U][V], m[U][V], w[U][V];
+        F o[U][V], l[U][V], A[U][V], m[U][V], w[U][V], pk[U][V];
         int n[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -378,6 +488,7 @@ __device__ void loss_tokens(const LossArgs &a) {
             load_run<F, S, VEC>(a.lp, r.i, t, n[u], l[u]);
             load_mask<F, V>(a.mask, r.i, t, n[u], mvec, m[u]);
             if (weighted) load_run<F, S, VEC>(a.w, r.i, t, n[u], w[u]);
+            if (picked) load_mask<F, V>(a.picks, r.i, t, n[u], false, pk[u]);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -389,7 +500,8 @@ __device__ void loss_tokens(const LossArgs &a) {
                 F dl, d;
                 bool clipped, lower;
                 const F ok = MODE == MODE_AGG ? zero : o[u][k], ak = MODE == MODE_AGG ? zero : A[u][k];
-                F loss = token_loss<F, MODE>(a, ok, l[u][k], ak, sr, dsr, &dl, &d, &clipped, &lower);
+                const bool pick = picked && pk[u][k] != zero;
+                F loss = token_loss<F, MODE>(a, ok, l[u][k], ak, sr, dsr, pick, &dl, &d, &clipped, &lower);
                 const F wk = weighted ? w[u][k] : one;
                 const bool in = k < n[u], keep = in && m[u][k] != zero;
                 sl += (keep || (in && seq_mode)) ? loss * wk * m[u][k] : zero;
@@ -515,6 +627,10 @@ __device__ void loss_tokens(const LossArgs &a) {
     extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS)                                              \
         loss_tokens_##suffix##_value(LossArgs a) {                                                                     \
         loss_tokens<F, S, VEC, MODE_VALUE>(a);                                                                         \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS)                                              \
+        loss_tokens_##suffix##_ext(LossArgs a) {                                                                       \
+        loss_tokens<F, S, VEC, MODE_CISPO>(a);                                                                         \
     }
 LOSS_KERNELS(f32, float, SF32, true)
 LOSS_KERNELS(bf16, float, SBF16, true)
