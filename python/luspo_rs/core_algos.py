@@ -8,11 +8,15 @@ done by the public functions (:func:`luspo_rs.policy_loss`,
 :func:`luspo_rs.agg_loss`, :func:`luspo_rs.kl_penalty`,
 :func:`luspo_rs.advantage`). It does not import verl.
 
-* policy losses — ``compute_policy_loss_vanilla``, ``compute_policy_loss_gspo``
-  and ``compute_policy_loss_luspo`` — return ``(loss, metrics)`` with verl's
-  ``"actor/pg_clipfrac"``, ``"actor/ppo_kl"``, ``"actor/pg_clipfrac_lower"``
-  python floats; they read ``config.clip_ratio``, ``clip_ratio_low``,
-  ``clip_ratio_high``, ``clip_ratio_c`` and ``config.global_batch_info``;
+* policy losses — ``compute_policy_loss_<mode>`` for every mode verl
+  registers (:data:`POLICY_LOSSES`), ``compute_policy_loss_luspo`` and verl's
+  ``compute_policy_loss_reinforce`` — return ``(loss, metrics)`` with the
+  metrics verl returns for the mode (``"actor/pg_clipfrac"``, ``"actor/ppo_kl"``,
+  ``"actor/pg_clipfrac_lower"``, or fewer) as python floats, then the length
+  diagnostics ``"actor/len_*"``; they read the config fields verl's function
+  reads (``clip_ratio*``, ``tau_pos``/``tau_neg``, ``policy_loss.dro_beta``,
+  ``policy_loss.clip_cov_*``, ``kl_cov_ratio``, ``ppo_kl_coef``) and
+  ``config.global_batch_info``;
 * ``compute_value_loss`` — verl's clipped critic loss, returning
   ``(vf_loss, vf_clipfrac)`` with ``vf_clipfrac`` a 0-d tensor in verl's dtype;
 * ``agg_loss`` and ``kl_penalty``, differentiable through torch autograd;
@@ -61,7 +65,6 @@ import torch
 from .advantage import advantage, group_index
 from .agg_loss import agg_loss as _agg_loss
 from .kl_penalty import kl_penalty  # verl's signature already: the drop-in is the public function
-from .policy_loss import METRICS
 from .policy_loss import policy_loss as _policy_loss
 from .value_loss import value_loss as _value_loss
 
@@ -77,8 +80,19 @@ __all__ = [
     "compute_multi_turn_optimal_token_baseline_advantage",
     "compute_opo_outcome_advantage",
     "compute_optimal_token_baseline_advantage",
+    "POLICY_LOSSES",
+    "compute_policy_loss_cispo",
+    "compute_policy_loss_clip_cov",
+    "compute_policy_loss_dppo_kl",
+    "compute_policy_loss_dppo_tv",
+    "compute_policy_loss_dro",
+    "compute_policy_loss_geo_mean",
+    "compute_policy_loss_gpg",
     "compute_policy_loss_gspo",
+    "compute_policy_loss_kl_cov",
     "compute_policy_loss_luspo",
+    "compute_policy_loss_reinforce",
+    "compute_policy_loss_sapo",
     "compute_policy_loss_vanilla",
     "compute_reinforce_plus_plus_baseline_outcome_advantage",
     "compute_reinforce_plus_plus_outcome_advantage",
@@ -108,14 +122,42 @@ def _cfg(config: Any, key: str, default: Any = None) -> Any:
     return getattr(config, key, default)
 
 
+def _knob(config: Any, key: str, default: Any) -> Any:
+    """``config.policy_loss.<key>``, or ``default`` where it is absent or None
+    (verl's fallbacks for the Clip-Cov / KL-Cov / DRO fields)."""
+    value = _cfg(_cfg(config, "policy_loss", None) or {}, key, None)
+    return default if value is None else value
+
+
+#: Modes that read the clip fields (the rest ignore them, as verl's do).
+_CLIPPED = {"vanilla", "gspo", "luspo", "cispo", "geo_mean", "clip_cov", "dppo_tv", "dppo_kl"}
+
+
 def _policy(mode: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights):
     if config is None:
         raise ValueError(f"config: compute_policy_loss_{mode} needs the actor config (clip_ratio, ...), got None")
     clip_ratio = _cfg(config, "clip_ratio")
     if clip_ratio is None:
-        raise ValueError("config: clip_ratio is not set")
+        if mode in _CLIPPED:
+            raise ValueError("config: clip_ratio is not set")
+        clip_ratio = 0.2  # (unused by this mode)
     gbi = _cfg(config, "global_batch_info", None) or {}
     norm = {k: gbi[k] for k in _GLOBAL_BATCH_KEYS if k in gbi and gbi[k] is not None}
+    knobs: dict[str, Any] = {}
+    if mode == "sapo":
+        knobs.update(tau_pos=_cfg(config, "tau_pos", 1.0), tau_neg=_cfg(config, "tau_neg", 1.05))
+    elif mode == "dro":
+        knobs["dro_beta"] = _knob(config, "dro_beta", None)
+    elif mode == "clip_cov":
+        knobs.update(
+            clip_cov_ratio=_knob(config, "clip_cov_ratio", 0.0002),
+            clip_cov_lb=_knob(config, "clip_cov_lb", 1.0),
+            clip_cov_ub=_knob(config, "clip_cov_ub", 5.0),
+        )
+    elif mode == "kl_cov":
+        knobs.update(kl_cov_ratio=_knob(config, "kl_cov_ratio", 0.0002), ppo_kl_coef=_knob(config, "ppo_kl_coef", 1.0))
+    # DPPO: verl's config.get("clip_ratio_c", 20.0); the dual clip: 3.0 as ActorConfig's default
+    clip_ratio_c = _cfg(config, "clip_ratio_c", 20.0 if mode in ("dppo_tv", "dppo_kl") else 3.0)
     loss, stats = _policy_loss(
         old_log_prob,
         log_prob,
@@ -126,59 +168,98 @@ def _policy(mode: str, old_log_prob, log_prob, advantages, response_mask, loss_a
         clip_ratio=clip_ratio,
         clip_ratio_low=_cfg(config, "clip_ratio_low"),
         clip_ratio_high=_cfg(config, "clip_ratio_high"),
-        clip_ratio_c=_cfg(config, "clip_ratio_c", 3.0),
+        clip_ratio_c=clip_ratio_c,
         rollout_is_weights=rollout_is_weights,
         diagnostics=True,  # verl logs them as actor/len_*
+        **knobs,
         **norm,
     )
-    # verl's three metrics, then the length diagnostics (logged as actor/len_*);
-    # one device-to-host copy for all of them
-    values = torch.stack([stats[name] for name in METRICS]).tolist()
-    metrics = {f"actor/{name}": v for name, v in zip(METRICS, values)}
+    # verl's metrics for the mode, then the length diagnostics (logged as
+    # actor/len_*); one device-to-host copy for all of them
+    names = list(stats)
+    values = torch.stack([stats[name] for name in names]).tolist()
+    metrics = {f"actor/{name}": v for name, v in zip(names, values)}
     return loss, metrics
 
 
-def compute_policy_loss_vanilla(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Optional[Any] = None,
-    rollout_is_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """PPO/GRPO clipped surrogate with dual clip (verl ``vanilla``), fused.
-    See :func:`luspo_rs.policy_loss` for the formula."""
-    return _policy("vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+def _policy_drop_in(mode: str, default_agg: str, doc: str) -> Callable[..., tuple[torch.Tensor, dict[str, Any]]]:
+    def drop_in(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = default_agg,
+        config: Optional[Any] = None,
+        rollout_is_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        return _policy(mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+
+    drop_in.__name__ = drop_in.__qualname__ = f"compute_policy_loss_{mode}"
+    drop_in.__doc__ = doc + " See :func:`luspo_rs.policy_loss` for the formula."
+    return drop_in
 
 
-def compute_policy_loss_gspo(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    config: Optional[Any] = None,
-    rollout_is_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """GSPO (sequence-level ratio), aggregated by ``loss_agg_mode`` (verl ``gspo``), fused."""
-    return _policy("gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+compute_policy_loss_vanilla = _policy_drop_in(
+    "vanilla", "token-mean", "PPO/GRPO clipped surrogate with dual clip (verl ``vanilla``), fused."
+)
+compute_policy_loss_gspo = _policy_drop_in(
+    "gspo", "seq-mean-token-mean", "GSPO (sequence-level ratio), aggregated by ``loss_agg_mode`` (verl ``gspo``), fused."
+)
+compute_policy_loss_luspo = _policy_drop_in(
+    "luspo",
+    "seq-mean-token-sum",
+    "LUSPO: GSPO's token loss aggregated ``seq-mean-token-sum`` whatever ``loss_agg_mode`` says (each "
+    "sequence weighted by its length), i.e. ``J = 1/G sum_i L_i min(s_i A_i, clip(s_i) A_i)``, with verl's "
+    "global-batch normalisers from ``config.global_batch_info``.",
+)
+compute_policy_loss_cispo = _policy_drop_in("cispo", "token-mean", "CISPO (verl ``cispo``), fused.")
+compute_policy_loss_sapo = _policy_drop_in(
+    "sapo", "seq-mean-token-mean", "SAPO (verl ``sapo``; always ``seq-mean-token-mean``), fused; reads ``config.tau_pos`` / ``tau_neg``."
+)
+compute_policy_loss_geo_mean = _policy_drop_in(
+    "geo_mean", "token-mean", "GMPO (verl ``geo_mean``; the mean over rows, ignoring ``loss_agg_mode``), fused."
+)
+compute_policy_loss_gpg = _policy_drop_in("gpg", "token-mean", "GPG (verl ``gpg``), fused.")
+compute_policy_loss_clip_cov = _policy_drop_in(
+    "clip_cov", "token-mean", "Clip-Cov (verl ``clip_cov``): the tokens chosen in torch as verl chooses them, the loss fused."
+)
+compute_policy_loss_kl_cov = _policy_drop_in(
+    "kl_cov", "token-mean", "KL-Cov (verl ``kl_cov``): the tokens chosen in torch as verl chooses them, the loss fused."
+)
+compute_policy_loss_dppo_tv = _policy_drop_in("dppo_tv", "token-mean", "DPPO-Binary-TV (verl ``dppo_tv``), fused.")
+compute_policy_loss_dppo_kl = _policy_drop_in("dppo_kl", "token-mean", "DPPO-Binary-KL (verl ``dppo_kl``), fused.")
+compute_policy_loss_dro = _policy_drop_in("dro", "token-mean", "DRO (verl ``dro``), fused; reads ``config.policy_loss.dro_beta``.")
 
 
-def compute_policy_loss_luspo(
-    old_log_prob: torch.Tensor,
+def compute_policy_loss_reinforce(
+    rollout_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     loss_agg_mode: str = "seq-mean-token-sum",
     config: Optional[Any] = None,
-    rollout_is_weights: torch.Tensor | None = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """LUSPO: GSPO's token loss aggregated ``seq-mean-token-sum`` whatever
-    ``loss_agg_mode`` says (each sequence weighted by its length), i.e.
-    ``J = 1/G sum_i L_i min(s_i A_i, clip(s_i) A_i)``, with verl's global-batch
-    normalisers from ``config.global_batch_info``."""
-    return _policy("luspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+    """verl's REINFORCE loss (bypass mode's ``loss_type="reinforce"``), fused."""
+    return _policy("reinforce", rollout_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+
+
+#: verl's registered policy-loss name -> our drop-in (``luspo`` is ours).
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, Any]]]] = {
+    "vanilla": compute_policy_loss_vanilla,
+    "gspo": compute_policy_loss_gspo,
+    "luspo": compute_policy_loss_luspo,
+    "cispo": compute_policy_loss_cispo,
+    "sapo": compute_policy_loss_sapo,
+    "geo_mean": compute_policy_loss_geo_mean,
+    "gpg": compute_policy_loss_gpg,
+    "clip_cov": compute_policy_loss_clip_cov,
+    "kl_cov": compute_policy_loss_kl_cov,
+    "dppo_tv": compute_policy_loss_dppo_tv,
+    "dppo_kl": compute_policy_loss_dppo_kl,
+    "dro": compute_policy_loss_dro,
+    # (bypass_mode: below, with verl's rollout correction)
+}
 
 
 def agg_loss(

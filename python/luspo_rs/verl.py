@@ -9,7 +9,8 @@ verl imports this module itself when started with
   :func:`luspo_rs.core_algos.compute_policy_loss_luspo`;
 * with ``LUSPO_RS_TAKE_OVER=1`` in the environment (or by calling
   :func:`take_over`), also replaces verl's own implementations with the Rust
-  ones: the ``vanilla`` and ``gspo`` policy losses, the advantage estimators
+  ones: every policy loss verl registers (:data:`luspo_rs.core_algos.POLICY_LOSSES`,
+  and ``compute_policy_loss_reinforce``, which bypass mode calls), the advantage estimators
   ``grpo``, ``grpo_vectorized``, ``rloo``, ``rloo_vectorized``,
   ``reinforce_plus_plus_baseline``, ``opo``, ``gpg``, ``grpo_passk``, ``gdpo``
   and the rest of :data:`luspo_rs.core_algos.ESTIMATORS` (registry entries and the
@@ -50,10 +51,9 @@ TAKEN_OVER_ESTIMATORS: dict[str, tuple[str, Callable[..., Any]]] = {
     name: (fn.__name__, fn) for name, fn in _ours.ESTIMATORS.items()
 }
 
-_TAKEN_OVER_LOSSES = {
-    "vanilla": ("compute_policy_loss_vanilla", _ours.compute_policy_loss_vanilla),
-    "gspo": ("compute_policy_loss_gspo", _ours.compute_policy_loss_gspo),
-}
+#: Every policy loss verl registers: registry name -> (verl ``core_algos``
+#: attribute, our drop-in). ``luspo`` is ours, registered by :func:`register`.
+_TAKEN_OVER_LOSSES = {name: (fn.__name__, fn) for name, fn in _ours.POLICY_LOSSES.items() if name != "luspo"}
 
 _REGISTRIES = {"policy_loss": "POLICY_LOSS_REGISTRY", "adv_est": "ADV_ESTIMATOR_REGISTRY"}
 
@@ -65,6 +65,7 @@ def _replacements() -> dict[str, Callable[..., Any]]:
     out = {attr: fn for attr, fn in _TAKEN_OVER_LOSSES.values()}
     out.update({attr: fn for attr, fn in TAKEN_OVER_ESTIMATORS.values()})
     out["kl_penalty"] = _ours.kl_penalty
+    out["compute_policy_loss_reinforce"] = _ours.compute_policy_loss_reinforce  # (bypass mode calls it by name)
     out["compute_value_loss"] = _ours.compute_value_loss
     return out
 
