@@ -528,6 +528,17 @@ def test_kl_penalty_any_rank_and_strided():
         close(g, w, TOL_CPU[torch.float32], "strided")
 
 
+@pytest.mark.parametrize("shape", [(3 * 4096 + 5,), (2, 4096 * 2 + 1)], ids=["long-1d", "long-rows"])
+def test_kl_penalty_long_rows_take_several_blocks(shape):
+    # a block per 4096 columns of a row (src/cuda/kl_penalty.rs `geometry`):
+    # the chunk borders must cover every element once
+    lp, ref = kl_inputs(torch.float32, shape=shape)
+    got = kl_run(ours.kl_penalty, "k3", *cuda(lp, ref))
+    want = kl_run(verl_ca.kl_penalty, "k3", lp, ref)
+    for g, w in zip(got, want):
+        close(g, w, TOL_CPU[torch.float32], f"{shape}")
+
+
 def test_kl_penalty_bitwise_deterministic():
     lp, ref = cuda(*kl_inputs(torch.float32, shape=(64, 3000)))
     first = kl_run(ours.kl_penalty, "k3", lp, ref)

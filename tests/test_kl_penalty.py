@@ -65,8 +65,10 @@ def test_empty_tensors_give_verls_empty_result(mode, shape):
         ours.kl_penalty(lp, ref, "k4")
 
 
-@pytest.mark.parametrize("shape", [(7,), (3, 4, 5)], ids=["1d", "3d"])
+@pytest.mark.parametrize("shape", [(7,), (3, 4, 5), (3 * 16384 + 5,), (2, 16384 + 1)], ids=["1d", "3d", "long-1d", "long-rows"])
 def test_any_rank(shape):
+    # (a 1-D input is one row, split into column chunks of 16384 across the
+    # threads: src/cpu/kl_penalty.rs `tasks`; the long shapes cross chunk borders)
     lp, ref = inputs(torch.float32, shape=shape, scale=1.0)
     (v_want, g_want, _), (v_got, g_got, _) = both("low_var_kl", lp, ref, grad_ref=False)
     assert v_got.shape == shape

@@ -17,7 +17,7 @@ use super::lane::{clamp, Lane};
 use super::for_each_row;
 use crate::error::Result;
 pub use crate::ops::kl_penalty::{KlKind, KlMode, KlProblem};
-use crate::tensor::{piece_scratch, pieces, DType, Real};
+use crate::tensor::{piece_scratch, DType, Real, PIECE};
 
 /// One element: `(value, d value / d logprob)`.
 #[inline(always)]
@@ -66,31 +66,47 @@ pub fn compute(p: &KlProblem) -> Result<()> {
     }
 }
 
+/// Columns per rayon task: a row longer than this (a 1-D input is one row)
+/// is split, so one long row still runs on every thread.
+const CHUNK: usize = 16384;
+
+/// The tasks of a `rows x cols` call: `(row, start, len)` column ranges of
+/// at most [`CHUNK`] (and [`PIECE`], the scratch's size), rows in order.
+fn tasks(rows: usize, cols: usize) -> (usize, impl Fn(usize) -> (usize, usize, usize)) {
+    let chunk = CHUNK.min(PIECE).min(cols.max(1));
+    let per_row = cols.div_ceil(chunk).max(1);
+    (rows * per_row, move |k| {
+        let start = (k % per_row) * chunk;
+        (k / per_row, start, chunk.min(cols - start))
+    })
+}
+
 fn run<F: Real + Lane<Mask = bool>>(p: &KlProblem) -> Result<()> {
     let cols = p.logprob.cols;
     let (mode, closed) = (p.mode, p.clamp_closed);
+    let (n, task) = tasks(p.logprob.rows, cols);
+    let chunk = CHUNK.min(PIECE).min(cols);
     let scratch = || -> Result<_> {
-        let v = |arg| piece_scratch::<F>(arg, cols);
+        let v = |arg| piece_scratch::<F>(arg, chunk);
         Ok((v(p.logprob.tensor.arg)?, v(p.ref_logprob.tensor.arg)?, v(p.out.tensor.arg)?, v(p.out.tensor.arg)?))
     };
-    for_each_row(p.logprob.rows, cols, scratch, |(sl, sr, so, sg), i| {
-        for (start, len) in pieces(cols) {
-            let lp = p.logprob.part::<F>(i, start, len, sl);
-            let rf = p.ref_logprob.part::<F>(i, start, len, sr);
-            // SAFETY: row i of each output is written by this task only.
-            unsafe {
-                p.out.with_part(i, start, len, so, |o| {
+    for_each_row(n, chunk, scratch, |(sl, sr, so, sg), k| {
+        let (i, start, len) = task(k);
+        let lp = p.logprob.part::<F>(i, start, len, sl);
+        let rf = p.ref_logprob.part::<F>(i, start, len, sr);
+        // SAFETY: this range of row i of each output is written by this task only.
+        unsafe {
+            p.out.with_part(i, start, len, so, |o| {
+                for t in 0..len {
+                    o[t] = kl_token(mode, closed, lp[t], rf[t]).0;
+                }
+            });
+            if let Some(g) = &p.grad {
+                g.with_part(i, start, len, sg, |g| {
                     for t in 0..len {
-                        o[t] = kl_token(mode, closed, lp[t], rf[t]).0;
+                        g[t] = kl_token(mode, closed, lp[t], rf[t]).1;
                     }
                 });
-                if let Some(g) = &p.grad {
-                    g.with_part(i, start, len, sg, |g| {
-                        for t in 0..len {
-                            g[t] = kl_token(mode, closed, lp[t], rf[t]).1;
-                        }
-                    });
-                }
             }
         }
     })
@@ -98,6 +114,25 @@ fn run<F: Real + Lane<Mask = bool>>(p: &KlProblem) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_long_row_is_split_into_tasks_that_cover_it_once() {
+        use super::{tasks, CHUNK, PIECE};
+        let chunk = CHUNK.min(PIECE);
+        for (rows, cols) in [(1usize, 10 * chunk + 3), (3, 2 * chunk), (5, 7), (1, 1)] {
+            let (n, task) = tasks(rows, cols);
+            assert!(rows * cols <= chunk || n > 1, "{rows}x{cols}: one task");
+            let mut seen = vec![0u8; rows * cols];
+            for k in 0..n {
+                let (i, start, len) = task(k);
+                assert!(len > 0 && len <= chunk);
+                for t in start..start + len {
+                    seen[i * cols + t] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "{rows}x{cols}");
+        }
+    }
+
     use super::*;
     use crate::tensor::Tensor;
 

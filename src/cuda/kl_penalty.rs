@@ -1,5 +1,5 @@
 //! `kl_penalty`'s launcher (`kernels/kl_penalty.cu`): one elementwise
-//! kernel, a block per row, value and gradient in one pass.
+//! kernel, a block per [`geometry`] chunk of a row, value and gradient in one pass.
 
 use super::runtime::{device_state, driver, grid, launch, threads_per_row, view, view_mut, CtxGuard, Result, View, NO_VIEW};
 use super::sys::CUfunction;
@@ -33,6 +33,15 @@ struct KlArgs {
     kind: i64,
     straight_through: i64,
     clamp_closed: i64,
+    chunk: i64,
+}
+
+/// `(blocks, threads, chunk)`: a block per `chunk` columns of each row
+/// (eight elements a thread), so a 1-D input, one long row, fills the device.
+fn geometry(rows: usize, cols: usize) -> (usize, u32, usize) {
+    let threads = threads_per_row(cols);
+    let chunk = threads as usize * 8;
+    (rows * cols.div_ceil(chunk).max(1), threads, chunk)
 }
 
 /// Enqueues verl's `kl_penalty` on `stream`: the estimate into `p.out` and,
@@ -57,14 +66,17 @@ pub fn kl_penalty(p: &KlProblem, stream: usize) -> Result<()> {
         },
         straight_through: p.mode.straight_through as i64,
         clamp_closed: p.clamp_closed as i64,
+        chunk: 0,
     };
+    let (blocks, threads, chunk) = geometry(rows, cols);
+    a.chunk = chunk as i64;
     // f64 math when any operand is float64, as `cpu::kl_penalty::compute`.
     let f64_math = [&p.logprob.tensor, &p.ref_logprob.tensor, &p.out.tensor].iter().any(|d| d.dtype == DType::F64);
     let f = if f64_math { s.kl_penalty.f64 } else { s.kl_penalty.f32 };
     let _g = CtxGuard::push(&d, s.ctx)?;
     // SAFETY: the struct matches kernels/kl_penalty.cu; the tensors are kept alive by
     // the caller and used on its stream.
-    unsafe { launch(&d, f, grid(rows)?, threads_per_row(cols), stream, &mut a as *mut _ as *mut c_void) }
+    unsafe { launch(&d, f, grid(blocks)?, threads, stream, &mut a as *mut _ as *mut c_void) }
 }
 
 #[cfg(test)]
@@ -72,9 +84,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_long_row_takes_many_blocks() {
+        let (blocks, threads, chunk) = geometry(1, 1 << 20);
+        assert_eq!((threads, chunk), (512, 4096));
+        assert_eq!(blocks, 256);
+        assert_eq!(geometry(64, 300).0, 64, "short rows: a block each");
+        assert_eq!(geometry(3, 4097).0, 6);
+    }
+
+    #[test]
     fn struct_layout_matches_the_kernel() {
-        // KlArgs: 4 views + 5 words
-        assert_eq!(std::mem::size_of::<KlArgs>(), 4 * 32 + 5 * 8);
+        // KlArgs: 4 views + 6 words
+        assert_eq!(std::mem::size_of::<KlArgs>(), 4 * 32 + 6 * 8);
         assert_eq!(std::mem::offset_of!(KlArgs, kind), 4 * 32 + 2 * 8);
     }
 }

@@ -1,4 +1,4 @@
-// ---- verl's kl_penalty: elementwise, one block per row ----
+// ---- verl's kl_penalty: elementwise, a block per `chunk` columns of a row ----
 //
 // Mirrors src/cpu/kl_penalty.rs `kl_token`: the value and d value / d logprob of
 // every estimator of d = logprob - ref_logprob in one pass.
@@ -10,7 +10,8 @@ struct KlArgs {
     i64 rows, cols;
     i64 kind;                       // KL_*
     i64 straight_through;           // 1: the "+" variants (gradient of k2)
-    i64 clamp_closed;               // as PolicyArgs.clamp_closed
+    i64 clamp_closed;               // as LossArgs.clamp_closed
+    i64 chunk;                      // columns per block: a long row (a 1-D input) takes several blocks
 };
 
 template <typename F>
@@ -44,8 +45,10 @@ __device__ __forceinline__ F kl_token(const KlArgs &a, F lp, F rf, F *dv) {
 
 template <typename F>
 __device__ void kl_rows(const KlArgs &a) {
-    const i64 i = blockIdx.x, T = a.cols;
-    for (i64 t = threadIdx.x; t < T; t += blockDim.x) {
+    const i64 per_row = (a.cols + a.chunk - 1) / a.chunk;
+    const i64 i = (i64)blockIdx.x / per_row, t0 = ((i64)blockIdx.x % per_row) * a.chunk;
+    const i64 end = min(a.cols, t0 + a.chunk);
+    for (i64 t = t0 + threadIdx.x; t < end; t += blockDim.x) {
         F dv;
         F v = kl_token<F>(a, load<F>(a.lp, i, t), load<F>(a.rf, i, t), &dv);
         store<F>(a.out, i, t, v);
