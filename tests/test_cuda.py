@@ -149,6 +149,25 @@ def test_all_rows_masked_matches_verl_on_the_gpu(mode, agg):
     close(grad, ref_grad, TOL_CPU[torch.float32], "grad")
 
 
+@pytest.mark.parametrize("what", ["log_prob", "mask"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_log_prob_and_nan_mask_give_the_cpu_results(mode, agg, what):
+    # the README's NaN rules (test_policy_loss.py checks them against verl):
+    # a NaN log_prob's row gets the clamps' zero gradient, a NaN mask entry
+    # drops its row in the sequence modes
+    old, lp, adv, mask = make_batch(4, 300, seed=8, full_rows=(1,))
+    mask = mask.float()
+    (lp if what == "log_prob" else mask)[1, 3] = float("nan")
+    with host():
+        c_loss, c_grad, _ = run(mode, old, lp, adv, mask, agg)
+    g_loss, g_grad, _ = run(mode, *cuda(old, lp, adv, mask), agg)
+    close(g_loss, c_loss, TOL_CPU[torch.float32], "loss vs CPU")
+    close(g_grad, c_grad, TOL_CPU[torch.float32], "grad vs CPU")
+    if what == "log_prob" or agg.startswith("seq") or mode == "luspo":  # (token modes: a NaN count, all NaN)
+        assert not c_grad[[0, 2, 3]].isnan().any()
+
+
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_agg_loss_matches_cpu(agg):
     g = torch.Generator().manual_seed(3)

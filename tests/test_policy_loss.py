@@ -129,6 +129,35 @@ def test_nan_in_valid_token_propagates_like_verl(mode, agg):
     assert math.isnan(loss.item()) and math.isnan(ref_loss.item())
     # rows without the NaN keep verl's gradient
     assert_close(grad[[0, 2, 3]], ref_grad[[0, 2, 3]], dtype=torch.float32, what="grad of clean rows")
+    # and the NaN token's row gets verl's gradient too: the clamp on the
+    # log-ratio (vanilla) or on the token ratio at 10 (GSPO, LUSPO: the whole
+    # row's ratio is NaN) passes none to a NaN value, so it is 0, not NaN
+    assert not ref_grad[1].isnan().any(), "the reference is what this test assumes"
+    assert_close(grad[1], ref_grad[1], dtype=torch.float32, what="grad of the NaN row")
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_in_the_mask(mode, agg):
+    # Our rule (README, "NaN"): a NaN mask entry makes its row's mask sum NaN;
+    # the sequence modes drop that row, as verl's `sum(m) > 0` does: verl's
+    # loss, and a zero gradient for the row (verl's is NaN at the NaN entry
+    # for vanilla, 0 for GSPO, whose clamp stops it, NaN on the whole row for
+    # vanilla seq-mean-token-mean). In the token modes the token count is NaN:
+    # the loss is NaN, as verl's.
+    old, lp, adv, mask = make_batch(4, 10, seed=8, full_rows=(1,))
+    mask = mask.float()
+    mask[1, 3] = float("nan")
+    ref_loss, ref_grad, _ = verl_reference(mode, old, lp, adv, mask, agg, **CLIP)
+    loss, grad, _ = ours(mode, old, lp, adv, mask, agg, **CLIP)
+    seq = agg.startswith("seq") or mode == "luspo"
+    if seq:
+        assert math.isfinite(ref_loss.item()), "the reference is what this test assumes"
+        assert_close(loss, ref_loss, dtype=torch.float32, what="loss")
+        assert grad[1].eq(0).all(), "the dropped row gets no gradient"
+        assert_close(grad[[0, 2, 3]], ref_grad[[0, 2, 3]], dtype=torch.float32, what="grad of clean rows")
+    else:
+        assert math.isnan(loss.item()) and math.isnan(ref_loss.item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -117,7 +117,8 @@ impl TokenRule for Vanilla {
 
 /// verl's `compute_policy_loss_gspo` given the row's sequence ratio
 /// `s = exp(min(log s_i, 10))` and `ds = d s / d lp` (0 where the clamp
-/// bites); `lp - sg(lp)` is 0 for finite `lp` and NaN otherwise, as in torch.
+/// bites, or the row's log-ratio is NaN); `lp - sg(lp)` is 0 for finite
+/// `lp` and NaN otherwise, as in torch, where the clamp then stops the gradient.
 struct Gspo {
     clip: Clip,
     s: f64,
@@ -131,7 +132,8 @@ impl TokenRule for Gspo {
         let finite = (lp - lp).eq(L::splat(0.0));
         let nan = L::splat(f64::NAN);
         let r = L::select(finite, L::splat(self.s), nan);
-        let dr = L::select(finite, L::splat(self.ds), nan);
+        // the clamp at 10 passes no gradient to a NaN token ratio (verl's: 0)
+        let dr = L::select(finite, L::splat(self.ds), L::splat(0.0));
         let (loss, dloss, clipped) = clipped_surrogate(a, r, dr, &self.clip);
         (Tok { loss, dloss, clipped, lower: L::mask(false) }, lp - old)
     }
@@ -488,7 +490,12 @@ fn row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, plan: &AggPlan, i: usiz
         }
         let (tokens, seq) = sums;
         st.tokens = tokens;
-        let ctx = RowCtx { old, lp, adv, mask, w, picks, coef: W::F::of(plan.row_coef(tokens)), seq_mode: plan.mode.is_seq_mode() };
+        let seq_mode = plan.mode.is_seq_mode();
+        // a row whose mask sums to NaN: dropped by the sequence modes (verl's
+        // `sum(m) > 0` is false), loss, count and gradient (see `terms`)
+        let dropped = seq_mode && tokens.is_nan();
+        let coef = W::F::of(plan.row_coef(tokens));
+        let ctx = RowCtx { old, lp, adv, mask, w, picks, coef, seq_mode, dropped };
         // No closure here: `row` is inlined into `row_avx2`, and a closure
         // would be compiled without AVX2 (its intrinsics would become calls).
         // SAFETY: row i is written by this task only.
@@ -618,6 +625,9 @@ struct RowCtx<'a, F> {
     picks: Option<&'a [F]>,
     coef: F,
     seq_mode: bool,
+    /// The row is out of the loss although its mask has nonzero entries
+    /// (a NaN among them, in a sequence mode): no token is kept.
+    dropped: bool,
 }
 
 /// Sums the token pass keeps per row (the gradient is the sixth term).
@@ -628,10 +638,10 @@ const SUMS: usize = 6;
 /// `|g|`, and the gradient `g = coef*m*w*dl` (0 where masked).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn terms<L: Lane, R: TokenRule>(rule: &R, o: L, l: L, a: L, m: L, w: L, pick: L, coef: L, seq_mode: bool) -> [L; SUMS + 1] {
+fn terms<L: Lane, R: TokenRule>(rule: &R, o: L, l: L, a: L, m: L, w: L, pick: L, coef: L, seq_mode: bool, dropped: bool) -> [L; SUMS + 1] {
     let (k, d) = rule.eval(o, l, a, pick);
     let zero = L::splat(0.0);
-    let keep = m.ne(zero);
+    let keep = m.ne(zero) & L::mask(!dropped);
     let g = L::select(keep, coef * m * (k.dloss * w), zero);
     [
         L::select(keep | L::mask(seq_mode), k.loss * w * m, zero),
@@ -676,7 +686,7 @@ impl<F: Real + Lane> RowCtx<'_, F> {
                     Some(k) => W::load(&k[j..]),
                     None => W::V::splat(0.0),
                 };
-                let t = terms(rule, W::load(&o[j..]), W::load(&l[j..]), W::load(&a[j..]), W::load(&m[j..]), wv, kv, coef_v, self.seq_mode);
+                let t = terms(rule, W::load(&o[j..]), W::load(&l[j..]), W::load(&a[j..]), W::load(&m[j..]), wv, kv, coef_v, self.seq_mode, self.dropped);
                 for k in 0..sums {
                     acc[k].add(j, t[k]);
                 }
@@ -693,7 +703,7 @@ impl<F: Real + Lane> RowCtx<'_, F> {
                     Some(k) => k[j],
                     None => F::zero(),
                 };
-                let t = terms(rule, o[j], l[j], a[j], m[j], wj, kj, coef, self.seq_mode);
+                let t = terms(rule, o[j], l[j], a[j], m[j], wj, kj, coef, self.seq_mode, self.dropped);
                 for k in 0..sums {
                     lanes[k][j % 8] = lanes[k][j % 8] + t[k];
                 }

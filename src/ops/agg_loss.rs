@@ -218,7 +218,8 @@ impl AggPlan {
     fn row_weight(&self, row_tokens: f64) -> f64 {
         match self.mode {
             AggMode::TokenMean | AggMode::TokenSum => 1.0,
-            _ if row_tokens <= 0.0 => 0.0,
+            // (a NaN mask sum counts as empty: verl's `sum(m) > 0` is false)
+            _ if !(row_tokens > 0.0) => 0.0,
             AggMode::SeqMeanTokenMean => 1.0 / plus_eps(row_tokens, self.mask_is_f64),
             _ => 1.0,
         }
@@ -241,7 +242,7 @@ impl AggPlan {
     /// (verl's `masked_sum` over the sequence mask).
     #[inline]
     pub fn row_contribution(&self, row_sum: f64, row_tokens: f64) -> f64 {
-        if self.mode.is_seq_mode() && row_tokens <= 0.0 {
+        if self.mode.is_seq_mode() && !(row_tokens > 0.0) {
             0.0
         } else {
             self.row_weight(row_tokens) * row_sum

@@ -175,7 +175,7 @@ __device__ __forceinline__ bool is_seq(i64 agg) { return !(agg == AGG_TOKEN_MEAN
 // sequence modes.
 __device__ __forceinline__ double row_weight(i64 agg, double tokens, bool mask_f64) {
     if (!is_seq(agg)) return 1.0;
-    if (tokens <= 0.0) return 0.0;
+    if (!(tokens > 0.0)) return 0.0;  // (a NaN mask sum counts as empty, as verl's sum(m) > 0)
     if (agg == AGG_SEQ_MEAN) return 1.0 / plus_eps(tokens, mask_f64);
     return 1.0;
 }
@@ -447,9 +447,10 @@ __device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F s
         *dloss = neg ? dl2 : dl1;
         return neg ? l2 : l1;
     }
-    // lp - sg(lp) is 0 for finite lp and NaN otherwise, as in torch.
+    // lp - sg(lp) is 0 for finite lp and NaN otherwise, as in torch; the
+    // clamp at 10 then passes no gradient to a NaN value.
     F z = lp - lp;
-    F r = z == zero ? sr : nan_of<F>(), dr = z == zero ? dsr : nan_of<F>();
+    F r = z == zero ? sr : nan_of<F>(), dr = z == zero ? dsr : zero;
     *d = lp - old;
     return clipped_surrogate(A, r, dr, lo, hi, closed, dloss, clipped);
 }
@@ -474,6 +475,9 @@ __device__ void loss_tokens(const LossArgs &a) {
     const i64 step = a.team * V;
     double s[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};  // sum m w l, sum m d, clipped, lower, sum m A, sum |g|
     const bool picked = MODE == MODE_CISPO && a.picks.ptr != 0;
+    // a row whose mask sums to NaN: dropped by the sequence modes (verl's
+    // sum(m) > 0 is false): loss, count and gradient
+    const bool dropped = seq_mode && tokens != tokens;
     for (i64 t0 = (i64)r.tl * V; t0 < r.cols; t0 += U * step) {
         F o[U][V], l[U][V], A[U][V], m[U][V], w[U][V], pk[U][V];
         int n[U];
@@ -503,7 +507,7 @@ __device__ void loss_tokens(const LossArgs &a) {
                 const bool pick = picked && pk[u][k] != zero;
                 F loss = token_loss<F, MODE>(a, ok, l[u][k], ak, sr, dsr, pick, &dl, &d, &clipped, &lower);
                 const F wk = weighted ? w[u][k] : one;
-                const bool in = k < n[u], keep = in && m[u][k] != zero;
+                const bool in = k < n[u], keep = in && m[u][k] != zero && !dropped;
                 sl += (keep || (in && seq_mode)) ? loss * wk * m[u][k] : zero;
                 sd += keep ? d * m[u][k] : zero;
                 sc += keep && clipped ? m[u][k] : zero;
@@ -528,7 +532,7 @@ __device__ void loss_tokens(const LossArgs &a) {
         double *q = a.scratch + SCRATCH_HEAD + r.i * ROW_STRIDE;
         // the row's share of the loss before the scale; sequence modes drop
         // empty rows even when their sum is NaN (AggPlan::row_contribution)
-        *GLOBAL(q + R_LOSS) = (seq_mode && tokens <= 0.0) ? 0.0 : rw * s[0];
+        *GLOBAL(q + R_LOSS) = (seq_mode && !(tokens > 0.0)) ? 0.0 : rw * s[0];
         *GLOBAL(q + R_CLIPPED) = s[2];
         *GLOBAL(q + R_KL) = -s[1];
         *GLOBAL(q + R_LOWER) = s[3];
