@@ -64,11 +64,52 @@ def test_kernels_compile_to_ptx(major, minor):
     assert all(a.endswith(".add.u32") for a in atomics), f"unexpected atomics: {sorted(set(atomics))}"
 
 
-@pytest.mark.parametrize("major,minor", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
-def test_kernels_compile_to_cubin(major, minor):
+def test_kernels_compile_to_cubin():
     _nvrtc()
-    cubin = _core.cuda_compile(major, minor, "cubin")
+    cubin = _core.cuda_compile(8, 0, "cubin")
     assert cubin[:4] == b"\x7fELF"
+
+
+#: Spill-store bytes per kernel on sm_90 (ptxas, NVRTC 13.2), where the token
+#: kernels sit at their 64-register cap (`__launch_bounds__(512, 2)`): a
+#: ceiling that no change may raise. Every kernel not listed must not spill.
+#: The token kernels want 110-128 registers (measured with MIN_BLOCKS=1,
+#: where none spills); whether one block of 512 threads per multiprocessor
+#: without spills beats two with them is a question for a GPU (issue 20 E).
+SPILL_STORES_SM90 = {
+    **{f"loss_tokens_{v}_agg": n for v, n in (("f32", 40), ("any32", 40), ("bf16", 8), ("f16", 8), ("f64", 8), ("any64", 8))},
+    **{f"loss_tokens_{v}_vanilla": n for v, n in (("f32", 184), ("any32", 204), ("bf16", 188), ("f16", 184), ("f64", 272), ("any64", 260))},
+    **{f"loss_tokens_{v}_seq": n for v, n in (("f32", 168), ("any32", 188), ("bf16", 164), ("f16", 184), ("f64", 216), ("any64", 220))},
+    **{f"loss_tokens_{v}_value": n for v, n in (("f32", 160), ("any32", 180), ("bf16", 156), ("f16", 160), ("f64", 104), ("any64", 92))},
+    **{f"loss_tokens_{v}_ext": n for v, n in (("f32", 228), ("any32", 228), ("bf16", 228), ("f16", 228), ("f64", 380), ("any64", 404))},
+}  # fmt: skip
+
+
+def ptxas_report(log):
+    """``{kernel: (stack frame, spill stores, spill loads, registers)}`` from ptxas's verbose log."""
+    out, cur = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            cur = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur:
+            out[cur] = tuple(map(int, m.groups()))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and cur in out:
+            out[cur] += (int(m.group(1)),)
+    return out
+
+
+def test_kernels_compile_to_cubin_for_sm90_within_their_spill_budget():
+    # (the sm_90 cubin compile of the suite, with ptxas's --verbose report)
+    _nvrtc()
+    report = ptxas_report(_core.cuda_ptxas_log(9, 0))
+    for k in KERNELS:
+        assert k in report, f"{k} missing from ptxas's report"
+    over = {k: (v[1], SPILL_STORES_SM90.get(k, 0)) for k, v in report.items() if v[1] > SPILL_STORES_SM90.get(k, 0)}
+    assert not over, f"spill stores above budget (bytes, budget): {over}"
 
 
 def test_bad_target_is_a_value_error():

@@ -36,4 +36,4 @@ pub use kl_penalty::kl_penalty;
 pub use loss::{agg_loss, policy_loss, scale_grad};
 pub use returns::returns;
 pub use token_baseline::token_baseline;
-pub use runtime::{compile, nvrtc, set_nvrtc_hints, source, CudaError, Target};
+pub use runtime::{compile, compile_with_ptxas_log, nvrtc, set_nvrtc_hints, source, CudaError, Target};

@@ -237,7 +237,7 @@ fn cubin(nvrtc: &Nvrtc, src: &str, major: i32, minor: i32, fresh: bool) -> std::
             return Ok(img);
         }
     }
-    let img = compile_source(nvrtc, src, major, minor, Target::Cubin)?;
+    let (img, _) = compile_source(nvrtc, src, major, minor, Target::Cubin, false)?;
     if let Some(p) = path {
         write_entry(&p, &img);
     }
@@ -258,11 +258,39 @@ fn options(major: i32, minor: i32, target: Target) -> Vec<String> {
 /// Compiles [`full_source`] for compute capability `major.minor`. A rejected
 /// architecture and any compile error come back with NVRTC's log.
 pub fn compile(nvrtc: &Nvrtc, major: i32, minor: i32, target: Target) -> std::result::Result<Vec<u8>, String> {
-    compile_source(nvrtc, &full_source(), major, minor, target)
+    compile_source(nvrtc, &full_source(), major, minor, target, false).map(|(img, _)| img)
 }
 
-fn compile_source(nvrtc: &Nvrtc, src: &str, major: i32, minor: i32, target: Target) -> std::result::Result<Vec<u8>, String> {
-    let opts = options(major, minor, target);
+/// [`compile`] to a cubin with ptxas's `--verbose` report: the image and
+/// NVRTC's log, which gives each kernel's registers and spill bytes (the
+/// test suite's spill check; the cached images are built without it).
+pub fn compile_with_ptxas_log(nvrtc: &Nvrtc, major: i32, minor: i32) -> std::result::Result<(Vec<u8>, String), String> {
+    compile_source(nvrtc, &full_source(), major, minor, Target::Cubin, true)
+}
+
+fn program_log(nvrtc: &Nvrtc, prog: sys::NvrtcProgram) -> String {
+    let mut n = 0usize;
+    // SAFETY: a live program; the buffer holds the size NVRTC reported.
+    unsafe {
+        (nvrtc.nvrtcGetProgramLogSize)(prog, &mut n);
+        let mut log = vec![0u8; n.max(1)];
+        (nvrtc.nvrtcGetProgramLog)(prog, log.as_mut_ptr() as *mut _);
+        String::from_utf8_lossy(&log).trim_end_matches('\0').trim().to_string()
+    }
+}
+
+fn compile_source(
+    nvrtc: &Nvrtc,
+    src: &str,
+    major: i32,
+    minor: i32,
+    target: Target,
+    verbose: bool,
+) -> std::result::Result<(Vec<u8>, String), String> {
+    let mut opts = options(major, minor, target);
+    if verbose {
+        opts.push("--ptxas-options=--verbose".into());
+    }
     let arch = opts[0].clone();
     let opts: Vec<CString> = opts.iter().map(|s| CString::new(s.as_str()).unwrap()).collect();
     let opt_ptrs: Vec<*const std::ffi::c_char> = opts.iter().map(|s| s.as_ptr()).collect();
@@ -278,11 +306,7 @@ fn compile_source(nvrtc: &Nvrtc, src: &str, major: i32, minor: i32, target: Targ
         )?;
         let r = (nvrtc.nvrtcCompileProgram)(prog, opt_ptrs.len() as i32, opt_ptrs.as_ptr());
         let result = if r != 0 {
-            let mut n = 0usize;
-            (nvrtc.nvrtcGetProgramLogSize)(prog, &mut n);
-            let mut log = vec![0u8; n.max(1)];
-            (nvrtc.nvrtcGetProgramLog)(prog, log.as_mut_ptr() as *mut _);
-            let log = String::from_utf8_lossy(&log).trim_end_matches('\0').trim().to_string();
+            let log = program_log(nvrtc, prog);
             let (ma, mi) = nvrtc.version();
             Err(format!(
                 "NVRTC {ma}.{mi} ({}) could not compile the luspo_rs kernels with {arch}: {}{}",
@@ -299,7 +323,8 @@ fn compile_source(nvrtc: &Nvrtc, src: &str, major: i32, minor: i32, target: Targ
             match nvrtc.check(what, size_fn(prog, &mut n)) {
                 Ok(()) => {
                     let mut buf = vec![0u8; n];
-                    nvrtc.check(what, get_fn(prog, buf.as_mut_ptr() as *mut _)).map(|_| buf)
+                    let log = if verbose { program_log(nvrtc, prog) } else { String::new() };
+                    nvrtc.check(what, get_fn(prog, buf.as_mut_ptr() as *mut _)).map(|_| (buf, log))
                 }
                 Err(e) => Err(e),
             }

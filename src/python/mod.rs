@@ -57,6 +57,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(runtime::agg_divisors, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::effective_agg_mode, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::policy_modes, m)?)?;
+    m.add_function(wrap_pyfunction!(runtime::cuda_ptxas_log, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::policy_metrics, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::sim_set_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(runtime::sim_set_seed, m)?)?;

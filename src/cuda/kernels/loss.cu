@@ -460,6 +460,77 @@ __device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F s
 #define TOKEN_RUNS 1
 #endif
 
+// The token pass's last block: the rows, in index order, into the loss, verl's
+// metrics and the length diagnostics. Not inlined, so its registers are not
+// added to the token loop's (which would spill at the 64-register cap).
+__device__ __noinline__ void loss_finish(const double *scratch, i64 rows, ViewMut out, double *metrics, double scale,
+                                         bool mask_f64, bool diag) {
+    // b: the loss, the metrics' sums, and for the length diagnostics the
+    // non-empty rows, their tokens and their mean advantages
+    double b[7] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    // (the diagnostics: when LossArgs.vec has VEC_DIAGNOSTICS, else NaN)
+    for (i64 i = threadIdx.x; i < rows; i += blockDim.x) {
+        const volatile double *q = (volatile double *)scratch + SCRATCH_HEAD + i * ROW_STRIDE;
+        b[0] += *GLOBAL(q + R_LOSS);
+        b[1] += *GLOBAL(q + R_CLIPPED);
+        b[2] += *GLOBAL(q + R_KL);
+        b[3] += *GLOBAL(q + R_LOWER);
+        const double L = *GLOBAL(q + R_TOKENS);
+        if (L > 0.0) {
+            b[4] += 1.0;
+            b[5] += L;
+            b[6] += *GLOBAL(q + R_ADV) / L;
+        }
+    }
+    team_sum<7>(b, blockDim.x);
+    double d[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    if (diag && b[4] > 0.0) {
+        // the length diagnostics (ops::policy_loss::LengthDiagnostics): a row
+        // is long when L_i > the mean length of the non-empty rows
+        const double lbar = b[5] / b[4], abar = b[6] / b[4];
+        for (i64 i = threadIdx.x; i < rows; i += blockDim.x) {
+            const volatile double *q = (volatile double *)scratch + SCRATCH_HEAD + i * ROW_STRIDE;
+            const double L = *GLOBAL(q + R_TOKENS);
+            if (!(L > 0.0)) continue;
+            const bool long_row = L > lbar;
+            const double mass = *GLOBAL(q + R_MASS), clipped = *GLOBAL(q + R_CLIPPED);
+            d[0] += long_row ? mass : 0.0;  // gradient mass of long rows
+            d[1] += mass;                   // all gradient mass
+            d[2] += long_row ? L : 0.0;     // tokens of long rows
+            d[3] += long_row ? clipped : 0.0;
+            d[4] += long_row ? 0.0 : clipped;
+            const double x = L - lbar, y = *GLOBAL(q + R_ADV) / L - abar;
+            d[5] += x * x;
+            d[6] += y * y;
+            d[7] += x * y;
+        }
+    }
+    team_sum<8>(d, blockDim.x);
+    if (threadIdx.x == 0) {
+        // scale last keeps verl's 0 / 0 = NaN when every row is empty
+        const double loss = scale * b[0];
+        switch (out.dtype) {
+        case DT_F64: *GLOBAL((double *)out.ptr) = loss; break;
+        case DT_F32: *GLOBAL((float *)out.ptr) = (float)loss; break;
+        // as torch's double -> 16-bit cast: through float
+        case DT_BF16: *GLOBAL((unsigned short *)out.ptr) = f32_to_bf16((float)loss); break;
+        default: *GLOBAL((unsigned short *)out.ptr) = f32_to_f16((float)loss); break;
+        }
+        if (metrics) {
+            const double denom = plus_eps(*GLOBAL(scratch + SC_TOKENS), mask_f64);  // verl's masked_mean
+            *GLOBAL(metrics + 0) = b[1] / denom;
+            *GLOBAL(metrics + 1) = b[2] / denom;
+            *GLOBAL(metrics + 2) = b[3] / denom;
+            const double nan = __longlong_as_double(0x7ff8000000000000LL);
+            const bool any = diag && b[4] > 0.0;
+            *GLOBAL(metrics + 3) = any ? (d[0] / d[1]) / (d[2] / b[5]) : nan;
+            *GLOBAL(metrics + 4) = any ? d[3] / d[2] : nan;
+            *GLOBAL(metrics + 5) = any ? d[4] / (b[5] - d[2]) : nan;
+            *GLOBAL(metrics + 6) = any ? d[7] / sqrt(d[5] * d[6]) : nan;
+        }
+    }
+}
+
 template <typename F, typename S, bool VEC, int MODE>
 __device__ void loss_tokens(const LossArgs &a) {
     const int V = S::V, U = TOKEN_RUNS;
@@ -540,70 +611,7 @@ __device__ void loss_tokens(const LossArgs &a) {
         *GLOBAL(q + R_MASS) = s[5];
     }
     if (!last_block((unsigned int *)(a.scratch + SC_TICKETS) + 1)) return;
-    // b: the loss, the metrics' sums, and for the length diagnostics the
-    // non-empty rows, their tokens and their mean advantages
-    double b[7] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-    // (the diagnostics: when LossArgs.vec has VEC_DIAGNOSTICS, else NaN)
-    for (i64 i = threadIdx.x; i < a.rows; i += blockDim.x) {
-        const volatile double *q = (volatile double *)a.scratch + SCRATCH_HEAD + i * ROW_STRIDE;
-        b[0] += *GLOBAL(q + R_LOSS);
-        b[1] += *GLOBAL(q + R_CLIPPED);
-        b[2] += *GLOBAL(q + R_KL);
-        b[3] += *GLOBAL(q + R_LOWER);
-        const double L = *GLOBAL(q + R_TOKENS);
-        if (L > 0.0) {
-            b[4] += 1.0;
-            b[5] += L;
-            b[6] += *GLOBAL(q + R_ADV) / L;
-        }
-    }
-    team_sum<7>(b, blockDim.x);
-    double d[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-    if (diag && b[4] > 0.0) {
-        // the length diagnostics (ops::policy_loss::LengthDiagnostics): a row
-        // is long when L_i > the mean length of the non-empty rows
-        const double lbar = b[5] / b[4], abar = b[6] / b[4];
-        for (i64 i = threadIdx.x; i < a.rows; i += blockDim.x) {
-            const volatile double *q = (volatile double *)a.scratch + SCRATCH_HEAD + i * ROW_STRIDE;
-            const double L = *GLOBAL(q + R_TOKENS);
-            if (!(L > 0.0)) continue;
-            const bool long_row = L > lbar;
-            const double mass = *GLOBAL(q + R_MASS), clipped = *GLOBAL(q + R_CLIPPED);
-            d[0] += long_row ? mass : 0.0;  // gradient mass of long rows
-            d[1] += mass;                   // all gradient mass
-            d[2] += long_row ? L : 0.0;     // tokens of long rows
-            d[3] += long_row ? clipped : 0.0;
-            d[4] += long_row ? 0.0 : clipped;
-            const double x = L - lbar, y = *GLOBAL(q + R_ADV) / L - abar;
-            d[5] += x * x;
-            d[6] += y * y;
-            d[7] += x * y;
-        }
-    }
-    team_sum<8>(d, blockDim.x);
-    if (threadIdx.x == 0) {
-        // scale last keeps verl's 0 / 0 = NaN when every row is empty
-        const double loss = scale * b[0];
-        switch (a.loss.dtype) {
-        case DT_F64: *GLOBAL((double *)a.loss.ptr) = loss; break;
-        case DT_F32: *GLOBAL((float *)a.loss.ptr) = (float)loss; break;
-        // as torch's double -> 16-bit cast: through float
-        case DT_BF16: *GLOBAL((unsigned short *)a.loss.ptr) = f32_to_bf16((float)loss); break;
-        default: *GLOBAL((unsigned short *)a.loss.ptr) = f32_to_f16((float)loss); break;
-        }
-        if (a.metrics) {
-            const double denom = plus_eps(*GLOBAL(a.scratch + SC_TOKENS), mask_f64);  // verl's masked_mean
-            *GLOBAL(a.metrics + 0) = b[1] / denom;
-            *GLOBAL(a.metrics + 1) = b[2] / denom;
-            *GLOBAL(a.metrics + 2) = b[3] / denom;
-            const double nan = __longlong_as_double(0x7ff8000000000000LL);
-            const bool any = diag && b[4] > 0.0;
-            *GLOBAL(a.metrics + 3) = any ? (d[0] / d[1]) / (d[2] / b[5]) : nan;
-            *GLOBAL(a.metrics + 4) = any ? d[3] / d[2] : nan;
-            *GLOBAL(a.metrics + 5) = any ? d[4] / (b[5] - d[2]) : nan;
-            *GLOBAL(a.metrics + 6) = any ? d[7] / sqrt(d[5] * d[6]) : nan;
-        }
-    }
+    loss_finish(a.scratch, a.rows, a.loss, a.metrics, scale, mask_f64, diag);
 }
 
 // Blocks per multiprocessor the loss kernels are compiled for (registers
