@@ -218,30 +218,65 @@ fn write_entry(p: &std::path::Path, img: &[u8]) {
     }
 }
 
-/// The cubin of `src` for `sm_{major}{minor}`, and its cache entry: read
-/// from the cache when a process compiled the same source with the same
-/// NVRTC and options before (NVRTC takes seconds, a read milliseconds), else
-/// compiled and written there. A cache that cannot be read, written or
-/// trusted is skipped. `fresh`: compile even if an entry exists (it failed
-/// to load), and replace it.
-fn cubin(nvrtc: &Nvrtc, src: &str, major: i32, minor: i32, fresh: bool) -> std::result::Result<Vec<u8>, String> {
+/// The image of `src` for `target` on `major.minor` (a cubin for
+/// `sm_{major}{minor}`, or PTX for `compute_{major}{minor}`), and its cache
+/// entry: read from the cache when a process compiled the same source with
+/// the same NVRTC and options before (NVRTC takes seconds, a read
+/// milliseconds), else compiled and written there. A cache that cannot be
+/// read, written or trusted is skipped. `fresh`: compile even if an entry
+/// exists (it failed to load), and replace it.
+fn image(nvrtc: &Nvrtc, src: &str, target: Target, major: i32, minor: i32, fresh: bool) -> std::result::Result<Vec<u8>, String> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    let opts = options(major, minor, Target::Cubin);
+    let opts = options(major, minor, target);
     (src, &opts, nvrtc.version(), &nvrtc.path, env!("CARGO_PKG_VERSION")).hash(&mut h);
-    let path = cache_dir()
-        .and_then(|d| secure_cache_dir(&d))
-        .map(|d| d.join(format!("kernels-sm_{major}{minor}-{:016x}.cubin", h.finish())));
+    let name = match target {
+        Target::Cubin => format!("kernels-sm_{major}{minor}-{:016x}.cubin", h.finish()),
+        Target::Ptx => format!("kernels-compute_{major}{minor}-{:016x}.ptx", h.finish()),
+    };
+    let path = cache_dir().and_then(|d| secure_cache_dir(&d)).map(|d| d.join(name));
     if !fresh {
         if let Some(img) = path.as_deref().and_then(read_entry) {
             return Ok(img);
         }
     }
-    let (img, _) = compile_source(nvrtc, src, major, minor, Target::Cubin, false)?;
+    let (img, _) = compile_source(nvrtc, src, major, minor, target, false)?;
     if let Some(p) = path {
         write_entry(&p, &img);
     }
     Ok(img)
+}
+
+/// The architectures this NVRTC can compile for, as `10 * major + minor`.
+fn supported_archs(nv: &Nvrtc) -> std::result::Result<Vec<i32>, String> {
+    let mut n = 0;
+    // SAFETY: NVRTC fills `n`, then `n` values.
+    unsafe {
+        nv.check("nvrtcGetNumSupportedArchs", (nv.nvrtcGetNumSupportedArchs)(&mut n))?;
+        let mut archs = vec![0; n.max(0) as usize];
+        nv.check("nvrtcGetSupportedArchs", (nv.nvrtcGetSupportedArchs)(archs.as_mut_ptr()))?;
+        Ok(archs)
+    }
+}
+
+/// What to build for a GPU of compute capability `major.minor`: its cubin
+/// when this NVRTC knows `sm_{major}{minor}`; for a GPU newer than NVRTC,
+/// PTX for the newest architecture NVRTC knows below it, which the driver
+/// compiles for the GPU when it loads the module (PTX runs on every later
+/// architecture). An error when NVRTC knows none at or below the GPU.
+fn build_target(nv: &Nvrtc, major: i32, minor: i32) -> std::result::Result<(Target, i32, i32), String> {
+    let archs = supported_archs(nv)?;
+    let cc = 10 * major + minor;
+    if archs.contains(&cc) {
+        return Ok((Target::Cubin, major, minor));
+    }
+    match archs.iter().copied().filter(|&a| a < cc).max() {
+        Some(a) => Ok((Target::Ptx, a / 10, a % 10)),
+        None => {
+            let (ma, mi) = nv.version();
+            Err(format!("NVRTC {ma}.{mi} knows no architecture at or below sm_{major}{minor} (it knows {archs:?})"))
+        }
+    }
 }
 
 /// NVRTC's options for `target` on compute capability `major.minor`. No
@@ -459,7 +494,8 @@ fn device(d: &Driver, ordinal: i32) -> Result<Arc<DeviceState>> {
     Ok(s)
 }
 
-/// Loads the cubin of `src` into the current context. A cached image that
+/// Loads the image of `src` for the GPU (see [`build_target`]) into the
+/// current context. A cached image that
 /// the driver refuses (damaged, or from a driver that no longer takes it) is
 /// a miss: it is compiled again and its entry replaced.
 ///
@@ -467,11 +503,12 @@ fn device(d: &Driver, ordinal: i32) -> Result<Arc<DeviceState>> {
 /// A context must be current.
 unsafe fn load_module(d: &Driver, nv: &Nvrtc, src: &str, major: i32, minor: i32) -> std::result::Result<sys::CUmodule, String> {
     let mut module: sys::CUmodule = std::ptr::null_mut();
-    let image = cubin(nv, src, major, minor, false)?;
+    let (target, major, minor) = build_target(nv, major, minor)?;
+    let image = self::image(nv, src, target, major, minor, false)?;
     if d.check("cuModuleLoadData", (d.cuModuleLoadData)(&mut module, image.as_ptr() as *const c_void)).is_ok() {
         return Ok(module);
     }
-    let image = cubin(nv, src, major, minor, true)?;
+    let image = self::image(nv, src, target, major, minor, true)?;
     d.check("cuModuleLoadData", (d.cuModuleLoadData)(&mut module, image.as_ptr() as *const c_void))?;
     Ok(module)
 }
@@ -605,7 +642,7 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(&root);
         let dir = root.join("a/b");
         std::env::set_var("LUSPO_RS_CACHE_DIR", &dir);
-        let first = cubin(&nv, TINY, 9, 0, false).unwrap();
+        let first = image(&nv, TINY, Target::Cubin, 9, 0, false).unwrap();
         assert_eq!(mode(&dir), 0o700, "created private");
         let entries: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
         assert_eq!(entries.len(), 1, "{entries:?}");
@@ -616,16 +653,16 @@ pub(crate) mod tests {
         let mut planted = first.clone();
         planted.extend_from_slice(b"planted");
         write_entry(entry, &planted);
-        assert_eq!(cubin(&nv, TINY, 9, 0, false).unwrap(), planted);
+        assert_eq!(image(&nv, TINY, Target::Cubin, 9, 0, false).unwrap(), planted);
         // ... but not from a file others may write, nor with a wrong digest
         std::fs::set_permissions(entry, std::fs::Permissions::from_mode(0o666)).unwrap();
-        assert_eq!(cubin(&nv, TINY, 9, 0, false).unwrap(), first, "a world-writable entry is not read");
+        assert_eq!(image(&nv, TINY, Target::Cubin, 9, 0, false).unwrap(), first, "a world-writable entry is not read");
         let mut bytes = std::fs::read(entry).unwrap();
         let n = bytes.len();
         bytes[n - 1] ^= 1;
         std::fs::write(entry, &bytes).unwrap();
         assert!(read_entry(entry).is_none(), "a damaged image fails its digest");
-        assert_eq!(cubin(&nv, TINY, 9, 0, false).unwrap(), first, "and is compiled again");
+        assert_eq!(image(&nv, TINY, Target::Cubin, 9, 0, false).unwrap(), first, "and is compiled again");
         assert_eq!(read_entry(entry).unwrap(), first, "and replaced");
         // an entry the driver refuses to load is a miss, compiled again and replaced
         let mut bad = b"\x7fELF not a loadable image".to_vec();
@@ -639,14 +676,42 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         std::env::set_var("LUSPO_RS_CACHE_DIR", &open);
-        assert_eq!(cubin(&nv, TINY, 9, 0, false).unwrap(), first);
+        assert_eq!(image(&nv, TINY, Target::Cubin, 9, 0, false).unwrap(), first);
         assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0, "nothing written into a world-writable directory");
         // the key holds the options: another architecture is another entry
         std::env::set_var("LUSPO_RS_CACHE_DIR", &dir);
-        cubin(&nv, TINY, 8, 0, false).unwrap();
+        image(&nv, TINY, Target::Cubin, 8, 0, false).unwrap();
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
         std::env::remove_var("LUSPO_RS_CACHE_DIR");
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A GPU newer than NVRTC (issue 20 C3), through the simulator's tables:
+    /// PTX for the newest architecture NVRTC knows, loaded (the driver
+    /// compiles it); the GPU's own cubin when NVRTC knows it; an error
+    /// naming both when NVRTC knows nothing at or below the GPU.
+    #[test]
+    fn a_gpu_newer_than_nvrtc_gets_ptx_for_the_newest_architecture_nvrtc_knows() {
+        use super::super::sim;
+        let _env = CACHE_ENV.lock().unwrap_or_else(|e| e.into_inner());
+        std::env::set_var("LUSPO_RS_CACHE_DIR", ""); // no cache: every load compiles
+        let (nv, d) = (sim::nvrtc(), sim::driver());
+        sim::set_supported_archs(&[75, 80, 86, 89, 90]);
+        let load = |ma, mi| unsafe { load_module(&d, &nv, TINY, ma, mi) };
+        let m = load(12, 0).unwrap();
+        assert_eq!(sim::last_arch(), "--gpu-architecture=compute_90");
+        assert_eq!(unsafe { (d.cuModuleUnload)(m) }, 0);
+        let m = load(8, 7).unwrap();
+        assert_eq!(sim::last_arch(), "--gpu-architecture=compute_86", "sm_87 is not known: the newest below it");
+        assert_eq!(unsafe { (d.cuModuleUnload)(m) }, 0);
+        let m = load(9, 0).unwrap();
+        assert_eq!(sim::last_arch(), "--gpu-architecture=sm_90");
+        assert_eq!(unsafe { (d.cuModuleUnload)(m) }, 0);
+        sim::set_supported_archs(&[100, 120]);
+        let e = load(9, 0).unwrap_err();
+        assert!(e.contains("no architecture at or below sm_90") && e.contains("[100, 120]"), "{e}");
+        sim::set_supported_archs(&[]);
+        std::env::remove_var("LUSPO_RS_CACHE_DIR");
     }
 
     /// The tests that set LUSPO_RS_CACHE_DIR take turns.

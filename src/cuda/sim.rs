@@ -219,9 +219,51 @@ unsafe extern "C" fn nvrtc_create(
     0
 }
 
+/// The architectures the simulator's NVRTC says it knows (as
+/// `nvrtcGetSupportedArchs`: 10 * major + minor), and the architecture
+/// option of its last compile: the tests of the PTX fallback set and read them.
+static ARCHS: Mutex<Vec<c_int>> = Mutex::new(Vec::new());
+static LAST_ARCH: Mutex<String> = Mutex::new(String::new());
+const DEFAULT_ARCHS: [c_int; 6] = [70, 75, 80, 86, 89, 90];
+
+/// Sets the architectures the simulator's NVRTC knows (empty: the default,
+/// sm_70 to sm_90).
+pub fn set_supported_archs(archs: &[i32]) {
+    *ARCHS.lock().unwrap_or_else(|e| e.into_inner()) = archs.to_vec();
+}
+
+/// The `--gpu-architecture=` option of the simulator's last compile.
+pub fn last_arch() -> String {
+    LAST_ARCH.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn archs() -> Vec<c_int> {
+    let a = ARCHS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if a.is_empty() {
+        DEFAULT_ARCHS.to_vec()
+    } else {
+        a
+    }
+}
+
+unsafe extern "C" fn nvrtc_num_archs(n: *mut c_int) -> NvrtcResult {
+    *n = archs().len() as c_int;
+    0
+}
+
+unsafe extern "C" fn nvrtc_archs(out: *mut c_int) -> NvrtcResult {
+    for (k, a) in archs().into_iter().enumerate() {
+        *out.add(k) = a;
+    }
+    0
+}
+
 unsafe extern "C" fn nvrtc_compile(prog: NvrtcProgram, n: c_int, opts: *const *const c_char) -> NvrtcResult {
     let p = &mut *(prog as *mut Program);
     let opts: Vec<String> = (0..n as usize).map(|k| CStr::from_ptr(*opts.add(k)).to_string_lossy().into_owned()).collect();
+    if let Some(a) = opts.iter().find(|o| o.starts_with("--gpu-architecture=")) {
+        *LAST_ARCH.lock().unwrap_or_else(|e| e.into_inner()) = a.clone();
+    }
     match build(&p.src, &opts) {
         Ok(img) => {
             p.image = img;
@@ -286,6 +328,8 @@ pub fn nvrtc() -> Arc<Nvrtc> {
             nvrtcGetCUBINSize: nvrtc_image_size,
             nvrtcGetCUBIN: nvrtc_image,
             nvrtcDestroyProgram: nvrtc_destroy,
+            nvrtcGetNumSupportedArchs: nvrtc_num_archs,
+            nvrtcGetSupportedArchs: nvrtc_archs,
         })
     })
     .clone()
@@ -360,6 +404,7 @@ unsafe extern "C" fn cu_device_attribute(v: *mut c_int, attr: c_int, _d: CUdevic
     *v = match attr {
         CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR => 9,
         CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR => 0,
+        // (the PTX fallback is tested below the device table: runtime::load_module)
         CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT => 132,
         _ => return CUDA_ERROR_INVALID_VALUE,
     };

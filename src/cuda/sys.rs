@@ -78,6 +78,8 @@ api!(Nvrtc {
     nvrtcGetCUBINSize: fn(NvrtcProgram, *mut usize) -> NvrtcResult;
     nvrtcGetCUBIN: fn(NvrtcProgram, *mut c_char) -> NvrtcResult;
     nvrtcDestroyProgram: fn(*mut NvrtcProgram) -> NvrtcResult;
+    nvrtcGetNumSupportedArchs: fn(*mut c_int) -> NvrtcResult;
+    nvrtcGetSupportedArchs: fn(*mut c_int) -> NvrtcResult;
 });
 
 impl Driver {
