@@ -235,18 +235,19 @@ def policy_loss(
     old_log_prob = as_tensor("old_log_prob", old_log_prob)
     advantages = as_tensor("advantages", advantages)
     response_mask = as_tensor("response_mask", response_mask)
+    loss_dtype = result_dtype(
+        log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, response_mask=response_mask,
+        rollout_is_weights=weights,
+    )  # fmt: skip
     if picks is not None:
         picks = as_tensor("picks", picks)
     elif mode in ("clip_cov", "kl_cov"):
+        # verl's choice of tokens, in torch (Clip-Cov draws from torch's default CPU generator as verl does)
         picks = choose_tokens(
             mode, old_log_prob, log_prob.detach(), advantages, response_mask, clip_ratio=options["clip_ratio"],
             clip_ratio_low=options["clip_ratio_low"], clip_ratio_high=options["clip_ratio_high"],
             clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio,
         )  # fmt: skip
-    loss_dtype = result_dtype(
-        log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, response_mask=response_mask,
-        rollout_is_weights=weights,
-    )  # fmt: skip
     loss, metrics = PolicyLossFunction.apply(
         log_prob, old_log_prob, advantages, response_mask, weights, picks, options, factor, loss_dtype
     )
