@@ -287,7 +287,9 @@ def compute_policy_loss_bypass_mode(
         )
     loss_type = _cfg(rc, "loss_type", "ppo_clip")
     if loss_type not in ("reinforce", "ppo_clip"):
-        raise ValueError(f"loss_type: invalid rollout_correction.loss_type {loss_type!r}; must be 'reinforce' or 'ppo_clip'")
+        raise ValueError(
+            f"loss_type: invalid rollout_correction.loss_type {loss_type!r}; must be 'reinforce' or 'ppo_clip'"
+        )
     try:
         from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
     except ImportError as e:  # pragma: no cover - verl is installed wherever bypass mode runs
@@ -303,11 +305,12 @@ def compute_policy_loss_bypass_mode(
             rollout_rs=_cfg(rc, "rollout_rs", None),
             rollout_rs_threshold=_cfg(rc, "rollout_rs_threshold", None),
         )
+    args = (old_log_prob, log_prob, advantages, mask, loss_agg_mode, config)
     if loss_type == "reinforce":  # the IS weights, as constant factors
         weights = None if weights_proto is None else weights_proto.batch["rollout_is_weights"]
-        loss, metrics = compute_policy_loss_reinforce(old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, weights)
+        loss, metrics = compute_policy_loss_reinforce(*args, weights)
     else:  # ppo_clip: no IS weights (the clipped ratio already is pi_current / pi_rollout)
-        loss, metrics = compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, None)
+        loss, metrics = compute_policy_loss_vanilla(*args, None)
     metrics.update(correction_metrics)
     return loss, metrics
 

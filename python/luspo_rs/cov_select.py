@@ -206,7 +206,9 @@ def _kl_cov(lp, adv, mask, kl_cov_ratio) -> Optional[torch.Tensor]:
         return None
     k = max(1, int(n * kl_cov_ratio))
     if k > n:
-        raise ValueError(f"kl_cov_ratio: {kl_cov_ratio!r} chooses {k} tokens of the {n} valid ones (verl's topk raises)")
+        raise ValueError(
+            f"kl_cov_ratio: {kl_cov_ratio!r} chooses {k} tokens of the {n} valid ones (verl's topk raises)"
+        )
     # (a and x are our copies: the centring is done in place, same bits)
     cov = _mul(a.sub_(a.mean()), x.sub_(x.mean()))
     top = torch.topk(cov, k, largest=True).indices

@@ -179,6 +179,15 @@ def policy_loss(
         advantages: ``(B, T)``, or ``(B,)`` / ``(B, 1)`` per sequence.
         response_mask: ``(B, T)`` bool, integer or float mask.
         rollout_is_weights: optional, shaped like ``advantages``.
+        clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio: Clip-Cov's and
+            KL-Cov's choice of tokens, made as verl 0.9.1 makes it
+            (:func:`luspo_rs.cov_select.choose_tokens`: Clip-Cov draws one
+            ``torch.randperm`` from torch's default CPU generator, so a run
+            seeded as verl's picks the same tokens; KL-Cov takes the CPU
+            ``topk``). The ratios must be finite and > 0 (``ValueError``).
+        picks: optional bool ``(B, T)``: the chosen tokens themselves
+            (Clip-Cov: cut out; KL-Cov: given ``ppo_kl_coef |lp - old|``);
+            when given, nothing is chosen or drawn.
 
     Returns:
         ``(loss, metrics)``: ``loss`` is a scalar in torch's promotion of the
