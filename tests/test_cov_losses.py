@@ -412,6 +412,14 @@ def test_bad_knobs_and_inputs_are_clear_errors(mode):
         for bound in ("clip_cov_lb", "clip_cov_ub"):
             with pytest.raises(ValueError, match=bound):
                 run(**{bound: float("nan")})
+        # verl: int(nan) raises ValueError, int(inf) OverflowError
+        for bad in (float("nan"), float("inf")):
+            m = mask.float()
+            m[0, 0] = bad
+            with pytest.raises((ValueError, OverflowError)):
+                verl_ca.compute_policy_loss_clip_cov(old, lp, adv, m, config=config(mode))
+            with pytest.raises(ValueError, match="response_mask"):
+                luspo_rs.policy_loss(old, lp, adv, m, mode=mode)
     else:
         with pytest.raises(ValueError, match="kl_cov_ratio"):
             run(kl_cov_ratio=2.0)

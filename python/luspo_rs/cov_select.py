@@ -26,19 +26,25 @@ chooses the tokens given the ``ppo_kl_coef |lp - old|`` term. Ties (common
 with bfloat16 log-probs) are broken by the same CPU ``topk`` on the same
 values, hence as verl breaks them.
 
-Cost, besides the fused pass. Clip-Cov: about four ``(B, T)`` temporaries in
-the inputs' promoted dtype (the ratio, its clamp, a masked copy for each
-masked mean, the covariance; the products of the clip test are made in
-place where the dtypes allow) and three ``(B, T)`` bool ones; host syncs:
-``sum m`` read for ``clip_num`` and the candidate count (verl: the same
-``.item()``), and a ``nonzero`` only when there are more candidates than
-``clip_num`` (otherwise every candidate is chosen and the candidate mask is
-returned as it is; verl always calls ``nonzero``). ``randperm(n)`` runs on
-the CPU, as in verl. KL-Cov: a bool ``(B, T)`` test, one ``nonzero`` (a sync)
-for the valid tokens' positions, the two gathered ``n``-element vectors
-copied to the host (verl makes the same two copies, and two more syncs for
-its boolean indexing), ``topk`` on the CPU, and the ``k`` chosen positions
-copied back.
+Cost, besides the fused pass. Clip-Cov: elementwise passes that create
+``(B, T)`` temporaries in the inputs' promoted dtype (the ratio, its clamp,
+a masked copy for each masked mean, the centred log-probs and, for
+per-token advantages, the centred advantages), at most two of them alive at
+once, the products of the clip test and the covariance made in place where
+the dtypes allow; and bool ``(B, T)`` masks (the clip test, the candidates,
+one comparison at a time). Host syncs: ``sum m`` read for ``clip_num`` and
+the candidate count (verl reads the same ``.item()``), and a ``nonzero``
+only when there are more candidates than ``clip_num`` (otherwise every
+candidate is chosen and the candidate mask is returned as it is; verl
+always calls ``nonzero``). ``randperm(n)`` runs on the CPU, as in verl.
+KL-Cov: a bool ``(B, T)`` test, one ``nonzero`` (a sync; ``n`` int64
+positions) for the valid tokens, the two gathered ``n``-element vectors
+copied to the host (verl makes the same two copies, and syncs twice more
+for its boolean indexing), ``topk`` on the CPU, and the ``k`` chosen
+positions copied back. Measured once (best of 3, torch on one thread of a
+shared 2-core machine, 64 x 2048 tokens, the default ratios), the choice
+took 1.8 ms of our drop-in's 3.5 ms forward and backward for Clip-Cov and
+1.3 of 4.6 ms for KL-Cov (verl's functions: 17.8 and 8.6 ms).
 
 Deliberate differences from verl (which asserts, or raises from deeper
 down): a ratio that is not a finite number > 0 is a ``ValueError`` naming
@@ -48,7 +54,7 @@ down): a ratio that is not a finite number > 0 is a ``ValueError`` naming
 ``kl_cov_ratio`` choosing more tokens than there are valid ones is a
 ``ValueError`` (verl: ``RuntimeError`` from ``topk``); a non-finite
 ``sum m`` for Clip-Cov is a ``ValueError`` naming ``response_mask`` (verl:
-``int(nan)`` raises). Per-row advantages (``(B,)`` or ``(B, 1)``), which
+``int()`` raises ``ValueError`` or ``OverflowError``). Per-row advantages (``(B,)`` or ``(B, 1)``), which
 verl's two functions do not take, are used as if expanded over the row.
 NaN inputs are not refused: they decide as in verl, e.g. a NaN ``log_prob``
 at a valid token makes every Clip-Cov covariance NaN (no token chosen) and
