@@ -300,6 +300,18 @@ def test_per_row_advantages(case, device):
         assert_parity(mode, old, lp, a, mask, "token-mean", seed=1, verl_adv=full, **kw)
 
 
+def test_strided_inputs(device):
+    """Column-major inputs (what verl gets, we get: the same reductions);
+    with every candidate chosen the candidate mask, column-major too, is
+    handed to the fused pass as it is."""
+    old, lp, adv, mask = data(seed=3, device=device)
+    col = lambda t: t.t().contiguous().t()  # noqa: E731
+    for case in ("clip_cov_all", "clip_cov_many", "kl_cov"):
+        mode, kw = CASES[case]
+        picks = assert_parity(mode, col(old), col(lp), col(adv), col(mask), "token-mean", seed=2, **kw)
+        assert torch.equal(picks, our_choice(mode, old, lp, adv, mask, kw, seed=2))
+
+
 @pytest.mark.parametrize("case", ["clip_cov_many", "clip_cov_all", "kl_cov", "kl_cov_many"])
 def test_empty_rows_and_all_masked_batch(case, device):
     mode, kw = CASES[case]
