@@ -603,3 +603,24 @@ def test_take_over_gives_verls_numbers_through_verls_registry():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr
+
+
+def test_bypass_mode_without_verl_says_what_is_missing():
+    """core_algos imports without verl; only calling bypass_mode needs it."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["verl"] = None  # makes `import verl...` raise ImportError
+        import torch
+        from luspo_rs import core_algos
+        cfg = {"policy_loss": {"rollout_correction": {"loss_type": "reinforce"}}}
+        x = torch.zeros(2, 3)
+        try:
+            core_algos.compute_policy_loss_bypass_mode(x, x, x, torch.ones(2, 3), config=cfg)
+        except ImportError as e:
+            assert "rollout correction" in str(e) and "verl==0.9.1" in str(e), e
+            print("OK")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr

@@ -292,7 +292,7 @@ def compute_policy_loss_bypass_mode(
         )
     try:
         from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
-    except ImportError as e:  # pragma: no cover - verl is installed wherever bypass mode runs
+    except ImportError as e:
         raise ImportError(f"compute_policy_loss_bypass_mode needs verl's rollout correction (verl==0.9.1): {e}") from e
     with torch.no_grad():
         weights_proto, mask, correction_metrics = compute_rollout_correction_and_rejection_mask(
