@@ -64,6 +64,7 @@ every KL-Cov covariance NaN (``topk`` then takes the first ``k``, as verl's).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -95,7 +96,7 @@ def choose_tokens(
     if mode == "clip_cov":
         ratio = _positive("clip_cov_ratio", clip_cov_ratio)
         for name, bound in (("clip_cov_lb", clip_cov_lb), ("clip_cov_ub", clip_cov_ub)):
-            if not isinstance(bound, (int, float)) or isinstance(bound, bool) or math.isnan(bound):
+            if not isinstance(bound, numbers.Real) or isinstance(bound, bool) or math.isnan(bound):
                 raise ValueError(f"{name}: expected a number (not NaN), got {bound!r}")
         low = clip_ratio if clip_ratio_low is None else clip_ratio_low
         high = clip_ratio if clip_ratio_high is None else clip_ratio_high
@@ -108,7 +109,7 @@ def choose_tokens(
 def _positive(name: str, value) -> float:
     """verl's ``assert <ratio> > 0``, as a ``ValueError`` naming it (and
     refusing infinity, for which verl's ``int()`` raises)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name}: must be a finite number > 0 (verl asserts {name} > 0), got {value!r}")
