@@ -6,7 +6,9 @@ the same numbers (to floating-point rounding: luspo-rs accumulates in f64).
 This module holds only verl's signatures and config handling: the work is
 done by the public functions (:func:`luspo_rs.policy_loss`,
 :func:`luspo_rs.agg_loss`, :func:`luspo_rs.kl_penalty`,
-:func:`luspo_rs.advantage`). It does not import verl.
+:func:`luspo_rs.advantage`). It does not import verl (only
+``compute_policy_loss_bypass_mode``, when called, imports verl's rollout
+correction, as verl's own does).
 
 * policy losses — ``compute_policy_loss_<mode>`` for every mode verl
   registers (:data:`POLICY_LOSSES`), ``compute_policy_loss_luspo`` and verl's
@@ -16,7 +18,11 @@ done by the public functions (:func:`luspo_rs.policy_loss`,
   diagnostics ``"actor/len_*"``; they read the config fields verl's function
   reads (``clip_ratio*``, ``tau_pos``/``tau_neg``, ``policy_loss.dro_beta``,
   ``policy_loss.clip_cov_*``, ``kl_cov_ratio``, ``ppo_kl_coef``) and
-  ``config.global_batch_info``;
+  ``config.global_batch_info``; Clip-Cov and KL-Cov choose their tokens as
+  verl does (:mod:`luspo_rs.cov_select`: the same tokens for the same torch
+  seed), ``bypass_mode`` applies verl's rollout correction and dispatches
+  to the fused REINFORCE or PPO-clip loss, adding verl's ``rollout_corr/*``
+  metrics;
 * ``compute_value_loss`` — verl's clipped critic loss, returning
   ``(vf_loss, vf_clipfrac)`` with ``vf_clipfrac`` a 0-d tensor in verl's dtype;
 * ``agg_loss`` and ``kl_penalty``, differentiable through torch autograd;
@@ -85,6 +91,7 @@ __all__ = [
     "compute_policy_loss_clip_cov",
     "compute_policy_loss_dppo_kl",
     "compute_policy_loss_dppo_tv",
+    "compute_policy_loss_bypass_mode",
     "compute_policy_loss_dro",
     "compute_policy_loss_geo_mean",
     "compute_policy_loss_gpg",
@@ -244,6 +251,70 @@ def compute_policy_loss_reinforce(
     return _policy("reinforce", rollout_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
 
 
+def compute_policy_loss_bypass_mode(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Optional[Any] = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's ``bypass_mode`` (``old_log_prob`` is the rollout's log-prob):
+    the rollout correction, IS weights ``pi_current / pi_rollout`` and the
+    rejection mask, computed without gradient by verl's own
+    ``rollout_corr_helper.compute_rollout_correction_and_rejection_mask``
+    (imported here, when called: this drop-in runs inside verl), then the
+    fused loss of ``config.policy_loss.rollout_correction.loss_type``:
+    ``"reinforce"`` (:func:`compute_policy_loss_reinforce`, with the IS
+    weights) or ``"ppo_clip"`` (:func:`compute_policy_loss_vanilla`, without
+    them: the clipped ratio is the correction), both over the rejection mask.
+    ``rollout_is_weights`` is ignored, as verl does. The metrics are the
+    loss's, then verl's ``rollout_corr/*``.
+
+    A missing ``config`` or ``rollout_correction`` and an unknown
+    ``loss_type`` are ``ValueError`` (verl: ``assert`` for the config, then
+    ``ValueError``); the last is raised before any work, verl raises it
+    after computing the correction."""
+    if config is None:
+        raise ValueError("config: compute_policy_loss_bypass_mode needs the actor config, got None")
+    policy_loss_cfg = _cfg(config, "policy_loss", None)
+    rc = None if policy_loss_cfg is None else _cfg(policy_loss_cfg, "rollout_correction", None)
+    if rc is None:
+        raise ValueError(
+            "config: rollout_correction config not found in policy_loss; with loss_mode='bypass_mode', "
+            "set actor.policy_loss.rollout_correction"
+        )
+    loss_type = _cfg(rc, "loss_type", "ppo_clip")
+    if loss_type not in ("reinforce", "ppo_clip"):
+        raise ValueError(
+            f"loss_type: invalid rollout_correction.loss_type {loss_type!r}; must be 'reinforce' or 'ppo_clip'"
+        )
+    try:
+        from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+    except ImportError as e:
+        raise ImportError(f"compute_policy_loss_bypass_mode needs verl's rollout correction (verl==0.9.1): {e}") from e
+    with torch.no_grad():
+        weights_proto, mask, correction_metrics = compute_rollout_correction_and_rejection_mask(
+            old_log_prob=log_prob,  # the current policy: the IS ratio is pi_current / pi_rollout
+            rollout_log_prob=old_log_prob,
+            response_mask=response_mask,
+            rollout_is=_cfg(rc, "rollout_is", None),
+            rollout_is_threshold=_cfg(rc, "rollout_is_threshold", 2.0),
+            rollout_is_batch_normalize=_cfg(rc, "rollout_is_batch_normalize", False),
+            rollout_rs=_cfg(rc, "rollout_rs", None),
+            rollout_rs_threshold=_cfg(rc, "rollout_rs_threshold", None),
+        )
+    args = (old_log_prob, log_prob, advantages, mask, loss_agg_mode, config)
+    if loss_type == "reinforce":  # the IS weights, as constant factors
+        weights = None if weights_proto is None else weights_proto.batch["rollout_is_weights"]
+        loss, metrics = compute_policy_loss_reinforce(*args, weights)
+    else:  # ppo_clip: no IS weights (the clipped ratio already is pi_current / pi_rollout)
+        loss, metrics = compute_policy_loss_vanilla(*args, None)
+    metrics.update(correction_metrics)
+    return loss, metrics
+
+
 #: verl's registered policy-loss name -> our drop-in (``luspo`` is ours).
 POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, Any]]]] = {
     "vanilla": compute_policy_loss_vanilla,
@@ -258,7 +329,7 @@ POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, Any]]]] = {
     "dppo_tv": compute_policy_loss_dppo_tv,
     "dppo_kl": compute_policy_loss_dppo_kl,
     "dro": compute_policy_loss_dro,
-    # (bypass_mode: below, with verl's rollout correction)
+    "bypass_mode": compute_policy_loss_bypass_mode,
 }
 
 

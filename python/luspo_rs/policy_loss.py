@@ -179,6 +179,15 @@ def policy_loss(
         advantages: ``(B, T)``, or ``(B,)`` / ``(B, 1)`` per sequence.
         response_mask: ``(B, T)`` bool, integer or float mask.
         rollout_is_weights: optional, shaped like ``advantages``.
+        clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio: Clip-Cov's and
+            KL-Cov's choice of tokens, made as verl 0.9.1 makes it
+            (:func:`luspo_rs.cov_select.choose_tokens`: Clip-Cov draws one
+            ``torch.randperm`` from torch's default CPU generator, so a run
+            seeded as verl's picks the same tokens; KL-Cov takes the CPU
+            ``topk``). The ratios must be finite and > 0 (``ValueError``).
+        picks: optional bool ``(B, T)``: the chosen tokens themselves
+            (Clip-Cov: cut out; KL-Cov: given ``ppo_kl_coef |lp - old|``);
+            when given, nothing is chosen or drawn.
 
     Returns:
         ``(loss, metrics)``: ``loss`` is a scalar in torch's promotion of the
@@ -235,18 +244,19 @@ def policy_loss(
     old_log_prob = as_tensor("old_log_prob", old_log_prob)
     advantages = as_tensor("advantages", advantages)
     response_mask = as_tensor("response_mask", response_mask)
+    loss_dtype = result_dtype(
+        log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, response_mask=response_mask,
+        rollout_is_weights=weights,
+    )  # fmt: skip
     if picks is not None:
         picks = as_tensor("picks", picks)
     elif mode in ("clip_cov", "kl_cov"):
+        # verl's choice of tokens, in torch (Clip-Cov draws from torch's default CPU generator as verl does)
         picks = choose_tokens(
             mode, old_log_prob, log_prob.detach(), advantages, response_mask, clip_ratio=options["clip_ratio"],
             clip_ratio_low=options["clip_ratio_low"], clip_ratio_high=options["clip_ratio_high"],
             clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio,
         )  # fmt: skip
-    loss_dtype = result_dtype(
-        log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, response_mask=response_mask,
-        rollout_is_weights=weights,
-    )  # fmt: skip
     loss, metrics = PolicyLossFunction.apply(
         log_prob, old_log_prob, advantages, response_mask, weights, picks, options, factor, loss_dtype
     )
