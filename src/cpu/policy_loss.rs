@@ -325,31 +325,38 @@ impl TokenRule for KlCov {
 
 /// GMPO's clipped log-ratio (verl `compute_policy_loss_geo_mean`, see
 /// `LossMode::GeoMean`): `dmin = sA min(sA d, sA dc)` with `sA = sign(A)`
-/// (0 at 0, NaN for NaN, as `torch.sign`) and `dc = clamp(d, -low, high)`;
-/// returns `dmin`, `d dmin / d d` (torch's `min` splits ties, `clamp`
-/// passes the gradient as [`clamp`] says; `sA sA` makes it 0 where `A == 0`)
-/// and `dc`.
+/// (0 at 0 and for NaN, as `torch.sign`) and `dc = clamp(d, -low, high)`;
+/// returns `dmin`, `up * d dmin / d d` as torch's backward computes it from
+/// the upstream gradient `up` (`sA (min's share of sA up)`: ties split,
+/// `clamp` passes as [`clamp`] says, both by selection, so a NaN `up` gives
+/// an exact 0 where a branch is cut off, as torch's does; `sA` makes it 0,
+/// or NaN for a NaN `up`, where `A == 0`) and `dc`.
 #[inline(always)]
-fn geo_dmin<L: Lane>(d: L, a: L, clip: &Clip) -> (L, L, L) {
+fn geo_dmin<L: Lane>(d: L, a: L, up: L, clip: &Clip) -> (L, L, L) {
     let (zero, one) = (L::splat(0.0), L::splat(1.0));
     let (dc, pass) = clamp(d, L::splat(-clip.low), L::splat(clip.high), clip.clamp_closed);
-    let sa = L::select(a.gt(zero), one, L::select(a.lt(zero), -one, a * zero));
-    let (mn, dmn) = minimum(sa * d, sa, sa * dc, L::select(pass, sa, zero));
+    let sa = L::select(a.gt(zero), one, L::select(a.lt(zero), -one, zero));
+    let u = up * sa;
+    let (mn, dmn) = minimum(sa * d, u, sa * dc, L::select(pass, u, zero));
     (sa * mn, sa * dmn, dc)
 }
 
 /// GMPO's token pass (its loss is a row quantity: [`geo_row`]): `dloss` is
-/// `d dmin / d d`, which the row's coefficient turns into the gradient;
-/// `pg_clipfrac` counts `d != dc` (NaN included) where `A > 0`,
-/// `pg_clipfrac_lower` where `A < 0`; `ppo_kl` averages `-d` (unclamped).
-struct GeoMean(Clip);
+/// `coef d dmin / d d`, `coef` the row's coefficient (the token pass's own
+/// is 1, so `m dloss` is the gradient); `pg_clipfrac` counts `d != dc`
+/// (NaN included) where `A > 0`, `pg_clipfrac_lower` where `A < 0`;
+/// `ppo_kl` averages `-d` (unclamped).
+struct GeoMean {
+    clip: Clip,
+    coef: f64,
+}
 
 impl TokenRule for GeoMean {
     #[inline(always)]
     fn eval<L: Lane>(&self, old: L, lp: L, a: L, _pick: L) -> (Tok<L>, L) {
         let zero = L::splat(0.0);
         let d = lp - old;
-        let (_, ddmin, dc) = geo_dmin(d, a, &self.0);
+        let (_, ddmin, dc) = geo_dmin(d, a, L::splat(self.coef), &self.clip);
         let clipped = d.ne(dc);
         (Tok { loss: zero, dloss: ddmin, clipped: clipped & a.gt(zero), lower: clipped & a.lt(zero) }, d)
     }
@@ -666,7 +673,7 @@ fn geo_row_sums<W: Wide>(old: &[W::F], lp: &[W::F], adv: &[W::F], mask: &[W::F],
         let mut j = 0;
         while j + W::WIDTH <= m.len() {
             let (mv, av) = (W::load(&m[j..]), W::load(&a[j..]));
-            let (dmin, _, _) = geo_dmin(W::load(&l[j..]) - W::load(&o[j..]), av, clip);
+            let (dmin, _, _) = geo_dmin(W::load(&l[j..]) - W::load(&o[j..]), av, W::V::splat(1.0), clip);
             acc[0].add(j, mv);
             acc[1].add(j, dmin * mv);
             acc[2].add(j, av * mv);
@@ -678,7 +685,7 @@ fn geo_row_sums<W: Wide>(old: &[W::F], lp: &[W::F], adv: &[W::F], mask: &[W::F],
         let mut lanes = [acc[0].lanes(), acc[1].lanes(), acc[2].lanes(), acc[3].lanes()];
         let eps = <W::F as Lane>::splat(1e-10);
         for j in j..m.len() {
-            let (dmin, _, _) = geo_dmin(l[j] - o[j], a[j], clip);
+            let (dmin, _, _) = geo_dmin(l[j] - o[j], a[j], <W::F as Lane>::splat(1.0), clip);
             let k = j % 8;
             lanes[0][k] = lanes[0][k] + m[j];
             lanes[1][k] = lanes[1][k] + dmin * m[j];
@@ -698,8 +705,8 @@ fn geo_row_sums<W: Wide>(old: &[W::F], lp: &[W::F], adv: &[W::F], mask: &[W::F],
 /// `ratio_i`, `adv_i`, `sw_i` and `pg_i = (-adv_i ratio_i) sw_i` in the
 /// lane's type (the means `sum / (L_i + 1e-8)` rounded to it once, as verl's
 /// division in the inputs' type), then the token pass writes
-/// `g_t = coef_i m_t (d dmin_t / d d_t)`, `coef_i = pg_i / (L_i + 1e-8) * (1 / B) factor`,
-/// and the metric sums. Returns `pg_i` as the row's loss. Loads a row of
+/// `g_t = m_t (coef_i d dmin_t / d d_t)`, `coef_i = pg_i / (L_i + 1e-8) * (1 / B) factor`
+/// (in torch's order, see [`geo_dmin`]), and the metric sums. Returns `pg_i` as the row's loss. Loads a row of
 /// at most [`PIECE`] tokens once for both passes, as [`row`].
 #[inline(always)]
 fn geo_row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, i: usize, s: &mut Scratch<W::F>) -> RowSums {
@@ -738,12 +745,13 @@ fn geo_row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, i: usize, s: &mut S
             pg = (-adv_i * ratio) * sw;
             coef = W::F::of(pg.f64() / den * geo_scale(p));
         }
-        let ctx = RowCtx { old, lp, adv, mask, w: None, picks: None, coef, seq_mode: false };
+        let one = <W::F as Lane>::splat(1.0);
+        let ctx = RowCtx { old, lp, adv, mask, w: None, picks: None, coef: one, seq_mode: false };
         // SAFETY: row i is written by this task only.
         let direct = unsafe { p.grad.direct_part::<W::F>(i, start, len) };
         let converted = direct.is_none();
         let g = direct.unwrap_or(&mut s.grad[..len]);
-        ctx.token_pass::<W, _, DIAG>(g, &mut st, &GeoMean(p.clip));
+        ctx.token_pass::<W, _, DIAG>(g, &mut st, &GeoMean { clip: p.clip, coef: coef.f64() });
         if converted {
             // SAFETY: as above.
             unsafe { p.grad.store_part(i, start, &s.grad[..len]) };

@@ -54,17 +54,20 @@ __device__ __forceinline__ F clipped_surrogate(F a, F r, F dr, F lo, F hi, bool 
 }
 
 // GMPO's clipped log-ratio (geo_dmin of src/cpu/policy_loss.rs):
-// dmin = sA min(sA d, sA dc), sA = sign(A) (0 at 0, NaN for NaN), dc =
-// clamp(d, lo, hi); *ddmin = d dmin / d d (ties split, the clamp passes as
-// clampg says, 0 where A == 0), *dc the clamped value.
+// dmin = sA min(sA d, sA dc), sA = sign(A) (0 at 0 and for NaN), dc =
+// clamp(d, lo, hi); *ddmin = up * d dmin / d d as torch's backward computes
+// it from the upstream gradient `up` (ties split, the clamp passes as clampg
+// says, both by selection: an exact 0 where a branch is cut off even for a
+// NaN `up`), *dc the clamped value.
 template <typename F>
-__device__ __forceinline__ F geo_dmin(F d, F A, F lo, F hi, bool closed, F *ddmin, F *dc) {
+__device__ __forceinline__ F geo_dmin(F d, F A, F lo, F hi, bool closed, F up, F *ddmin, F *dc) {
     const F zero = cvt<F>(0.0), one = cvt<F>(1.0);
     bool pass;
     *dc = clampg(d, lo, hi, closed, &pass);
-    const F sa = A > zero ? one : (A < zero ? -one : A * zero);
+    const F sa = A > zero ? one : (A < zero ? -one : zero);
+    const F u = up * sa;
     F dmn;
-    const F mn = minimumg(sa * d, sa, sa * *dc, pass ? sa : zero, &dmn);
+    const F mn = minimumg(sa * d, u, sa * *dc, pass ? u : zero, &dmn);
     *ddmin = sa * dmn;
     return sa * mn;
 }
@@ -275,7 +278,9 @@ __device__ void loss_rows(const LossArgs &a) {
                     if (gspo) sd += (l[u][k] - o[u][k]) * m[u][k];
                     if (geo && k < n[u]) {
                         F dd, dc;
-                        sd += geo_dmin(l[u][k] - o[u][k], A[u][k], cvt<F>(a.lo), cvt<F>(a.hi), a.clamp_closed != 0, &dd, &dc) * m[u][k];
+                        const F dmin = geo_dmin(l[u][k] - o[u][k], A[u][k], cvt<F>(a.lo), cvt<F>(a.hi), a.clamp_closed != 0,
+                                                cvt<F>(1.0), &dd, &dc);
+                        sd += dmin * m[u][k];
                         sa += A[u][k] * m[u][k];
                         if (weighted) sw += logg(w[u][k] + cvt<F>(1e-10)) * m[u][k];
                     }
@@ -452,7 +457,8 @@ __device__ __forceinline__ F ext_token_loss(const LossArgs &a, F old, F lp, F A,
 // and verl's clip flags (src/cpu/policy_loss.rs, token for token). MODE is
 // MODE_VANILLA, MODE_GSPO (GSPO and LUSPO: the row's s_i, ds_i), MODE_AGG,
 // MODE_VALUE (old: the values, lp: the predictions, A: the returns),
-// MODE_GEO_MEAN (l = 0: GMPO's loss is its rows'; *dloss = d dmin / d d) or
+// MODE_GEO_MEAN (l = 0: GMPO's loss is its rows'; sr: the row's coefficient,
+// *dloss = sr d dmin / d d) or
 // MODE_CISPO, which stands for every rule of ext_token_loss.
 template <typename F, int MODE>
 __device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F sr, F dsr, bool pick, F *dloss, F *d,
@@ -464,7 +470,7 @@ __device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F s
         // pg_clipfrac: d != dc (NaN counts) where A > 0; _lower: where A < 0
         F dc;
         *d = lp - old;
-        geo_dmin(*d, A, lo, hi, closed, dloss, &dc);
+        geo_dmin(*d, A, lo, hi, closed, sr, dloss, &dc);
         const bool c = *d != dc;
         *clipped = c && A > zero;
         *lower = c && A < zero;
@@ -532,8 +538,10 @@ __device__ void loss_tokens(const LossArgs &a) {
     const double tokens = r.live ? *GLOBAL(p + R_TOKENS) : 0.0;
     const double rw = geo ? 1.0 : row_weight(a.agg, tokens, mask_f64);
     const F zero = cvt<F>(0.0), one = cvt<F>(1.0);
-    const F coef = geo ? cvt<F>(r.live ? *GLOBAL(p + R_S) * scale : 0.0) : cvt<F>(rw == 0.0 ? 0.0 : scale * rw);
-    const F sr = cvt<F>(r.live ? *GLOBAL(p + R_S) : 0.0), dsr = cvt<F>(r.live ? *GLOBAL(p + R_DS) : 0.0);
+    // (GMPO: the row's coefficient is sr, applied inside its token rule, as torch's backward order has it)
+    const F coef = geo ? one : cvt<F>(rw == 0.0 ? 0.0 : scale * rw);
+    const F sr = cvt<F>(r.live ? *GLOBAL(p + R_S) * (geo ? scale : 1.0) : 0.0);
+    const F dsr = cvt<F>(r.live ? *GLOBAL(p + R_DS) : 0.0);
     const i64 step = a.team * V;
     double s[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};  // sum m w l, sum m d, clipped, lower, sum m A, sum |g|
     const bool picked = MODE == MODE_CISPO && a.picks.ptr != 0;
