@@ -979,3 +979,123 @@ def test_token_baselines_do_not_sync_the_host():
             tb_call(ours, name, b, b["response_mask"], True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------- GMPO (geo_mean)
+#
+# loss_rows sums GMPO's rows (L, dmin m, A m, ln(w + 1e-10) m) and writes pg_i
+# and its coefficient; loss_tokens_*_geo writes the gradient and the metric
+# sums, its last block the mean of pg_i. Against our CPU path and verl's own
+# compute_policy_loss_geo_mean on the same device.
+
+from test_geo_mean import multi_turn_mask, verl_geo  # noqa: E402
+
+
+def geo_run(old, lp, adv, mask, weights=None, **kw):
+    return run("geo_mean", old, lp, adv, mask, "token-mean", weights, **kw)
+
+
+def geo_batch(B, T, dtype, seed, mask_dtype=torch.bool, **kw):
+    old, lp, adv, mask = make_batch(B, T, dtype=dtype, seed=seed, **kw)
+    mask[1] = multi_turn_mask(1, T, seed)[0] if B > 1 else mask[1]  # (multi_turn_mask's last row is empty)
+    return old, lp, adv, mask.to(mask_dtype)
+
+
+def geo_compare(old, lp, adv, mask, w, dtype, verl=True):
+    with host():
+        c = geo_run(old, lp, adv, mask, w)
+    g = geo_run(*cuda(old, lp, adv, mask), *cuda(w))
+    assert on_device(g[0]) and on_device(g[1]) and g[1].dtype == lp.dtype and g[0].dtype == c[0].dtype
+    tol = TOL_CPU[dtype]
+    close(g[0], c[0], tol, "loss vs CPU")
+    close(g[1], c[1], tol, "grad vs CPU")
+    close(g[2], c[2], TOL_CPU[torch.float32], "metrics vs CPU")
+    if verl:  # verl on the same device, in f32 for 16-bit inputs (its own 16-bit math is coarser than ours)
+        up = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        rw = None if w is None else cuda(w)[0].to(up)
+        ref_adv = adv if adv.dim() == 2 else adv.reshape(-1, 1).expand(lp.shape)
+        r_loss, r_grad, r_met = verl_geo(*[t.to(up) for t in cuda(old, lp, ref_adv)], *cuda(mask), rw, **CLIP)
+        close(g[0], r_loss, tol, "loss vs verl")
+        close(g[1], r_grad, tol, "grad vs verl")
+        ours_met = dict(zip(METRICS, g[2]))
+        for k, v in r_met.items():
+            close(ours_met[k], v, TOL_CPU[torch.float32], f"{k} vs verl")
+    return g
+
+
+@pytest.mark.parametrize("with_weights", [False, True], ids=["no_is", "is_weights"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_geo_mean_matches_cpu_path_and_verl_on_the_gpu(dtype, with_weights):
+    old, lp, adv, mask = geo_batch(9, 300, dtype, seed=31, spread=1.0, empty_rows=(3,), full_rows=(0,))
+    w = torch.rand(9, 300, generator=torch.Generator().manual_seed(1)).to(dtype) + 0.5 if with_weights else None
+    g = geo_compare(old, lp, adv, mask, w, dtype)
+    assert g[2][0] > 0.05 and g[2][2] > 0.05, "the batch must clip on both sides"
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int64, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_geo_mean_mask_kinds_match_cpu_and_verl(dtype, mask_dtype):
+    # 1-byte masks load in runs (and T = 301 leaves a tail); a float64 mask
+    # makes the row means, ratio and loss float64, on both devices
+    old, lp, adv, mask = geo_batch(6, 301, dtype, seed=32, mask_dtype=mask_dtype, spread=0.7, empty_rows=(4,))
+    g = geo_compare(old, lp, adv, mask, None, dtype)
+    assert g[0].dtype == (torch.float64 if mask_dtype == torch.float64 else torch.float32)
+
+
+def test_geo_mean_rows_ties_zero_advantages_nan_and_empty_batches_match_cpu_on_the_gpu():
+    # per-row advantages and IS weights, A == 0 tokens, log-ratios exactly on
+    # the clip bounds, long rows (512-thread teams), NaN in valid and masked
+    # tokens, and a batch with no valid token
+    B, T = 5, 3000
+    old, lp, adv, mask = geo_batch(B, T, torch.float32, seed=33, spread=0.6, empty_rows=(2,))
+    geo_compare(old, lp, adv[:, :1].contiguous(), mask, (adv[:, 0].abs() + 0.5), torch.float32, verl=False)
+    adv[:, ::5] = 0.0
+    lp[:, 7::11] = old[:, 7::11] + 0.28  # on the upper bound, as the f32 subtraction rounds it or not
+    lp[:, 3::13] = old[:, 3::13] - 0.25
+    geo_compare(old, lp, adv, mask, None, torch.float32)
+    g = geo_compare(old, lp, adv, torch.zeros_like(mask), None, torch.float32)
+    assert g[0].item() == 0.0 and g[1].eq(0).all()
+    lp[0, 4] = float("nan")  # valid
+    mask[3, -1] = False
+    lp[3, -1] = float("nan")  # masked
+    g = geo_compare(old, lp, adv, mask, None, torch.float32, verl=False)
+    assert torch.isnan(g[0]) and g[1][3][~mask[3]].eq(0).all()
+
+
+def test_geo_mean_ignores_normalisers_and_scales_by_the_seed_on_the_gpu():
+    old, lp, adv, mask = cuda(*geo_batch(7, 200, torch.float32, seed=34, spread=0.8))
+    base = geo_run(old, lp, adv, mask)
+    other = run("geo_mean", old, lp, adv, mask, "seq-mean-token-sum", None, dp_size=4, global_batch_size=3)
+    for a, b in zip(base, other):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    x = lp.detach().clone().requires_grad_(True)
+    loss, _ = luspo_rs.policy_loss(old, x, adv, mask, mode="geo_mean", **CLIP)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    g1 = g1.clone()
+    (g3,) = torch.autograd.grad(loss, x, grad_outputs=torch.tensor(-3.0, device=x.device))
+    assert torch.equal(g1, base[1]) and torch.equal(g3, g1 * -3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_geo_mean_bitwise_deterministic_over_runs(dtype):
+    # on the simulator every run also has its blocks and threads in another order
+    B, T = (64, 5000) if BIG else (24, 1500)
+    old, lp, adv, mask = cuda(*geo_batch(B, T, dtype, seed=35, spread=0.5))
+    w = cuda(torch.rand(B, T, generator=torch.Generator().manual_seed(2)).to(dtype) + 0.5)[0]
+    first = geo_run(old, lp, adv, mask, w)
+    for k in range(4):
+        if SIM:
+            _core.sim_set_seed(1000 * k + 17)
+        again = geo_run(old, lp, adv, mask, w)
+        for a, b in zip(first, again):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_geo_mean_strided_inputs_are_read_in_place():
+    old, lp, adv, mask = cuda(*geo_batch(16, 40, torch.float32, seed=36, spread=0.8))
+    w = cuda(torch.rand(16, 40, generator=torch.Generator().manual_seed(3)) + 0.5)[0]
+    a = geo_run(old, lp, adv, mask, w)
+    t = lambda x: x.t().contiguous().t()  # noqa: E731  (transposed storage)
+    b = geo_run(t(old), t(lp), t(adv), t(mask), t(w))
+    for x, y in zip(a, b):
+        close(x, y, TOL_CPU[torch.float32], "strided")

@@ -168,7 +168,14 @@ def policy_loss(
       ``s_it = exp(min(lp - sg(lp) + sg(log s_i), 10))``, ``l = max(-A s_it, -A clip(s_it))``;
     * ``"luspo"``: GSPO's token loss aggregated ``seq-mean-token-sum`` whatever
       ``loss_agg_mode`` says, i.e. ``J = 1/G sum_i L_i min(s_i A_i, clip(s_i) A_i)``
-      for sequence-level advantages: each sequence weighted by its length ``L_i``.
+      for sequence-level advantages: each sequence weighted by its length ``L_i``;
+    * ``"geo_mean"`` (GMPO): per row, ``ratio_i = exp(sum_t m dmin / (L_i + 1e-8))``
+      with ``dmin = sA min(sA d, sA clamp(d, -clip_ratio_low, clip_ratio_high))``,
+      ``sA = sign(A)``, and ``pg_i = -ratio_i sum_t m A / (L_i + 1e-8)``, times the
+      geometric mean of the row's IS weights if given; the loss is the mean of
+      ``pg_i`` over all rows. As verl, it ignores ``loss_agg_mode`` and the
+      normalisers (``dp_size``, ...); its loss is float32 for 16-bit inputs and
+      a bool or integer mask, as verl's.
 
     Each token loss is multiplied by ``rollout_is_weights`` if given, then
     aggregated as verl's ``agg_loss(loss_agg_mode, dp_size, batch_num_tokens,
@@ -238,6 +245,10 @@ def policy_loss(
         ppo_kl_coef=as_float("ppo_kl_coef", ppo_kl_coef),
     )
     agg = effective_agg_mode(mode, loss_agg_mode)
+    if mode == "geo_mean":
+        # verl's GMPO is torch.mean over the rows: it reads neither
+        # loss_agg_mode nor global_batch_info, and neither do we
+        dp_size, batch_num_tokens, global_batch_size, loss_scale_factor = 1, None, None, None
     norms, factor = normalisers(log_prob, agg, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
     options.update(norms)
     weights = None if rollout_is_weights is None else as_tensor("rollout_is_weights", rollout_is_weights)
@@ -257,6 +268,11 @@ def policy_loss(
             clip_ratio_low=options["clip_ratio_low"], clip_ratio_high=options["clip_ratio_high"],
             clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio,
         )  # fmt: skip
+    if mode == "geo_mean" and not response_mask.is_floating_point():
+        # verl divides GMPO's row sums by sum(mask) + 1e-8: for a bool or
+        # integer mask a tensor of torch's default dtype, which promotes
+        # 16-bit inputs (to float32, by default)
+        loss_dtype = torch.promote_types(loss_dtype, torch.get_default_dtype())
     loss, metrics = PolicyLossFunction.apply(
         log_prob, old_log_prob, advantages, response_mask, weights, picks, options, factor, loss_dtype
     )

@@ -325,6 +325,45 @@ impl TokenRule for KlCov {
     }
 }
 
+/// GMPO's clipped log-ratio (verl `compute_policy_loss_geo_mean`, see
+/// `LossMode::GeoMean`): `dmin = sA min(sA d, sA dc)` with `sA = sign(A)`
+/// (0 at 0 and for NaN, as `torch.sign`) and `dc = clamp(d, -low, high)`;
+/// returns `dmin`, `up * d dmin / d d` as torch's backward computes it from
+/// the upstream gradient `up` (`sA (min's share of sA up)`: ties split,
+/// `clamp` passes as [`clamp`] says, both by selection, so a NaN `up` gives
+/// an exact 0 where a branch is cut off, as torch's does; `sA` makes it 0,
+/// or NaN for a NaN `up`, where `A == 0`) and `dc`.
+#[inline(always)]
+fn geo_dmin<L: Lane>(d: L, a: L, up: L, clip: &Clip) -> (L, L, L) {
+    let (zero, one) = (L::splat(0.0), L::splat(1.0));
+    let (dc, pass) = clamp(d, L::splat(-clip.low), L::splat(clip.high), clip.clamp_closed);
+    let sa = L::select(a.gt(zero), one, L::select(a.lt(zero), -one, zero));
+    let u = up * sa;
+    let (mn, dmn) = minimum(sa * d, u, sa * dc, L::select(pass, u, zero));
+    (sa * mn, sa * dmn, dc)
+}
+
+/// GMPO's token pass (its loss is a row quantity: [`geo_row`]): `dloss` is
+/// `coef d dmin / d d`, `coef` the row's coefficient (the token pass's own
+/// is 1, so `m dloss` is the gradient); `pg_clipfrac` counts `d != dc`
+/// (NaN included) where `A > 0`, `pg_clipfrac_lower` where `A < 0`;
+/// `ppo_kl` averages `-d` (unclamped).
+struct GeoMean {
+    clip: Clip,
+    coef: f64,
+}
+
+impl TokenRule for GeoMean {
+    #[inline(always)]
+    fn eval<L: Lane>(&self, old: L, lp: L, a: L, _pick: L) -> (Tok<L>, L) {
+        let zero = L::splat(0.0);
+        let d = lp - old;
+        let (_, ddmin, dc) = geo_dmin(d, a, L::splat(self.coef), &self.clip);
+        let clipped = d.ne(dc);
+        (Tok { loss: zero, dloss: ddmin, clipped: clipped & a.gt(zero), lower: clipped & a.lt(zero) }, d)
+    }
+}
+
 /// Per-row sums, combined across rows in index order.
 #[derive(Clone, Copy, Default)]
 struct RowSums {
@@ -377,9 +416,6 @@ impl<F: Real> Scratch<F> {
 /// Runs the loss on the CPU, writing `d loss / d log_prob` into `p.grad`;
 /// a `MemoryError` if its (bounded) working buffers cannot be allocated.
 pub fn policy_loss(p: &PolicyLossProblem) -> Result<PolicyLossOutput> {
-    if p.mode == LossMode::GeoMean {
-        return Err(Error::value_error("mode", "geo_mean is not built yet"));
-    }
     if p.wants_f64() {
         return run::<ScalarF64>(p);
     }
@@ -417,7 +453,9 @@ fn run<W: Wide>(p: &PolicyLossProblem) -> Result<PolicyLossOutput> {
 
 fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> Result<PolicyLossOutput> {
     let cols = p.log_prob.cols;
-    let totals = match p.norm.needs_mask_totals(p.agg) {
+    // GMPO averages its rows itself (geo_row): no aggregation, no mask totals
+    let geo = p.mode == LossMode::GeoMean;
+    let totals = match !geo && p.norm.needs_mask_totals(p.agg) {
         true => Some(mask_totals(&p.response_mask)?),
         false => None,
     };
@@ -438,7 +476,7 @@ fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> Result<Polic
         || Scratch::<W::F>::new(p),
         |s, i| row_fn(p, &plan, i, s),
         |r| {
-            out.loss += plan.row_contribution(r.loss, r.tokens);
+            out.loss += if geo { r.loss } else { plan.row_contribution(r.loss, r.tokens) };
             tokens += r.tokens;
             out.pg_clipfrac += r.clipped;
             out.ppo_kl += r.kl;
@@ -453,7 +491,7 @@ fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> Result<Polic
     }
     // verl's masked_mean: sum / (sum(mask) + 1e-8)
     let denom = plus_eps(tokens, mask_is_f64);
-    out.loss = plan.finish(out.loss);
+    out.loss = if geo { out.loss * geo_scale(p) } else { plan.finish(out.loss) };
     out.pg_clipfrac /= denom;
     out.ppo_kl /= denom;
     out.pg_clipfrac_lower /= denom;
@@ -466,6 +504,9 @@ fn run_with<W: Wide>(p: &PolicyLossProblem, row_fn: RowFn<W::F>) -> Result<Polic
 /// one is loaded once for both passes.
 #[inline(always)]
 fn row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, plan: &AggPlan, i: usize, s: &mut Scratch<W::F>) -> RowSums {
+    if p.mode == LossMode::GeoMean {
+        return geo_row::<W, DIAG>(p, i, s);
+    }
     let cols = p.log_prob.cols;
     let with_seq = p.with_seq();
     let mut sums = (0.0, 0.0);
@@ -525,7 +566,7 @@ fn row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, plan: &AggPlan, i: usiz
             LossMode::DppoKl => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Dppo { clip: p.clip, kl: true }),
             LossMode::ClipCov => ctx.token_pass::<W, _, DIAG>(g, &mut st, &ClipCov(p.clip)),
             LossMode::KlCov => ctx.token_pass::<W, _, DIAG>(g, &mut st, &KlCov { coef: p.knobs.kl_coef }),
-            LossMode::GeoMean => unreachable!("GMPO runs its own row pass (cpu::geo_mean)"),
+            LossMode::GeoMean => unreachable!("GMPO runs its own row pass (geo_row)"),
         }
         if converted {
             // SAFETY: as above.
@@ -613,6 +654,119 @@ fn row_sums<W: Wide>(old: &[W::F], lp: &[W::F], mask: &[W::F], with_seq: bool, s
         }
         start = end;
     }
+}
+
+/// GMPO's `(1 / B) factor`: the loss is `geo_scale * sum_i pg_i` and the
+/// gradient of row `i` carries it (verl's `torch.mean` over all rows; the
+/// aggregation and its normalisers are not used, see `LossMode::GeoMean`).
+fn geo_scale(p: &PolicyLossProblem) -> f64 {
+    (1.0 / p.log_prob.rows as f64) * p.norm.factor
+}
+
+/// Adds GMPO's row sums of a row's piece to `s`: `sum m`, `sum dmin m`,
+/// `sum A m` and, with IS weights `w`, `sum ln(w + 1e-10) m`: plain products,
+/// so a NaN anywhere in the row (masked or not) propagates, as in verl.
+/// Summed as [`row_sums`] sums (eight lanes per block, blocks in f64).
+#[inline(always)]
+fn geo_row_sums<W: Wide>(old: &[W::F], lp: &[W::F], adv: &[W::F], mask: &[W::F], w: Option<&[W::F]>, clip: &Clip, s: &mut [f64; 4]) {
+    let n = mask.len();
+    let mut start = 0;
+    while start < n {
+        let end = (start + BLOCK).min(n);
+        let (o, l, a, m) = (&old[start..end], &lp[start..end], &adv[start..end], &mask[start..end]);
+        let w = w.map(|w| &w[start..end]);
+        let mut acc = [Lanes8::<W>::new(), Lanes8::new(), Lanes8::new(), Lanes8::new()];
+        let eps = W::V::splat(1e-10);
+        let mut j = 0;
+        while j + W::WIDTH <= m.len() {
+            let (mv, av) = (W::load(&m[j..]), W::load(&a[j..]));
+            let (dmin, _, _) = geo_dmin(W::load(&l[j..]) - W::load(&o[j..]), av, W::V::splat(1.0), clip);
+            acc[0].add(j, mv);
+            acc[1].add(j, dmin * mv);
+            acc[2].add(j, av * mv);
+            if let Some(w) = w {
+                acc[3].add(j, (W::load(&w[j..]) + eps).ln() * mv);
+            }
+            j += W::WIDTH;
+        }
+        let mut lanes = [acc[0].lanes(), acc[1].lanes(), acc[2].lanes(), acc[3].lanes()];
+        let eps = <W::F as Lane>::splat(1e-10);
+        for j in j..m.len() {
+            let (dmin, _, _) = geo_dmin(l[j] - o[j], a[j], <W::F as Lane>::splat(1.0), clip);
+            let k = j % 8;
+            lanes[0][k] = lanes[0][k] + m[j];
+            lanes[1][k] = lanes[1][k] + dmin * m[j];
+            lanes[2][k] = lanes[2][k] + a[j] * m[j];
+            if let Some(w) = w {
+                lanes[3][k] = lanes[3][k] + Lane::ln(w[j] + eps) * m[j];
+            }
+        }
+        for k in 0..4 {
+            s[k] += fold8(&lanes[k]);
+        }
+        start = end;
+    }
+}
+
+/// GMPO's row (see `LossMode::GeoMean`): its sums ([`geo_row_sums`]), then
+/// `ratio_i`, `adv_i`, `sw_i` and `pg_i = (-adv_i ratio_i) sw_i` in the
+/// lane's type (the means `sum / (L_i + 1e-8)` rounded to it once, as verl's
+/// division in the inputs' type), then the token pass writes
+/// `g_t = m_t (coef_i d dmin_t / d d_t)`, `coef_i = pg_i / (L_i + 1e-8) * (1 / B) factor`
+/// (in torch's order, see [`geo_dmin`]), and the metric sums. Returns `pg_i` as the row's loss. Loads a row of
+/// at most [`PIECE`] tokens once for both passes, as [`row`].
+#[inline(always)]
+fn geo_row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, i: usize, s: &mut Scratch<W::F>) -> RowSums {
+    let cols = p.log_prob.cols;
+    let mut sums = [0.0; 4];
+    if cols > PIECE {
+        for (start, len) in pieces(cols) {
+            let old = p.old_log_prob.part(i, start, len, &mut s.old);
+            let lp = p.log_prob.part(i, start, len, &mut s.lp);
+            let adv = p.advantages.part(i, start, len, &mut s.adv);
+            let mask = p.response_mask.part(i, start, len, &mut s.mask);
+            let w = p.rollout_is_weights.as_ref().map(|w| w.part(i, start, len, &mut s.w));
+            geo_row_sums::<W>(old, lp, adv, mask, w, &p.clip, &mut sums);
+        }
+    }
+    let mut st = RowSums::default();
+    let zero = <W::F as Lane>::splat(0.0);
+    let (mut coef, mut pg) = (zero, zero);
+    for (start, len) in pieces(cols) {
+        let old = p.old_log_prob.part(i, start, len, &mut s.old);
+        let lp = p.log_prob.part(i, start, len, &mut s.lp);
+        let adv = p.advantages.part(i, start, len, &mut s.adv);
+        let mask = p.response_mask.part(i, start, len, &mut s.mask);
+        let w = p.rollout_is_weights.as_ref().map(|w| w.part(i, start, len, &mut s.w));
+        if cols <= PIECE {
+            geo_row_sums::<W>(old, lp, adv, mask, w, &p.clip, &mut sums);
+        }
+        if start == 0 {
+            let den = plus_eps(sums[0], p.response_mask.tensor.dtype == DType::F64);
+            let ratio = W::F::of(sums[1] / den).exp();
+            let adv_i = W::F::of(sums[2] / den);
+            let sw = match w {
+                Some(_) => W::F::of(sums[3] / den).exp(),
+                None => <W::F as Lane>::splat(1.0),
+            };
+            pg = (-adv_i * ratio) * sw;
+            coef = W::F::of(pg.f64() / den * geo_scale(p));
+        }
+        let one = <W::F as Lane>::splat(1.0);
+        let ctx = RowCtx { old, lp, adv, mask, w: None, picks: None, coef: one, seq_mode: false, dropped: false };
+        // SAFETY: row i is written by this task only.
+        let direct = unsafe { p.grad.direct_part::<W::F>(i, start, len) };
+        let converted = direct.is_none();
+        let g = direct.unwrap_or(&mut s.grad[..len]);
+        ctx.token_pass::<W, _, DIAG>(g, &mut st, &GeoMean { clip: p.clip, coef: coef.f64() });
+        if converted {
+            // SAFETY: as above.
+            unsafe { p.grad.store_part(i, start, &s.grad[..len]) };
+        }
+    }
+    st.tokens = sums[0];
+    st.loss = pg.f64();
+    st
 }
 
 /// One row's inputs and what its token pass shares across tokens.
@@ -814,7 +968,7 @@ mod tests {
         }
         let modes = [
             "vanilla", "gspo", "luspo", "value", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "reinforce", "clip_cov",
-            "kl_cov",
+            "kl_cov", "geo_mean",
         ];
         for mode in modes {
             for agg in ["token-mean", "seq-mean-token-mean"] {

@@ -58,9 +58,10 @@ struct LossArgs {
 }
 
 /// The token kernels' rules, by name suffix: vanilla, GSPO / LUSPO,
-/// agg_loss, the value loss, and the other token rules (`ext`: CISPO,
-/// SAPO, GPG, REINFORCE, DRO, DPPO-TV / KL, Clip-Cov, KL-Cov).
-const TOKEN_RULES: [&str; 5] = ["vanilla", "seq", "agg", "value", "ext"];
+/// agg_loss, the value loss, the other token rules (`ext`: CISPO,
+/// SAPO, GPG, REINFORCE, DRO, DPPO-TV / KL, Clip-Cov, KL-Cov), and GMPO
+/// (`geo`: its row sums are in `loss_rows`, its loss is their mean).
+const TOKEN_RULES: [&str; 6] = ["vanilla", "seq", "agg", "value", "ext", "geo"];
 
 /// Which instantiation of the loss kernels runs: 16-byte runs of one float
 /// storage type, or element-wise loads of any dtypes (f32 or f64 math).
@@ -114,7 +115,7 @@ impl Variant {
 /// `loss_tokens_*` by `Variant` and token rule, and `scale_grad`.
 pub struct Kernels {
     rows: [CUfunction; 6],
-    tokens: [[CUfunction; 5]; 6],
+    tokens: [[CUfunction; 6]; 6],
     scale_grad: CUfunction,
 }
 
@@ -131,7 +132,7 @@ impl Kernels {
 
     pub fn load(get: &dyn Fn(&str) -> Result<CUfunction>) -> Result<Self> {
         let mut rows = [std::ptr::null_mut(); 6];
-        let mut tokens = [[std::ptr::null_mut(); 5]; 6];
+        let mut tokens = [[std::ptr::null_mut(); 6]; 6];
         for (k, v) in Variant::ALL.iter().enumerate() {
             rows[k] = get(&format!("loss_rows_{}", v.suffix()))?;
             for (j, rule) in TOKEN_RULES.iter().enumerate() {
@@ -264,6 +265,7 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossOutputs<'_>, scratch: &Tensor, device
             abi::MODE_GSPO | abi::MODE_LUSPO => 1,
             abi::MODE_AGG => 2,
             abi::MODE_VALUE => 3,
+            abi::MODE_GEO_MEAN => 5,
             _ => 4,
         };
         launch(&d, s.loss.tokens[k][rule], blocks, block, stream, args)
@@ -272,11 +274,13 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossOutputs<'_>, scratch: &Tensor, device
 
 /// `(lo, hi, c, closed)` of `LossArgs`: the ratio's clip bounds
 /// `[1 - low, 1 + high]`, except for DPPO, whose bounds are the divergence
-/// thresholds `low` and `high` themselves.
+/// thresholds `low` and `high` themselves, and GMPO, which clamps the
+/// log-ratio to `[-low, high]`.
 fn clip_of(p: &PolicyLossProblem) -> (f64, f64, f64, bool) {
     let c = &p.clip;
     match p.mode {
         LossMode::DppoTv | LossMode::DppoKl => (c.low, c.high, c.c, c.clamp_closed),
+        LossMode::GeoMean => (-c.low, c.high, c.c, c.clamp_closed),
         _ => (1.0 - c.low, 1.0 + c.high, c.c, c.clamp_closed),
     }
 }
@@ -295,7 +299,7 @@ pub fn policy_loss(p: &PolicyLossProblem, b: &LossOutputs<'_>, scratch: &Tensor,
         LossMode::Value => abi::MODE_VALUE,
         LossMode::Cispo => abi::MODE_CISPO,
         LossMode::Sapo => abi::MODE_SAPO,
-        LossMode::GeoMean => return Err(Error::value_error("mode", "geo_mean is not built yet").into()),
+        LossMode::GeoMean => abi::MODE_GEO_MEAN,
         LossMode::Gpg => abi::MODE_GPG,
         LossMode::ClipCov => abi::MODE_CLIP_COV,
         LossMode::KlCov => abi::MODE_KL_COV,

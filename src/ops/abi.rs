@@ -33,7 +33,8 @@ shared_constants! {
     }
     /// The loss kernels' float64 scratch: a head (two u32 tickets, zeroed by
     /// the host before each call; the batch-wide scale and token count), then
-    /// `ROW_STRIDE` values per row.
+    /// `ROW_STRIDE` values per row (GMPO's row pass writes its `pg_i` into
+    /// `R_LOSS` and `pg_i / (L_i + 1e-8)` into `R_S`; slot 9 is free).
     "loss scratch: head" { SC_TICKETS = 0, SC_SCALE = 1, SC_TOKENS = 2, SCRATCH_HEAD = 4 }
     "loss scratch: per row" {
         R_TOKENS = 0, R_S = 1, R_DS = 2, R_LOSS = 3, R_CLIPPED = 4, R_KL = 5, R_LOWER = 6, R_ADV = 7, R_MASS = 8,

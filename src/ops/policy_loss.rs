@@ -29,7 +29,30 @@ pub enum LossMode {
     Sapo,
     /// GMPO: the geometric mean of the token ratios per sequence, clipped in
     /// log space token by token, averaged over the rows (verl
-    /// `compute_policy_loss_geo_mean`, which ignores `loss_agg_mode`).
+    /// `compute_policy_loss_geo_mean`). Per row `i`, with `d_t = lp_t - old_t`
+    /// (not clamped to ±20), `sA_t = sign(A_t)`, `L_i = sum_t m_t` and
+    /// `den_i = L_i + 1e-8` (in the mask's sum dtype, see `ops::plus_eps`):
+    ///
+    /// * `dc_t = clamp(d_t, -clip_ratio_low, clip_ratio_high)`,
+    ///   `dmin_t = sA_t min(sA_t d_t, sA_t dc_t)` (torch's `min`: ties split
+    ///   the gradient; `clamp` passes it inside its bounds, on them too when
+    ///   [`Clip::clamp_closed`]), so `d dmin_t / d d_t` is 0 where `A_t == 0`;
+    /// * `ratio_i = exp(sum_t dmin_t m_t / den_i)`, `adv_i = sum_t A_t m_t / den_i`,
+    ///   with IS weights `sw_i = exp(sum_t ln(w_t + 1e-10) m_t / den_i)` (else 1);
+    /// * `pg_i = -adv_i ratio_i sw_i`, `loss = (1 / B) sum_i pg_i` over all `B`
+    ///   rows (an empty row has `pg_i = -0`; a NaN anywhere in a row, masked
+    ///   or not, makes its `pg_i` NaN: the row sums are plain products);
+    /// * `d loss / d lp_t = (1 / B) pg_i m_t (d dmin_t / d d_t) / den_i`
+    ///   (0 at masked tokens, where torch has NaN for a NaN row);
+    /// * metrics: `clipped_t = d_t != dc_t` (NaN counts); `pg_clipfrac` and
+    ///   `pg_clipfrac_lower` are verl's masked means of `clipped & A > 0` and
+    ///   `clipped & A < 0`, `ppo_kl` the masked mean of `-d`.
+    ///
+    /// As verl, it ignores `loss_agg_mode` and the global-batch normalisers
+    /// (`dp_size`, `batch_num_tokens`, ...: not even validated); the `factor`
+    /// of [`Normalizers`] still multiplies the
+    /// loss and the gradient. The length diagnostics are computed as for the
+    /// token modes (the gradient's mass, the `pg_clipfrac` flags).
     GeoMean,
     /// GPG: `-lp A` (verl `compute_policy_loss_gpg`).
     Gpg,
@@ -375,7 +398,10 @@ impl PolicyLossProblem {
             }
         }
         a.knobs.validate(mode)?;
-        a.norm.validate(agg)?;
+        if mode != LossMode::GeoMean {
+            // (GMPO reads none of them, as verl: see LossMode::GeoMean)
+            a.norm.validate(agg)?;
+        }
 
         let log_prob = a.log_prob.matrix()?;
         a.log_prob.expect_float()?;
@@ -449,13 +475,15 @@ impl PolicyLossProblem {
     /// float64, and so is the sequence ratio and the loss built on it. The
     /// vanilla token ratio and the value loss do not involve the mask (verl
     /// computes them in the inputs' type, and so do we; the sums are f64 anyway).
+    /// GMPO's row means `sum(x * m) / (sum(m) + 1e-8)` are float64 with a
+    /// float64 mask too, and so are its ratio and loss.
     pub fn wants_f64(&self) -> bool {
         use crate::tensor::DType::F64;
         [&self.old_log_prob, &self.log_prob, &self.advantages]
             .iter()
             .any(|m| m.tensor.dtype == F64)
             || self.rollout_is_weights.as_ref().is_some_and(|w| w.tensor.dtype == F64)
-            || (self.with_seq() && self.response_mask.tensor.dtype == F64)
+            || ((self.with_seq() || self.mode == LossMode::GeoMean) && self.response_mask.tensor.dtype == F64)
     }
 }
 

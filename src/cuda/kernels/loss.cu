@@ -1,5 +1,6 @@
-// The loss kernels: the policy loss (every mode: vanilla, GSPO, LUSPO, and
-// in the `_ext` kernels the other token rules of src/cpu/policy_loss.rs), verl's value
+// The loss kernels: the policy loss (every mode: vanilla, GSPO, LUSPO, GMPO
+// (`_geo`), and in the `_ext` kernels the other token rules of
+// src/cpu/policy_loss.rs), verl's value
 // loss (MODE_VALUE, a token rule like the policy losses': src/ops/value_loss.rs)
 // and verl's agg_loss, and backward's in-place scale. Twin of src/cpu/policy_loss.rs
 // and src/cpu/agg_loss.rs, token for token (torch's clamp / maximum /
@@ -26,7 +27,8 @@ struct LossArgs {
     double *scratch;                // SCRATCH_HEAD + ROW_STRIDE * rows float64, see below
     const double *factor;           // 0, or a device float64 scalar that multiplies the scale
     i64 rows, cols, mode, agg;
-    double lo, hi, c;               // clip bounds [1 - low, 1 + high], dual-clip c (MODE_VALUE: cliprange_value)
+    double lo, hi, c;               // clip bounds [1 - low, 1 + high] (MODE_GEO_MEAN: [-low, high] on the log-ratio),
+                                    // dual-clip c (MODE_VALUE: cliprange_value)
     i64 clamp_closed;               // 1: clamp passes the gradient on its bounds too (torch < 2.15)
     double dp_size;
     double batch_num_tokens;        // <= 0: use the batch's own sum(mask)
@@ -51,6 +53,25 @@ __device__ __forceinline__ F clipped_surrogate(F a, F r, F dr, F lo, F hi, bool 
     return l;
 }
 
+// GMPO's clipped log-ratio (geo_dmin of src/cpu/policy_loss.rs):
+// dmin = sA min(sA d, sA dc), sA = sign(A) (0 at 0 and for NaN), dc =
+// clamp(d, lo, hi); *ddmin = up * d dmin / d d as torch's backward computes
+// it from the upstream gradient `up` (ties split, the clamp passes as clampg
+// says, both by selection: an exact 0 where a branch is cut off even for a
+// NaN `up`), *dc the clamped value.
+template <typename F>
+__device__ __forceinline__ F geo_dmin(F d, F A, F lo, F hi, bool closed, F up, F *ddmin, F *dc) {
+    const F zero = cvt<F>(0.0), one = cvt<F>(1.0);
+    bool pass;
+    *dc = clampg(d, lo, hi, closed, &pass);
+    const F sa = A > zero ? one : (A < zero ? -one : zero);
+    const F u = up * sa;
+    F dmn;
+    const F mn = minimumg(sa * d, u, sa * *dc, pass ? u : zero, &dmn);
+    *ddmin = sa * dmn;
+    return sa * mn;
+}
+
 // ---- the loss kernels: the policy loss and agg_loss ----
 //
 // A call is a memset of the two tickets and two launches on the caller's
@@ -59,7 +80,10 @@ __device__ __forceinline__ F clipped_surrogate(F a, F r, F dr, F lo, F hi, bool 
 //
 //   loss_rows_*    a team of `team` threads per row sums L_i = sum(m)
 //                        and, for GSPO / LUSPO, sum((lp - old) m), and
-//                        writes L_i, s_i and d s_i; the last block to finish
+//                        writes L_i, s_i and d s_i (GMPO: the sums of
+//                        dmin m, A m, ln(w + 1e-10) m, and from them pg_i
+//                        into R_LOSS and pg_i / (L_i + 1e-8) into R_S,
+//                        ops::policy_loss::LossMode::GeoMean); the last block to finish
 //                        (ticket 0) sums the rows in index order into the
 //                        batch-wide scale (dp / N, dp / G, ...) and N.
 //   loss_tokens_*  the same teams, rows in reverse order (the rows the
@@ -203,11 +227,13 @@ __device__ void loss_rows(const LossArgs &a) {
     const int V = S::V;
     const RowOf r = row_of(a, false);
     const bool gspo = a.mode == MODE_GSPO || a.mode == MODE_LUSPO;
+    const bool geo = a.mode == MODE_GEO_MEAN, weighted = geo && a.w.ptr != 0;
     const bool mvec = (a.vec & VEC_MASK) != 0;
-    // L_i = sum(m); GSPO / LUSPO: sum((lp - old) * m), a plain product so a
-    // NaN anywhere in the row propagates, as in verl.
-    double v[2] = {0.0, 0.0};
-    if (!gspo && (a.vec & VEC_MASK16)) {
+    // L_i = sum(m); GSPO / LUSPO: sum((lp - old) * m); GMPO: sum(dmin * m),
+    // sum(A * m), sum(ln(w + 1e-10) * m): plain products, so a NaN anywhere
+    // in the row propagates, as in verl.
+    double v[4] = {0.0, 0.0, 0.0, 0.0};
+    if (!gspo && !geo && (a.vec & VEC_MASK16)) {
         // mask only, 16 bytes a load; byte sums are exact in any order
         const bool sgn = a.mask.dtype == DT_I8;
         const unsigned char *row = (const unsigned char *)a.mask.ptr + r.i * a.mask.rs;
@@ -229,32 +255,47 @@ __device__ void loss_rows(const LossArgs &a) {
         // ROW_RUNS runs loaded before any is summed: more bytes in flight
         const i64 step = a.team * V;
         for (i64 t0 = (i64)r.tl * V; t0 < r.cols; t0 += ROW_RUNS * step) {
-            F m[ROW_RUNS][V], l[ROW_RUNS][V], o[ROW_RUNS][V];
+            F m[ROW_RUNS][V], l[ROW_RUNS][V], o[ROW_RUNS][V], A[ROW_RUNS][V], w[ROW_RUNS][V];
             int n[ROW_RUNS];
 #pragma unroll
             for (int u = 0; u < ROW_RUNS; ++u) {
                 const i64 t = t0 + u * step;
                 n[u] = t < r.cols ? (int)min((i64)V, r.cols - t) : 0;
                 load_mask<F, V>(a.mask, r.i, t, n[u], mvec, m[u]);
-                if (gspo) {
+                if (gspo || geo) {
                     load_run<F, S, VEC>(a.lp, r.i, t, n[u], l[u]);
                     load_run<F, S, VEC>(a.old_lp, r.i, t, n[u], o[u]);
                 }
+                if (geo) load_run<F, S, VEC>(a.adv, r.i, t, n[u], A[u]);
+                if (weighted) load_run<F, S, VEC>(a.w, r.i, t, n[u], w[u]);
             }
 #pragma unroll
             for (int u = 0; u < ROW_RUNS; ++u) {
-                F sm = cvt<F>(0.0), sd = cvt<F>(0.0);
+                F sm = cvt<F>(0.0), sd = cvt<F>(0.0), sa = cvt<F>(0.0), sw = cvt<F>(0.0);
 #pragma unroll
                 for (int k = 0; k < V; ++k) {
                     sm += m[u][k];
                     if (gspo) sd += (l[u][k] - o[u][k]) * m[u][k];
+                    if (geo && k < n[u]) {
+                        F dd, dc;
+                        const F dmin = geo_dmin(l[u][k] - o[u][k], A[u][k], cvt<F>(a.lo), cvt<F>(a.hi), a.clamp_closed != 0,
+                                                cvt<F>(1.0), &dd, &dc);
+                        sd += dmin * m[u][k];
+                        sa += A[u][k] * m[u][k];
+                        if (weighted) sw += logg(w[u][k] + cvt<F>(1e-10)) * m[u][k];
+                    }
                 }
                 v[0] += (double)sm;
                 v[1] += (double)sd;
+                v[2] += (double)sa;
+                v[3] += (double)sw;
             }
         }
     }
-    team_sum<2>(v, (int)a.team);
+    if (geo)
+        team_sum<4>(v, (int)a.team);
+    else
+        team_sum<2>(v, (int)a.team);
     if (r.live && r.tl == 0) {
         const double tokens = v[0];
         F sr = cvt<F>(0.0), dsr = cvt<F>(0.0);
@@ -270,6 +311,17 @@ __device__ void loss_rows(const LossArgs &a) {
         *GLOBAL(p + R_TOKENS) = tokens;
         *GLOBAL(p + R_S) = (double)sr;
         *GLOBAL(p + R_DS) = (double)dsr;
+        if (geo) {
+            // the row means in F (verl divides in the inputs' type), then
+            // pg_i = (-adv_i ratio_i) sw_i: the row's loss, and its
+            // gradient's coefficient before the scale
+            const double den = plus_eps(tokens, a.mask.dtype == DT_F64);
+            const F ratio = expg(cvt<F>(v[1] / den)), adv = cvt<F>(v[2] / den);
+            const F sw = weighted ? expg(cvt<F>(v[3] / den)) : cvt<F>(1.0);
+            const F pg = (-adv * ratio) * sw;
+            *GLOBAL(p + R_LOSS) = (double)pg;
+            *GLOBAL(p + R_S) = (double)pg / den;
+        }
     }
     if (!last_block((unsigned int *)(a.scratch + SC_TICKETS))) return;
     // The batch: N = sum L_i, G = #{L_i > 0}, in index order.
@@ -285,7 +337,8 @@ __device__ void loss_rows(const LossArgs &a) {
         const double g = a.global_batch_size > 0.0 ? a.global_batch_size : t[1];
         const double lsf = a.loss_scale_factor > 0.0 ? a.loss_scale_factor : (double)a.cols;
         double scale;
-        switch (a.agg) {
+        switch (a.mode == MODE_GEO_MEAN ? -1 : a.agg) {
+        case -1: scale = 1.0 / (double)a.rows; break;  // GMPO: the mean over all rows, no normalisers
         case AGG_TOKEN_MEAN: scale = a.dp_size / n; break;
         case AGG_TOKEN_SUM: scale = a.dp_size; break;
         case AGG_SEQ_SUM_NORM: scale = a.dp_size / g / lsf; break;
@@ -403,7 +456,9 @@ __device__ __forceinline__ F ext_token_loss(const LossArgs &a, F old, F lp, F A,
 // One token: loss l, dl / dlp, the log-ratio the ppo_kl metric averages,
 // and verl's clip flags (src/cpu/policy_loss.rs, token for token). MODE is
 // MODE_VANILLA, MODE_GSPO (GSPO and LUSPO: the row's s_i, ds_i), MODE_AGG,
-// MODE_VALUE (old: the values, lp: the predictions, A: the returns) or
+// MODE_VALUE (old: the values, lp: the predictions, A: the returns),
+// MODE_GEO_MEAN (l = 0: GMPO's loss is its rows'; sr: the row's coefficient,
+// *dloss = sr d dmin / d d) or
 // MODE_CISPO, which stands for every rule of ext_token_loss.
 template <typename F, int MODE>
 __device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F sr, F dsr, bool pick, F *dloss, F *d,
@@ -411,6 +466,16 @@ __device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F s
     const F zero = cvt<F>(0.0), lo = cvt<F>(a.lo), hi = cvt<F>(a.hi);
     const bool closed = a.clamp_closed != 0;
     if (MODE == MODE_CISPO) return ext_token_loss<F>(a, old, lp, A, pick, dloss, d, clipped, lower);
+    if (MODE == MODE_GEO_MEAN) {
+        // pg_clipfrac: d != dc (NaN counts) where A > 0; _lower: where A < 0
+        F dc;
+        *d = lp - old;
+        geo_dmin(*d, A, lo, hi, closed, sr, dloss, &dc);
+        const bool c = *d != dc;
+        *clipped = c && A > zero;
+        *lower = c && A < zero;
+        return zero;
+    }
     *lower = false;
     if (MODE == MODE_AGG) {
         *dloss = cvt<F>(1.0);
@@ -507,7 +572,7 @@ __device__ __noinline__ void loss_finish(const double *scratch, i64 rows, ViewMu
     }
     team_sum<8>(d, blockDim.x);
     if (threadIdx.x == 0) {
-        // scale last keeps verl's 0 / 0 = NaN when every row is empty
+        // scale last keeps verl's 0 / 0 = NaN when every row is empty (GMPO: the mean of pg_i, times factor)
         const double loss = scale * b[0];
         switch (out.dtype) {
         case DT_F64: *GLOBAL((double *)out.ptr) = loss; break;
@@ -535,14 +600,20 @@ template <typename F, typename S, bool VEC, int MODE>
 __device__ void loss_tokens(const LossArgs &a) {
     const int V = S::V, U = TOKEN_RUNS;
     const RowOf r = row_of(a, true);
-    const bool seq_mode = is_seq(a.agg), mask_f64 = a.mask.dtype == DT_F64;
-    const bool mvec = (a.vec & VEC_MASK) != 0, weighted = a.w.ptr != 0, diag = (a.vec & VEC_DIAGNOSTICS) != 0;
+    // GMPO: its loss is its rows' (loss_rows), the IS weights are in its
+    // rows' coefficients, and no aggregation applies
+    const bool geo = MODE == MODE_GEO_MEAN;
+    const bool seq_mode = !geo && is_seq(a.agg), mask_f64 = a.mask.dtype == DT_F64;
+    const bool mvec = (a.vec & VEC_MASK) != 0, weighted = !geo && a.w.ptr != 0, diag = (a.vec & VEC_DIAGNOSTICS) != 0;
     const double scale = *GLOBAL(a.scratch + SC_SCALE);
     const double *p = a.scratch + SCRATCH_HEAD + (r.live ? r.i : 0) * ROW_STRIDE;
     const double tokens = r.live ? *GLOBAL(p + R_TOKENS) : 0.0;
-    const double rw = row_weight(a.agg, tokens, mask_f64);
-    const F coef = cvt<F>(rw == 0.0 ? 0.0 : scale * rw), zero = cvt<F>(0.0), one = cvt<F>(1.0);
-    const F sr = cvt<F>(r.live ? *GLOBAL(p + R_S) : 0.0), dsr = cvt<F>(r.live ? *GLOBAL(p + R_DS) : 0.0);
+    const double rw = geo ? 1.0 : row_weight(a.agg, tokens, mask_f64);
+    const F zero = cvt<F>(0.0), one = cvt<F>(1.0);
+    // (GMPO: the row's coefficient is sr, applied inside its token rule, as torch's backward order has it)
+    const F coef = geo ? one : cvt<F>(rw == 0.0 ? 0.0 : scale * rw);
+    const F sr = cvt<F>(r.live ? *GLOBAL(p + R_S) * (geo ? scale : 1.0) : 0.0);
+    const F dsr = cvt<F>(r.live ? *GLOBAL(p + R_DS) : 0.0);
     const i64 step = a.team * V;
     double s[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};  // sum m w l, sum m d, clipped, lower, sum m A, sum |g|
     const bool picked = MODE == MODE_CISPO && a.picks.ptr != 0;
@@ -603,7 +674,7 @@ __device__ void loss_tokens(const LossArgs &a) {
         double *q = a.scratch + SCRATCH_HEAD + r.i * ROW_STRIDE;
         // the row's share of the loss before the scale; sequence modes drop
         // empty rows even when their sum is NaN (AggPlan::row_contribution)
-        *GLOBAL(q + R_LOSS) = (seq_mode && !(tokens > 0.0)) ? 0.0 : rw * s[0];
+        if (!geo) *GLOBAL(q + R_LOSS) = (seq_mode && !(tokens > 0.0)) ? 0.0 : rw * s[0];
         *GLOBAL(q + R_CLIPPED) = s[2];
         *GLOBAL(q + R_KL) = -s[1];
         *GLOBAL(q + R_LOWER) = s[3];
@@ -643,6 +714,10 @@ __device__ void loss_tokens(const LossArgs &a) {
     extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS)                                              \
         loss_tokens_##suffix##_ext(LossArgs a) {                                                                       \
         loss_tokens<F, S, VEC, MODE_CISPO>(a);                                                                         \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS)                                              \
+        loss_tokens_##suffix##_geo(LossArgs a) {                                                                       \
+        loss_tokens<F, S, VEC, MODE_GEO_MEAN>(a);                                                                      \
     }
 LOSS_KERNELS(f32, float, SF32, true)
 LOSS_KERNELS(bf16, float, SBF16, true)
