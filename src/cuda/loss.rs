@@ -114,7 +114,8 @@ impl Variant {
 /// The loss kernels of one device: `loss_rows_*` indexed by `Variant`,
 /// `loss_tokens_*` by `Variant` and token rule, and `scale_grad`.
 pub struct Kernels {
-    rows: [CUfunction; 6],
+    /// `loss_rows_*`, then GMPO's `loss_rows_*_geo`, by `Variant`.
+    rows: [[CUfunction; 2]; 6],
     tokens: [[CUfunction; 6]; 6],
     scale_grad: CUfunction,
 }
@@ -123,6 +124,7 @@ impl Kernels {
     /// Every entry point, by name.
     pub fn names() -> Vec<String> {
         let mut n: Vec<String> = Variant::ALL.iter().map(|v| format!("loss_rows_{}", v.suffix())).collect();
+        n.extend(Variant::ALL.iter().map(|v| format!("loss_rows_{}_geo", v.suffix())));
         for v in Variant::ALL {
             n.extend(TOKEN_RULES.iter().map(|rule| format!("loss_tokens_{}_{rule}", v.suffix())));
         }
@@ -131,10 +133,10 @@ impl Kernels {
     }
 
     pub fn load(get: &dyn Fn(&str) -> Result<CUfunction>) -> Result<Self> {
-        let mut rows = [std::ptr::null_mut(); 6];
+        let mut rows = [[std::ptr::null_mut(); 2]; 6];
         let mut tokens = [[std::ptr::null_mut(); 6]; 6];
         for (k, v) in Variant::ALL.iter().enumerate() {
-            rows[k] = get(&format!("loss_rows_{}", v.suffix()))?;
+            rows[k] = [get(&format!("loss_rows_{}", v.suffix()))?, get(&format!("loss_rows_{}_geo", v.suffix()))?];
             for (j, rule) in TOKEN_RULES.iter().enumerate() {
                 tokens[k][j] = get(&format!("loss_tokens_{}_{rule}", v.suffix()))?;
             }
@@ -259,7 +261,7 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossOutputs<'_>, scratch: &Tensor, device
     // the caller and used on its stream, so stream order protects them.
     unsafe {
         rt(d.check("cuMemsetD32Async", (d.cuMemsetD32Async)(scratch.ptr as u64, 0, 2, stream as sys::CUstream)))?;
-        launch(&d, s.loss.rows[k], blocks, block, stream, args)?;
+        launch(&d, s.loss.rows[k][(l.mode == abi::MODE_GEO_MEAN) as usize], blocks, block, stream, args)?;
         let rule = match l.mode {
             abi::MODE_VANILLA => 0,
             abi::MODE_GSPO | abi::MODE_LUSPO => 1,

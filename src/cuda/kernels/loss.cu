@@ -222,12 +222,14 @@ __device__ __forceinline__ RowOf row_of(const LossArgs &a, bool reverse) {
     return r;
 }
 
-template <typename F, typename S, bool VEC>
+// GEO: GMPO's row pass (its own kernels, `loss_rows_*_geo`, so that the
+// other modes' row pass keeps its registers: GMPO's sums spill at the cap).
+template <typename F, typename S, bool VEC, bool GEO>
 __device__ void loss_rows(const LossArgs &a) {
     const int V = S::V;
     const RowOf r = row_of(a, false);
-    const bool gspo = a.mode == MODE_GSPO || a.mode == MODE_LUSPO;
-    const bool geo = a.mode == MODE_GEO_MEAN, weighted = geo && a.w.ptr != 0;
+    const bool gspo = !GEO && (a.mode == MODE_GSPO || a.mode == MODE_LUSPO);
+    const bool geo = GEO, weighted = geo && a.w.ptr != 0;
     const bool mvec = (a.vec & VEC_MASK) != 0;
     // L_i = sum(m); GSPO / LUSPO: sum((lp - old) * m); GMPO: sum(dmin * m),
     // sum(A * m), sum(ln(w + 1e-10) * m): plain products, so a NaN anywhere
@@ -337,7 +339,7 @@ __device__ void loss_rows(const LossArgs &a) {
         const double g = a.global_batch_size > 0.0 ? a.global_batch_size : t[1];
         const double lsf = a.loss_scale_factor > 0.0 ? a.loss_scale_factor : (double)a.cols;
         double scale;
-        switch (a.mode == MODE_GEO_MEAN ? -1 : a.agg) {
+        switch (geo ? -1 : a.agg) {
         case -1: scale = 1.0 / (double)a.rows; break;  // GMPO: the mean over all rows, no normalisers
         case AGG_TOKEN_MEAN: scale = a.dp_size / n; break;
         case AGG_TOKEN_SUM: scale = a.dp_size; break;
@@ -693,7 +695,10 @@ __device__ void loss_tokens(const LossArgs &a) {
 
 #define LOSS_KERNELS(suffix, F, S, VEC)                                                                                \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS) loss_rows_##suffix(LossArgs a) {             \
-        loss_rows<F, S, VEC>(a);                                                                                       \
+        loss_rows<F, S, VEC, false>(a);                                                                                \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS) loss_rows_##suffix##_geo(LossArgs a) {       \
+        loss_rows<F, S, VEC, true>(a);                                                                                 \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS)                                              \
         loss_tokens_##suffix##_vanilla(LossArgs a) {                                                                   \
