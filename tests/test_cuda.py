@@ -437,28 +437,36 @@ def test_ext_strided_inputs_and_picks_are_read_in_place(mode):
 
 
 @pytest.mark.parametrize("mode", EXT_ALL)
-def test_ext_all_masked_nan_and_picks_edges_match_cpu(mode):
+def test_ext_all_masked_nan_far_ratios_and_picks_edges_match_cpu(mode):
     # all rows masked (verl's 0/0); NaN log_prob at a valid and at a masked
-    # token; every token picked
+    # token; every token picked; log-ratios past the +-20 clamp (CISPO, SAPO,
+    # DPPO stop the gradient there; in float64 too, where SAPO's gradient
+    # beyond -20, of the order of exp(-20), is above the tolerance)
     old, lp, adv, mask = make_batch(4, 70, seed=31, spread=1.0, full_rows=(1,))
     lp_nan = lp.clone()
     lp_nan[1, 3] = float("nan")
     mask_nan = mask.clone()
     mask_nan[0, 0] = False
     lp_nan[0, 0] = float("nan")
+    far = lp.clone()
+    far[:, ::5] += 25.0
+    far[:, 1::5] -= 25.0
     takes = mode in ("clip_cov", "kl_cov")
+    pk = ext_picks(4, 70) if takes else None
     cases = [
-        (lp, torch.zeros_like(mask), ext_picks(4, 70) if takes else None),
-        (lp_nan, mask_nan, ext_picks(4, 70) if takes else None),
+        (old, lp, adv, torch.zeros_like(mask), pk),
+        (old, lp_nan, adv, mask_nan, pk),
+        (old, far, adv, mask, pk),
+        (old.double(), far.double(), adv.double(), mask, pk),
     ]
     if takes:
-        cases.append((lp, mask, torch.ones_like(mask)))
-    for l, m, pk in cases:
+        cases.append((old, lp, adv, mask, torch.ones_like(mask)))
+    for o, l, a, m, p in cases:
         for agg in AGG_MODES:
             with host():
-                want = ext_run(mode, old, l, adv, m, agg, picks=pk)
-            got = ext_run(mode, *cuda(old, l, adv, m), agg, picks=cuda(pk)[0])
-            ext_compare(got, want, TOL_CPU[torch.float32], agg)
+                want = ext_run(mode, o, l, a, m, agg, picks=p)
+            got = ext_run(mode, *cuda(o, l, a, m), agg, picks=cuda(p)[0])
+            ext_compare(got, want, TOL_CPU[l.dtype], f"{agg} {l.dtype}")
 
 
 @pytest.mark.parametrize("mode", EXT_ALL)

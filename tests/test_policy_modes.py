@@ -340,6 +340,18 @@ def test_nan_advantage_at_a_valid_token_matches_verl(mode):
         assert_close(grad, ref_grad, dtype=torch.float32, what="grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("mode", EXT_MODES)
+def test_log_ratios_past_the_clamp_match_verl(mode, dtype):
+    # |lp - old| > 20: CISPO, SAPO and DPPO clamp the log-ratio at +-20 (no
+    # gradient through the clamp), the others do not clamp
+    old, lp, adv, mask = make_batch(5, 30, dtype=dtype, seed=22)
+    lp[:, ::4] += 25.0
+    lp[:, 1::4] -= 25.0
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        compare(mode, old, lp, adv, mask, agg, dtype, weights_for(5, 30, dtype))
+
+
 @pytest.mark.parametrize("mode", ["dppo_tv", "dppo_kl"])
 def test_dppo_drops_tokens_on_the_advantage_side_only(mode):
     # a token whose probability rose far (A > 0) is dropped; the same token
