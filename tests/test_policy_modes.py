@@ -352,6 +352,41 @@ def test_log_ratios_past_the_clamp_match_verl(mode, dtype):
         compare(mode, old, lp, adv, mask, agg, dtype, weights_for(5, 30, dtype))
 
 
+def test_dppo_tv_differs_from_verl_only_where_rounding_decides_the_drop():
+    # As the clip-bound ties of vanilla / GSPO (test_policy_loss): DPPO keeps
+    # or drops a token by comparing p - p_old (p = exp(lp)) with its bounds;
+    # our exp and torch's may differ in the last bit, so a token whose
+    # p - p_old lies within a few ulps of a bound may be kept on one side and
+    # dropped on the other: its gradient is then 0 on one side, verl's (or
+    # ours) on the other. Tokens are drawn there by the thousand; no other
+    # difference may exist (the fuzz's known_tie for DPPO, tests/fuzz.py).
+    g = torch.Generator().manual_seed(33)
+    B, T = 64, 512
+    low, high = 0.2, 0.28
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 0.1
+    po = old.exp()
+    up = torch.rand(B, T, generator=g) < 0.5
+    target = torch.where(up, po + high, po - low).clamp(1e-6, 1 - 1e-6)
+    lp = target.log().float()
+    steps = torch.randint(-4, 5, (B, T), generator=g)
+    for k in range(1, 5):  # a few ulps either way
+        lp = torch.where(steps >= k, torch.nextafter(lp, torch.tensor(0.0)), lp)
+        lp = torch.where(steps <= -k, torch.nextafter(lp, torch.tensor(-math.inf)), lp)
+    old = old.float()
+    adv = torch.where(up, 1.0, -1.0) * (0.5 + torch.rand(B, T, generator=g))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    kw = dict(clip_ratio=0.2, clip_ratio_low=low, clip_ratio_high=high, clip_ratio_c=3.0)
+    _, ref_grad, _ = verl_ref("dppo_tv", old, lp, adv, mask, "token-mean", **kw)
+    _, grad, _ = ours("dppo_tv", old, lp, adv, mask, "token-mean", **kw)
+    moved = lp.exp() - old.exp()  # as verl computes it
+    eps = torch.finfo(torch.float32).eps
+    near = ((moved - high).abs() <= 4 * eps) | ((moved + low).abs() <= 4 * eps)
+    assert near.sum() > 1000, "the draw must put many tokens at the bounds"
+    off = ~torch.isclose(grad, ref_grad, atol=1e-9, rtol=1e-5)
+    assert not (off & ~near).any(), f"{int((off & ~near).sum())} gradients differ away from a bound"
+    assert ((grad[off] == 0) | (ref_grad[off] == 0)).all(), "a difference is a token kept on one side only"
+
+
 @pytest.mark.parametrize("mode", ["dppo_tv", "dppo_kl"])
 def test_dppo_drops_tokens_on_the_advantage_side_only(mode):
     # a token whose probability rose far (A > 0) is dropped; the same token
