@@ -204,6 +204,19 @@ def test_per_row_advantages_and_is_weights_broadcast_like_verl(mode, adv_shape):
 
 
 @pytest.mark.parametrize("mode", EXT_MODES)
+def test_mixed_float_dtypes_promote_like_verl(mode):
+    # a float64 advantage (or IS weight, or old_log_prob) with float32
+    # log-probs: verl's token math promotes to float64 from there on (SAPO's
+    # temperatures take the advantages' dtype), and so does the loss; ours
+    # gives the same dtype and verl's value to float32's tolerance
+    old, lp, adv, mask = make_batch(6, 30, seed=34, spread=1.0, empty_rows=(5,))
+    w = weights_for(6, 30, torch.float32)
+    for o, a, ww in ((old, adv.double(), w), (old, adv, w.double()), (old.double(), adv, w), (old, adv, w.half())):
+        for agg in ("token-mean", "seq-mean-token-mean"):
+            compare(mode, o, lp, a, mask, agg, torch.float32, ww)
+
+
+@pytest.mark.parametrize("mode", EXT_MODES)
 def test_strided_inputs_match_verl(mode):
     old, lp, adv, mask = make_batch(7, 30, seed=14, spread=0.8)
     t = lambda x: x.t().contiguous().t()  # noqa: E731

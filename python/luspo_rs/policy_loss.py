@@ -247,6 +247,12 @@ def policy_loss(
         log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, response_mask=response_mask,
         rollout_is_weights=weights,
     )  # fmt: skip
+    if mode in ("gpg", "reinforce"):
+        # their loss does not read old_log_prob (REINFORCE's ppo_kl metric
+        # only): verl's loss keeps the other inputs' dtype
+        loss_dtype = result_dtype(
+            log_prob=log_prob, advantages=advantages, response_mask=response_mask, rollout_is_weights=weights
+        )
     loss, metrics = PolicyLossFunction.apply(
         log_prob, old_log_prob, advantages, response_mask, weights, picks, options, factor, loss_dtype
     )
