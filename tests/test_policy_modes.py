@@ -501,3 +501,21 @@ def test_unknown_mode_names_every_mode():
         luspo_rs.policy_loss(old, lp, adv, mask, mode="bypass_mode")
     for m in EXT_MODES:
         assert f'"{m}"' in str(e.value)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)], ids=["empty_batch", "zero_length"])
+@pytest.mark.parametrize("mode", EXT_MODES + ["clip_cov", "kl_cov"])
+def test_empty_inputs_are_value_errors(mode, shape):
+    t = torch.zeros(shape)
+    picks = torch.zeros(shape, dtype=torch.bool) if mode.endswith("_cov") else None
+    with pytest.raises(ValueError, match="log_prob: empty"):
+        luspo_rs.policy_loss(t, t, t, t.bool(), mode=mode, picks=picks, **KNOBS)
+
+
+@pytest.mark.parametrize("mode", EXT_MODES)
+def test_knobs_of_the_wrong_type_are_errors_naming_them(mode):
+    old, lp, adv, mask = small()
+    with pytest.raises((TypeError, ValueError), match="tau_pos"):
+        luspo_rs.policy_loss(old, lp, adv, mask, mode=mode, tau_pos="1.0", **{k: v for k, v in KNOBS.items() if k != "tau_pos"})
+    with pytest.raises((TypeError, ValueError), match="dro_beta"):
+        luspo_rs.policy_loss(old, lp, adv, mask, mode=mode, dro_beta=torch.ones(2))
