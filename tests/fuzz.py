@@ -541,9 +541,32 @@ def draw_policy_rule(rng: np.random.Generator, case: Case) -> None:
         layout=_pick(rng, ["contiguous", "transposed", "strided"], p=[0.7, 0.15, 0.15]),
         grad_out=float(_pick(rng, [1.0, 1.0, 1.0, 0.5, -2.0, 3.0])),
     )  # fmt: skip
+    old_t = torch.from_numpy(old).to(dtype)
+    lp_t = torch.from_numpy(old + d).to(dtype)
+    # ties: CISPO's ratio a few ulps around a clip bound, DPPO-TV's p - p_old
+    # a few ulps around a divergence bound ("near"; see rule_ties)
+    tie = _pick(rng, ["none", "near"], p=[0.8, 0.2]) if mode in ("cispo", "dppo_tv") else "none"
+    low = clip_low if clip_low is not None else clip_ratio
+    high = clip_high if clip_high is not None else clip_ratio
+    if tie == "near" and mode == "cispo" and 1 - low <= 0:
+        tie = "none"
+    case.params["tie"] = tie
+    if tie == "near":
+        sel = torch.from_numpy(rng.random((B, T)) < rng.uniform(0.1, 1.0))
+        side = rng.random((B, T)) < 0.5
+        steps = torch.from_numpy(rng.integers(-4, 5, size=(B, T)))
+        o = torch.from_numpy(-rng.random((B, T)) * 2 - 0.05)
+        if mode == "cispo":
+            at = torch.from_numpy(np.where(side, 1 - low, 1 + high)).log().to(dtype)
+            lp_near = o.to(dtype) + _nextafter_steps(at, steps)
+        else:
+            target = torch.from_numpy(np.where(side, o.exp().numpy() + high, o.exp().numpy() - low))
+            lp_near = _nextafter_steps(target.clamp(1e-6, 1 - 1e-6).log().to(dtype), steps)
+        old_t = torch.where(sel, o.to(dtype), old_t)
+        lp_t = torch.where(sel, lp_near, lp_t)
     case.inputs.update(
-        old_log_prob=torch.from_numpy(old).to(dtype),
-        log_prob=torch.from_numpy(old + d).to(dtype),
+        old_log_prob=old_t,
+        log_prob=lp_t,
         advantages=torch.from_numpy(adv).to(dtype),
         response_mask=torch.from_numpy(mask).to(MASK_DTYPES[case.params["mask_dtype"]]),
     )
