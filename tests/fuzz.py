@@ -1304,8 +1304,10 @@ def dppo_near(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
         amp = p.abs() / (1 - p + 1e-8).abs() + po.abs() / (1 - po + 1e-8).abs() + 2 + q.log().abs()
         err = 4 * eps * (t1.abs() + (old - lp).abs() * po + t2.abs() + (1 - po).abs() * amp + po * q.log().abs())
         bkl = t1 + t2
-        near = ((bkl - high).abs() <= err) | ((bkl - low).abs() <= err) | ((p - po).abs() <= 2 * eps * torch.maximum(p, po))
-    ratio = verl_ratio("vanilla", *(_cast(x[k], "fp32" if dtype in HALF else "native") for k in ("old_log_prob", "log_prob")), x["response_mask"])
+        near = ((bkl - high).abs() <= err) | ((bkl - low).abs() <= err)
+        near |= (p - po).abs() <= 2 * eps * torch.maximum(p, po)
+    prec = "fp32" if dtype in HALF else "native"
+    ratio = verl_ratio("vanilla", _cast(x["old_log_prob"], prec), _cast(x["log_prob"], prec), x["response_mask"])
     trunc = near_bound(ratio, x["response_mask"], (p_["clip_ratio_c"],))
     return near & mask, trunc
 

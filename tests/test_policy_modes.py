@@ -516,6 +516,7 @@ def test_empty_inputs_are_value_errors(mode, shape):
 def test_knobs_of_the_wrong_type_are_errors_naming_them(mode):
     old, lp, adv, mask = small()
     with pytest.raises((TypeError, ValueError), match="tau_pos"):
-        luspo_rs.policy_loss(old, lp, adv, mask, mode=mode, tau_pos="1.0", **{k: v for k, v in KNOBS.items() if k != "tau_pos"})
+        others = {k: v for k, v in KNOBS.items() if k != "tau_pos"}
+        luspo_rs.policy_loss(old, lp, adv, mask, mode=mode, tau_pos="1.0", **others)
     with pytest.raises((TypeError, ValueError), match="dro_beta"):
         luspo_rs.policy_loss(old, lp, adv, mask, mode=mode, dro_beta=torch.ones(2))
