@@ -1312,9 +1312,34 @@ def dppo_near(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return near & mask, trunc
 
 
+def dro_gradient_rounding(case: Case, got: Outputs) -> torch.Tensor:
+    """The tokens where ours is within the float32 forward-error bound of
+    DRO's gradient ``s (beta (lp - old) - A)``, whose two terms nearly cancel
+    where ``A ~ beta (lp - old)``: ``|ours - exact| <= 8 u (|A| + |beta (lp - old)|) |s|``,
+    ``exact`` verl's formula on float64 upcasts, ``s`` the token's scale (the
+    aggregation's coefficient times its IS weight and the backward seed: minus
+    verl's GPG gradient for ``A = 1``). Such a token is ``rounding``, not a tie."""
+    p, x = case.params, case.inputs
+    dtype = DTYPES[p["dtype"]]
+    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    exact = rule_verl(case, "fp64")["grad"].double()
+    unit = Case(case.seed, case.index, case.op, "gpg", {**p, "mode": "gpg"},
+                {**x, "advantages": torch.ones_like(x["advantages"])})  # fmt: skip
+    scale = rule_verl(unit, "fp64")["grad"].double().abs()
+    B, T = x["log_prob"].shape
+    adv = x["advantages"].double()
+    adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv.expand(B, T)
+    pen = p["dro_beta"] * (x["log_prob"].double() - x["old_log_prob"].double())
+    bound = 8 * u * (adv.abs() + pen.abs()) * scale
+    if dtype in HALF:  # and the output's rounding to the half type
+        bound = bound + torch.finfo(dtype).eps * exact.abs()
+    return (got["grad"].double() - exact).abs() <= bound
+
+
 def rule_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Elements of ``off`` a rounding-decided comparison explains
-    (``known_tie``): CISPO's ``pg_clipfrac`` (``ratio != clip(ratio)``) by
+    (``known_tie``), or DRO's cancelling gradient (``rounding``, see
+    ``dro_gradient_rounding``): CISPO's ``pg_clipfrac`` (``ratio != clip(ratio)``) by
     whole tokens whose ratio is within TIE_ULPS of a clip bound (its
     gradient takes the clipped ratio as a constant: no jump); DPPO's
     gradient where a token kept on one side is dropped on the other (ours or
@@ -1323,6 +1348,8 @@ def rule_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tenso
     p, x = case.params, case.inputs
     mask = x["response_mask"]
     out: dict[str, dict[str, torch.Tensor]] = {"known_tie": {}}
+    if p["mode"] == "dro" and "grad" in off:
+        out["rounding"] = {"grad": dro_gradient_rounding(case, got)}
     if p["mode"] == "cispo" and "pg_clipfrac" in off:
         dtype = DTYPES[p["dtype"]]
         prec = "fp32" if dtype in HALF else "native"
