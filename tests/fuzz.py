@@ -87,7 +87,9 @@ Triage of each case:
   takes it: torch's misses it by an ulp now and then, and for probabilities
   near 1 ``1 - 2 pi + sum_pi_squared`` cancels down to that ulp), or, for a sum
   (a loss, ``ppo_kl``), ours and verl's differ by less than float32's
-  forward-error bound ``ROUNDING_ULPS * u * sum|terms|``; fatal with ``--strict``;
+  forward-error bound ``ROUNDING_ULPS * u * sum|terms|``, or, for DRO's and
+  SAPO's gradients, ours is within the forward-error bound of their
+  ill-conditioned terms (``rule_gradient_rounding``); fatal with ``--strict``;
 * ``mismatch``      -- anything else: printed with its replay command.
 
 Inputs that fall under the README's other *documented* deliberate differences
@@ -1312,25 +1314,40 @@ def dppo_near(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return near & mask, trunc
 
 
-def dro_gradient_rounding(case: Case, got: Outputs) -> torch.Tensor:
-    """The tokens where ours is within the float32 forward-error bound of
-    DRO's gradient ``s (beta (lp - old) - A)``, whose two terms nearly cancel
-    where ``A ~ beta (lp - old)``: ``|ours - exact| <= 8 u (|A| + |beta (lp - old)|) |s|``,
-    ``exact`` verl's formula on float64 upcasts, ``s`` the token's scale (the
-    aggregation's coefficient times its IS weight and the backward seed: minus
-    verl's GPG gradient for ``A = 1``). Such a token is ``rounding``, not a tie."""
+def rule_gradient_rounding(case: Case, got: Outputs) -> torch.Tensor:
+    """The tokens where ours is within the float32 forward-error bound of a
+    gradient that is ill-conditioned where both sides compute it as torch's
+    chain does, ``|ours - exact| <= 8 u c`` (``exact``: verl's formula on
+    float64 upcasts; ``u`` the unit roundoff of the token math); such a token
+    is ``rounding``, not a tie:
+
+    * DRO, ``s (beta (lp - old) - A)``: the two terms nearly cancel where
+      ``A ~ beta (lp - old)``; ``c = (|A| + |beta (lp - old)|) |s|``, ``s``
+      the token's scale (the aggregation's coefficient times its IS weight
+      and the backward seed: minus verl's GPG gradient for ``A = 1``);
+    * SAPO, ``... (1 - y) y tau r`` with ``y = sigmoid(tau (r - 1))``:
+      ``1 - y`` loses ``y / (1 - y)`` of its bits to the rounding of ``y``
+      (and ``tau r`` to the ratio's) where the gate saturates;
+      ``c = |exact| (1 + y / (1 - y) + tau r)``."""
     p, x = case.params, case.inputs
     dtype = DTYPES[p["dtype"]]
     u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
     exact = rule_verl(case, "fp64")["grad"].double()
-    unit = Case(case.seed, case.index, case.op, "gpg", {**p, "mode": "gpg"},
-                {**x, "advantages": torch.ones_like(x["advantages"])})  # fmt: skip
-    scale = rule_verl(unit, "fp64")["grad"].double().abs()
     B, T = x["log_prob"].shape
     adv = x["advantages"].double()
     adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv.expand(B, T)
-    pen = p["dro_beta"] * (x["log_prob"].double() - x["old_log_prob"].double())
-    bound = 8 * u * (adv.abs() + pen.abs()) * scale
+    d = x["log_prob"].double() - x["old_log_prob"].double()
+    if p["mode"] == "dro":
+        unit = Case(case.seed, case.index, case.op, "gpg", {**p, "mode": "gpg"},
+                    {**x, "advantages": torch.ones_like(x["advantages"])})  # fmt: skip
+        scale = rule_verl(unit, "fp64")["grad"].double().abs()
+        cond = (adv.abs() + (p["dro_beta"] * d).abs()) * scale
+    else:
+        r = d.clamp(-20.0, 20.0).exp()
+        tau = torch.where(adv > 0, p["tau_pos"], p["tau_neg"]).double()
+        y = torch.sigmoid(tau * (r - 1))
+        cond = exact.abs() * (1 + y / (1 - y) + tau * r)
+    bound = 8 * u * cond
     if dtype in HALF:  # and the output's rounding to the half type
         bound = bound + torch.finfo(dtype).eps * exact.abs()
     return (got["grad"].double() - exact).abs() <= bound
@@ -1338,8 +1355,8 @@ def dro_gradient_rounding(case: Case, got: Outputs) -> torch.Tensor:
 
 def rule_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Elements of ``off`` a rounding-decided comparison explains
-    (``known_tie``), or DRO's cancelling gradient (``rounding``, see
-    ``dro_gradient_rounding``): CISPO's ``pg_clipfrac`` (``ratio != clip(ratio)``) by
+    (``known_tie``), or DRO's and SAPO's ill-conditioned gradients
+    (``rounding``, see ``rule_gradient_rounding``): CISPO's ``pg_clipfrac`` (``ratio != clip(ratio)``) by
     whole tokens whose ratio is within TIE_ULPS of a clip bound (its
     gradient takes the clipped ratio as a constant: no jump); DPPO's
     gradient where a token kept on one side is dropped on the other (ours or
@@ -1348,8 +1365,8 @@ def rule_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tenso
     p, x = case.params, case.inputs
     mask = x["response_mask"]
     out: dict[str, dict[str, torch.Tensor]] = {"known_tie": {}}
-    if p["mode"] == "dro" and "grad" in off:
-        out["rounding"] = {"grad": dro_gradient_rounding(case, got)}
+    if p["mode"] in ("dro", "sapo") and "grad" in off:
+        out["rounding"] = {"grad": rule_gradient_rounding(case, got)}
     if p["mode"] == "cispo" and "pg_clipfrac" in off:
         dtype = DTYPES[p["dtype"]]
         prec = "fp32" if dtype in HALF else "native"

@@ -405,6 +405,7 @@ def test_ext_per_row_advantages_weights_and_mixed_dtypes_match_cpu(mode):
         "rows": (old, lp, adv, w),
         "rows1": (old, lp, adv[:, None], w[:, None]),
         "f64_adv": (old, lp, adv.double(), w),
+        "f64_old": (old.double(), lp, adv, w),  # f64 math; GPG's and REINFORCE's loss stays f32
         "f64_old_bf16_lp": (old.double(), lp.bfloat16(), adv, w.double()),
     }
     for name, (o, l, a, ww) in cases.items():
