@@ -8,6 +8,12 @@ before it. A case is one call of one operation, on both sides:
   ``luspo_rs.core_algos``) against ``verl.get_policy_loss_fn("vanilla"/"gspo")``
   (LUSPO: verl's GSPO aggregated ``seq-mean-token-sum``, as in the tests):
   loss, gradient through ``backward()`` and metrics;
+* ``policy_rule`` -- the token-rule losses of issue 17 (``cispo``, ``sapo``,
+  ``gpg``, ``dro``, ``dppo_tv``, ``dppo_kl``, ``reinforce``) through
+  ``luspo_rs.policy_loss`` against ``verl.get_policy_loss_fn(mode)`` (REINFORCE:
+  ``compute_policy_loss_reinforce``), with their knobs (``tau_pos`` / ``tau_neg``,
+  ``dro_beta``, DPPO's divergence bounds and truncation) drawn: loss, gradient
+  and metrics (the exact key set verl returns);
 * ``agg_loss``   -- value and gradient against verl's ``agg_loss``;
 * ``value_loss`` -- ``luspo_rs.value_loss`` (or the adapter
   ``luspo_rs.core_algos.compute_value_loss``) against verl's
@@ -56,7 +62,15 @@ Triage of each case:
   in float64), within 8 of vanilla's dual-clip bound ``clip_ratio_c`` (where
   A < 0), or GSPO's sequence log-ratio within 8 ulps of its clamp at 10 (the
   whole row); there ours is verl's x2, x1/2 or 0, or non-zero where verl's is
-  0, and the clip fractions differ by whole such tokens;
+  0, and the clip fractions differ by whole such tokens. The token rules
+  (``policy_rule``) have the same kind of rounding-decided comparisons:
+  CISPO's ``pg_clipfrac`` (its ratio within 2 ulps of a clip bound; its
+  gradient has no jump there), and DPPO's keep/drop decision (``p - p_old`` or
+  the binary KL within its rounding error of a divergence bound, ``p`` within
+  2 ulps of ``p_old``; see ``dppo_near``) and truncation (the ratio within 2
+  ulps of ``clip_ratio_c``): the gradient of such a token is 0 on one side,
+  the clip fractions differ by whole such tokens, the loss by at most those
+  tokens' share of it;
 * ``undocumented_tie`` -- the same pattern wider than documented: vanilla's
   token ratio 3 to 8 ulps from the clip bounds; counted apart, fatal with
   ``--strict``;
@@ -73,7 +87,9 @@ Triage of each case:
   takes it: torch's misses it by an ulp now and then, and for probabilities
   near 1 ``1 - 2 pi + sum_pi_squared`` cancels down to that ulp), or, for a sum
   (a loss, ``ppo_kl``), ours and verl's differ by less than float32's
-  forward-error bound ``ROUNDING_ULPS * u * sum|terms|``; fatal with ``--strict``;
+  forward-error bound ``ROUNDING_ULPS * u * sum|terms|``, or, for DRO's and
+  SAPO's gradients, ours is within the forward-error bound of their
+  ill-conditioned terms (``rule_gradient_rounding``); fatal with ``--strict``;
 * ``mismatch``      -- anything else: printed with its replay command.
 
 Inputs that fall under the README's other *documented* deliberate differences
@@ -185,8 +201,10 @@ ADV_ESTIMATORS = {**ESTIMATORS, **SCAN_ESTIMATORS, **TOKEN_BASELINES}
 #: gamma / lam: the usual settings, the edge 0 and, for "random", a draw in (0, 1].
 DISCOUNTS = (1.0, 0.99, 0.95, 0.5, 0.0, "random")
 
-OPS = ("policy", "agg_loss", "kl_penalty", "advantage", "value_loss")
-OP_WEIGHTS = (0.4, 0.12, 0.16, 0.2, 0.12)
+OPS = ("policy", "policy_rule", "agg_loss", "kl_penalty", "advantage", "value_loss")
+OP_WEIGHTS = (0.3, 0.2, 0.1, 0.13, 0.17, 0.1)
+#: The token-rule policy losses of issue 17 (op ``policy_rule``).
+RULE_MODES = ("cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "reinforce")
 CLASSES = ("ok", "both_raise", "known_nan", "known_tie", "undocumented_tie", "rounding", "mismatch")
 #: Classes that fail a run; ``--strict`` adds undocumented_tie and rounding.
 REAL = ("mismatch",)
@@ -197,6 +215,7 @@ def _check_reference_is_verls() -> None:
     """With ``LUSPO_RS_TAKE_OVER`` verl's registry would hold our own functions,
     and the fuzz would compare luspo-rs with itself."""
     fns = [verl_ca.get_policy_loss_fn("vanilla"), verl_ca.get_policy_loss_fn("gspo"), verl_ca.agg_loss, verl_ca.kl_penalty]
+    fns += [rule_verl_fn(m) for m in RULE_MODES]
     fns.append(verl_ca.compute_value_loss)
     fns += [getattr(verl_ca, fn) for fn in ADV_ESTIMATORS.values()]
     for fn in fns:
@@ -456,6 +475,97 @@ def draw_policy(rng: np.random.Generator, case: Case) -> None:
         old_t = torch.where(sel, o, old_t)
         lp_t = torch.where(sel, o + torch.from_numpy(d10).to(dtype), lp_t)
 
+    case.inputs.update(
+        old_log_prob=old_t,
+        log_prob=lp_t,
+        advantages=torch.from_numpy(adv).to(dtype),
+        response_mask=torch.from_numpy(mask).to(MASK_DTYPES[case.params["mask_dtype"]]),
+    )
+    if weights is not None:
+        case.inputs["rollout_is_weights"] = torch.from_numpy(weights).to(dtype)
+
+
+def draw_policy_rule(rng: np.random.Generator, case: Case) -> None:
+    """A token-rule loss (issue 17): its knobs, clip ratios (CISPO's clip,
+    DPPO's divergence bounds) and truncation, log-ratios with outliers past
+    the +-20 clamp, every advantage / weight layout, zero advantages (SAPO's
+    and DPPO's ``A > 0`` branch), the normalisers."""
+    mode = _pick(rng, RULE_MODES)
+    B, T = _shape(rng)
+    dtype_name = _pick(rng, ["fp32", "fp64", "bf16", "fp16"], p=[0.5, 0.25, 0.15, 0.1])
+    dtype = DTYPES[dtype_name]
+    mask, mask_kind = _mask(rng, B, T)
+    clip_ratio = float(_pick(rng, [0.2, 0.28, 0.0, round(rng.uniform(0.01, 0.6), 4)], p=[0.4, 0.1, 0.05, 0.45]))
+    clip_low = None if rng.random() < 0.4 else float(_pick(rng, [0.2, 0.0, round(rng.uniform(0.0, 0.9), 4)]))
+    clip_high = None if rng.random() < 0.4 else float(_pick(rng, [0.28, 0.0, round(rng.uniform(0.0, 2.0), 4)]))
+    clip_c = float(_pick(rng, [3.0, 20.0, round(rng.uniform(0.5, 10.0), 4)], p=[0.5, 0.2, 0.3]))
+    tau_pos, tau_neg = 1.0, 1.05
+    if rng.random() < 0.5:
+        tau_pos, tau_neg = (round(float(x), 4) for x in rng.uniform(0.05, 5.0, size=2))
+    dro_beta = float(_pick(rng, [0.1, round(rng.uniform(1e-3, 5.0), 4)]))
+
+    old = -rng.random((B, T)) * _pick(rng, [0.5, 3.0, 10.0])
+    d = rng.standard_normal((B, T)) * _pick(rng, [0.01, 0.1, 0.3, 1.0, 3.0])
+    values = "normal"
+    if rng.random() < 0.2:
+        values = "outliers"
+        sel = rng.random((B, T)) < rng.uniform(0.01, 0.3)
+        d[sel] = rng.choice([-1.0, 1.0], size=int(sel.sum())) * rng.uniform(8.0, 40.0, size=int(sel.sum()))
+
+    adv_kind = _pick(rng, ["token", "seq", "seq1", "grouplike"])
+    scale = float(_pick(rng, [0.1, 1.0, 10.0]))
+    a_seq = rng.standard_normal(B) * scale
+    if adv_kind == "token":
+        adv = rng.standard_normal((B, T)) * scale
+    elif adv_kind == "seq":
+        adv = a_seq
+    elif adv_kind == "seq1":
+        adv = a_seq[:, None]
+    else:
+        adv = a_seq[:, None] + 0.1 * scale * rng.standard_normal((B, T))
+    if rng.random() < 0.15:
+        adv = np.where(rng.random(adv.shape) < 0.3, 0.0, adv)
+
+    w_kind = _pick(rng, ["none", "token", "seq"], p=[0.6, 0.3, 0.1])
+    weights = None
+    if w_kind == "token":
+        weights = rng.uniform(0.0, 2.0, size=(B, T))
+    elif w_kind == "seq":
+        weights = rng.uniform(0.0, 2.0, size=B)
+
+    norms, norm_kind = _normalisers(rng, B, T)
+    case.params.update(
+        mode=mode, dtype=dtype_name, mask_dtype=_pick(rng, MASK_DTYPES), mask_kind=mask_kind,
+        loss_agg_mode=_pick(rng, AGG_MODES), clip_ratio=clip_ratio, clip_ratio_low=clip_low,
+        clip_ratio_high=clip_high, clip_ratio_c=clip_c, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta,
+        values=values, adv=adv_kind, weights=w_kind, norms=norm_kind, **{f"norm_{k}": v for k, v in norms.items()},
+        tensor_norms=_tensor_norms(rng, norms),
+        layout=_pick(rng, ["contiguous", "transposed", "strided"], p=[0.7, 0.15, 0.15]),
+        grad_out=float(_pick(rng, [1.0, 1.0, 1.0, 0.5, -2.0, 3.0])),
+    )  # fmt: skip
+    old_t = torch.from_numpy(old).to(dtype)
+    lp_t = torch.from_numpy(old + d).to(dtype)
+    # ties: CISPO's ratio a few ulps around a clip bound, DPPO-TV's p - p_old
+    # a few ulps around a divergence bound ("near"; see rule_ties)
+    tie = _pick(rng, ["none", "near"], p=[0.8, 0.2]) if mode in ("cispo", "dppo_tv") else "none"
+    low = clip_low if clip_low is not None else clip_ratio
+    high = clip_high if clip_high is not None else clip_ratio
+    if tie == "near" and mode == "cispo" and 1 - low <= 0:
+        tie = "none"
+    case.params["tie"] = tie
+    if tie == "near":
+        sel = torch.from_numpy(rng.random((B, T)) < rng.uniform(0.1, 1.0))
+        side = rng.random((B, T)) < 0.5
+        steps = torch.from_numpy(rng.integers(-4, 5, size=(B, T)))
+        o = torch.from_numpy(-rng.random((B, T)) * 2 - 0.05)
+        if mode == "cispo":
+            at = torch.from_numpy(np.where(side, 1 - low, 1 + high)).log().to(dtype)
+            lp_near = o.to(dtype) + _nextafter_steps(at, steps)
+        else:
+            target = torch.from_numpy(np.where(side, o.exp().numpy() + high, o.exp().numpy() - low))
+            lp_near = _nextafter_steps(target.clamp(1e-6, 1 - 1e-6).log().to(dtype), steps)
+        old_t = torch.where(sel, o.to(dtype), old_t)
+        lp_t = torch.where(sel, lp_near, lp_t)
     case.inputs.update(
         old_log_prob=old_t,
         log_prob=lp_t,
@@ -838,7 +948,7 @@ def draw_token_baseline(rng: np.random.Generator, case: Case, name: str) -> None
 
 
 DRAW: dict[str, Callable[[np.random.Generator, Case], None]] = {
-    "policy": draw_policy, "agg_loss": draw_agg_loss, "kl_penalty": draw_kl, "advantage": draw_advantage,
+    "policy": draw_policy, "policy_rule": draw_policy_rule, "agg_loss": draw_agg_loss, "kl_penalty": draw_kl, "advantage": draw_advantage,
     "value_loss": draw_value_loss,
 }  # fmt: skip
 
@@ -849,7 +959,7 @@ def make_case(seed: int, index: int) -> Case:
     op = OPS[int(rng.choice(len(OPS), p=OP_WEIGHTS))]
     case = Case(seed, index, op, "")
     DRAW[op](rng, case)
-    if op == "policy":
+    if op in ("policy", "policy_rule"):
         case.variant = case.params["mode"]
     return case
 
@@ -1110,6 +1220,208 @@ def policy_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Ten
         flips = _whole_token_flips(got["pg_clipfrac_lower"].item(), ref["pg_clipfrac_lower"].item(), mask)
         out["known_tie"]["pg_clipfrac_lower"] = torch.tensor(0 < flips <= int(near_c.sum()))
     return out
+
+
+# ---- token-rule policy losses (issue 17)
+
+
+def rule_verl_fn(mode: str) -> Callable[..., Any]:
+    """verl's function for a token-rule mode (REINFORCE: bypass mode's loss,
+    not registered under its own name)."""
+    return verl_ca.compute_policy_loss_reinforce if mode == "reinforce" else verl_ca.get_policy_loss_fn(mode)
+
+
+def _rule_config(case: Case) -> Any:
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    p = case.params
+    cfg = ActorConfig(
+        strategy="fsdp", **_clip_kwargs(p), clip_ratio_c=p["clip_ratio_c"], ppo_micro_batch_size_per_gpu=1, rollout_n=1,
+        tau_pos=p["tau_pos"], tau_neg=p["tau_neg"], policy_loss=PolicyLossConfig(dro_beta=p["dro_beta"]),
+    )  # fmt: skip
+    cfg.global_batch_info.update(_norm_kwargs(case))
+    return cfg
+
+
+def rule_verl(case: Case, precision: str) -> Outputs:
+    """verl's own function; per-sequence advantages / weights broadcast to (B, T)."""
+    p, x = case.params, case.inputs
+    dtype = DTYPES[p["dtype"]]
+    old, lp, adv, w = (_cast(x.get(k), precision) for k in ("old_log_prob", "log_prob", "advantages", "rollout_is_weights"))
+    mask = x["response_mask"]
+    B, T = lp.shape
+    adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv.expand(B, T)
+    w = None if w is None else (w[:, None].expand(B, T) if w.dim() == 1 else w.expand(B, T))
+    xr = _leaf(lp)
+    fn = rule_verl_fn(p["mode"])
+    loss, metrics = fn(old, xr, adv, mask, loss_agg_mode=p["loss_agg_mode"], config=_rule_config(case), rollout_is_weights=w)
+    (loss * p["grad_out"]).backward()
+    grad = xr.grad.to(dtype) if dtype in HALF and precision != "native" else xr.grad
+    return {"loss": loss.detach(), "grad": grad, **{k.removeprefix("actor/"): _scalar(v) for k, v in metrics.items()}}
+
+
+def rule_ours(case: Case) -> Outputs:
+    p, x = case.params, case.inputs
+    lay = p["layout"]
+    xo = _leaf(x["log_prob"], lay)
+    args = (_relayout(x["old_log_prob"], lay), xo, _relayout(x["advantages"], lay), _relayout(x["response_mask"], lay))
+    w = x.get("rollout_is_weights")
+    loss, metrics = luspo_rs.policy_loss(
+        *args, mode=p["mode"], loss_agg_mode=p["loss_agg_mode"], **_clip_kwargs(p), clip_ratio_c=p["clip_ratio_c"],
+        rollout_is_weights=None if w is None else _relayout(w, lay), tau_pos=p["tau_pos"], tau_neg=p["tau_neg"],
+        dro_beta=p["dro_beta"], **_norm_kwargs(case),
+    )  # fmt: skip
+    (loss * p["grad_out"]).backward()
+    return {"loss": loss.detach(), "grad": xo.grad, **{k: _scalar(v.item()) for k, v in metrics.items()}}
+
+
+def dppo_near(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPPO's rounding-decided tokens: ``(valid, trunc)``, the valid tokens
+    whose keep/drop decision or whose truncation ``ratio > clip_ratio_c`` the
+    last bits of ``exp`` / ``log`` can flip.
+
+    Kept or dropped: TV compares ``p - p_old`` (``p = exp(lp)``) with
+    ``high`` and ``-low``, within 4 ulps of ``|p| + |p_old|``; KL compares
+    the binary KL with ``high`` / ``low``, within 4 times its first-order
+    rounding error (``(1 - p_old) ln((1 - p_old + 1e-8) / (1 - p + 1e-8))``
+    amplifies ``exp``'s ulp by ``1 / (1 - p)`` where ``p`` nears 1), and
+    ``p`` with ``p_old``, within 2 ulps. Truncated: the ratio within
+    TIE_ULPS of ``clip_ratio_c``."""
+    p_, x = case.params, case.inputs
+    dtype = DTYPES[p_["dtype"]]
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    old, lp = x["old_log_prob"].double(), x["log_prob"].double()
+    mask = x["response_mask"].double() != 0
+    low = p_["clip_ratio_low"] if p_["clip_ratio_low"] is not None else p_["clip_ratio"]
+    high = p_["clip_ratio_high"] if p_["clip_ratio_high"] is not None else p_["clip_ratio"]
+    p, po = lp.exp(), old.exp()
+    if p_["mode"] == "dppo_tv":
+        err = 4 * eps * (p.abs() + po.abs())
+        moved = p - po
+        near = ((moved - high).abs() <= err) | ((moved + low).abs() <= err)
+    else:
+        t1 = po * (old - lp)
+        q = (1 - po + 1e-8) / (1 - p + 1e-8)
+        t2 = (1 - po) * q.log()
+        amp = p.abs() / (1 - p + 1e-8).abs() + po.abs() / (1 - po + 1e-8).abs() + 2 + q.log().abs()
+        err = 4 * eps * (t1.abs() + (old - lp).abs() * po + t2.abs() + (1 - po).abs() * amp + po * q.log().abs())
+        bkl = t1 + t2
+        near = ((bkl - high).abs() <= err) | ((bkl - low).abs() <= err)
+        near |= (p - po).abs() <= 2 * eps * torch.maximum(p, po)
+    prec = "fp32" if dtype in HALF else "native"
+    ratio = verl_ratio("vanilla", _cast(x["old_log_prob"], prec), _cast(x["log_prob"], prec), x["response_mask"])
+    trunc = near_bound(ratio, x["response_mask"], (p_["clip_ratio_c"],))
+    return near & mask, trunc
+
+
+def rule_gradient_rounding(case: Case, got: Outputs) -> torch.Tensor:
+    """The tokens where ours is within the float32 forward-error bound of a
+    gradient that is ill-conditioned where both sides compute it as torch's
+    chain does, ``|ours - exact| <= 8 u c`` (``exact``: verl's formula on
+    float64 upcasts; ``u`` the unit roundoff of the token math); such a token
+    is ``rounding``, not a tie:
+
+    * DRO, ``s (beta (lp - old) - A)``: the two terms nearly cancel where
+      ``A ~ beta (lp - old)``; ``c = (|A| + |beta (lp - old)|) |s|``, ``s``
+      the token's scale (the aggregation's coefficient times its IS weight
+      and the backward seed: minus verl's GPG gradient for ``A = 1``);
+    * SAPO, ``... (1 - y) y tau r`` with ``y = sigmoid(tau (r - 1))``:
+      ``1 - y`` loses ``y / (1 - y)`` of its bits to the rounding of ``y``
+      (and ``tau r`` to the ratio's) where the gate saturates;
+      ``c = |exact| (1 + y / (1 - y) + tau r)``."""
+    p, x = case.params, case.inputs
+    dtype = DTYPES[p["dtype"]]
+    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    exact = rule_verl(case, "fp64")["grad"].double()
+    B, T = x["log_prob"].shape
+    adv = x["advantages"].double()
+    adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv.expand(B, T)
+    d = x["log_prob"].double() - x["old_log_prob"].double()
+    if p["mode"] == "dro":
+        unit = Case(case.seed, case.index, case.op, "gpg", {**p, "mode": "gpg"},
+                    {**x, "advantages": torch.ones_like(x["advantages"])})  # fmt: skip
+        scale = rule_verl(unit, "fp64")["grad"].double().abs()
+        cond = (adv.abs() + (p["dro_beta"] * d).abs()) * scale
+    else:
+        r = d.clamp(-20.0, 20.0).exp()
+        tau = torch.where(adv > 0, p["tau_pos"], p["tau_neg"]).double()
+        y = torch.sigmoid(tau * (r - 1))
+        cond = exact.abs() * (1 + y / (1 - y) + tau * r)
+    bound = 8 * u * cond
+    if dtype in HALF:  # and the output's rounding to the half type
+        bound = bound + torch.finfo(dtype).eps * exact.abs()
+    return (got["grad"].double() - exact).abs() <= bound
+
+
+def rule_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Elements of ``off`` a rounding-decided comparison explains
+    (``known_tie``), or DRO's and SAPO's ill-conditioned gradients
+    (``rounding``, see ``rule_gradient_rounding``): CISPO's ``pg_clipfrac`` (``ratio != clip(ratio)``) by
+    whole tokens whose ratio is within TIE_ULPS of a clip bound (its
+    gradient takes the clipped ratio as a constant: no jump); DPPO's
+    gradient where a token kept on one side is dropped on the other (ours or
+    verl's is 0) at the tokens of ``dppo_near``, and its clip fractions by
+    whole such tokens."""
+    p, x = case.params, case.inputs
+    mask = x["response_mask"]
+    out: dict[str, dict[str, torch.Tensor]] = {"known_tie": {}}
+    if p["mode"] in ("dro", "sapo") and "grad" in off:
+        out["rounding"] = {"grad": rule_gradient_rounding(case, got)}
+    if p["mode"] == "cispo" and "pg_clipfrac" in off:
+        dtype = DTYPES[p["dtype"]]
+        prec = "fp32" if dtype in HALF else "native"
+        lo = 1 - (p["clip_ratio_low"] if p["clip_ratio_low"] is not None else p["clip_ratio"])
+        hi = 1 + (p["clip_ratio_high"] if p["clip_ratio_high"] is not None else p["clip_ratio"])
+        ratio = verl_ratio("vanilla", _cast(x["old_log_prob"], prec), _cast(x["log_prob"], prec), mask)
+        near = near_bound(ratio, mask, (lo, hi))
+        flips = _whole_token_flips(got["pg_clipfrac"].item(), ref["pg_clipfrac"].item(), mask)
+        out["known_tie"]["pg_clipfrac"] = torch.tensor(0 < flips <= int(near.sum()))
+    elif p["mode"] in ("dppo_tv", "dppo_kl"):
+        valid, trunc = dppo_near(case)
+        if "loss" in off:  # by at most the losses of those tokens, aggregated as verl does
+            prec = "fp32" if DTYPES[p["dtype"]] in HALF else "native"
+            old, lp, adv, w = (_cast(x.get(k), prec) for k in ("old_log_prob", "log_prob", "advantages", "rollout_is_weights"))
+            B, T = lp.shape
+            adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv.expand(B, T)
+            w = torch.ones(B, T) if w is None else (w[:, None].expand(B, T) if w.dim() == 1 else w.expand(B, T))
+            r = torch.exp(torch.clamp(lp.double() - old.double(), -20.0, 20.0)).clamp(max=p["clip_ratio_c"])
+            terms = (adv.double() * r * lp.double() * w.double()).abs() * valid
+            bound = verl_ca.agg_loss(terms, mask, p["loss_agg_mode"], **_norm_kwargs(case)).abs().item()
+            want = ref["loss"].double().item()
+            tol = policy_tols(case)["loss"]
+            diff = abs(got["loss"].double().item() - want)
+            out["known_tie"]["loss"] = torch.tensor(diff <= tol.atol + tol.rtol * abs(want) + 1.01 * bound)
+        if "grad" in off:
+            g, e = got["grad"].double(), ref["grad"].double()
+            out["known_tie"]["grad"] = valid & ((g == 0) | (e == 0))
+        for name, n in (("pg_clipfrac", int(valid.sum())), ("pg_clipfrac_lower", int((valid | trunc).sum()))):
+            if name in off:
+                flips = _whole_token_flips(got[name].item(), ref[name].item(), mask)
+                out["known_tie"][name] = torch.tensor(0 < flips <= n)
+    return out
+
+
+def rule_magnitudes(case: Case, precision: str) -> dict[str, float]:
+    """As policy_magnitudes, for verl's token-rule function."""
+    agg, captured = verl_ca.agg_loss, {}
+
+    def spy(loss_mat, loss_mask, loss_agg_mode, *args, **kwargs):
+        captured["loss"] = agg(loss_mat.detach().double().abs(), loss_mask, loss_agg_mode, *args, **kwargs).item()
+        return agg(loss_mat, loss_mask, loss_agg_mode, *args, **kwargs)
+
+    with _patched(verl_ca, "agg_loss", spy):
+        rule_verl(case, precision)
+    x = case.inputs
+    d = (_cast(x["log_prob"], precision) - _cast(x["old_log_prob"], precision)).double().abs()
+    captured["ppo_kl"] = verl_ca.verl_F.masked_mean(d, x["response_mask"]).item()
+    return captured
+
+
+def rule_exact(case: Case, precision: str) -> list[Outputs]:
+    """As policy_exact: verl on float64 upcasts, and verl with float64 sums."""
+    with verl_accumulating_in_fp64():
+        acc64 = rule_verl(case, precision)
+    return _upcast_exact(rule_verl)(case, precision) + [acc64]
 
 
 # ---- agg_loss
@@ -1544,6 +1856,7 @@ class OpSpec:
 
 SPECS = {
     "policy": OpSpec(policy_verl, policy_ours, policy_tols, policy_exact, policy_magnitudes, half_rule=True, ties=policy_ties),
+    "policy_rule": OpSpec(rule_verl, rule_ours, policy_tols, rule_exact, rule_magnitudes, half_rule=True, ties=rule_ties),
     "agg_loss": OpSpec(agg_verl, agg_ours, agg_tols, _upcast_exact(agg_verl), agg_magnitudes, half_rule=True),
     "value_loss": OpSpec(value_verl, value_ours, value_tols, _upcast_exact(value_verl), half_rule=True),
     "kl_penalty": OpSpec(kl_verl, kl_ours, kl_tols, _upcast_exact(kl_verl)),
@@ -1601,6 +1914,10 @@ def _run_case(case: Case) -> Outcome:
             problems.append(f"{name}: ours {'None' if g is None else 'a tensor'}, verl {'None' if want is None else 'a tensor'}")
         elif g is not None and g.dtype != want:
             problems.append(f"{name}: dtype {g.dtype}, expected {want}")
+    # the token rules' metrics: verl's exact key set (e.g. none for GPG); the
+    # verl-signature adapters of the other modes add the length diagnostics
+    if case.op == "policy_rule" and set(got) != set(ref):
+        problems.append(f"outputs: ours {sorted(got)}, verl's {sorted(ref)}")
 
     # values
     tols = spec.tols(case)

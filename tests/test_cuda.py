@@ -25,6 +25,9 @@ from test_advantage import ESTIMATORS, VERL_KW, WHITENED, group_layout, sizes_fo
 from test_advantage import make_batch as make_adv_batch
 from test_kl_penalty import MODES as KL_MODES
 from test_kl_penalty import inputs as kl_inputs
+from test_policy_modes import EXT_MODES
+from test_policy_modes import KNOBS as EXT_KNOBS
+from test_policy_modes import verl_ref as ext_verl
 from verl.trainer.ppo import core_algos as verl_ca
 
 import luspo_rs
@@ -328,6 +331,190 @@ def test_second_gpu_runs_its_own_kernels():
     b = run("gspo", *cuda(old, lp, adv, mask), "token-mean")
     for x, y in zip(a, b):
         torch.testing.assert_close(x.cpu(), y.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- token-rule modes (issue 17)
+# CISPO, SAPO, GPG, DRO, DPPO-TV / KL, REINFORCE and Clip-Cov / KL-Cov given
+# their picks: loss.cu's `_ext` kernels (ext_token_loss), against our CPU path
+# and verl's own functions on the same device.
+
+EXT_ALL = EXT_MODES + ["clip_cov", "kl_cov"]
+
+
+def ext_run(mode, old, lp, adv, mask, agg="token-mean", weights=None, picks=None, **kw):
+    """Loss, gradient and every metric (the mode's, then the length
+    diagnostics, by sorted name) of ``luspo_rs.policy_loss``."""
+    x = lp.detach().clone().requires_grad_(True)
+    loss, metrics = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, loss_agg_mode=agg, rollout_is_weights=weights,
+                                         picks=picks, diagnostics=True, **{**CLIP, **EXT_KNOBS, **kw})  # fmt: skip
+    loss.backward()
+    names = sorted(metrics)
+    return loss.detach(), x.grad, torch.stack([metrics[k] for k in names]), names
+
+
+def ext_picks(B, T, seed=0):
+    """Some chosen tokens (Clip-Cov: cut out; KL-Cov: given the KL term)."""
+    return torch.rand(B, T, generator=torch.Generator().manual_seed(seed)) < 0.2
+
+
+def ext_compare(got, want, tol, what):
+    assert got[3] == want[3], f"{what}: metric names {got[3]} vs {want[3]}"
+    close(got[0], want[0], tol, f"{what}: loss")
+    close(got[1], want[1], tol, f"{what}: grad")
+    close(got[2], want[2], TOL_CPU[torch.float32], f"{what}: metrics")
+
+
+@pytest.mark.parametrize("with_weights", [False, True], ids=["no_is", "is_weights"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", EXT_ALL)
+def test_ext_modes_match_cpu_path_and_verl_on_the_gpu(mode, dtype, with_weights):
+    B, T = 9, 300
+    old, lp, adv, mask = make_batch(B, T, dtype=dtype, spread=1.0, empty_rows=(3,), full_rows=(0,))
+    w = torch.rand(B, T, generator=torch.Generator().manual_seed(1)).to(dtype) + 0.5 if with_weights else None
+    picks = ext_picks(B, T) if mode in ("clip_cov", "kl_cov") else None
+    up = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        with host():
+            want = ext_run(mode, old, lp, adv, mask, agg, w, picks, clip_ratio_c=2.0)
+        got = ext_run(mode, *cuda(old, lp, adv, mask), agg, *cuda(w, picks), clip_ratio_c=2.0)
+        assert on_device(got[0]) and on_device(got[1]) and got[1].dtype == dtype and got[0].dtype == want[0].dtype
+        ext_compare(got, want, TOL_CPU[dtype], f"{mode} {agg} vs CPU")
+        if picks is not None:
+            continue  # verl chooses Clip-Cov's / KL-Cov's tokens at random: the CPU path is the reference
+        # verl on the same device, in f32 for 16-bit inputs (as the policy section above)
+        ref = [t.to(up) for t in cuda(old, lp, adv)]
+        r_loss, r_grad, r_met = ext_verl(mode, *ref, *cuda(mask), agg, None if w is None else cuda(w)[0].to(up),
+                                         **{**CLIP, **EXT_KNOBS, "clip_ratio_c": 2.0})  # fmt: skip
+        close(got[0], r_loss, TOL_CPU[dtype], f"{mode} {agg}: loss vs verl")
+        close(got[1], r_grad, TOL_CPU[dtype], f"{mode} {agg}: grad vs verl")
+        ours_met = dict(zip(got[3], got[2]))
+        assert set(r_met) <= set(ours_met) and set(ours_met) - set(r_met) == set(METRICS[3:]), (sorted(r_met), got[3])
+        for k, v in r_met.items():
+            close(ours_met[k], v, TOL_CPU[torch.float32], f"{mode} {agg}: {k} vs verl")
+
+
+@pytest.mark.parametrize("T", [1, 7, 2053])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int64, torch.float32, torch.float64], ids=str)
+def test_ext_mask_kinds_and_lengths_match_cpu(mask_dtype, T):
+    # 1-byte masks take the vector mask loads, the others element-wise loads;
+    # T from one token to a team of 128+ threads with a ragged tail; a
+    # multi-turn (non-prefix) mask in half the rows
+    old, lp, adv, mask = make_batch(5, T, seed=23, spread=1.0, empty_rows=(1,))
+    g = torch.Generator().manual_seed(24)
+    mask[3:] = torch.rand(2, T, generator=g) < 0.6
+    mask = mask.to(mask_dtype)
+    picks = ext_picks(5, T, seed=25)
+    for mode in EXT_ALL:
+        pk = picks if mode in ("clip_cov", "kl_cov") else None
+        for agg in ("token-mean", "seq-mean-token-sum"):
+            with host():
+                want = ext_run(mode, old, lp, adv, mask, agg, picks=pk)
+            got = ext_run(mode, *cuda(old, lp, adv, mask), agg, picks=cuda(pk)[0])
+            ext_compare(got, want, TOL_CPU[torch.float32], f"{mode} {agg}")
+
+
+@pytest.mark.parametrize("mode", EXT_ALL)
+def test_ext_per_row_advantages_weights_and_mixed_dtypes_match_cpu(mode):
+    # (B,) and (B, 1) advantages and IS weights; mixed float dtypes take the
+    # element-wise kernels (f32 and f64 math)
+    old, lp, adv, mask = make_batch(8, 257, seed=26, spread=1.0, per_seq_adv=True, empty_rows=(2,))
+    w = torch.linspace(0.5, 1.5, 8)
+    picks = ext_picks(8, 257, seed=27) if mode in ("clip_cov", "kl_cov") else None
+    cases = {
+        "rows": (old, lp, adv, w),
+        "rows1": (old, lp, adv[:, None], w[:, None]),
+        "f64_adv": (old, lp, adv.double(), w),
+        "f64_old": (old.double(), lp, adv, w),  # f64 math; GPG's and REINFORCE's loss stays f32
+        "f64_old_bf16_lp": (old.double(), lp.bfloat16(), adv, w.double()),
+    }
+    for name, (o, l, a, ww) in cases.items():
+        for agg in ("token-mean", "seq-mean-token-mean"):
+            with host():
+                want = ext_run(mode, o, l, a, mask, agg, ww, picks)
+            got = ext_run(mode, *cuda(o, l, a, mask), agg, *cuda(ww, picks))
+            tol = TOL_CPU[torch.bfloat16] if l.dtype == torch.bfloat16 else TOL_CPU[torch.float32]
+            ext_compare(got, want, tol, f"{name} {agg}")
+    # the rows' advantages reach verl as (B, T)
+    if picks is None:
+        B, T = lp.shape
+        r = ext_verl(mode, *cuda(old, lp, adv[:, None].expand(B, T)), *cuda(mask), "token-mean",
+                     cuda(w[:, None].expand(B, T))[0], **{**CLIP, **EXT_KNOBS})  # fmt: skip
+        got = ext_run(mode, *cuda(old, lp, adv, mask), "token-mean", *cuda(w))
+        close(got[0], r[0], TOL_CPU[torch.float32], "loss vs verl")
+        close(got[1], r[1], TOL_CPU[torch.float32], "grad vs verl")
+
+
+@pytest.mark.parametrize("mode", EXT_ALL)
+def test_ext_strided_inputs_and_picks_are_read_in_place(mode):
+    old, lp, adv, mask = make_batch(16, 40, seed=28, spread=1.0)
+    picks = ext_picks(16, 40, seed=29).to(torch.uint8) if mode in ("clip_cov", "kl_cov") else None
+    w = torch.rand(16, 40, generator=torch.Generator().manual_seed(30)) + 0.5
+    a = ext_run(mode, *cuda(old, lp, adv, mask), "seq-mean-token-mean", *cuda(w, picks))
+    t = lambda x: None if x is None else x.t().contiguous().t()  # noqa: E731
+    s = lambda x: None if x is None else torch.zeros(16, 80, dtype=x.dtype)[:, ::2].copy_(x)  # noqa: E731
+    b = ext_run(mode, *cuda(t(old), t(lp), s(adv), t(mask)), "seq-mean-token-mean", *cuda(s(w), t(picks)))
+    ext_compare(b, a, TOL_CPU[torch.float32], "strided")
+
+
+@pytest.mark.parametrize("mode", EXT_ALL)
+def test_ext_all_masked_nan_far_ratios_and_picks_edges_match_cpu(mode):
+    # all rows masked (verl's 0/0); NaN log_prob at a valid and at a masked
+    # token; every token picked; log-ratios past the +-20 clamp (CISPO, SAPO,
+    # DPPO stop the gradient there; in float64 too, where SAPO's gradient
+    # beyond -20, of the order of exp(-20), is above the tolerance)
+    old, lp, adv, mask = make_batch(4, 70, seed=31, spread=1.0, full_rows=(1,))
+    lp_nan = lp.clone()
+    lp_nan[1, 3] = float("nan")
+    mask_nan = mask.clone()
+    mask_nan[0, 0] = False
+    lp_nan[0, 0] = float("nan")
+    far = lp.clone()
+    far[:, ::5] += 25.0
+    far[:, 1::5] -= 25.0
+    takes = mode in ("clip_cov", "kl_cov")
+    pk = ext_picks(4, 70) if takes else None
+    cases = [
+        (old, lp, adv, torch.zeros_like(mask), pk),
+        (old, lp_nan, adv, mask_nan, pk),
+        (old, far, adv, mask, pk),
+        (old.double(), far.double(), adv.double(), mask, pk),
+    ]
+    if takes:
+        cases.append((old, lp, adv, mask, torch.ones_like(mask)))
+    for o, l, a, m, p in cases:
+        for agg in AGG_MODES:
+            with host():
+                want = ext_run(mode, o, l, a, m, agg, picks=p)
+            got = ext_run(mode, *cuda(o, l, a, m), agg, picks=cuda(p)[0])
+            ext_compare(got, want, TOL_CPU[l.dtype], f"{agg} {l.dtype}")
+
+
+@pytest.mark.parametrize("mode", EXT_ALL)
+def test_ext_bitwise_deterministic_over_runs(mode):
+    # on the simulator every run also has its blocks and threads in another order
+    B, T = (64, 5000) if BIG else (24, 1500)
+    old, lp, adv, mask = cuda(*make_batch(B, T, spread=0.5))
+    picks = cuda(ext_picks(B, T))[0] if mode in ("clip_cov", "kl_cov") else None
+    first = ext_run(mode, old, lp, adv, mask, "token-mean", picks=picks)
+    for k in range(3):
+        if SIM:
+            _core.sim_set_seed(1000 * k + 11)
+        again = ext_run(mode, old, lp, adv, mask, "token-mean", picks=picks)
+        for a, b in zip(first[:3], again[:3]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # bitwise, NaN == NaN
+
+
+def test_ext_backward_scales_and_retained_backwards_on_the_gpu():
+    old, lp, adv, mask = cuda(*make_batch(6, 333, spread=0.5))
+    for mode in ("sapo", "dppo_kl"):
+        _, g1, _, _ = ext_run(mode, old, lp, adv, mask)
+        x = lp.detach().clone().requires_grad_(True)
+        loss, _ = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, **CLIP, **EXT_KNOBS)
+        (loss * -3.0).backward(retain_graph=True)
+        close(x.grad, g1 * -3.0, TOL_CPU[torch.float32], f"{mode}: seed -3")
+        (g2,) = torch.autograd.grad(loss, x, grad_outputs=torch.tensor(2.0, device=x.device))
+        assert g2.data_ptr() != x.grad.data_ptr()
+        close(g2, g1 * 2.0, TOL_CPU[torch.float32], f"{mode}: retained seed 2")
 
 
 # --------------------------------------------------------------------------- value loss

@@ -22,7 +22,8 @@ tensor (``log_prob`` playing the replicated parameter); the ranks all-reduce
 these (SUM, then / world size, as DDP and FSDP do; like DDP's buckets, one flat
 buffer per dtype holding every case). The result must equal the gradient of
 the same function over the whole batch in one process, to 1e-6 absolute, for
-every policy-loss mode of luspo_rs (vanilla, gspo, luspo), ``agg_loss`` and the
+every policy-loss mode of luspo_rs (vanilla, gspo, luspo, and the token rules
+of issue 17: cispo, sapo, gpg, dro, dppo_tv, dppo_kl, reinforce), ``agg_loss`` and the
 value loss (``compute_value_loss``: ``log_prob`` plays ``vpreds``; no IS weights), every
 ``loss_agg_mode``, with and without IS weights, in float64 and float32, in two
 layouts and under two conventions for the normalisers.
@@ -48,6 +49,7 @@ rank pads its shard only to its own longest response, as verl's
 
 The same cases run through verl 0.9.1's own functions (``compute_policy_loss_vanilla``,
 ``compute_policy_loss_gspo``, LUSPO as verl's GSPO + ``agg_loss("seq-mean-token-sum")``,
+``get_policy_loss_fn(mode)`` for the token rules and ``compute_policy_loss_reinforce``,
 ``agg_loss``), so the property is proved for verl and for luspo_rs, and the two
 are compared with each other under DP as well. Two controls show the check can
 fail: ranks that use their *local* counts (``dp_size=1``, no global normaliser)
@@ -90,7 +92,13 @@ B, T = 12, 40
 # rows 6..11 to rank 1 (short ones): 138 vs 44 valid tokens, 4 vs 6 non-empty rows.
 LENGTHS = (40, 0, 33, 0, 27, 38, 3, 9, 1, 14, 6, 11)
 MODES = ("vanilla", "gspo", "luspo")
-FNS = MODES + ("agg_loss", "value_loss")
+#: The token-rule losses of issue 17, called through ``luspo_rs.policy_loss`` (ours)
+#: and verl's ``get_policy_loss_fn(mode)`` / ``compute_policy_loss_reinforce``.
+EXT_MODES = ("cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "reinforce")
+EXT_KNOBS = dict(tau_pos=1.0, tau_neg=1.05, dro_beta=0.3)
+#: The modes that aggregate one way whatever ``loss_agg_mode`` says.
+FIXED_AGG = ("luspo", "sapo")
+FNS = MODES + EXT_MODES + ("agg_loss", "value_loss")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 IMPLS = ("ours", "verl")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -121,7 +129,7 @@ def dp_cases() -> list[tuple]:
                     # control 1: local normalisers (what a trainer unaware of DP would pass)
                     cases.append((impl, fn, agg, dtype, "local", "same_T", False))
                 # control 2: per-rank padding with verl's default loss_scale_factor (None -> local T)
-                if agg == "seq-mean-token-sum-norm" and fn != "luspo":
+                if agg == "seq-mean-token-sum-norm" and fn not in FIXED_AGG:
                     cases.append((impl, fn, agg, "float64", "verl_actor_unfixed_scale", "own_T", False))
     return cases
 
@@ -156,9 +164,11 @@ def shard(batch: dict[str, torch.Tensor], rank: int, layout: str) -> tuple[dict[
 
 
 def _actor_config(global_batch_info: dict[str, Any]):
-    from verl.workers.config import ActorConfig
+    from verl.workers.config import ActorConfig, PolicyLossConfig
 
-    cfg = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=1, **CLIP)
+    knobs = dict(tau_pos=EXT_KNOBS["tau_pos"], tau_neg=EXT_KNOBS["tau_neg"])
+    cfg = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=1, **CLIP, **knobs,
+                      policy_loss=PolicyLossConfig(dro_beta=EXT_KNOBS["dro_beta"]))  # fmt: skip
     # as verl.workers.utils.losses.ppo_loss fills it before calling the policy loss
     cfg.global_batch_info.update(global_batch_info)
     return cfg
@@ -186,8 +196,16 @@ def loss_and_grad(impl: str, fn: str, agg: str, batch: dict[str, torch.Tensor], 
             loss_mat = loss_mat * w
         agg_fn = ours.agg_loss if impl == "ours" else verl_ca.agg_loss
         loss = agg_fn(loss_mat, batch["mask"], agg, **global_batch_info)
+    elif fn in EXT_MODES and impl == "ours":
+        import luspo_rs
+
+        loss, _ = luspo_rs.policy_loss(batch["old"], x, batch["adv"], batch["mask"], mode=fn, loss_agg_mode=agg,
+                                       rollout_is_weights=w, **CLIP, **EXT_KNOBS, **global_batch_info)  # fmt: skip
     else:
-        if impl == "ours":
+        if fn in EXT_MODES:
+            # REINFORCE is bypass mode's loss, not registered under its name
+            policy_fn = verl_ca.compute_policy_loss_reinforce if fn == "reinforce" else verl_ca.get_policy_loss_fn(fn)
+        elif impl == "ours":
             policy_fn = getattr(ours, f"compute_policy_loss_{fn}")
         elif fn == "vanilla":
             policy_fn = verl_ca.compute_policy_loss_vanilla
@@ -213,8 +231,11 @@ def _check_verl_is_verl() -> None:
     """LUSPO_RS_TAKE_OVER would make verl's functions ours: the comparison would be void."""
     import verl.trainer.ppo.core_algos as verl_ca
 
-    for name in ("compute_policy_loss_vanilla", "compute_policy_loss_gspo", "agg_loss", "compute_value_loss"):
-        module = getattr(verl_ca, name).__module__
+    fns = [getattr(verl_ca, n) for n in ("compute_policy_loss_vanilla", "compute_policy_loss_gspo", "agg_loss",
+                                         "compute_value_loss", "compute_policy_loss_reinforce")]  # fmt: skip
+    fns += [verl_ca.get_policy_loss_fn(m) for m in EXT_MODES if m != "reinforce"]
+    for fn in fns:
+        name, module = fn.__name__, fn.__module__
         assert module.startswith("verl."), f"verl's {name} is replaced by {module}; unset LUSPO_RS_TAKE_OVER"
 
 
@@ -430,7 +451,8 @@ def test_norm_mode_needs_a_fixed_loss_scale_factor_when_ranks_pad_differently(dp
         _, d_grad, scale = _differences(dp_results[case], _ref(single_results, case))
         assert d_grad > 1e-2 * scale, case
         seen += 1
-    assert seen == len(IMPLS) * 4  # vanilla, gspo, agg_loss, value_loss (LUSPO ignores loss_agg_mode)
+    # vanilla, gspo, the token rules but SAPO, agg_loss, value_loss (LUSPO and SAPO ignore loss_agg_mode)
+    assert seen == len(IMPLS) * (len(FNS) - len(FIXED_AGG))
 
 
 if __name__ == "__main__":  # one rank, started by launch()

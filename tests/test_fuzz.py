@@ -130,3 +130,64 @@ def test_triage_excuses_exactly_the_documented_tie(monkeypatch):
     assert classify(clipfrac_shift=0.5) == "mismatch", "half a token is no flip"
     n_wide = int(fuzz.near_bound(ratio, mask, (lo, hi), fuzz.WIDE_TIE_ULPS).sum())
     assert classify(clipfrac_shift=float(n_wide + 1)) == "mismatch", "more flips than tokens at a bound"
+
+
+def _dppo_tie_case() -> fuzz.Case:
+    """A DPPO-TV fp32 case whose tokens have p - p_old a few ulps around the
+    divergence bounds (as test_policy_modes' tie test draws them)."""
+    g = torch.Generator().manual_seed(5)
+    B, T, low, high = 8, 64, 0.2, 0.28
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 0.1
+    up = torch.rand(B, T, generator=g) < 0.5
+    lp = torch.where(up, old.exp() + high, old.exp() - low).clamp(1e-6, 1 - 1e-6).log().float()
+    steps = torch.randint(-3, 4, (B, T), generator=g)
+    for k in range(1, 4):
+        lp = torch.where(steps >= k, torch.nextafter(lp, torch.tensor(0.0)), lp)
+        lp = torch.where(steps <= -k, torch.nextafter(lp, torch.tensor(-1e9)), lp)
+    adv = torch.where(up, 1.0, -1.0) * (0.5 + torch.rand(B, T, generator=g))
+    params = dict(mode="dppo_tv", dtype="fp32", mask_dtype="bool", loss_agg_mode="token-mean", clip_ratio=0.2,
+                  clip_ratio_low=low, clip_ratio_high=high, clip_ratio_c=3.0, tau_pos=1.0, tau_neg=1.05, dro_beta=0.1,
+                  tensor_norms={}, layout="contiguous", grad_out=1.0)  # fmt: skip
+    inputs = dict(old_log_prob=old.float(), log_prob=lp, advantages=adv, response_mask=torch.ones(B, T, dtype=torch.bool))
+    return fuzz.Case(0, 0, "policy_rule", "dppo_tv", params, inputs)
+
+
+def test_triage_excuses_exactly_dppos_rounding_decided_drops(monkeypatch):
+    # "ours" is verl itself, doctored: a token near a divergence bound kept by
+    # verl and dropped by "ours" (gradient 0, pg_clipfrac one token up, the
+    # loss without that token) is a known_tie; the same anywhere else, or a
+    # gradient that is no drop, is a mismatch.
+    case = _dppo_tie_case()
+    spec = fuzz.SPECS["policy_rule"]
+    ref = spec.verl(case, "native")
+    near, _ = fuzz.dppo_near(case)
+    grad = ref["grad"]
+    at_near = tuple((near & (grad != 0)).nonzero()[0].tolist())
+    at_far = tuple((~near & (grad.abs() > 1e-4)).nonzero()[0].tolist())
+    n = float(grad.numel())
+    x = case.inputs
+    # the token's own loss, as token-mean weighs it: -A min(r, c) lp / n
+    token_loss = lambda i: (-x["advantages"][i] * torch.exp(x["log_prob"][i] - x["old_log_prob"][i]).clamp(max=3.0)  # noqa: E731
+                            * x["log_prob"][i] / n).item()  # fmt: skip
+
+    def classify(where=None, factor=0.0, clipfrac_shift=0.0, loss_shift=0.0):
+        def ours(c):
+            out = spec.verl(c, "native")
+            if where is not None:
+                out["grad"] = out["grad"].clone()
+                out["grad"][where] *= factor
+            out["pg_clipfrac"] = out["pg_clipfrac"] + clipfrac_shift / n
+            out["loss"] = out["loss"] + loss_shift
+            return out
+
+        monkeypatch.setitem(fuzz.SPECS, "policy_rule", dataclasses.replace(spec, ours=ours))
+        return fuzz.run_case(case).cls
+
+    assert near.sum() > 10
+    assert classify() == "ok"
+    assert classify(at_near) == "known_tie"
+    assert classify(at_near, clipfrac_shift=1.0, loss_shift=-token_loss(at_near)) == "known_tie"
+    assert classify(at_near, factor=2.0) == "mismatch", "x2 is no drop"
+    assert classify(at_far) == "mismatch", "a drop away from a bound is no tie"
+    assert classify(clipfrac_shift=0.5) == "mismatch", "half a token is no flip"
+    assert classify(loss_shift=1.0) == "mismatch", "more than the tokens at a bound carry"

@@ -166,3 +166,34 @@ def test_an_input_changed_in_place_is_refused_by_a_later_backward_only():
     assert torch.isfinite(g).all()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(loss, x)
+
+
+# the token-rule modes of issue 17 (the same autograd Function; SAPO's fixed
+# aggregation, DPPO's dropped tokens and DRO's knob on the second pass)
+EXT = ("sapo", "dppo_kl", "dro")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", EXT)
+def test_token_rule_gradient_never_changes_after_it_is_returned(mode, dtype):
+    from test_policy_modes import CLIP, KNOBS
+
+    old, lp, adv, mask = make_batch(5, 37, dtype=dtype, spread=0.8, seed=3)
+    x = lp.clone().requires_grad_()
+    loss, _ = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, loss_agg_mode="token-mean", **CLIP, **KNOBS)
+    check_retained_backwards(x, loss, seeded_rounding=dtype == torch.float16)
+
+
+@pytest.mark.parametrize("mode", EXT)
+def test_token_rule_retained_backwards_with_mixed_seeds_accumulate_like_verl(mode):
+    from test_policy_modes import CLIP, KNOBS, verl_ref
+
+    old, lp, adv, mask = make_batch(6, 29, spread=0.8, seed=8)
+    seeds = (1.0, 0.5, -2.0, 1.0, 3.0)
+    x = lp.clone().requires_grad_()
+    loss, _ = luspo_rs.policy_loss(old, x, adv, mask, mode=mode, loss_agg_mode="seq-mean-token-sum", **CLIP, **KNOBS)
+    for k, s in enumerate(seeds):
+        loss.backward(torch.tensor(s), retain_graph=k < len(seeds) - 1)
+    _, want, _ = verl_ref(mode, old, lp, adv, mask, "seq-mean-token-sum", **CLIP, **KNOBS)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(x.grad, sum(seeds) * want, atol=1e-5, rtol=1e-5)

@@ -268,6 +268,12 @@ def policy_loss(
             clip_ratio_low=options["clip_ratio_low"], clip_ratio_high=options["clip_ratio_high"],
             clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio,
         )  # fmt: skip
+    if mode in ("gpg", "reinforce"):
+        # their loss does not read old_log_prob (REINFORCE's ppo_kl metric
+        # only): verl's loss keeps the other inputs' dtype
+        loss_dtype = result_dtype(
+            log_prob=log_prob, advantages=advantages, response_mask=response_mask, rollout_is_weights=weights
+        )
     if mode == "geo_mean" and not response_mask.is_floating_point():
         # verl divides GMPO's row sums by sum(mask) + 1e-8: for a bool or
         # integer mask a tensor of torch's default dtype, which promotes
