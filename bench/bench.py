@@ -22,7 +22,7 @@ from common import nbytes, rollout_batch, stream_bandwidth, timeit  # noqa: E402
 import luspo_rs  # noqa: E402
 
 
-#: Every mode, in the README's order; bypass_mode is verl's rollout correction
+#: Every mode, in the order of the README's covers table; bypass_mode is verl's rollout correction
 #: in front of vanilla or reinforce, so those rows time it.
 MODES = ["luspo", "gspo", "vanilla", "cispo", "sapo", "geo_mean", "gpg", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl",
          "dro", "reinforce"]

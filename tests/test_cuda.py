@@ -156,7 +156,7 @@ def test_all_rows_masked_matches_verl_on_the_gpu(mode, agg):
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("mode", MODES)
 def test_nan_log_prob_and_nan_mask_give_the_cpu_results(mode, agg, what):
-    # the README's NaN rules (test_policy_loss.py checks them against verl):
+    # the NaN rules of docs/exactness.md (test_policy_loss.py checks them against verl):
     # a NaN log_prob's row gets the clamps' zero gradient, a NaN mask entry
     # drops its row in the sequence modes
     old, lp, adv, mask = make_batch(4, 300, seed=8, full_rows=(1,))
@@ -598,7 +598,7 @@ def test_value_loss_ties_nan_and_masked_rows_match_verl_on_the_gpu(agg):
     # NaN in a valid token (the loss and that gradient NaN, as verl's), a
     # fully masked row, and a whole batch masked
     vp, v, r, mask = value_data(4, 10, seed=24, empty_rows=(3,), full_rows=(1,))
-    r[1, 2] = float("nan")  # (masked positions get a zero gradient, verl's a NaN one there: README)
+    r[1, 2] = float("nan")  # (masked positions get a zero gradient, verl's a NaN one there: docs/exactness.md)
     want = verl_value(*cuda(vp, v, r, mask), loss_agg_mode=agg)
     got = vrun(*cuda(vp, v, r, mask), agg)
     for a, b, what in zip(got, want, ("loss", "grad", "vf_clipfrac")):

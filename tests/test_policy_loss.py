@@ -139,7 +139,7 @@ def test_nan_in_valid_token_propagates_like_verl(mode, agg):
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("mode", MODES)
 def test_nan_in_the_mask(mode, agg):
-    # Our rule (README, "NaN"): a NaN mask entry makes its row's mask sum NaN;
+    # Our rule (docs/exactness.md, "NaN rules"): a NaN mask entry makes its row's mask sum NaN;
     # the sequence modes drop that row, as verl's `sum(m) > 0` does: verl's
     # loss, and a zero gradient for the row (verl's is NaN at the NaN entry
     # for vanilla, 0 for GSPO, whose clamp stops it, NaN on the whole row for

@@ -325,7 +325,7 @@ def test_nan_log_prob_at_a_masked_token(mode, agg):
     # The loss is verl's: the token modes drop the masked NaN (verl's
     # masked_sum), the sequence modes (and SAPO, always one) take it into the
     # row's sum (verl multiplies by the mask), so the loss is NaN.
-    # Deliberate difference (README "NaN"): a masked position always gets a
+    # Deliberate difference (docs/exactness.md, "NaN rules"): a masked position always gets a
     # zero gradient; verl's is NaN there where torch multiplies a NaN factor
     # by the zero it passes back (CISPO's and DPPO's detached ratio, SAPO's
     # and DRO's chain) and the row's other tokens keep verl's gradient.

@@ -33,7 +33,7 @@ correction, as verl's own does).
   baselines ``compute_optimal_token_baseline_advantage`` and
   ``compute_multi_turn_optimal_token_baseline_advantage`` (two tensors).
 
-Known, deliberate differences from verl (documented in the README):
+Known, deliberate differences from verl (documented in docs/exactness.md):
 
 * a ``torch.Tensor`` ``index`` is grouped by value (verl's loop estimators
   would hash each 0-d tensor by identity, i.e. one group per row);

@@ -80,7 +80,7 @@ pub enum LossMode {
     Value,
 }
 
-/// Every policy mode by name, in the order the README lists them.
+/// Every policy mode by name, in the order the README's covers table and docs/formulas.md list them.
 pub const POLICY_MODES: [(&str, LossMode); 13] = [
     ("vanilla", LossMode::Vanilla),
     ("gspo", LossMode::Gspo),

@@ -25,7 +25,7 @@
 //
 // What it does not model: speed, warps running in lockstep, memory-model
 // races between blocks or beyond what the barriers order, and the GPU's own
-// exp / log / sqrt (the host's libm is used; see README, CUDA).
+// exp / log / sqrt (the host's libm is used; see docs/cuda.md).
 
 #define LUSPO_RS_SIM 1
 
