@@ -138,6 +138,61 @@ def test_take_over_env_var_replaces_verls_functions():
     assert out == "OK"
 
 
+def test_take_over_replaces_all_twelve_policy_losses_with_verls_numbers():
+    # every loss verl 0.9.1 registers (and compute_policy_loss_reinforce, which
+    # bypass mode calls by name): the registry entry and the module attribute
+    # are ours, and give verl's loss, gradient and metrics (Clip-Cov, KL-Cov
+    # and bypass mode, whose numbers need a seeded choice and a rollout
+    # correction config: tests/test_cov_losses.py)
+    out = run(
+        """
+        import torch
+        import verl
+        import luspo_rs.core_algos as ours
+        import luspo_rs.verl as plugin
+        from verl.trainer.ppo import core_algos as ca
+        from verl.workers.config import ActorConfig, PolicyLossConfig
+        names = set(ca.POLICY_LOSS_REGISTRY) - {"luspo"}
+        assert len(names) == 12, sorted(names)
+        verls = {n: ca.get_policy_loss_fn(n) for n in names}
+        cfg = ActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_high=0.28, ppo_micro_batch_size_per_gpu=1,
+                          rollout_n=1, policy_loss=PolicyLossConfig(dro_beta=0.3))
+        g = torch.Generator().manual_seed(1)
+        old = -torch.rand(6, 40, generator=g) * 2
+        lp = old + 0.3 * torch.randn(6, 40, generator=g)
+        adv = torch.randn(6, 1, generator=g).expand(6, 40).contiguous()
+        mask = torch.arange(40)[None, :] < torch.tensor([40, 3, 27, 1, 15, 39])[:, None]
+        def run(fn):
+            x = lp.clone().requires_grad_()
+            loss, metrics = fn(old, x, adv, mask, loss_agg_mode="token-mean", config=cfg)
+            loss.backward()
+            return loss.detach(), x.grad, metrics
+        plugin.take_over()
+        checked = 0
+        for n in sorted(names):
+            fn = ca.get_policy_loss_fn(n)
+            assert fn is ours.POLICY_LOSSES[n] and getattr(ca, fn.__name__) is fn, n
+            if n in ("clip_cov", "kl_cov", "bypass_mode"):
+                continue
+            (l1, g1, m1), (l2, g2, m2) = run(verls[n]), run(fn)
+            torch.testing.assert_close(l2, l1, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-5)
+            assert set(m1) <= set(m2), n
+            for k, v in m1.items():
+                assert abs(m2[k] - v) <= 1e-6 + 1e-5 * abs(v), (n, k)
+            checked += 1
+        assert ca.compute_policy_loss_reinforce is ours.compute_policy_loss_reinforce
+        plugin.restore()
+        for n in names:
+            assert ca.get_policy_loss_fn(n) is verls[n], n
+        assert ca.compute_policy_loss_reinforce.__module__ == "verl.trainer.ppo.core_algos"
+        print("OK", checked)
+        """,
+        VERL_USE_EXTERNAL_MODULES="luspo_rs.verl",
+    )
+    assert out == "OK 9"
+
+
 def test_take_over_by_call_and_reimport_is_harmless():
     out = run(
         """
