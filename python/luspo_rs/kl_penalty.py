@@ -47,6 +47,59 @@ class KlPenaltyFunction(torch.autograd.Function):
         return d_lp, d_ref, None
 
 
+# ---------------------------------------------------------------- the torch.library op
+#
+# `luspo_rs::kl_penalty` is the same native call as a torch.library custom op,
+# so that torch.compile traces it (fullgraph, no graph break), fake tensors
+# infer its shape and dtype, and torch.export sees it. Eager calls keep the
+# autograd.Function above (the dispatcher's extra host time would be paid on
+# every small call); under torch.compile the op is used.
+
+
+@torch.library.custom_op("luspo_rs::kl_penalty", mutates_args=())
+def _kl_penalty_op(
+    logprob: torch.Tensor, ref_logprob: torch.Tensor, mode: str, clamp_closed: bool, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, d out / d logprob)`` of 2-D inputs (the gradient is empty
+    unless ``with_grad``)."""
+    dtype = torch.promote_types(logprob.dtype, ref_logprob.dtype)
+    out = torch.empty(logprob.shape, dtype=dtype, device=logprob.device)
+    grad = torch.empty(logprob.shape if with_grad else (0,), dtype=dtype, device=logprob.device)
+    _core.kl_penalty(
+        logprob, ref_logprob, out, grad if with_grad else None, mode, clamp_closed=clamp_closed, stream=stream_of(logprob)
+    )
+    return out, grad
+
+
+@_kl_penalty_op.register_fake
+def _(logprob, ref_logprob, mode, clamp_closed, with_grad):
+    dtype = torch.promote_types(logprob.dtype, ref_logprob.dtype)
+    out = logprob.new_empty(logprob.shape, dtype=dtype)
+    return out, logprob.new_empty(logprob.shape if with_grad else (0,), dtype=dtype)
+
+
+def _kl_setup(ctx, inputs, output):
+    logprob, ref_logprob = inputs[:2]
+    ctx.save_for_backward(output[1])
+    ctx.dtypes = (logprob.dtype, ref_logprob.dtype)
+
+
+def _kl_backward(ctx, grad_out, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    g = grad_out * grad
+    return g.to(ctx.dtypes[0]), (-g).to(ctx.dtypes[1]), None, None, None
+
+
+_kl_penalty_op.register_autograd(_kl_backward, setup_context=_kl_setup)
+
+
+def _kl_2d(logprob: torch.Tensor, ref_logprob: torch.Tensor, mode: str) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        with_grad = torch.is_grad_enabled() and (logprob.requires_grad or ref_logprob.requires_grad)
+        return _kl_penalty_op(logprob, ref_logprob, mode, torch_clamp_closed(), with_grad)[0]
+    return KlPenaltyFunction.apply(logprob, ref_logprob, mode)
+
+
 def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: KlMode) -> torch.Tensor:
     """verl's ``kl_penalty``, fused, elementwise: with ``d = logprob - ref_logprob``,
 
@@ -72,9 +125,9 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: KlM
     shape = logprob.shape
     if logprob.dim() != 2 and logprob.shape == ref_logprob.shape:
         cols = shape[-1] if logprob.dim() > 0 else 1
-        out = KlPenaltyFunction.apply(logprob.reshape(-1, cols), ref_logprob.reshape(-1, cols), kl_penalty)
+        out = _kl_2d(logprob.reshape(-1, cols), ref_logprob.reshape(-1, cols), kl_penalty)
         return out.reshape(shape)
-    return KlPenaltyFunction.apply(logprob, ref_logprob, kl_penalty)
+    return _kl_2d(logprob, ref_logprob, kl_penalty)
 
 
 def _kl_penalty_torch(logprob: torch.Tensor, ref_logprob: torch.Tensor, mode: str) -> torch.Tensor:
