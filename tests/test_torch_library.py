@@ -56,3 +56,64 @@ def test_kl_penalty_eager_calls_keep_the_autograd_function():
     lp = torch.randn(3, 4, requires_grad=True)
     out = luspo_rs.kl_penalty(lp, torch.randn(3, 4), "k1")
     assert type(out.grad_fn).__name__ == "KlPenaltyFunctionBackward"
+
+
+# --------------------------------------------------------------------------- policy_loss
+
+from conftest import make_batch  # noqa: E402
+from luspo_rs.policy_loss import _policy_loss_op  # noqa: E402
+
+#: Every mode but Clip-Cov and KL-Cov, whose choice of tokens (as verl's)
+#: reads the data on the host (`nonzero`, the candidate count): a graph break.
+COMPILED_MODES = ["vanilla", "gspo", "luspo", "cispo", "sapo", "geo_mean", "gpg", "dppo_tv", "dppo_kl", "dro", "reinforce"]
+
+
+def _op_args(mode, dtype, with_weights):
+    old, lp, adv, mask = make_batch(5, 37, dtype=dtype, seed=3, spread=0.8)
+    w = torch.rand(5, 37, generator=torch.Generator().manual_seed(4)).to(dtype) + 0.5 if with_weights else None
+    return (
+        old, lp.requires_grad_(), adv, mask, w, None, None, mode, "token-mean", 0.2, None, 0.28, 3.0, False, True,
+        1.0, 1.05, 0.2, 0.1, 1.0, None, None, None, torch.float64 if dtype == torch.float64 else torch.float32,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("with_weights", [False, True], ids=["no_is", "is"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", ["vanilla", "luspo", "geo_mean", "dppo_kl"])
+def test_policy_loss_op_passes_opcheck(mode, dtype, with_weights):
+    result = opcheck(_policy_loss_op, _op_args(mode, dtype, with_weights))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("mode", COMPILED_MODES)
+def test_policy_loss_compiles_fullgraph_to_the_eager_loss_and_gradient(mode):
+    old, lp, adv, mask = make_batch(6, 40, seed=2, spread=0.8)
+
+    def step(x):
+        return luspo_rs.policy_loss(
+            old, x, adv, mask, mode=mode, loss_agg_mode="seq-mean-token-mean", clip_ratio=0.2, clip_ratio_high=0.28,
+            dro_beta=0.2, diagnostics=True,
+        )  # fmt: skip
+
+    def run(fn):
+        x = lp.clone().requires_grad_()
+        loss, metrics = fn(x)
+        (3.0 * loss).backward()  # a seed other than 1: the op's backward scales
+        return loss.detach(), x.grad, {k: v.item() for k, v in metrics.items()}
+
+    torch._dynamo.reset()
+    want = run(step)
+    got = run(torch.compile(step, fullgraph=True))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), "the same kernels: the same bits"
+    assert got[2].keys() == want[2].keys()
+    for k, v in want[2].items():
+        # len_net_push is a torch reduction of the gradient: compiled, its sum order may differ
+        assert got[2][k] == pytest.approx(v, rel=1e-12, abs=1e-15, nan_ok=True), k
+    explained = torch._dynamo.explain(step)(lp.clone().requires_grad_())
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_policy_loss_eager_calls_keep_the_autograd_function():
+    old, lp, adv, mask = make_batch(3, 8, seed=1)
+    loss, _ = luspo_rs.policy_loss(old, lp.requires_grad_(), adv, mask, mode="luspo")
+    assert type(loss.grad_fn).__name__ == "PolicyLossFunctionBackward"

@@ -66,7 +66,7 @@ def check_entry(op: str, name: str, x: Any, **modes: Any) -> None:
     """Argument checks a differentiable entry point makes first: the
     differentiated tensor, no torch.func transform, and string modes."""
     require_tensors(**{name: x})
-    if _is_functorch_wrapped(x):
+    if not torch.compiler.is_compiling() and _is_functorch_wrapped(x):
         raise RuntimeError(
             f"{name}: {op} does not support torch.func transforms (grad, vmap, jacrev, ...); "
             "use loss.backward() or torch.autograd.grad"

@@ -46,11 +46,17 @@ _core.cuda_set_nvrtc_hints(nvrtc_dirs())
 NORMALISERS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
 
 
+@torch.compiler.assume_constant_result
+def _sim_on() -> bool:
+    # (a graph compiled by torch.compile keeps the simulator's state it was traced with)
+    return _core.sim_enabled()
+
+
 def on_device(x: torch.Tensor) -> bool:
     """Whether ``x`` goes to the CUDA kernels: a CUDA tensor, or, with the
     simulator on (``LUSPO_RS_CUDA=sim``), a CPU tensor, which is then the
     simulated ``cuda:0``."""
-    return x.is_cuda or (x.device.type == "cpu" and _core.sim_enabled())
+    return x.is_cuda or (x.device.type == "cpu" and _sim_on())
 
 
 def split_normalisers(agg_mode: str, values: dict[str, Any], device: torch.device, as_float) -> tuple[dict, Optional[torch.Tensor]]:

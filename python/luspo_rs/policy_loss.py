@@ -49,20 +49,34 @@ def net_push(grad: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     return (w.sum() / w.abs().sum()).reshape(1)
 
 
+# The native rules, read once into plain tables (so that torch.compile can
+# trace a call: Dynamo cannot call into the native module); an unknown name
+# goes to the native function, whose ValueError names it.
+_METRICS_OF = {m: tuple(_core.policy_metrics(m)) for m in _core.policy_modes()}
+_AGG_OF = {
+    (m, a): _core.effective_agg_mode(m, a)
+    for m in _core.policy_modes()
+    for a in ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+}
+
+
 def mode_metrics(mode: str) -> list[tuple[str, int]]:
     """verl's metrics for policy-loss ``mode``, as ``(name, slot)`` pairs (the
     slot in the native metrics buffer), in verl's order: GPG has none;
     KL-Cov, DRO and REINFORCE only ``ppo_kl``; Clip-Cov no
     ``pg_clipfrac_lower`` (the native rule, ``LossMode::metric_slots``)."""
-    return _core.policy_metrics(mode)
+    found = _METRICS_OF.get(mode)
+    return list(found) if found is not None else _core.policy_metrics(mode)
 
 
 def effective_agg_mode(mode: str, loss_agg_mode: str) -> str:
     """The aggregation a policy loss uses: LUSPO is GSPO's token loss
-    aggregated ``seq-mean-token-sum``, whatever ``loss_agg_mode`` says (the
-    native rule, ``src/ops/policy_loss.rs`` ``LossMode::effective_agg``).
-    An unknown mode or aggregation is a ``ValueError`` naming it."""
-    return _core.effective_agg_mode(mode, loss_agg_mode)
+    aggregated ``seq-mean-token-sum``, whatever ``loss_agg_mode`` says, and
+    SAPO always ``seq-mean-token-mean`` (the native rule,
+    ``src/ops/policy_loss.rs`` ``LossMode::effective_agg``). An unknown mode
+    or aggregation is a ``ValueError`` naming it."""
+    found = _AGG_OF.get((mode, loss_agg_mode))
+    return found if found is not None else _core.effective_agg_mode(mode, loss_agg_mode)
 
 
 class PolicyLossFunction(torch.autograd.Function):
@@ -126,6 +140,92 @@ def _run_again(ctx, factor: Optional[torch.Tensor]) -> torch.Tensor:
         scratch=scratch, stream=stream_of(lp), **options,
     )  # fmt: skip
     return grad
+
+
+# ---------------------------------------------------------------- the torch.library op
+#
+# `luspo_rs::policy_loss`: the same native call as a torch.library custom op,
+# used under torch.compile, so that `fullgraph=True` traces a step calling
+# `policy_loss` and fake tensors infer its outputs. It returns the gradient
+# as an output, which its autograd formula multiplies by the loss's
+# grad_output (out of place). Eager calls keep PolicyLossFunction, with its
+# in-place first backward and the float16 rerun (see `_args.gradient`).
+
+
+@torch.library.custom_op("luspo_rs::policy_loss", mutates_args=())
+def _policy_loss_op(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    rollout_is_weights: Optional[torch.Tensor],
+    picks: Optional[torch.Tensor],
+    factor: Optional[torch.Tensor],
+    mode: str,
+    loss_agg_mode: str,
+    clip_ratio: float,
+    clip_ratio_low: Optional[float],
+    clip_ratio_high: Optional[float],
+    clip_ratio_c: float,
+    clamp_closed: bool,
+    diagnostics: bool,
+    tau_pos: float,
+    tau_neg: float,
+    dro_beta: Optional[float],
+    ppo_kl_coef: float,
+    dp_size: Optional[float],
+    batch_num_tokens: Optional[float],
+    global_batch_size: Optional[float],
+    loss_scale_factor: Optional[float],
+    loss_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, metrics, d loss / d log_prob)``: the native call's outputs."""
+    grad, loss, metrics, scratch = loss_buffers(log_prob, loss_dtype, metrics=True)
+    _core.policy_loss(
+        old_log_prob, log_prob, advantages, response_mask, grad, loss, metrics,
+        rollout_is_weights=rollout_is_weights, picks=picks, factor=factor, scratch=scratch, stream=stream_of(log_prob),
+        mode=mode, loss_agg_mode=loss_agg_mode, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
+        clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, clamp_closed=clamp_closed, diagnostics=diagnostics,
+        tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, ppo_kl_coef=ppo_kl_coef, dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+    )  # fmt: skip
+    return loss, metrics, grad
+
+
+@_policy_loss_op.register_fake
+def _(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, picks, factor, *args):
+    loss_dtype = args[-1]
+    return (
+        log_prob.new_empty((), dtype=loss_dtype),
+        log_prob.new_empty((_core.METRICS_LEN,), dtype=torch.float64),
+        torch.empty_like(log_prob, memory_format=torch.contiguous_format),
+    )
+
+
+def _policy_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+
+
+def _policy_backward(ctx, grad_loss, _grad_metrics, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    return (None, (grad * grad_loss).to(grad.dtype), *(None,) * 22)
+
+
+_policy_loss_op.register_autograd(_policy_backward, setup_context=_policy_setup)
+
+
+def _compiled_policy_loss(log_prob, old_log_prob, advantages, response_mask, weights, picks, options, factor, loss_dtype):
+    """PolicyLossFunction's outputs through `luspo_rs::policy_loss`."""
+    loss, metrics, grad = _policy_loss_op(
+        old_log_prob, log_prob, advantages, response_mask, weights, picks, factor, options["mode"],
+        options["loss_agg_mode"], options["clip_ratio"], options["clip_ratio_low"], options["clip_ratio_high"],
+        options["clip_ratio_c"], options["clamp_closed"], options["diagnostics"], options["tau_pos"],
+        options["tau_neg"], options["dro_beta"], options["ppo_kl_coef"], options["dp_size"],
+        options["batch_num_tokens"], options["global_batch_size"], options["loss_scale_factor"], loss_dtype,
+    )  # fmt: skip
+    if options["diagnostics"]:
+        metrics = torch.cat((metrics, net_push(grad.detach(), response_mask)))
+    return loss, metrics
 
 
 def policy_loss(
@@ -279,9 +379,8 @@ def policy_loss(
         # integer mask a tensor of torch's default dtype, which promotes
         # 16-bit inputs (to float32, by default)
         loss_dtype = torch.promote_types(loss_dtype, torch.get_default_dtype())
-    loss, metrics = PolicyLossFunction.apply(
-        log_prob, old_log_prob, advantages, response_mask, weights, picks, options, factor, loss_dtype
-    )
+    call = _compiled_policy_loss if torch.compiler.is_compiling() else PolicyLossFunction.apply
+    loss, metrics = call(log_prob, old_log_prob, advantages, response_mask, weights, picks, options, factor, loss_dtype)
     values = metrics.unbind()
     out = {name: values[slot] for name, slot in metric_names}
     if diagnostics:
