@@ -67,6 +67,66 @@ def _run_again(ctx, factor: Optional[torch.Tensor]) -> torch.Tensor:
     return grad
 
 
+# `luspo_rs::value_loss`: the native call as a torch.library op, used under
+# torch.compile (fullgraph traces it; fake tensors infer its outputs); eager
+# calls keep ValueLossFunction (see policy_loss.py's op, the same pattern).
+
+
+@torch.library.custom_op("luspo_rs::value_loss", mutates_args=())
+def _value_loss_op(
+    vpreds: torch.Tensor,
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    response_mask: torch.Tensor,
+    factor: Optional[torch.Tensor],
+    cliprange_value: float,
+    loss_agg_mode: str,
+    dp_size: Optional[float],
+    batch_num_tokens: Optional[float],
+    global_batch_size: Optional[float],
+    loss_scale_factor: Optional[float],
+    loss_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, vf_clipfrac, d loss / d vpreds)``."""
+    grad, loss, metrics, scratch = loss_buffers(vpreds, loss_dtype, metrics=True)
+    _core.value_loss(
+        vpreds, values, returns, response_mask, grad, loss, metrics, factor=factor, scratch=scratch,
+        stream=stream_of(vpreds), cliprange_value=cliprange_value, loss_agg_mode=loss_agg_mode, dp_size=dp_size,
+        batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+    )  # fmt: skip
+    return loss, metrics[0].clone(), grad
+
+
+@_value_loss_op.register_fake
+def _(vpreds, values, returns, response_mask, factor, *args):
+    return (
+        vpreds.new_empty((), dtype=args[-1]),
+        vpreds.new_empty((), dtype=torch.float64),
+        torch.empty_like(vpreds, memory_format=torch.contiguous_format),
+    )
+
+
+def _value_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+
+
+def _value_backward(ctx, grad_loss, _grad_clipfrac, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    return ((grad * grad_loss).to(grad.dtype), *(None,) * 11)
+
+
+_value_loss_op.register_autograd(_value_backward, setup_context=_value_setup)
+
+
+def _compiled_value_loss(vpreds, values, returns, response_mask, options, factor, loss_dtype):
+    loss, clipfrac, _ = _value_loss_op(
+        vpreds, values, returns, response_mask, factor, options["cliprange_value"], options["loss_agg_mode"],
+        options["dp_size"], options["batch_num_tokens"], options["global_batch_size"], options["loss_scale_factor"],
+        loss_dtype,
+    )  # fmt: skip
+    return loss, clipfrac
+
+
 def value_loss(
     vpreds: torch.Tensor,
     values: torch.Tensor,
@@ -114,4 +174,5 @@ def value_loss(
     returns = as_tensor("returns", returns)
     response_mask = as_tensor("response_mask", response_mask)
     loss_dtype = result_dtype(vpreds=vpreds, values=values, returns=returns, response_mask=response_mask)
-    return ValueLossFunction.apply(vpreds, values, returns, response_mask, options, factor, loss_dtype)
+    call = _compiled_value_loss if torch.compiler.is_compiling() else ValueLossFunction.apply
+    return call(vpreds, values, returns, response_mask, options, factor, loss_dtype)
