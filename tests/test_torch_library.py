@@ -158,3 +158,31 @@ def test_value_loss_compiles_fullgraph_to_the_eager_loss_and_gradient():
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert torch._dynamo.explain(step)(vp.clone().requires_grad_()).graph_break_count == 0
+
+
+# --------------------------------------------------------------------------- agg_loss
+
+from luspo_rs.agg_loss import _agg_loss_op  # noqa: E402
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_agg_loss_op_passes_opcheck_and_compiles_fullgraph(agg):
+    g = torch.Generator().manual_seed(6)
+    lm = torch.randn(6, 29, generator=g)
+    mask = torch.rand(6, 29, generator=g) > 0.4
+    result = opcheck(_agg_loss_op, (lm.clone().requires_grad_(), mask, None, agg, 1.0, None, None, None, torch.float32))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+    def step(x):
+        return luspo_rs.agg_loss(x * x, mask, agg)  # a loss matrix computed in the graph
+
+    def run(fn):
+        x = lm.clone().requires_grad_()
+        loss = fn(x)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    torch._dynamo.reset()
+    want, got = run(step), run(torch.compile(step, fullgraph=True))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)  # (x * x's gradient 2x is Inductor's)
+    assert torch._dynamo.explain(step)(lm.clone().requires_grad_()).graph_break_count == 0

@@ -59,6 +59,51 @@ def _run_again(ctx) -> torch.Tensor:
     return grad
 
 
+# `luspo_rs::agg_loss`: the native call as a torch.library op, used under
+# torch.compile; eager calls keep AggLossFunction (see policy_loss.py's op).
+# Its gradient is the constant `d loss / d loss_mat` times grad_output, so a
+# compiled graph differentiates it twice as the eager one does.
+
+
+@torch.library.custom_op("luspo_rs::agg_loss", mutates_args=())
+def _agg_loss_op(
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    factor: Optional[torch.Tensor],
+    loss_agg_mode: str,
+    dp_size: Optional[float],
+    batch_num_tokens: Optional[float],
+    global_batch_size: Optional[float],
+    loss_scale_factor: Optional[float],
+    loss_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, d loss / d loss_mat)``."""
+    grad, loss, _, scratch = loss_buffers(loss_mat, loss_dtype, metrics=False)
+    _core.agg_loss(
+        loss_mat, loss_mask, grad, loss, loss_agg_mode=loss_agg_mode, factor=factor, scratch=scratch,
+        stream=stream_of(loss_mat), dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+    )  # fmt: skip
+    return loss, grad
+
+
+@_agg_loss_op.register_fake
+def _(loss_mat, loss_mask, factor, *args):
+    return loss_mat.new_empty((), dtype=args[-1]), torch.empty_like(loss_mat, memory_format=torch.contiguous_format)
+
+
+def _agg_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _agg_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    return ((grad * grad_loss).to(grad.dtype), *(None,) * 8)
+
+
+_agg_loss_op.register_autograd(_agg_backward, setup_context=_agg_setup)
+
+
 def agg_loss(
     loss_mat: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -90,4 +135,10 @@ def agg_loss(
     )
     loss_mask = as_tensor("loss_mask", loss_mask)
     loss_dtype = result_dtype(loss_mat=loss_mat, loss_mask=loss_mask)
+    if torch.compiler.is_compiling():
+        n = options
+        return _agg_loss_op(
+            loss_mat, loss_mask, factor, loss_agg_mode, n["dp_size"], n["batch_num_tokens"], n["global_batch_size"],
+            n["loss_scale_factor"], loss_dtype,
+        )[0]  # fmt: skip
     return AggLossFunction.apply(loss_mat, loss_mask, loss_agg_mode, options, factor, loss_dtype)
