@@ -80,6 +80,18 @@ def main(argv=None):
         t_ours = timeit(fwd_bwd(ours_loss_fn(mode), old, lp, adv, mask), reps=args.reps)
         gbs = moved / t_ours
         print(f"{mode:9} {t_ref * 1e3:9.2f} {t_ours * 1e3:12.2f} {t_ref / t_ours:8.1f}x {gbs / 1e9:7.2f} {gbs / bw:9.0%}")
+    # a compiled step: torch.compile(fullgraph=True) over the call (the
+    # luspo_rs::policy_loss op), against verl's loss compiled the same way
+    # (Dynamo graph-breaks at verl's .item() calls there, so not fullgraph)
+    import logging
+
+    torch._logging.set_logs(dynamo=logging.ERROR)  # (Dynamo's notes on verl's graph breaks)
+    mode = "luspo"
+    t_ref = timeit(fwd_bwd(torch.compile(verl_loss_fn(mode)), old, lp, adv, mask), reps=args.reps, warmup=3)
+    t_ours = timeit(fwd_bwd(torch.compile(ours_loss_fn(mode), fullgraph=True), old, lp, adv, mask), reps=args.reps, warmup=3)
+    gbs = moved / t_ours
+    name = "luspo, compiled"
+    print(f"{name:9} {t_ref * 1e3:9.2f} {t_ours * 1e3:12.2f} {t_ref / t_ours:8.1f}x {gbs / 1e9:7.2f} {gbs / bw:9.0%}")
 
 
 if __name__ == "__main__":
