@@ -1943,11 +1943,12 @@ def cov_tols(case: Case) -> dict[str, Tol]:
 
 
 def cov_loss_dtype(case: Case, verl_dtype: torch.dtype) -> torch.dtype:
-    """For 16-bit inputs verl's sequence aggregations return float32, ours
-    torch's promotion of the input dtypes (the 16-bit type, or a float
-    mask's; documented in luspo_rs.policy_loss, test_cov_losses)."""
-    dtype = DTYPES[case.params["dtype"]]
-    return _promoted_dtype(case) if dtype in HALF and case.params["loss_agg_mode"].startswith("seq") else verl_dtype
+    """For 16-bit inputs ours is torch's promotion of the input dtypes (the
+    16-bit type, or a float mask's), as for every policy loss
+    (test_half_precision_inputs); verl's sequence aggregations return
+    float32, and its others too where a normaliser comes as a float32
+    tensor (documented in luspo_rs.policy_loss, test_cov_losses)."""
+    return _promoted_dtype(case) if DTYPES[case.params["dtype"]] in HALF else verl_dtype
 
 
 def cov_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
