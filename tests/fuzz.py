@@ -14,6 +14,20 @@ before it. A case is one call of one operation, on both sides:
   ``compute_policy_loss_reinforce``), with their knobs (``tau_pos`` / ``tau_neg``,
   ``dro_beta``, DPPO's divergence bounds and truncation) drawn: loss, gradient
   and metrics (the exact key set verl returns);
+* ``policy_geo`` -- GMPO: ``luspo_rs.policy_loss(mode="geo_mean")`` (or the
+  adapter) against verl's ``compute_policy_loss_geo_mean`` (per-row
+  advantages / weights expanded to the ``(B, T)`` it takes), every
+  ``loss_agg_mode`` and normaliser (both ignore them), log-ratios exactly on
+  and a few ulps around the clip bounds: loss, gradient, metrics;
+* ``policy_cov`` -- Clip-Cov and KL-Cov, ``torch.manual_seed(s)`` before
+  verl's call and before ours: loss, gradient, metrics and torch's default
+  generator's state after the call (``rng_state``: compared bit for bit,
+  never excused), with more candidates than ``clip_num`` now and then (the
+  random draw decides) and KL-Cov's covariances tied at the k-th largest;
+* ``policy_bypass`` -- ``core_algos.compute_policy_loss_bypass_mode`` against
+  verl's, both loss types (``reinforce``, ``ppo_clip``), IS and rejection
+  settings (``BYPASS_IS`` / ``BYPASS_RS``): loss, gradient, metrics
+  (``rollout_corr/*`` bit for bit: verl's helper computes them on both sides);
 * ``agg_loss``   -- value and gradient against verl's ``agg_loss``;
 * ``value_loss`` -- ``luspo_rs.value_loss`` (or the adapter
   ``luspo_rs.core_algos.compute_value_loss``) against verl's
@@ -70,10 +84,16 @@ Triage of each case:
   2 ulps of ``p_old``; see ``dppo_near``) and truncation (the ratio within 2
   ulps of ``clip_ratio_c``): the gradient of such a token is 0 on one side,
   the clip fractions differ by whole such tokens, the loss by at most those
-  tokens' share of it;
+  tokens' share of it. Clip-Cov's gradient at its PPO clip test (the ratio
+  within 2 ulps of a clip bound, as vanilla's; never its choice of tokens,
+  its ``pg_clipfrac`` -- the chosen fraction -- or the generator's state),
+  and bypass mode's ``ppo_clip`` as vanilla's (its clip fractions over the
+  mask less the rejected tokens, ``bypass_mask``);
 * ``undocumented_tie`` -- the same pattern wider than documented: vanilla's
-  token ratio 3 to 8 ulps from the clip bounds; counted apart, fatal with
-  ``--strict``;
+  token ratio 3 to 8 ulps from the clip bounds; and GMPO with a float64 mask
+  where luspo-rs decides ``d != clamp(d, -low, high)`` in float64 and verl in
+  the inputs' float32 (``geo_f64_mask_flips``: a deviation of the Rust rule);
+  counted apart, fatal with ``--strict``;
 * ``rounding``      -- the difference is floating-point rounding of an
   ill-conditioned computation (terms that nearly cancel) or of a value near
   float32's resolution, which the tolerances cannot absorb: either verl run
@@ -87,9 +107,10 @@ Triage of each case:
   takes it: torch's misses it by an ulp now and then, and for probabilities
   near 1 ``1 - 2 pi + sum_pi_squared`` cancels down to that ulp), or, for a sum
   (a loss, ``ppo_kl``), ours and verl's differ by less than float32's
-  forward-error bound ``ROUNDING_ULPS * u * sum|terms|``, or, for DRO's and
-  SAPO's gradients, ours is within the forward-error bound of their
-  ill-conditioned terms (``rule_gradient_rounding``); fatal with ``--strict``;
+  forward-error bound ``ROUNDING_ULPS * u * sum|terms|``, or, for DRO's,
+  SAPO's and KL-Cov's gradients, ours is within the forward-error bound of
+  their ill-conditioned terms (``rule_gradient_rounding``,
+  ``kl_cov_gradient_rounding``); fatal with ``--strict``;
 * ``mismatch``      -- anything else: printed with its replay command.
 
 Inputs that fall under the README's other *documented* deliberate differences
@@ -97,7 +118,11 @@ are not drawn (a ``torch.Tensor`` index, ``reinforce_plus_plus_baseline`` or
 ``gdpo`` with at most one valid token or a response without one,
 ``grpo_passk`` ties under ``epsilon=0``, groups of equal scores that float32 cannot average
 exactly, float64 scores far from zero mean in ``grpo_vectorized``, empty
-batches or responses); a bool mask for GAE / REINFORCE++ (which verl refuses:
+batches or responses; bfloat16 Clip-Cov ratios within 3% of a clip bound,
+which verl's bfloat16 arithmetic and our float32 one clip differently, as
+test_cov_losses moves them; float16 for Clip-Cov / KL-Cov and 16-bit inputs
+for bypass mode, which their parity tests leave out too; a ``kl_cov_ratio``
+above 1, which ours refuses and verl only refuses with a valid token); a bool mask for GAE / REINFORCE++ (which verl refuses:
 its ``1 - mask``) is compared with verl given the same mask as int64; NaN inputs
 are not drawn either (the README's NaN rules make masked-position gradients
 differ from verl's by design).
@@ -1951,6 +1976,35 @@ def cov_loss_dtype(case: Case, verl_dtype: torch.dtype) -> torch.dtype:
     return _promoted_dtype(case) if DTYPES[case.params["dtype"]] in HALF else verl_dtype
 
 
+def kl_cov_gradient_rounding(case: Case, got: Outputs) -> torch.Tensor:
+    """As rule_gradient_rounding for DRO: the tokens where ours is within the
+    float32 forward-error bound ``8 u c`` of KL-Cov's gradient ``s (-A r +
+    ppo_kl_coef sign(d))`` (verl's formula on float64 upcasts, the same
+    tokens chosen: KL-Cov draws nothing), ill-conditioned at a chosen token
+    where ``A r ~ ppo_kl_coef``: ``c = (|A| r + ppo_kl_coef) |s|``, ``s`` the
+    token's scale (minus verl's GPG gradient for ``A = 1``), plus the
+    output's rounding to the 16-bit type."""
+    p, x = case.params, case.inputs
+    dtype = DTYPES[p["dtype"]]
+    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    exact = cov_verl(case, "fp64")["grad"].double()
+    B, T = x["log_prob"].shape
+    w = x.get("rollout_is_weights")
+    unit = _leaf(x["log_prob"].double())
+    loss, _ = verl_ca.get_policy_loss_fn("gpg")(
+        x["old_log_prob"].double(), unit, torch.ones(B, T, dtype=torch.float64), x["response_mask"],
+        loss_agg_mode=p["loss_agg_mode"], config=_cov_config(case), rollout_is_weights=None if w is None else _bt(w.double(), B, T),
+    )  # fmt: skip
+    (loss * p["grad_out"]).backward()
+    scale = unit.grad.double().abs()
+    adv = _bt(x["advantages"].double(), B, T)
+    r = (x["log_prob"].double() - x["old_log_prob"].double()).exp()
+    bound = 8 * u * (adv.abs() * r + abs(p["ppo_kl_coef"])) * scale
+    if dtype in HALF:
+        bound = bound + torch.finfo(dtype).eps * exact.abs()
+    return (got["grad"].double() - exact).abs() <= bound
+
+
 def cov_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Clip-Cov's gradient at PPO clip-bound ties (``known_tie``, as
     vanilla's: the ratio within TIE_ULPS of ``1 - clip_ratio_low`` or ``1 +
@@ -1959,6 +2013,8 @@ def cov_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor
     clip test made by torch on verl's values) is not, nor ``pg_clipfrac``
     (the chosen fraction), the loss or the generator's state."""
     p, x = case.params, case.inputs
+    if p["mode"] == "kl_cov" and "grad" in off:
+        return {"rounding": {"grad": kl_cov_gradient_rounding(case, got)}}
     if p["mode"] != "clip_cov" or "grad" not in off:
         return {}
     mask = x["response_mask"]
@@ -2602,8 +2658,9 @@ def _run_case(case: Case) -> Outcome:
     count_mask = spec.count_mask(case) if spec.count_mask is not None and set(COUNT_METRICS) & set(off) else None
     for name, ok in off.items():
         left = ~ok
-        cm = case.inputs["response_mask"] if count_mask is None else count_mask
-        if name in COUNT_METRICS and _whole_token_flips(got[name].item(), ref[name].item(), cm) < 0:
+        if name in COUNT_METRICS and _whole_token_flips(
+            got[name].item(), ref[name].item(), case.inputs["response_mask"] if count_mask is None else count_mask
+        ) < 0:
             remaining[name] = ok  # a fraction of tokens that differs by no whole number of tokens
             continue
         for kind, masks in ties.items():
