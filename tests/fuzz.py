@@ -110,7 +110,9 @@ Triage of each case:
   forward-error bound ``ROUNDING_ULPS * u * sum|terms|``, or, for DRO's,
   SAPO's and KL-Cov's gradients, ours is within the forward-error bound of
   their ill-conditioned terms (``rule_gradient_rounding``,
-  ``kl_cov_gradient_rounding``); fatal with ``--strict``;
+  ``kl_cov_gradient_rounding``), or, for GAE's and REINFORCE++'s whitened
+  advantages, within the forward-error bound of verl's whitening
+  (``whitening_rounding``); fatal with ``--strict``;
 * ``mismatch``      -- anything else: printed with its replay command.
 
 Inputs that fall under the README's other *documented* deliberate differences
@@ -229,7 +231,10 @@ ADV_ESTIMATORS = {**ESTIMATORS, **SCAN_ESTIMATORS, **TOKEN_BASELINES}
 #: gamma / lam: the usual settings, the edge 0 and, for "random", a draw in (0, 1].
 DISCOUNTS = (1.0, 0.99, 0.95, 0.5, 0.0, "random")
 
-OPS = ("policy", "policy_rule", "policy_geo", "policy_cov", "policy_bypass", "agg_loss", "kl_penalty", "advantage", "value_loss")
+OPS = (
+    "policy", "policy_rule", "policy_geo", "policy_cov", "policy_bypass", "agg_loss", "kl_penalty", "advantage",
+    "value_loss",
+)  # fmt: skip
 OP_WEIGHTS = (0.24, 0.16, 0.05, 0.07, 0.04, 0.09, 0.11, 0.15, 0.09)
 #: The token-rule policy losses of issue 17 (op ``policy_rule``).
 RULE_MODES = ("cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "reinforce")
@@ -607,7 +612,7 @@ def draw_policy_rule(rng: np.random.Generator, case: Case) -> None:
         case.inputs["rollout_is_weights"] = torch.from_numpy(weights).to(dtype)
 
 
-def _policy_values(rng: np.random.Generator, B: int, T: int, *, outliers: bool = True) -> tuple[np.ndarray, np.ndarray, str]:
+def _policy_values(rng: np.random.Generator, B: int, T: int, *, outliers=True) -> tuple[np.ndarray, np.ndarray, str]:
     """Old log-probs in ``[-scale, 0]`` and log-ratios of a random spread,
     with outliers (``|d|`` 8 to 40) now and then."""
     old = -rng.random((B, T)) * _pick(rng, [0.5, 3.0, 10.0])
@@ -1993,7 +1998,8 @@ def kl_cov_gradient_rounding(case: Case, got: Outputs) -> torch.Tensor:
     unit = _leaf(x["log_prob"].double())
     loss, _ = verl_ca.get_policy_loss_fn("gpg")(
         x["old_log_prob"].double(), unit, torch.ones(B, T, dtype=torch.float64), x["response_mask"],
-        loss_agg_mode=p["loss_agg_mode"], config=_cov_config(case), rollout_is_weights=None if w is None else _bt(w.double(), B, T),
+        loss_agg_mode=p["loss_agg_mode"], config=_cov_config(case),
+        rollout_is_weights=None if w is None else _bt(w.double(), B, T),
     )  # fmt: skip
     (loss * p["grad_out"]).backward()
     scale = unit.grad.double().abs()
@@ -2347,6 +2353,27 @@ def _whiten_in(mode: str):
     return _patched(verl_ca.verl_F, "masked_whiten", fp64 if mode == "fp64" else none)
 
 
+def whitening_rounding(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``rounding``: the whitened advantages of GAE / REINFORCE++ within the
+    forward-error bound of verl's ``(R - mean) * rsqrt(var + 1e-8)``: the
+    mean's rounding, ``ROUNDING_ULPS u max|R|`` over the valid tokens,
+    scaled by ``rsqrt(var + 1e-8)`` (up to 1e4 where the returns are all
+    but constant: there verl's advantages are that rounding, amplified,
+    and ours an exact 0; found by the fuzz: case 101:131523)."""
+    if case.variant not in WHITENED or "advantages" not in off or ref.get("returns") is None:
+        return {}
+    p, x = case.params, case.inputs
+    data = {p["dtype"], p.get("values_dtype", p["dtype"]), p.get("baselines_dtype", p["dtype"])}
+    u = 2.0**-53 if data == {"fp64"} else 2.0**-24
+    valid = x["response_mask"].double() != 0
+    ret = ref["returns"].double()[valid]
+    if ret.numel() < 2:
+        return {}
+    scale = (ret.var() + 1e-8).rsqrt().item()
+    bound = ROUNDING_ULPS * u * ret.abs().max().item() * scale
+    return {"rounding": {"advantages": (got["advantages"].double() - ref["advantages"].double()).abs() <= bound}}
+
+
 def scan_verl_raised(case: Case, err: BaseException, got: Outputs) -> Optional[Outcome]:
     """The documented difference: fewer than 2 valid tokens in the batch, verl's
     ``masked_var`` raises ValueError, luspo-rs returns NaN advantages. Then
@@ -2561,7 +2588,7 @@ SPECS = {
     "agg_loss": OpSpec(agg_verl, agg_ours, agg_tols, _upcast_exact(agg_verl), agg_magnitudes, half_rule=True),
     "value_loss": OpSpec(value_verl, value_ours, value_tols, _upcast_exact(value_verl), half_rule=True),
     "kl_penalty": OpSpec(kl_verl, kl_ours, kl_tols, _upcast_exact(kl_verl)),
-    "advantage": OpSpec(adv_verl, adv_ours, adv_tols, adv_exact, verl_raised=scan_verl_raised),
+    "advantage": OpSpec(adv_verl, adv_ours, adv_tols, adv_exact, verl_raised=scan_verl_raised, ties=whitening_rounding),
 }
 
 
