@@ -112,7 +112,10 @@ Triage of each case:
   their ill-conditioned terms (``rule_gradient_rounding``,
   ``kl_cov_gradient_rounding``), or, for GAE's and REINFORCE++'s whitened
   advantages, within the forward-error bound of verl's whitening
-  (``whitening_rounding``); fatal with ``--strict``;
+  (``whitening_rounding``), or, for bfloat16 Clip-Cov / KL-Cov (verl
+  computing in bfloat16, the float64 reruns choosing other tokens), a loss
+  within verl's own bfloat16 forward-error bound (``cov_magnitudes``);
+  fatal with ``--strict``;
 * ``mismatch``      -- anything else: printed with its replay command.
 
 Inputs that fall under the README's other *documented* deliberate differences
