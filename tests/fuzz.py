@@ -14,6 +14,20 @@ before it. A case is one call of one operation, on both sides:
   ``compute_policy_loss_reinforce``), with their knobs (``tau_pos`` / ``tau_neg``,
   ``dro_beta``, DPPO's divergence bounds and truncation) drawn: loss, gradient
   and metrics (the exact key set verl returns);
+* ``policy_geo`` -- GMPO: ``luspo_rs.policy_loss(mode="geo_mean")`` (or the
+  adapter) against verl's ``compute_policy_loss_geo_mean`` (per-row
+  advantages / weights expanded to the ``(B, T)`` it takes), every
+  ``loss_agg_mode`` and normaliser (both ignore them), log-ratios exactly on
+  and a few ulps around the clip bounds: loss, gradient, metrics;
+* ``policy_cov`` -- Clip-Cov and KL-Cov, ``torch.manual_seed(s)`` before
+  verl's call and before ours: loss, gradient, metrics and torch's default
+  generator's state after the call (``rng_state``: compared bit for bit,
+  never excused), with more candidates than ``clip_num`` now and then (the
+  random draw decides) and KL-Cov's covariances tied at the k-th largest;
+* ``policy_bypass`` -- ``core_algos.compute_policy_loss_bypass_mode`` against
+  verl's, both loss types (``reinforce``, ``ppo_clip``), IS and rejection
+  settings (``BYPASS_IS`` / ``BYPASS_RS``): loss, gradient, metrics
+  (``rollout_corr/*`` bit for bit: verl's helper computes them on both sides);
 * ``agg_loss``   -- value and gradient against verl's ``agg_loss``;
 * ``value_loss`` -- ``luspo_rs.value_loss`` (or the adapter
   ``luspo_rs.core_algos.compute_value_loss``) against verl's
@@ -70,10 +84,16 @@ Triage of each case:
   2 ulps of ``p_old``; see ``dppo_near``) and truncation (the ratio within 2
   ulps of ``clip_ratio_c``): the gradient of such a token is 0 on one side,
   the clip fractions differ by whole such tokens, the loss by at most those
-  tokens' share of it;
+  tokens' share of it. Clip-Cov's gradient at its PPO clip test (the ratio
+  within 2 ulps of a clip bound, as vanilla's; never its choice of tokens,
+  its ``pg_clipfrac`` -- the chosen fraction -- or the generator's state),
+  and bypass mode's ``ppo_clip`` as vanilla's (its clip fractions over the
+  mask less the rejected tokens, ``bypass_mask``);
 * ``undocumented_tie`` -- the same pattern wider than documented: vanilla's
-  token ratio 3 to 8 ulps from the clip bounds; counted apart, fatal with
-  ``--strict``;
+  token ratio 3 to 8 ulps from the clip bounds; and GMPO with a float64 mask
+  where luspo-rs decides ``d != clamp(d, -low, high)`` in float64 and verl in
+  the inputs' float32 (``geo_f64_mask_flips``: a deviation of the Rust rule);
+  counted apart, fatal with ``--strict``;
 * ``rounding``      -- the difference is floating-point rounding of an
   ill-conditioned computation (terms that nearly cancel) or of a value near
   float32's resolution, which the tolerances cannot absorb: either verl run
@@ -87,9 +107,15 @@ Triage of each case:
   takes it: torch's misses it by an ulp now and then, and for probabilities
   near 1 ``1 - 2 pi + sum_pi_squared`` cancels down to that ulp), or, for a sum
   (a loss, ``ppo_kl``), ours and verl's differ by less than float32's
-  forward-error bound ``ROUNDING_ULPS * u * sum|terms|``, or, for DRO's and
-  SAPO's gradients, ours is within the forward-error bound of their
-  ill-conditioned terms (``rule_gradient_rounding``); fatal with ``--strict``;
+  forward-error bound ``ROUNDING_ULPS * u * sum|terms|``, or, for DRO's,
+  SAPO's and KL-Cov's gradients, ours is within the forward-error bound of
+  their ill-conditioned terms (``rule_gradient_rounding``,
+  ``kl_cov_gradient_rounding``), or, for GAE's and REINFORCE++'s whitened
+  advantages, within the forward-error bound of verl's whitening
+  (``whitening_rounding``), or, for bfloat16 Clip-Cov / KL-Cov (verl
+  computing in bfloat16, the float64 reruns choosing other tokens), a loss
+  within verl's own bfloat16 forward-error bound (``cov_magnitudes``);
+  fatal with ``--strict``;
 * ``mismatch``      -- anything else: printed with its replay command.
 
 Inputs that fall under the README's other *documented* deliberate differences
@@ -97,7 +123,11 @@ are not drawn (a ``torch.Tensor`` index, ``reinforce_plus_plus_baseline`` or
 ``gdpo`` with at most one valid token or a response without one,
 ``grpo_passk`` ties under ``epsilon=0``, groups of equal scores that float32 cannot average
 exactly, float64 scores far from zero mean in ``grpo_vectorized``, empty
-batches or responses); a bool mask for GAE / REINFORCE++ (which verl refuses:
+batches or responses; bfloat16 Clip-Cov ratios within 3% of a clip bound,
+which verl's bfloat16 arithmetic and our float32 one clip differently, as
+test_cov_losses moves them; float16 for Clip-Cov / KL-Cov and 16-bit inputs
+for bypass mode, which their parity tests leave out too; a ``kl_cov_ratio``
+above 1, which ours refuses and verl only refuses with a valid token); a bool mask for GAE / REINFORCE++ (which verl refuses:
 its ``1 - mask``) is compared with verl given the same mask as int64; NaN inputs
 are not drawn either (the README's NaN rules make masked-position gradients
 differ from verl's by design).
@@ -138,6 +168,9 @@ if _HERE not in sys.path:  # run as a script: the tests' helpers live next to th
 
 from conftest import AGG_MODES, MODES, TOLERANCES, verl_config  # noqa: E402
 from test_advantage import ESTIMATORS, float64_tol  # noqa: E402
+from test_cov_losses import LEN_KEYS as COV_LEN_KEYS  # noqa: E402
+from test_cov_losses import METRIC_TOL as COV_METRIC_TOL  # noqa: E402
+from test_cov_losses import TOL as COV_TOL  # noqa: E402
 from test_advantage import TOL as ADV_TOL  # noqa: E402
 from test_advantage import WHITENED as WHITENED_GROUP  # noqa: E402
 from test_kl_penalty import MODES as KL_MODES  # noqa: E402
@@ -201,8 +234,11 @@ ADV_ESTIMATORS = {**ESTIMATORS, **SCAN_ESTIMATORS, **TOKEN_BASELINES}
 #: gamma / lam: the usual settings, the edge 0 and, for "random", a draw in (0, 1].
 DISCOUNTS = (1.0, 0.99, 0.95, 0.5, 0.0, "random")
 
-OPS = ("policy", "policy_rule", "agg_loss", "kl_penalty", "advantage", "value_loss")
-OP_WEIGHTS = (0.3, 0.2, 0.1, 0.13, 0.17, 0.1)
+OPS = (
+    "policy", "policy_rule", "policy_geo", "policy_cov", "policy_bypass", "agg_loss", "kl_penalty", "advantage",
+    "value_loss",
+)  # fmt: skip
+OP_WEIGHTS = (0.24, 0.16, 0.05, 0.07, 0.04, 0.09, 0.11, 0.15, 0.09)
 #: The token-rule policy losses of issue 17 (op ``policy_rule``).
 RULE_MODES = ("cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "reinforce")
 CLASSES = ("ok", "both_raise", "known_nan", "known_tie", "undocumented_tie", "rounding", "mismatch")
@@ -216,6 +252,9 @@ def _check_reference_is_verls() -> None:
     and the fuzz would compare luspo-rs with itself."""
     fns = [verl_ca.get_policy_loss_fn("vanilla"), verl_ca.get_policy_loss_fn("gspo"), verl_ca.agg_loss, verl_ca.kl_penalty]
     fns += [rule_verl_fn(m) for m in RULE_MODES]
+    # GMPO, Clip-Cov, KL-Cov, bypass mode and the two losses bypass mode calls
+    fns += [verl_ca.get_policy_loss_fn(m) for m in ("geo_mean", "clip_cov", "kl_cov", "bypass_mode")]
+    fns += [verl_ca.compute_policy_loss_vanilla, verl_ca.compute_policy_loss_reinforce]
     fns.append(verl_ca.compute_value_loss)
     fns += [getattr(verl_ca, fn) for fn in ADV_ESTIMATORS.values()]
     for fn in fns:
@@ -574,6 +613,278 @@ def draw_policy_rule(rng: np.random.Generator, case: Case) -> None:
     )
     if weights is not None:
         case.inputs["rollout_is_weights"] = torch.from_numpy(weights).to(dtype)
+
+
+def _policy_values(rng: np.random.Generator, B: int, T: int, *, outliers=True) -> tuple[np.ndarray, np.ndarray, str]:
+    """Old log-probs in ``[-scale, 0]`` and log-ratios of a random spread,
+    with outliers (``|d|`` 8 to 40) now and then."""
+    old = -rng.random((B, T)) * _pick(rng, [0.5, 3.0, 10.0])
+    d = rng.standard_normal((B, T)) * _pick(rng, [0.01, 0.1, 0.3, 1.0, 3.0])
+    values = "normal"
+    if outliers and rng.random() < 0.2:
+        values = "outliers"
+        sel = rng.random((B, T)) < rng.uniform(0.01, 0.3)
+        d[sel] = rng.choice([-1.0, 1.0], size=int(sel.sum())) * rng.uniform(8.0, 40.0, size=int(sel.sum()))
+    return old, d, values
+
+
+def _policy_advantages(rng: np.random.Generator, B: int, T: int, kinds=("token", "seq", "seq1", "grouplike")):
+    """Advantages per token, per sequence ``(B,)`` / ``(B, 1)`` or GRPO-like,
+    exact zeros now and then; and IS weights (none, per token, per sequence)."""
+    adv_kind = _pick(rng, kinds)
+    scale = float(_pick(rng, [0.1, 1.0, 10.0]))
+    a_seq = rng.standard_normal(B) * scale
+    if adv_kind == "token":
+        adv = rng.standard_normal((B, T)) * scale
+    elif adv_kind == "seq":
+        adv = a_seq
+    elif adv_kind == "seq1":
+        adv = a_seq[:, None]
+    else:
+        adv = a_seq[:, None] + 0.1 * scale * rng.standard_normal((B, T))
+    if rng.random() < 0.15:
+        adv = np.where(rng.random(adv.shape) < 0.3, 0.0, adv)
+    w_kind = _pick(rng, ["none", "token", "seq"], p=[0.6, 0.3, 0.1])
+    weights = None
+    if w_kind == "token":
+        weights = rng.uniform(0.0, 2.0, size=(B, T))
+    elif w_kind == "seq":
+        weights = rng.uniform(0.0, 2.0, size=B)
+    return adv, adv_kind, weights, w_kind
+
+
+def _clip_draw(rng: np.random.Generator) -> dict[str, Any]:
+    """clip_ratio (verl's defaults, DAPO's, zero, random) and low / high, maybe unset."""
+    clip_ratio = float(_pick(rng, [0.2, 0.28, 0.0, round(rng.uniform(0.01, 0.6), 4)], p=[0.4, 0.1, 0.05, 0.45]))
+    clip_low = None if rng.random() < 0.4 else float(_pick(rng, [0.2, 0.0, round(rng.uniform(0.0, 0.9), 4)]))
+    clip_high = None if rng.random() < 0.4 else float(_pick(rng, [0.28, 0.0, round(rng.uniform(0.0, 2.0), 4)]))
+    return dict(clip_ratio=clip_ratio, clip_ratio_low=clip_low, clip_ratio_high=clip_high)
+
+
+def _low_high(p: dict) -> tuple[float, float]:
+    low = p["clip_ratio_low"] if p["clip_ratio_low"] is not None else p["clip_ratio"]
+    high = p["clip_ratio_high"] if p["clip_ratio_high"] is not None else p["clip_ratio"]
+    return low, high
+
+
+def draw_policy_geo(rng: np.random.Generator, case: Case) -> None:
+    """GMPO (``geo_mean``): the clip ratios, every advantage / weight layout
+    (verl's function takes ``(B, T)`` ones: ours per row too, compared with
+    verl on their expansion), every loss_agg_mode and normaliser (ignored by
+    both), and log-ratios exactly on the clip bounds ``-clip_ratio_low`` /
+    ``clip_ratio_high`` or a few ulps around them ("exact" / "near": the
+    clamp and the min decide there; ``old = -4`` and ``lp`` within a factor
+    2 of it, so ``lp - old`` is exact and the same on both sides)."""
+    B, T = _shape(rng)
+    dtype_name = _pick(rng, ["fp32", "fp64", "bf16", "fp16"], p=[0.5, 0.25, 0.15, 0.1])
+    dtype = DTYPES[dtype_name]
+    mask, mask_kind = _mask(rng, B, T)
+    clip = _clip_draw(rng)
+    old, d, values = _policy_values(rng, B, T)
+    adv, adv_kind, weights, w_kind = _policy_advantages(rng, B, T)
+    norms, norm_kind = _normalisers(rng, B, T)
+    tie = _pick(rng, ["none", "near", "exact"], p=[0.7, 0.18, 0.12])
+    case.params.update(
+        mode="geo_mean", dtype=dtype_name, mask_dtype=_pick(rng, MASK_DTYPES), mask_kind=mask_kind,
+        loss_agg_mode=_pick(rng, AGG_MODES), **clip, values=values, adv=adv_kind, weights=w_kind, norms=norm_kind,
+        **{f"norm_{k}": v for k, v in norms.items()}, tensor_norms=_tensor_norms(rng, norms),
+        layout=_pick(rng, ["contiguous", "transposed", "strided"], p=[0.7, 0.15, 0.15]),
+        grad_out=float(_pick(rng, [1.0, 1.0, 1.0, 0.5, -2.0, 3.0])), tie=tie,
+        api=_pick(rng, ["functional", "core_algos"]),
+    )  # fmt: skip
+    old_t = torch.from_numpy(old).to(dtype)
+    lp_t = torch.from_numpy(old + d).to(dtype)
+    if tie != "none":
+        if tie == "exact":  # bounds that every dtype holds exactly
+            case.params["clip_ratio_low"] = float(_pick(rng, [0.25, 0.125, 0.375, 0.5]))
+            case.params["clip_ratio_high"] = float(_pick(rng, [0.25, 0.125, 0.375, 0.5, 1.0]))
+        low, high = _low_high(case.params)
+        sel = torch.from_numpy(rng.random((B, T)) < rng.uniform(0.1, 1.0))
+        side = torch.from_numpy(rng.random((B, T)) < 0.5)
+        o = torch.full((B, T), -4.0, dtype=dtype)
+        at = torch.where(side, torch.tensor(-low, dtype=torch.float64), torch.tensor(high, dtype=torch.float64))
+        lp_near = (o.double() + at).to(dtype)
+        if tie == "near":
+            lp_near = _nextafter_steps(lp_near, torch.from_numpy(rng.integers(-3, 4, size=(B, T))))
+        old_t = torch.where(sel, o, old_t)
+        lp_t = torch.where(sel, lp_near, lp_t)
+    case.inputs.update(
+        old_log_prob=old_t, log_prob=lp_t, advantages=torch.from_numpy(adv).to(dtype),
+        response_mask=torch.from_numpy(mask).to(MASK_DTYPES[case.params["mask_dtype"]]),
+    )  # fmt: skip
+    if weights is not None:
+        case.inputs["rollout_is_weights"] = torch.from_numpy(weights).to(dtype)
+
+
+#: Clip-Cov's random draw and KL-Cov's choice: ratios choosing one token, a few, many, all.
+CLIP_COV_RATIOS = (0.0002, 0.01, 0.05, 0.3, 1.0)
+KL_COV_RATIOS = (0.0002, 0.01, 0.1, 0.5, 1.0)
+#: 16-bit ratios within this relative margin of a clip bound are not drawn for
+#: Clip-Cov (test_cov_losses.away_from_the_clip): verl's 16-bit arithmetic and
+#: our float32 one clip them differently in the loss (the choice is the same).
+COV_HALF_CLIP_MARGIN = 0.03
+
+
+def _away_from_the_clip(old: torch.Tensor, lp: torch.Tensor, bounds) -> torch.Tensor:
+    """``old`` moved (by -0.1 at a time) where ``exp(lp - old)`` lies within
+    COV_HALF_CLIP_MARGIN of a clip bound (in float64)."""
+    for _ in range(64):
+        r = torch.exp((lp - old).double())
+        near = torch.zeros(r.shape, dtype=torch.bool)
+        for b in bounds:
+            near |= (r / b - 1).abs() < COV_HALF_CLIP_MARGIN if b > 0 else torch.zeros_like(near)
+        if not near.any():
+            return old
+        old = torch.where(near, old.double() - 0.1, old.double()).to(old.dtype)
+    raise AssertionError("could not move the ratios off the clip bounds")
+
+
+def draw_policy_cov(rng: np.random.Generator, case: Case) -> None:
+    """Clip-Cov and KL-Cov (seeded: ``torch.manual_seed(seed)`` before
+    verl's call and before ours). Clip-Cov: ``clip_cov_ratio`` from one
+    token to all of them, candidate windows ``(clip_cov_lb, clip_cov_ub)``
+    of every width, so that there are often more candidates than
+    ``clip_num`` (the draw decides) and sometimes none; ratios a few ulps
+    around the PPO clip bounds ("near"). KL-Cov: ``kl_cov_ratio`` from one
+    token to all, ``ppo_kl_coef`` 0 to 10, and log-probs on a coarse grid
+    with integer per-row advantages ("grid") so that covariances tie at the
+    k-th largest (``topk`` breaks the ties). The 16-bit type drawn is
+    bfloat16 (as test_cov_losses), its ratios kept off the clip bounds."""
+    mode = _pick(rng, ["clip_cov", "kl_cov"])
+    B, T = _shape(rng)
+    dtype_name = _pick(rng, ["fp32", "fp64", "bf16"], p=[0.55, 0.3, 0.15])
+    dtype = DTYPES[dtype_name]
+    mask, mask_kind = _mask(rng, B, T)
+    clip = _clip_draw(rng)
+    old, d, values = _policy_values(rng, B, T)
+    adv, adv_kind, weights, w_kind = _policy_advantages(rng, B, T, kinds=("token", "seq", "seq1", "grouplike", "grid"))
+    if adv_kind == "grid":  # integer per-row advantages, log-probs on a grid of 1/4
+        adv = rng.integers(-1, 2, size=(B, 1)).astype(np.float64) * np.ones((1, T))
+        lp = -rng.integers(0, 7, size=(B, T)) / 4.0
+        d = 0.1 * rng.standard_normal((B, T))
+        old = lp - d
+        values = "grid"
+    norms, norm_kind = _normalisers(rng, B, T)
+    knobs: dict[str, Any]
+    if mode == "clip_cov":
+        window = _pick(rng, ["default", "wide", "positive", "random"], p=[0.3, 0.25, 0.2, 0.25])
+        if window == "default":
+            lb, ub = 1.0, 5.0
+        elif window == "wide":
+            lb, ub = -1e6, 1e6
+        elif window == "positive":
+            lb, ub = 0.0, 5.0
+        else:
+            lb = round(float(rng.uniform(-2.0, 1.0)), 4)
+            ub = round(lb + float(rng.uniform(0.05, 10.0)), 4)
+        knobs = dict(clip_cov_ratio=float(_pick(rng, CLIP_COV_RATIOS)), clip_cov_lb=lb, clip_cov_ub=ub)
+    else:
+        knobs = dict(kl_cov_ratio=float(_pick(rng, KL_COV_RATIOS)),
+                     ppo_kl_coef=float(_pick(rng, [1.0, 0.1, 0.0, round(rng.uniform(0.0, 10.0), 4)])))  # fmt: skip
+    tie = "none"
+    if mode == "clip_cov" and dtype_name != "bf16" and adv_kind != "grid":
+        tie = _pick(rng, ["none", "near"], p=[0.8, 0.2])
+    case.params.update(
+        mode=mode, dtype=dtype_name, mask_dtype=_pick(rng, MASK_DTYPES), mask_kind=mask_kind,
+        loss_agg_mode=_pick(rng, AGG_MODES), **clip, **knobs, values=values, adv=adv_kind, weights=w_kind,
+        norms=norm_kind, **{f"norm_{k}": v for k, v in norms.items()}, tensor_norms=_tensor_norms(rng, norms),
+        api=_pick(rng, ["functional", "core_algos"]),
+        layout=_pick(rng, ["contiguous", "transposed", "strided"], p=[0.7, 0.15, 0.15]),
+        grad_out=float(_pick(rng, [1.0, 1.0, 1.0, 0.5, -2.0, 3.0])), tie=tie,
+        torch_seed=int(rng.integers(0, 2**31)),
+    )  # fmt: skip
+    old_t = torch.from_numpy(old).to(dtype)
+    lp_t = torch.from_numpy(old + d).to(dtype)
+    low, high = _low_high(case.params)
+    if tie == "near":  # as draw_policy_rule's CISPO ties
+        sel = torch.from_numpy(rng.random((B, T)) < rng.uniform(0.1, 1.0))
+        side = rng.random((B, T)) < 0.5
+        steps = torch.from_numpy(rng.integers(-4, 5, size=(B, T)))
+        o = torch.from_numpy(-rng.random((B, T)) * 2 - 0.05)
+        bound = np.where(side, 1 - low, 1 + high)
+        bound = np.where(bound > 0, bound, 1 + high)
+        at = torch.from_numpy(bound).log().to(dtype)
+        old_t = torch.where(sel, o.to(dtype), old_t)
+        lp_t = torch.where(sel, o.to(dtype) + _nextafter_steps(at, steps), lp_t)
+    if dtype_name == "bf16":
+        old_t = _away_from_the_clip(old_t, lp_t, (1 - low, 1 + high))
+    case.inputs.update(
+        old_log_prob=old_t, log_prob=lp_t, advantages=torch.from_numpy(adv).to(dtype),
+        response_mask=torch.from_numpy(mask).to(MASK_DTYPES[case.params["mask_dtype"]]),
+    )  # fmt: skip
+    if weights is not None:
+        case.inputs["rollout_is_weights"] = torch.from_numpy(weights).to(dtype)
+
+
+#: bypass mode's rollout corrections (verl's RolloutCorrectionConfig fields):
+#: IS weights per token or sequence with an upper or a (lower, upper)
+#: threshold, batch-normalised or not; rejection sampling by token or
+#: sequence criteria (chained too); or nothing.
+BYPASS_IS = (
+    dict(rollout_is=None),
+    dict(rollout_is="token", rollout_is_threshold=2.0),
+    dict(rollout_is="token", rollout_is_threshold=1.5),
+    dict(rollout_is="token", rollout_is_threshold="0.8_1.25"),
+    dict(rollout_is="sequence", rollout_is_threshold=3.0),
+    dict(rollout_is="sequence", rollout_is_threshold=3.0, rollout_is_batch_normalize=True),
+    dict(rollout_is="token", rollout_is_threshold=2.0, rollout_is_batch_normalize=True),
+)
+BYPASS_RS = (
+    dict(rollout_rs=None),
+    dict(rollout_rs="token_k1", rollout_rs_threshold="0.7_1.4"),
+    dict(rollout_rs="token_k1", rollout_rs_threshold=1.5),
+    dict(rollout_rs="token_k3", rollout_rs_threshold=0.05),
+    dict(rollout_rs="seq_mean_k3", rollout_rs_threshold=0.02),
+    dict(rollout_rs="seq_sum_k1", rollout_rs_threshold="0.5_2.0"),
+    dict(rollout_rs="seq_max_k2", rollout_rs_threshold=0.1),
+    dict(rollout_rs="token_k1,seq_mean_k3", rollout_rs_threshold="0.7_1.4,0.05"),
+)
+
+
+def draw_policy_bypass(rng: np.random.Generator, case: Case) -> None:
+    """bypass mode (``core_algos.compute_policy_loss_bypass_mode``): both
+    loss types (``reinforce``: REINFORCE with the IS weights; ``ppo_clip``:
+    vanilla PPO, dual clip included, without them), an IS and a rejection
+    setting of BYPASS_IS / BYPASS_RS, the rollout log-probs near the
+    current ones (the corrections reject or truncate some tokens, not all),
+    and ratios a few ulps around the PPO clip bounds ("near"). Float32 and
+    float64, as test_cov_losses."""
+    B, T = _shape(rng)
+    dtype_name = _pick(rng, ["fp32", "fp64"], p=[0.7, 0.3])
+    dtype = DTYPES[dtype_name]
+    mask, mask_kind = _mask(rng, B, T)
+    clip = _clip_draw(rng)
+    clip_c = float(_pick(rng, [3.0, round(rng.uniform(1.01, 10.0), 4)], p=[0.7, 0.3]))
+    old = -rng.random((B, T)) * _pick(rng, [0.5, 3.0, 10.0])
+    d = rng.standard_normal((B, T)) * _pick(rng, [0.01, 0.05, 0.2, 0.5])
+    adv, adv_kind, _, _ = _policy_advantages(rng, B, T, kinds=("token", "grouplike"))
+    norms, norm_kind = _normalisers(rng, B, T)
+    loss_type = _pick(rng, ["reinforce", "ppo_clip"])
+    correction = {**_pick(rng, BYPASS_IS), **_pick(rng, BYPASS_RS, p=[0.4] + [0.6 / 7] * 7)}
+    tie = _pick(rng, ["none", "near"], p=[0.8, 0.2]) if loss_type == "ppo_clip" else "none"
+    case.params.update(
+        mode="bypass_mode", loss_type=loss_type, dtype=dtype_name, mask_dtype=_pick(rng, MASK_DTYPES),
+        mask_kind=mask_kind, loss_agg_mode=_pick(rng, AGG_MODES), **clip, clip_ratio_c=clip_c, adv=adv_kind,
+        correction=correction, norms=norm_kind, **{f"norm_{k}": v for k, v in norms.items()},
+        tensor_norms=_tensor_norms(rng, norms), layout=_pick(rng, ["contiguous", "transposed"], p=[0.8, 0.2]),
+        grad_out=float(_pick(rng, [1.0, 1.0, 0.5, -2.0])), tie=tie, ignored_weights=bool(rng.random() < 0.3),
+    )  # fmt: skip
+    old_t = torch.from_numpy(old).to(dtype)
+    lp_t = torch.from_numpy(old + d).to(dtype)
+    if tie == "near":
+        low, high = _low_high(case.params)
+        sel = torch.from_numpy(rng.random((B, T)) < rng.uniform(0.1, 0.5))
+        side = rng.random((B, T)) < 0.5
+        bound = np.where(side, 1 - low, 1 + high)
+        bound = np.where(bound > 0, bound, 1 + high)
+        o = torch.from_numpy(-rng.random((B, T)) * 2 - 0.05).to(dtype)
+        at = _nextafter_steps(torch.from_numpy(bound).log().to(dtype), torch.from_numpy(rng.integers(-4, 5, size=(B, T))))
+        old_t = torch.where(sel, o, old_t)
+        lp_t = torch.where(sel, o + at, lp_t)
+    case.inputs.update(
+        old_log_prob=old_t, log_prob=lp_t, advantages=torch.from_numpy(adv).to(dtype),
+        response_mask=torch.from_numpy(mask).to(MASK_DTYPES[case.params["mask_dtype"]]),
+    )  # fmt: skip
 
 
 def draw_agg_loss(rng: np.random.Generator, case: Case) -> None:
@@ -948,7 +1259,8 @@ def draw_token_baseline(rng: np.random.Generator, case: Case, name: str) -> None
 
 
 DRAW: dict[str, Callable[[np.random.Generator, Case], None]] = {
-    "policy": draw_policy, "policy_rule": draw_policy_rule, "agg_loss": draw_agg_loss, "kl_penalty": draw_kl, "advantage": draw_advantage,
+    "policy": draw_policy, "policy_rule": draw_policy_rule, "policy_geo": draw_policy_geo, "policy_cov": draw_policy_cov,
+    "policy_bypass": draw_policy_bypass, "agg_loss": draw_agg_loss, "kl_penalty": draw_kl, "advantage": draw_advantage,
     "value_loss": draw_value_loss,
 }  # fmt: skip
 
@@ -959,8 +1271,10 @@ def make_case(seed: int, index: int) -> Case:
     op = OPS[int(rng.choice(len(OPS), p=OP_WEIGHTS))]
     case = Case(seed, index, op, "")
     DRAW[op](rng, case)
-    if op in ("policy", "policy_rule"):
+    if op in ("policy", "policy_rule", "policy_geo", "policy_cov"):
         case.variant = case.params["mode"]
+    elif op == "policy_bypass":
+        case.variant = case.params["loss_type"]
     return case
 
 
@@ -980,6 +1294,7 @@ class Tol:
     rtol: float
     atol: float
     overflow: Optional[torch.dtype] = None
+    atol_of_max: float = 0.0  # added to atol: this fraction of the reference's largest |element|
 
 
 @dataclass
@@ -1023,7 +1338,10 @@ def _agree(got: torch.Tensor, want: torch.Tensor, tol: Tol) -> Optional[torch.Te
     if tuple(got.shape) != tuple(want.shape):
         return None
     g, w = got.detach().double(), want.detach().double()
-    ok = torch.isclose(g, w, rtol=tol.rtol, atol=tol.atol, equal_nan=True)
+    atol = tol.atol
+    if tol.atol_of_max and w.numel():
+        atol += tol.atol_of_max * w.abs().nan_to_num(posinf=0.0, neginf=0.0).max().item()
+    ok = torch.isclose(g, w, rtol=tol.rtol, atol=atol, equal_nan=True)
     if tol.overflow is not None:
         r = want.detach().to(tol.overflow).double()
         over = torch.isinf(r) & ~torch.isinf(w)
@@ -1424,6 +1742,411 @@ def rule_exact(case: Case, precision: str) -> list[Outputs]:
     return _upcast_exact(rule_verl)(case, precision) + [acc64]
 
 
+# ---- GMPO, Clip-Cov / KL-Cov, bypass mode (issue 17)
+
+
+def _bt(t: Optional[torch.Tensor], B: int, T: int) -> Optional[torch.Tensor]:
+    """A per-row ``(B,)`` / ``(B, 1)`` tensor expanded to the ``(B, T)`` verl's functions take."""
+    if t is None:
+        return None
+    return (t[:, None] if t.dim() == 1 else t).expand(B, T).contiguous()
+
+
+def _metrics(metrics: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("actor/"): _scalar(float(v)) for k, v in metrics.items()}
+
+
+def _ours_metric_keys(case: Case, ref: set[str]) -> set[str]:
+    """verl's keys; the verl-signature adapters add the length diagnostics."""
+    return ref | LEN_KEYS if case.params.get("api", "core_algos") == "core_algos" else ref
+
+
+#: The length diagnostics the verl-signature adapters add to verl's metrics (test_cov_losses.LEN_KEYS).
+LEN_KEYS = {k.removeprefix("actor/") for k in COV_LEN_KEYS}
+
+
+def geo_verl(case: Case, precision: str) -> Outputs:
+    p, x = case.params, case.inputs
+    dtype = DTYPES[p["dtype"]]
+    old, lp, adv, w = (_cast(x.get(k), precision) for k in ("old_log_prob", "log_prob", "advantages", "rollout_is_weights"))
+    B, T = lp.shape
+    xr = _leaf(lp)
+    cfg = verl_config(**_clip_kwargs(p), **_norm_kwargs(case))
+    loss, metrics = verl_ca.compute_policy_loss_geo_mean(
+        old, xr, _bt(adv, B, T), x["response_mask"], loss_agg_mode=p["loss_agg_mode"], config=cfg,
+        rollout_is_weights=_bt(w, B, T),
+    )  # fmt: skip
+    (loss * p["grad_out"]).backward()
+    grad = xr.grad.to(dtype) if dtype in HALF and precision != "native" else xr.grad
+    return {"loss": loss.detach(), "grad": grad, **_metrics(metrics)}
+
+
+def geo_ours(case: Case) -> Outputs:
+    p, x = case.params, case.inputs
+    lay = p["layout"]
+    xo = _leaf(x["log_prob"], lay)
+    args = (_relayout(x["old_log_prob"], lay), xo, _relayout(x["advantages"], lay), _relayout(x["response_mask"], lay))
+    w = x.get("rollout_is_weights")
+    w = None if w is None else _relayout(w, lay)
+    if p["api"] == "functional":
+        loss, metrics = luspo_rs.policy_loss(
+            *args, mode="geo_mean", loss_agg_mode=p["loss_agg_mode"], **_clip_kwargs(p), rollout_is_weights=w,
+            **_norm_kwargs(case),
+        )  # fmt: skip
+        metrics = {k: _scalar(v.item()) for k, v in metrics.items()}
+    else:
+        cfg = verl_config(**_clip_kwargs(p), **_norm_kwargs(case))
+        loss, metrics = ours_ca.compute_policy_loss_geo_mean(*args, loss_agg_mode=p["loss_agg_mode"], config=cfg,
+                                                             rollout_is_weights=w)  # fmt: skip
+        metrics = _metrics(metrics)
+    (loss * p["grad_out"]).backward()
+    return {"loss": loss.detach(), "grad": xo.grad, **metrics}
+
+
+def geo_tols(case: Case) -> dict[str, Tol]:
+    """test_geo_mean's: the inputs' tolerance (conftest), for 16-bit inputs
+    verl on float32 upcasts, the loss (float32) to rtol 1e-5 / atol 1e-6 and
+    the gradient rounded to the half type (test_half_precision_inputs)."""
+    dtype = DTYPES[case.params["dtype"]]
+    metric = Tol(0.0, METRIC_ATOL)
+    if dtype in HALF:
+        loss, grad = Tol(rtol=1e-5, atol=1e-6), Tol(**HALF_GRAD_TOL)
+    else:
+        loss = grad = Tol(**TOLERANCES[dtype])
+    return {"loss": loss, "grad": grad, "pg_clipfrac": metric, "ppo_kl": metric, "pg_clipfrac_lower": metric}
+
+
+def geo_magnitudes(case: Case, precision: str) -> dict[str, float]:
+    """sum|terms| of GMPO's loss (the mean of the rows' ``|pg_i|``: verl's
+    ``torch.mean`` spied on) and of ``ppo_kl``."""
+    mean, captured = torch.mean, {}
+
+    def spy(t, *args, **kwargs):
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and not args and not kwargs:
+            captured["loss"] = mean(t.detach().double().abs()).item()
+        return mean(t, *args, **kwargs)
+
+    with _patched(torch, "mean", spy):
+        geo_verl(case, precision)
+    x = case.inputs
+    d = (_cast(x["log_prob"], precision) - _cast(x["old_log_prob"], precision)).double().abs()
+    captured["ppo_kl"] = verl_ca.verl_F.masked_mean(d, x["response_mask"]).item()
+    return captured
+
+
+def geo_f64_mask_flips(case: Case) -> torch.Tensor:
+    """The valid tokens whose GMPO clip decision a float64 mask flips in
+    luspo-rs: verl computes ``d = lp - old`` and ``clamp(d, -low, high)`` in
+    the inputs' type (float32 for 16/32-bit inputs, the bounds rounded to
+    it) and promotes only at the mask products; luspo-rs, given a float64
+    mask, computes GMPO's token math in float64 (``wants_f64`` in
+    src/ops/policy_loss.rs): ``d`` exact, the bounds exact. The tokens where
+    the two decide ``d != clamp(d)`` differently (none without a float64
+    mask, or for float64 inputs)."""
+    p, x = case.params, case.inputs
+    mask = x["response_mask"]
+    if mask.dtype != torch.float64 or DTYPES[p["dtype"]] == torch.float64:
+        return torch.zeros(mask.shape, dtype=torch.bool)
+    low, high = _low_high(p)
+    old, lp = (_cast(x[k], "fp32") for k in ("old_log_prob", "log_prob"))
+    d32 = lp - old
+    verl_clipped = d32 != torch.clamp(d32, -low, high)
+    d64 = lp.double() - old.double()
+    ours_clipped = (d64 < -low) | (d64 > high)
+    return (verl_clipped != ours_clipped) & (mask != 0)
+
+
+def geo_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``undocumented_tie``: GMPO with a float64 mask at the tokens of
+    ``geo_f64_mask_flips`` (a deviation of the Rust rule, reported, not
+    documented): there ours is verl's x2, x1/2 or 0, or verl's is 0, and
+    ``pg_clipfrac`` / ``pg_clipfrac_lower`` differ by whole such tokens."""
+    flips = geo_f64_mask_flips(case)
+    if not bool(flips.any()):
+        return {}
+    mask = case.inputs["response_mask"]
+    out: dict[str, torch.Tensor] = {}
+    if "grad" in off:
+        g, e, tol = got["grad"].double(), ref["grad"].double(), geo_tols(case)["grad"]
+        factor = _agree(g, 2 * e, tol) | _agree(g, 0.5 * e, tol) | (g == 0) | (e == 0)
+        out["grad"] = flips & factor
+    for name in COUNT_METRICS:
+        if name in off:
+            n = _whole_token_flips(got[name].item(), ref[name].item(), mask)
+            out[name] = torch.tensor(0 < n <= int(flips.sum()))
+    return {"undocumented_tie": out}
+
+
+def _spied_magnitudes(verl_fn: Callable[[Case, str], Outputs]) -> Callable[[Case, str], dict[str, float]]:
+    """As rule_magnitudes, for any verl function aggregating with ``agg_loss``."""
+
+    def magnitudes(case: Case, precision: str) -> dict[str, float]:
+        agg, captured = verl_ca.agg_loss, {}
+
+        def spy(loss_mat, loss_mask, loss_agg_mode, *args, **kwargs):
+            captured["loss"] = agg(loss_mat.detach().double().abs(), loss_mask, loss_agg_mode, *args, **kwargs).item()
+            return agg(loss_mat, loss_mask, loss_agg_mode, *args, **kwargs)
+
+        with _patched(verl_ca, "agg_loss", spy):
+            verl_fn(case, precision)
+        x = case.inputs
+        d = (_cast(x["log_prob"], precision) - _cast(x["old_log_prob"], precision)).double().abs()
+        captured["ppo_kl"] = verl_ca.verl_F.masked_mean(d, x["response_mask"]).item()
+        return captured
+
+    return magnitudes
+
+
+def cov_magnitudes(case: Case, precision: str) -> dict[str, float]:
+    """As ``_spied_magnitudes``; and for bfloat16 inputs, which verl computes
+    in bfloat16 (its per-token losses each rounded there: the log-ratio
+    ``d`` (an error of ``u |d|`` in the ratio), ``exp``, the products), the
+    loss's absolute forward-error bound ``loss:abs`` = ``u sum_i |l_i| (4 +
+    |d_i|)`` aggregated as verl does, ``u = 2^-8``, plus verl's rounding of
+    the sums: where the per-token losses nearly cancel, verl's bfloat16
+    loss is that rounding (the float64 runs of the triage cannot stand in:
+    float64 makes another choice of tokens; found by the fuzz: case
+    303:47999)."""
+    captured = _spied_magnitudes(cov_verl)(case, precision)
+    dtype = DTYPES[case.params["dtype"]]
+    if dtype not in HALF:
+        return captured
+    agg, x = verl_ca.agg_loss, case.inputs
+    d = (x["log_prob"].double() - x["old_log_prob"].double()).abs()
+
+    def spy(loss_mat, loss_mask, loss_agg_mode, *args, **kwargs):
+        terms = loss_mat.detach().double().abs() * (4 + d)
+        bound = agg(terms, loss_mask, loss_agg_mode, *args, **kwargs).abs().item()
+        captured["loss:abs"] = torch.finfo(dtype).eps / 2 * bound
+        return agg(loss_mat, loss_mask, loss_agg_mode, *args, **kwargs)
+
+    with _patched(verl_ca, "agg_loss", spy):
+        cov_verl(case, precision)
+    return captured
+
+
+def _exact_of(verl_fn: Callable[[Case, str], Outputs]) -> Callable[[Case, str], list[Outputs]]:
+    """As rule_exact: verl on float64 upcasts, and verl with float64 sums."""
+
+    def exact(case: Case, precision: str) -> list[Outputs]:
+        with verl_accumulating_in_fp64():
+            acc64 = verl_fn(case, precision)
+        return _upcast_exact(verl_fn)(case, precision) + [acc64]
+
+    return exact
+
+
+COV_KNOBS = ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "ppo_kl_coef")
+
+
+def _cov_config(case: Case) -> Any:
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    p = case.params
+    knobs = {k: p[k] for k in COV_KNOBS if k in p}
+    cfg = ActorConfig(
+        strategy="fsdp", **_clip_kwargs(p), ppo_micro_batch_size_per_gpu=1, rollout_n=1,
+        policy_loss=PolicyLossConfig(loss_mode=p["mode"], **knobs),
+    )  # fmt: skip
+    cfg.global_batch_info.update(_norm_kwargs(case))
+    return cfg
+
+
+def cov_verl(case: Case, precision: str) -> Outputs:
+    """verl's own Clip-Cov / KL-Cov, torch seeded with the case's seed first;
+    ``rng_state``: torch's default generator after the call."""
+    p, x = case.params, case.inputs
+    old, lp, adv, w = (_cast(x.get(k), precision) for k in ("old_log_prob", "log_prob", "advantages", "rollout_is_weights"))
+    B, T = lp.shape
+    xr = _leaf(lp)
+    fn = verl_ca.get_policy_loss_fn(p["mode"])
+    torch.manual_seed(p["torch_seed"])
+    loss, metrics = fn(old, xr, _bt(adv, B, T), x["response_mask"], loss_agg_mode=p["loss_agg_mode"],
+                       config=_cov_config(case), rollout_is_weights=_bt(w, B, T))  # fmt: skip
+    state = torch.get_rng_state()
+    (loss * p["grad_out"]).backward()
+    return {"loss": loss.detach(), "grad": xr.grad, **_metrics(metrics), "rng_state": state}
+
+
+def cov_ours(case: Case) -> Outputs:
+    p, x = case.params, case.inputs
+    lay = p["layout"]
+    xo = _leaf(x["log_prob"], lay)
+    args = (_relayout(x["old_log_prob"], lay), xo, _relayout(x["advantages"], lay), _relayout(x["response_mask"], lay))
+    w = x.get("rollout_is_weights")
+    w = None if w is None else _relayout(w, lay)
+    torch.manual_seed(p["torch_seed"])
+    if p["api"] == "functional":
+        loss, metrics = luspo_rs.policy_loss(
+            *args, mode=p["mode"], loss_agg_mode=p["loss_agg_mode"], **_clip_kwargs(p), rollout_is_weights=w,
+            **{k: p[k] for k in COV_KNOBS if k in p}, **_norm_kwargs(case),
+        )  # fmt: skip
+        metrics = {k: _scalar(v.item()) for k, v in metrics.items()}
+    else:
+        fn = getattr(ours_ca, f"compute_policy_loss_{p['mode']}")
+        loss, metrics = fn(*args, loss_agg_mode=p["loss_agg_mode"], config=_cov_config(case), rollout_is_weights=w)
+        metrics = _metrics(metrics)
+    state = torch.get_rng_state()
+    (loss * p["grad_out"]).backward()
+    return {"loss": loss.detach(), "grad": xo.grad, **metrics, "rng_state": state}
+
+
+def cov_tols(case: Case) -> dict[str, Tol]:
+    """test_cov_losses's: TOL by dtype; for bfloat16 (verl rounding every
+    operation to it) the gradient's absolute tolerance is 1/64 of its
+    largest element (grad_tol); metrics to METRIC_TOL relative (and the
+    fuzz's METRIC_ATOL); the generator's state exactly."""
+    dtype = DTYPES[case.params["dtype"]]
+    tol = COV_TOL[dtype]
+    grad = Tol(**tol) if dtype.itemsize > 2 else Tol(rtol=tol["rtol"], atol=1e-9, atol_of_max=1 / 64)
+    metric = Tol(rtol=COV_METRIC_TOL[dtype], atol=METRIC_ATOL)
+    return {"loss": Tol(**tol), "grad": grad, "pg_clipfrac": metric, "ppo_kl": metric, "rng_state": Tol(0.0, 0.0)}
+
+
+def cov_loss_dtype(case: Case, verl_dtype: torch.dtype) -> torch.dtype:
+    """For 16-bit inputs ours is torch's promotion of the input dtypes (the
+    16-bit type, or a float mask's), as for every policy loss
+    (test_half_precision_inputs); verl's sequence aggregations return
+    float32, and its others too where a normaliser comes as a float32
+    tensor (documented in luspo_rs.policy_loss, test_cov_losses)."""
+    return _promoted_dtype(case) if DTYPES[case.params["dtype"]] in HALF else verl_dtype
+
+
+def kl_cov_gradient_rounding(case: Case, got: Outputs) -> torch.Tensor:
+    """As rule_gradient_rounding for DRO: the tokens where ours is within the
+    float32 forward-error bound ``8 u c`` of KL-Cov's gradient ``s (-A r +
+    ppo_kl_coef sign(d))`` (verl's formula on float64 upcasts, the same
+    tokens chosen: KL-Cov draws nothing), ill-conditioned at a chosen token
+    where ``A r ~ ppo_kl_coef``: ``c = (|A| r + ppo_kl_coef) |s|``, ``s`` the
+    token's scale (minus verl's GPG gradient for ``A = 1``), plus the
+    output's rounding to the 16-bit type."""
+    p, x = case.params, case.inputs
+    dtype = DTYPES[p["dtype"]]
+    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    exact = cov_verl(case, "fp64")["grad"].double()
+    B, T = x["log_prob"].shape
+    w = x.get("rollout_is_weights")
+    unit = _leaf(x["log_prob"].double())
+    loss, _ = verl_ca.get_policy_loss_fn("gpg")(
+        x["old_log_prob"].double(), unit, torch.ones(B, T, dtype=torch.float64), x["response_mask"],
+        loss_agg_mode=p["loss_agg_mode"], config=_cov_config(case),
+        rollout_is_weights=None if w is None else _bt(w.double(), B, T),
+    )  # fmt: skip
+    (loss * p["grad_out"]).backward()
+    scale = unit.grad.double().abs()
+    adv = _bt(x["advantages"].double(), B, T)
+    r = (x["log_prob"].double() - x["old_log_prob"].double()).exp()
+    bound = 8 * u * (adv.abs() * r + abs(p["ppo_kl_coef"])) * scale
+    if dtype in HALF:
+        bound = bound + torch.finfo(dtype).eps * exact.abs()
+    return (got["grad"].double() - exact).abs() <= bound
+
+
+def cov_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Clip-Cov's gradient at PPO clip-bound ties (``known_tie``, as
+    vanilla's: the ratio within TIE_ULPS of ``1 - clip_ratio_low`` or ``1 +
+    clip_ratio_high``, ours verl's x2, x1/2 or 0, or verl's 0). Only the
+    fused pass's ``max(-A r, -A clip(r))`` is excused there: the choice (its
+    clip test made by torch on verl's values) is not, nor ``pg_clipfrac``
+    (the chosen fraction), the loss or the generator's state."""
+    p, x = case.params, case.inputs
+    if p["mode"] == "kl_cov" and "grad" in off:
+        return {"rounding": {"grad": kl_cov_gradient_rounding(case, got)}}
+    if p["mode"] != "clip_cov" or "grad" not in off:
+        return {}
+    mask = x["response_mask"]
+    low, high = _low_high(p)
+    ratio = verl_ratio("vanilla", x["old_log_prob"], x["log_prob"], mask)
+    near = near_bound(ratio, mask, (1 - low, 1 + high))
+    g, e = got["grad"].double(), ref["grad"].double()
+    tol = cov_tols(case)["grad"]
+    factor = _agree(g, 2 * e, tol) | _agree(g, 0.5 * e, tol) | (g == 0) | (e == 0)
+    return {"known_tie": {"grad": near & factor}}
+
+
+def _bypass_config(case: Case) -> Any:
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    p = case.params
+    rc = RolloutCorrectionConfig(loss_type=p["loss_type"], **p["correction"])
+    cfg = ActorConfig(
+        strategy="fsdp", **_clip_kwargs(p), clip_ratio_c=p["clip_ratio_c"], ppo_micro_batch_size_per_gpu=1,
+        rollout_n=1, policy_loss=PolicyLossConfig(loss_mode="bypass_mode", rollout_correction=rc),
+    )  # fmt: skip
+    cfg.global_batch_info.update(_norm_kwargs(case))
+    return cfg
+
+
+def _bypass_call(fn: Callable[..., Any], case: Case, precision: str, layout: str) -> Outputs:
+    p, x = case.params, case.inputs
+    old, lp, adv = (_cast(x[k], precision) for k in ("old_log_prob", "log_prob", "advantages"))
+    xr = _leaf(lp, layout)
+    ignored = torch.full(lp.shape, 7.0, dtype=lp.dtype) if p["ignored_weights"] else None  # both ignore it
+    loss, metrics = fn(_relayout(old, layout), xr, _relayout(adv, layout), _relayout(x["response_mask"], layout),
+                       loss_agg_mode=p["loss_agg_mode"], config=_bypass_config(case), rollout_is_weights=ignored)  # fmt: skip
+    (loss * p["grad_out"]).backward()
+    return {"loss": loss.detach(), "grad": xr.grad, **_metrics(metrics)}
+
+
+def bypass_verl(case: Case, precision: str) -> Outputs:
+    """verl's, on the inputs in the layout ours gets: its rollout-correction
+    helper (which ours calls too) then reduces in the same order, and its
+    ``rollout_corr/*`` metrics are the same bits (an IS weights' float32
+    ``std`` otherwise differs by its rounding between layouts)."""
+    return _bypass_call(verl_ca.compute_policy_loss_bypass_mode, case, precision, case.params["layout"])
+
+
+def bypass_ours(case: Case) -> Outputs:
+    return _bypass_call(ours_ca.compute_policy_loss_bypass_mode, case, "native", case.params["layout"])
+
+
+class _Tols(dict):
+    """Tolerances by output name, ``default`` for the names not listed."""
+
+    def __init__(self, default: Tol, **named: Tol) -> None:
+        super().__init__(**named)
+        self.default = default
+
+    def __missing__(self, name: str) -> Tol:
+        return self.default
+
+
+def bypass_tols(case: Case) -> dict[str, Tol]:
+    """The policy tolerances; ``rollout_corr/*``, computed by verl's own
+    helper on both sides, exactly."""
+    dtype = DTYPES[case.params["dtype"]]
+    corr = Tol(0.0, 0.0)
+    metric = Tol(0.0, METRIC_ATOL)
+    tol = Tol(**TOLERANCES[dtype])
+    return _Tols(corr, loss=tol, grad=tol, pg_clipfrac=metric, ppo_kl=metric, pg_clipfrac_lower=metric)
+
+
+def bypass_mask(case: Case) -> torch.Tensor:
+    """The mask bypass mode's loss runs over: the response mask less the
+    tokens verl's rollout correction rejects (its own helper)."""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    p, x = case.params, case.inputs
+    c = p["correction"]
+    _, mask, _ = compute_rollout_correction_and_rejection_mask(
+        old_log_prob=x["log_prob"], rollout_log_prob=x["old_log_prob"], response_mask=x["response_mask"],
+        rollout_is=c.get("rollout_is"), rollout_is_threshold=c.get("rollout_is_threshold", 2.0),
+        rollout_is_batch_normalize=c.get("rollout_is_batch_normalize", False), rollout_rs=c.get("rollout_rs"),
+        rollout_rs_threshold=c.get("rollout_rs_threshold"),
+    )  # fmt: skip
+    return mask
+
+
+def bypass_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``ppo_clip`` is vanilla PPO over ``bypass_mask``: its clip-bound ties (policy_ties)."""
+    if case.params["loss_type"] != "ppo_clip":
+        return {}
+    inputs = {**case.inputs, "response_mask": bypass_mask(case)}
+    vanilla = Case(case.seed, case.index, "policy", "vanilla", {**case.params, "mode": "vanilla"}, inputs)
+    return policy_ties(vanilla, got, ref, off)
+
+
 # ---- agg_loss
 
 
@@ -1661,6 +2384,27 @@ def _whiten_in(mode: str):
     return _patched(verl_ca.verl_F, "masked_whiten", fp64 if mode == "fp64" else none)
 
 
+def whitening_rounding(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``rounding``: the whitened advantages of GAE / REINFORCE++ within the
+    forward-error bound of verl's ``(R - mean) * rsqrt(var + 1e-8)``: the
+    mean's rounding, ``ROUNDING_ULPS u max|R|`` over the valid tokens,
+    scaled by ``rsqrt(var + 1e-8)`` (up to 1e4 where the returns are all
+    but constant: there verl's advantages are that rounding, amplified,
+    and ours an exact 0; found by the fuzz: case 101:131523)."""
+    if case.variant not in WHITENED or "advantages" not in off or ref.get("returns") is None:
+        return {}
+    p, x = case.params, case.inputs
+    data = {p["dtype"], p.get("values_dtype", p["dtype"]), p.get("baselines_dtype", p["dtype"])}
+    u = 2.0**-53 if data == {"fp64"} else 2.0**-24
+    valid = x["response_mask"].double() != 0
+    ret = ref["returns"].double()[valid]
+    if ret.numel() < 2:
+        return {}
+    scale = (ret.var() + 1e-8).rsqrt().item()
+    bound = ROUNDING_ULPS * u * ret.abs().max().item() * scale
+    return {"rounding": {"advantages": (got["advantages"].double() - ref["advantages"].double()).abs() <= bound}}
+
+
 def scan_verl_raised(case: Case, err: BaseException, got: Outputs) -> Optional[Outcome]:
     """The documented difference: fewer than 2 valid tokens in the batch, verl's
     ``masked_var`` raises ValueError, luspo-rs returns NaN advantages. Then
@@ -1844,7 +2588,8 @@ class OpSpec:
     tols: Callable[[Case], dict[str, Tol]]
     # (case, precision) -> verl's outputs without (some of) its float32 rounding, for the triage
     exact: Callable[[Case, str], list[Outputs]]
-    # (case, precision) -> output -> sum|terms| of the sum it is (float32 forward-error bound)
+    # (case, precision) -> output -> sum|terms| of the sum it is (float32 forward-error bound);
+    # "output:abs" -> an absolute forward-error bound of verl's own arithmetic (cov_magnitudes)
     magnitudes: Callable[[Case, str], dict[str, float]] = lambda case, precision: {}  # noqa: E731
     half_rule: bool = False  # half inputs compared with verl on fp32 upcasts (else verl on the inputs as drawn)
     # (case, ours, verl's, differing outputs) -> tie class -> output -> elements it explains
@@ -1852,15 +2597,30 @@ class OpSpec:
     # (case, verl's exception, ours) -> the outcome of a documented case where only verl
     # raises, or None (then it is a mismatch)
     verl_raised: Optional[Callable[[Case, BaseException, Outputs], Optional[Outcome]]] = None
+    # (case, verl's loss dtype) -> the loss dtype ours must have (default: verl's; for
+    # half_rule inputs torch's promotion of the input dtypes)
+    loss_dtype: Optional[Callable[[Case, torch.dtype], torch.dtype]] = None
+    # (case, verl's output names) -> the names ours must return exactly (None: not checked)
+    keys: Optional[Callable[[Case, set[str]], set[str]]] = None
+    untriaged: tuple[str, ...] = ()  # outputs no tie or rounding excuses (the generator's state)
+    # case -> the mask the fractions of valid tokens (COUNT_METRICS) count over (default: response_mask)
+    count_mask: Optional[Callable[[Case], torch.Tensor]] = None
 
 
 SPECS = {
     "policy": OpSpec(policy_verl, policy_ours, policy_tols, policy_exact, policy_magnitudes, half_rule=True, ties=policy_ties),
-    "policy_rule": OpSpec(rule_verl, rule_ours, policy_tols, rule_exact, rule_magnitudes, half_rule=True, ties=rule_ties),
+    "policy_rule": OpSpec(rule_verl, rule_ours, policy_tols, rule_exact, rule_magnitudes, half_rule=True, ties=rule_ties,
+                          keys=lambda case, ref: ref),
+    "policy_geo": OpSpec(geo_verl, geo_ours, geo_tols, _exact_of(geo_verl), geo_magnitudes, half_rule=True, ties=geo_ties,
+                         loss_dtype=lambda case, verl_dtype: verl_dtype, keys=_ours_metric_keys),
+    "policy_cov": OpSpec(cov_verl, cov_ours, cov_tols, _exact_of(cov_verl), cov_magnitudes, ties=cov_ties,
+                         loss_dtype=cov_loss_dtype, keys=_ours_metric_keys, untriaged=("rng_state",)),
+    "policy_bypass": OpSpec(bypass_verl, bypass_ours, bypass_tols, _exact_of(bypass_verl), _spied_magnitudes(bypass_verl),
+                            ties=bypass_ties, keys=lambda case, ref: ref | LEN_KEYS, count_mask=bypass_mask),
     "agg_loss": OpSpec(agg_verl, agg_ours, agg_tols, _upcast_exact(agg_verl), agg_magnitudes, half_rule=True),
     "value_loss": OpSpec(value_verl, value_ours, value_tols, _upcast_exact(value_verl), half_rule=True),
     "kl_penalty": OpSpec(kl_verl, kl_ours, kl_tols, _upcast_exact(kl_verl)),
-    "advantage": OpSpec(adv_verl, adv_ours, adv_tols, adv_exact, verl_raised=scan_verl_raised),
+    "advantage": OpSpec(adv_verl, adv_ours, adv_tols, adv_exact, verl_raised=scan_verl_raised, ties=whitening_rounding),
 }
 
 
@@ -1905,7 +2665,9 @@ def _run_case(case: Case) -> Outcome:
     # documented rule (test_half_precision_inputs) is torch's promotion of the
     # input dtypes, where verl's sequence modes would upcast to float32
     want_dtypes = {name: None if t is None else t.dtype for name, t in ref.items()}
-    if precision != "native":
+    if spec.loss_dtype is not None:
+        want_dtypes["loss"] = spec.loss_dtype(case, want_dtypes["loss"])
+    elif precision != "native":
         want_dtypes["loss"] = _promoted_dtype(case)
     problems: list[str] = []
     for name, want in want_dtypes.items():
@@ -1916,7 +2678,7 @@ def _run_case(case: Case) -> Outcome:
             problems.append(f"{name}: dtype {g.dtype}, expected {want}")
     # the token rules' metrics: verl's exact key set (e.g. none for GPG); the
     # verl-signature adapters of the other modes add the length diagnostics
-    if case.op == "policy_rule" and set(got) != set(ref):
+    if spec.keys is not None and set(got) != spec.keys(case, set(ref)):
         problems.append(f"outputs: ours {sorted(got)}, verl's {sorted(ref)}")
 
     # values
@@ -1931,6 +2693,9 @@ def _run_case(case: Case) -> Outcome:
             problems.append(f"{name}: shape {tuple(g.shape)}, verl's {tuple(want.shape)}")
         elif not bool(ok.all()):
             off[name] = ok
+    for name in spec.untriaged:
+        if name in off:
+            problems.append(f"{name}: differs from verl's")
     if not off and not problems:
         return Outcome("ok")
     if problems:
@@ -1949,9 +2714,12 @@ def _run_case(case: Case) -> Outcome:
     remaining: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     n_tie = 0
+    count_mask = spec.count_mask(case) if spec.count_mask is not None and set(COUNT_METRICS) & set(off) else None
     for name, ok in off.items():
         left = ~ok
-        if name in COUNT_METRICS and _whole_token_flips(got[name].item(), ref[name].item(), case.inputs["response_mask"]) < 0:
+        if name in COUNT_METRICS and _whole_token_flips(
+            got[name].item(), ref[name].item(), case.inputs["response_mask"] if count_mask is None else count_mask
+        ) < 0:
             remaining[name] = ok  # a fraction of tokens that differs by no whole number of tokens
             continue
         for kind, masks in ties.items():
@@ -1976,6 +2744,8 @@ def _run_case(case: Case) -> Outcome:
             left = left & ~by
         if bool(left.any()) and name in (magnitudes or {}):
             bound = tols[name].atol + ROUNDING_ULPS * u * magnitudes[name]
+            # an op's own absolute bound where verl computes in a 16-bit type (see cov_magnitudes)
+            bound = max(bound, tols[name].atol + magnitudes.get(f"{name}:abs", 0.0))
             if abs(got[name].item() - ref[name].item()) <= bound:
                 used.add("rounding")
                 notes.append(f"{name}: within the forward-error bound {bound:.3g} (sum|terms| {magnitudes[name]:.4g})")
