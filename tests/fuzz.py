@@ -90,10 +90,11 @@ Triage of each case:
   and bypass mode's ``ppo_clip`` as vanilla's (its clip fractions over the
   mask less the rejected tokens, ``bypass_mask``);
 * ``undocumented_tie`` -- the same pattern wider than documented: vanilla's
-  token ratio 3 to 8 ulps from the clip bounds; and GMPO with a float64 mask
-  where luspo-rs decides ``d != clamp(d, -low, high)`` in float64 and verl in
-  the inputs' float32 (``geo_f64_mask_flips``: a deviation of the Rust rule);
-  counted apart, fatal with ``--strict``;
+  token ratio 3 to 8 ulps from the clip bounds; counted apart, fatal with
+  ``--strict``. (GMPO with a float64 mask once decided ``d != clamp(d, -low,
+  high)`` in float64 where verl does in the inputs' float32, at the tokens of
+  ``geo_f64_mask_flips``: found by this fuzz, fixed in the Rust rule, no
+  longer excused);
 * ``rounding``      -- the difference is floating-point rounding of an
   ill-conditioned computation (terms that nearly cancel) or of a value near
   float32's resolution, which the tolerances cannot absorb: either verl run
@@ -1835,14 +1836,12 @@ def geo_magnitudes(case: Case, precision: str) -> dict[str, float]:
 
 
 def geo_f64_mask_flips(case: Case) -> torch.Tensor:
-    """The valid tokens whose GMPO clip decision a float64 mask flips in
-    luspo-rs: verl computes ``d = lp - old`` and ``clamp(d, -low, high)`` in
-    the inputs' type (float32 for 16/32-bit inputs, the bounds rounded to
-    it) and promotes only at the mask products; luspo-rs, given a float64
-    mask, computes GMPO's token math in float64 (``wants_f64`` in
-    src/ops/policy_loss.rs): ``d`` exact, the bounds exact. The tokens where
-    the two decide ``d != clamp(d)`` differently (none without a float64
-    mask, or for float64 inputs)."""
+    """The valid tokens whose GMPO clip decision a float64 mask would flip if
+    ``d = lp - old`` and its bounds were taken in float64: verl computes them
+    in the inputs' type (float32 for 16/32-bit inputs, the bounds rounded to
+    it) and promotes only at the mask products, and so does luspo-rs
+    (``PolicyLossProblem::geo_narrow``). None without a float64 mask, or for
+    float64 inputs. (The regression test of that fix reads them.)"""
     p, x = case.params, case.inputs
     mask = x["response_mask"]
     if mask.dtype != torch.float64 or DTYPES[p["dtype"]] == torch.float64:
@@ -1854,27 +1853,6 @@ def geo_f64_mask_flips(case: Case) -> torch.Tensor:
     d64 = lp.double() - old.double()
     ours_clipped = (d64 < -low) | (d64 > high)
     return (verl_clipped != ours_clipped) & (mask != 0)
-
-
-def geo_ties(case: Case, got: Outputs, ref: Outputs, off: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """``undocumented_tie``: GMPO with a float64 mask at the tokens of
-    ``geo_f64_mask_flips`` (a deviation of the Rust rule, reported, not
-    documented): there ours is verl's x2, x1/2 or 0, or verl's is 0, and
-    ``pg_clipfrac`` / ``pg_clipfrac_lower`` differ by whole such tokens."""
-    flips = geo_f64_mask_flips(case)
-    if not bool(flips.any()):
-        return {}
-    mask = case.inputs["response_mask"]
-    out: dict[str, torch.Tensor] = {}
-    if "grad" in off:
-        g, e, tol = got["grad"].double(), ref["grad"].double(), geo_tols(case)["grad"]
-        factor = _agree(g, 2 * e, tol) | _agree(g, 0.5 * e, tol) | (g == 0) | (e == 0)
-        out["grad"] = flips & factor
-    for name in COUNT_METRICS:
-        if name in off:
-            n = _whole_token_flips(got[name].item(), ref[name].item(), mask)
-            out[name] = torch.tensor(0 < n <= int(flips.sum()))
-    return {"undocumented_tie": out}
 
 
 def _spied_magnitudes(verl_fn: Callable[[Case, str], Outputs]) -> Callable[[Case, str], dict[str, float]]:
@@ -2611,7 +2589,7 @@ SPECS = {
     "policy": OpSpec(policy_verl, policy_ours, policy_tols, policy_exact, policy_magnitudes, half_rule=True, ties=policy_ties),
     "policy_rule": OpSpec(rule_verl, rule_ours, policy_tols, rule_exact, rule_magnitudes, half_rule=True, ties=rule_ties,
                           keys=lambda case, ref: ref),
-    "policy_geo": OpSpec(geo_verl, geo_ours, geo_tols, _exact_of(geo_verl), geo_magnitudes, half_rule=True, ties=geo_ties,
+    "policy_geo": OpSpec(geo_verl, geo_ours, geo_tols, _exact_of(geo_verl), geo_magnitudes, half_rule=True,
                          loss_dtype=lambda case, verl_dtype: verl_dtype, keys=_ours_metric_keys),
     "policy_cov": OpSpec(cov_verl, cov_ours, cov_tols, _exact_of(cov_verl), cov_magnitudes, ties=cov_ties,
                          loss_dtype=cov_loss_dtype, keys=_ours_metric_keys, untriaged=("rng_state",)),

@@ -20,7 +20,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import AGG_MODES, MODES, make_batch, stable_seed, verl_reference
+from conftest import AGG_MODES, MODES, make_batch, stable_seed, verl_config, verl_reference
 from test_advantage import ESTIMATORS, VERL_KW, WHITENED, group_layout, sizes_for
 from test_advantage import make_batch as make_adv_batch
 from test_kl_penalty import MODES as KL_MODES
@@ -1286,3 +1286,25 @@ def test_geo_mean_strided_inputs_are_read_in_place():
     b = geo_run(t(old), t(lp), t(adv), t(mask), t(w))
     for x, y in zip(a, b):
         close(x, y, TOL_CPU[torch.float32], "strided")
+
+
+def test_geo_mean_with_a_float64_mask_decides_its_clamp_in_float32_on_the_gpu():
+    # the fuzz's finding (test_fuzz.py): d = lp - old and its bounds in the
+    # log-probs' float32 although the math is float64, as verl; on the device
+    # too (LossArgs.vec's VEC_NARROW)
+    from test_fuzz import _geo_f64_mask_case
+
+    x = _geo_f64_mask_case().inputs
+    kw = dict(mode="geo_mean", clip_ratio=0.2, clip_ratio_low=0.5885, clip_ratio_high=0.2599)
+    cfg = verl_config(clip_ratio=0.2, clip_ratio_low=0.5885, clip_ratio_high=0.2599)
+    args = cuda(x["old_log_prob"], x["log_prob"], x["advantages"], x["response_mask"])
+    lp = args[1].clone().requires_grad_()
+    want, want_m = verl_ca.compute_policy_loss_geo_mean(args[0], lp, args[2], args[3], config=cfg)
+    want.backward()
+    y = args[1].clone().requires_grad_()
+    got, got_m = luspo_rs.policy_loss(args[0], y, args[2], args[3], **kw)
+    got.backward()
+    close(got, want, TOL_CPU[torch.float64], "loss")
+    close(y.grad, lp.grad, TOL_CPU[torch.float32], "grad")
+    for k in ("pg_clipfrac", "pg_clipfrac_lower"):
+        close(got_m[k], want_m[f"actor/{k}"], TOL_CPU[torch.float32], k)

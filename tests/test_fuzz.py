@@ -285,32 +285,23 @@ def _geo_f64_mask_case() -> fuzz.Case:
     return fuzz.Case(0, 0, "policy_geo", "geo_mean", params, inputs)
 
 
-def test_triage_of_gmpo_counts_the_float64_mask_flips_apart(monkeypatch):
-    # luspo-rs itself differs from verl there (undocumented_tie, fatal with
-    # --strict); "ours" as verl doctored at a flipped token is the same
-    # class, at any other token a mismatch; with a bool mask nothing is excused
+def test_gmpo_with_a_float64_mask_decides_its_clamp_in_float32_as_verl(monkeypatch):
+    # found by the fuzz: with a float64 mask GMPO took d = lp - old and its
+    # bounds in float64, so tokens on float32's rounding of a bound got 2x / 0
+    # verl's gradient; fixed (PolicyLossProblem::geo_narrow), the case is ok,
+    # and no triage excuses a change at such a token any more
     case = _geo_f64_mask_case()
     flips = fuzz.geo_f64_mask_flips(case)
-    assert flips.any() and fuzz.run_case(case).cls == "undocumented_tie"
+    assert flips.any() and fuzz.run_case(case).cls == "ok"
     ref = fuzz.SPECS["policy_geo"].verl(case, "native")
     at_flip = tuple((flips & (ref["grad"] != 0)).nonzero()[0].tolist())
-    at_other = tuple((~flips & (ref["grad"].abs() > 1e-4)).nonzero()[0].tolist())
 
-    def classify(c, where, f=2.0):
-        def change(out):
-            out["grad"] = out["grad"].clone()
-            out["grad"][where] *= f
+    def change(out):
+        out["grad"] = out["grad"].clone()
+        out["grad"][at_flip] *= 2.0
 
-        _doctor(monkeypatch, "policy_geo", change)
-        return fuzz.run_case(c).cls
-
-    assert classify(case, at_flip) == "undocumented_tie"
-    assert classify(case, at_flip, 3.0) == "mismatch"
-    assert classify(case, at_other) == "mismatch"
-    as_bool = dataclasses.replace(case, params={**case.params, "mask_dtype": "bool"},
-                                  inputs={**case.inputs, "response_mask": torch.ones_like(flips)})  # fmt: skip
-    assert not fuzz.geo_f64_mask_flips(as_bool).any()
-    assert classify(as_bool, at_flip) == "mismatch"
+    _doctor(monkeypatch, "policy_geo", change)
+    assert fuzz.run_case(case).cls == "mismatch"
 
 
 def test_triage_of_the_whitening_excuses_its_rounding_only(monkeypatch):

@@ -36,6 +36,11 @@ pub trait Lane:
     /// The natural logarithm, lane by lane with the library `ln` (the same
     /// function for every width, so every width gives the same bits).
     fn ln(self) -> Self;
+    /// The value rounded to `f32` (kept in the lane's type): the identity for
+    /// `f32` lanes.
+    fn narrow(self) -> Self {
+        self
+    }
 }
 
 /// `exp` of `f32` lanes over the whole line from [`exp_f32`]: far from 0
@@ -153,6 +158,10 @@ macro_rules! scalar_lane {
             #[inline(always)]
             fn ln(self) -> Self {
                 <$t>::ln(self)
+            }
+            #[inline(always)]
+            fn narrow(self) -> Self {
+                self as f32 as $t
             }
         }
     };

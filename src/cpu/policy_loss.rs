@@ -351,13 +351,15 @@ fn geo_dmin<L: Lane>(d: L, a: L, up: L, clip: &Clip) -> (L, L, L) {
 struct GeoMean {
     clip: Clip,
     coef: f64,
+    /// `d` in `f32` although the math is `f64` (see [`PolicyLossProblem::geo_narrow`]).
+    narrow: bool,
 }
 
 impl TokenRule for GeoMean {
     #[inline(always)]
     fn eval<L: Lane>(&self, old: L, lp: L, a: L, _pick: L) -> (Tok<L>, L) {
         let zero = L::splat(0.0);
-        let d = lp - old;
+        let d = if self.narrow { (lp - old).narrow() } else { lp - old };
         let (_, ddmin, dc) = geo_dmin(d, a, L::splat(self.coef), &self.clip);
         let clipped = d.ne(dc);
         (Tok { loss: zero, dloss: ddmin, clipped: clipped & a.gt(zero), lower: clipped & a.lt(zero) }, d)
@@ -668,7 +670,17 @@ fn geo_scale(p: &PolicyLossProblem) -> f64 {
 /// so a NaN anywhere in the row (masked or not) propagates, as in verl.
 /// Summed as [`row_sums`] sums (eight lanes per block, blocks in f64).
 #[inline(always)]
-fn geo_row_sums<W: Wide>(old: &[W::F], lp: &[W::F], adv: &[W::F], mask: &[W::F], w: Option<&[W::F]>, clip: &Clip, s: &mut [f64; 4]) {
+#[allow(clippy::too_many_arguments)]
+fn geo_row_sums<W: Wide>(
+    old: &[W::F],
+    lp: &[W::F],
+    adv: &[W::F],
+    mask: &[W::F],
+    w: Option<&[W::F]>,
+    clip: &Clip,
+    narrow: bool,
+    s: &mut [f64; 4],
+) {
     let n = mask.len();
     let mut start = 0;
     while start < n {
@@ -680,7 +692,8 @@ fn geo_row_sums<W: Wide>(old: &[W::F], lp: &[W::F], adv: &[W::F], mask: &[W::F],
         let mut j = 0;
         while j + W::WIDTH <= m.len() {
             let (mv, av) = (W::load(&m[j..]), W::load(&a[j..]));
-            let (dmin, _, _) = geo_dmin(W::load(&l[j..]) - W::load(&o[j..]), av, W::V::splat(1.0), clip);
+            let d = W::load(&l[j..]) - W::load(&o[j..]);
+            let (dmin, _, _) = geo_dmin(if narrow { d.narrow() } else { d }, av, W::V::splat(1.0), clip);
             acc[0].add(j, mv);
             acc[1].add(j, dmin * mv);
             acc[2].add(j, av * mv);
@@ -692,7 +705,8 @@ fn geo_row_sums<W: Wide>(old: &[W::F], lp: &[W::F], adv: &[W::F], mask: &[W::F],
         let mut lanes = [acc[0].lanes(), acc[1].lanes(), acc[2].lanes(), acc[3].lanes()];
         let eps = <W::F as Lane>::splat(1e-10);
         for j in j..m.len() {
-            let (dmin, _, _) = geo_dmin(l[j] - o[j], a[j], <W::F as Lane>::splat(1.0), clip);
+            let d = l[j] - o[j];
+            let (dmin, _, _) = geo_dmin(if narrow { d.narrow() } else { d }, a[j], <W::F as Lane>::splat(1.0), clip);
             let k = j % 8;
             lanes[0][k] = lanes[0][k] + m[j];
             lanes[1][k] = lanes[1][k] + dmin * m[j];
@@ -726,7 +740,7 @@ fn geo_row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, i: usize, s: &mut S
             let adv = p.advantages.part(i, start, len, &mut s.adv);
             let mask = p.response_mask.part(i, start, len, &mut s.mask);
             let w = p.rollout_is_weights.as_ref().map(|w| w.part(i, start, len, &mut s.w));
-            geo_row_sums::<W>(old, lp, adv, mask, w, &p.clip, &mut sums);
+            geo_row_sums::<W>(old, lp, adv, mask, w, &p.geo_clip(), p.geo_narrow(), &mut sums);
         }
     }
     let mut st = RowSums::default();
@@ -739,7 +753,7 @@ fn geo_row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, i: usize, s: &mut S
         let mask = p.response_mask.part(i, start, len, &mut s.mask);
         let w = p.rollout_is_weights.as_ref().map(|w| w.part(i, start, len, &mut s.w));
         if cols <= PIECE {
-            geo_row_sums::<W>(old, lp, adv, mask, w, &p.clip, &mut sums);
+            geo_row_sums::<W>(old, lp, adv, mask, w, &p.geo_clip(), p.geo_narrow(), &mut sums);
         }
         if start == 0 {
             let den = plus_eps(sums[0], p.response_mask.tensor.dtype == DType::F64);
@@ -758,7 +772,7 @@ fn geo_row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, i: usize, s: &mut S
         let direct = unsafe { p.grad.direct_part::<W::F>(i, start, len) };
         let converted = direct.is_none();
         let g = direct.unwrap_or(&mut s.grad[..len]);
-        ctx.token_pass::<W, _, DIAG>(g, &mut st, &GeoMean { clip: p.clip, coef: coef.f64() });
+        ctx.token_pass::<W, _, DIAG>(g, &mut st, &GeoMean { clip: p.geo_clip(), coef: coef.f64(), narrow: p.geo_narrow() });
         if converted {
             // SAFETY: as above.
             unsafe { p.grad.store_part(i, start, &s.grad[..len]) };

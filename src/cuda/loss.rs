@@ -199,6 +199,8 @@ struct LossLaunch<'a> {
     f64_math: bool,
     /// The length diagnostics are wanted (policy loss only).
     diagnostics: bool,
+    /// GMPO's `d` rounded to f32 in f64 math (`PolicyLossProblem::geo_narrow`).
+    narrow: bool,
 }
 
 /// Zeroes the tickets and enqueues both loss kernels on `stream`.
@@ -220,7 +222,8 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossOutputs<'_>, scratch: &Tensor, device
     let blocks = grid(rows.div_ceil((block / team) as usize).max(1))?;
     let vec = if mask_runs_ok(&mask, rows, run) { abi::VEC_MASK } else { 0 }
         | if mask_runs_ok(&mask, rows, 16) { abi::VEC_MASK16 } else { 0 }
-        | if l.diagnostics { abi::VEC_DIAGNOSTICS } else { 0 };
+        | if l.diagnostics { abi::VEC_DIAGNOSTICS } else { 0 }
+        | if l.narrow { abi::VEC_NARROW } else { 0 };
     let n = l.norm;
     let (lo, hi, c, closed) = l.clip;
     let mut a = LossArgs {
@@ -282,7 +285,10 @@ fn clip_of(p: &PolicyLossProblem) -> (f64, f64, f64, bool) {
     let c = &p.clip;
     match p.mode {
         LossMode::DppoTv | LossMode::DppoKl => (c.low, c.high, c.c, c.clamp_closed),
-        LossMode::GeoMean => (-c.low, c.high, c.c, c.clamp_closed),
+        LossMode::GeoMean => {
+            let g = p.geo_clip();
+            (-g.low, g.high, g.c, g.clamp_closed)
+        }
         _ => (1.0 - c.low, 1.0 + c.high, c.c, c.clamp_closed),
     }
 }
@@ -325,6 +331,7 @@ pub fn policy_loss(p: &PolicyLossProblem, b: &LossOutputs<'_>, scratch: &Tensor,
         knobs: p.knobs,
         f64_math: p.wants_f64(),
         diagnostics: p.diagnostics,
+        narrow: p.geo_narrow(),
     };
     launch_loss(&l, b, scratch, p.device, stream)
 }
@@ -347,6 +354,7 @@ pub fn agg_loss(p: &AggProblem, b: &LossOutputs<'_>, scratch: &Tensor, stream: u
         knobs: ModeKnobs::default(),
         f64_math: p.loss_mat.tensor.dtype == DType::F64,
         diagnostics: false,
+        narrow: false,
     };
     launch_loss(&l, b, scratch, p.loss_mat.tensor.device, stream)
 }

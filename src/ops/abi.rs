@@ -41,8 +41,9 @@ shared_constants! {
         ROW_STRIDE = 10,
     }
     /// `LossArgs.vec` bits: the 1-byte mask can be read in V-byte runs, and in
-    /// 16-byte loads in the mask-only row pass; the length diagnostics are wanted.
-    "LossArgs.vec bits" { VEC_MASK = 2, VEC_MASK16 = 4, VEC_DIAGNOSTICS = 8 }
+    /// 16-byte loads in the mask-only row pass; the length diagnostics are
+    /// wanted; GMPO rounds `d` to f32 in f64 math (`PolicyLossProblem::geo_narrow`).
+    "LossArgs.vec bits" { VEC_MASK = 2, VEC_MASK16 = 4, VEC_DIAGNOSTICS = 8, VEC_NARROW = 16 }
     /// Largest block of the loss kernels (and so the largest team); the
     /// policy loss's metrics buffer: `[pg_clipfrac, ppo_kl, pg_clipfrac_lower]`
     /// and the four `LengthDiagnostics`.

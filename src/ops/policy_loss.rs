@@ -468,6 +468,28 @@ impl PolicyLossProblem {
         matches!(self.mode, LossMode::Gspo | LossMode::Luspo)
     }
 
+    /// GMPO in float64 math (a float64 mask) with 32- or 16-bit log-probs:
+    /// verl takes `d = lp - old` and its clamp in the log-probs' float32 (only
+    /// the mask products are float64), so the kernels round `d` to `f32`
+    /// ([`Lane::narrow`](crate::cpu::lane::Lane)) and the clip bounds too ([`Self::geo_clip`]).
+    pub fn geo_narrow(&self) -> bool {
+        use crate::tensor::DType::F64;
+        self.mode == LossMode::GeoMean
+            && self.wants_f64()
+            && self.log_prob.tensor.dtype != F64
+            && self.old_log_prob.tensor.dtype != F64
+    }
+
+    /// GMPO's clip, with its bounds rounded to `f32` where [`Self::geo_narrow`].
+    pub fn geo_clip(&self) -> Clip {
+        let mut c = self.clip;
+        if self.geo_narrow() {
+            c.low = c.low as f32 as f64;
+            c.high = c.high as f32 as f64;
+        }
+        c
+    }
+
     /// Whether any float input is float64, in which case the kernels compute
     /// in f64; otherwise in f32 (the math type of verl for 16/32-bit inputs
     /// is the input type; f32 is at least as precise). A float64 mask counts

@@ -53,6 +53,11 @@ __device__ __forceinline__ F clipped_surrogate(F a, F r, F dr, F lo, F hi, bool 
     return l;
 }
 
+// x rounded to float (kept in F) when `narrow`: GMPO's d in f64 math from
+// 32- or 16-bit log-probs, as verl computes it (PolicyLossProblem::geo_narrow).
+__device__ __forceinline__ float narrowg(float x, bool) { return x; }
+__device__ __forceinline__ double narrowg(double x, bool narrow) { return narrow ? (double)(float)x : x; }
+
 // GMPO's clipped log-ratio (geo_dmin of src/cpu/policy_loss.rs):
 // dmin = sA min(sA d, sA dc), sA = sign(A) (0 at 0 and for NaN), dc =
 // clamp(d, lo, hi); *ddmin = up * d dmin / d d as torch's backward computes
@@ -229,7 +234,7 @@ __device__ void loss_rows(const LossArgs &a) {
     const int V = S::V;
     const RowOf r = row_of(a, false);
     const bool gspo = !GEO && (a.mode == MODE_GSPO || a.mode == MODE_LUSPO);
-    const bool geo = GEO, weighted = geo && a.w.ptr != 0;
+    const bool geo = GEO, weighted = geo && a.w.ptr != 0, narrow = (a.vec & VEC_NARROW) != 0;
     const bool mvec = (a.vec & VEC_MASK) != 0;
     // L_i = sum(m); GSPO / LUSPO: sum((lp - old) * m); GMPO: sum(dmin * m),
     // sum(A * m), sum(ln(w + 1e-10) * m): plain products, so a NaN anywhere
@@ -280,8 +285,8 @@ __device__ void loss_rows(const LossArgs &a) {
                     if (gspo) sd += (l[u][k] - o[u][k]) * m[u][k];
                     if (geo && k < n[u]) {
                         F dd, dc;
-                        const F dmin = geo_dmin(l[u][k] - o[u][k], A[u][k], cvt<F>(a.lo), cvt<F>(a.hi), a.clamp_closed != 0,
-                                                cvt<F>(1.0), &dd, &dc);
+                        const F dmin = geo_dmin(narrowg(l[u][k] - o[u][k], narrow), A[u][k], cvt<F>(a.lo), cvt<F>(a.hi),
+                                                a.clamp_closed != 0, cvt<F>(1.0), &dd, &dc);
                         sd += dmin * m[u][k];
                         sa += A[u][k] * m[u][k];
                         if (weighted) sw += logg(w[u][k] + cvt<F>(1e-10)) * m[u][k];
@@ -471,7 +476,7 @@ __device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F s
     if (MODE == MODE_GEO_MEAN) {
         // pg_clipfrac: d != dc (NaN counts) where A > 0; _lower: where A < 0
         F dc;
-        *d = lp - old;
+        *d = narrowg(lp - old, (a.vec & VEC_NARROW) != 0);
         geo_dmin(*d, A, lo, hi, closed, sr, dloss, &dc);
         const bool c = *d != dc;
         *clipped = c && A > zero;
