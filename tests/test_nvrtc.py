@@ -105,12 +105,18 @@ def ptxas_report(log):
     return out
 
 
+#: The NVRTC the budget was measured with (another ptxas allocates registers its own way).
+SPILL_BUDGET_NVRTC = (13, 2)
+
+
 def test_kernels_compile_to_cubin_for_sm90_within_their_spill_budget():
     # (the sm_90 cubin compile of the suite, with ptxas's --verbose report)
-    _nvrtc()
+    _, major, minor = _nvrtc()
     report = ptxas_report(_core.cuda_ptxas_log(9, 0))
     for k in KERNELS:
         assert k in report, f"{k} missing from ptxas's report"
+    if (major, minor) != SPILL_BUDGET_NVRTC:
+        pytest.skip(f"the spill budget was measured with NVRTC {SPILL_BUDGET_NVRTC}; this is NVRTC {major}.{minor}")
     over = {k: (v[1], SPILL_STORES_SM90.get(k, 0)) for k, v in report.items() if v[1] > SPILL_STORES_SM90.get(k, 0)}
     assert not over, f"spill stores above budget (bytes, budget): {over}"
 
