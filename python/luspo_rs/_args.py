@@ -245,6 +245,25 @@ def stream_of(x: torch.Tensor) -> Optional[int]:
     return _cuda.stream_of(x) if _cuda.on_device(x) else None
 
 
+def register_loss_autograd(op, wrt: int) -> None:
+    """The autograd formula of a loss's ``torch.library`` op whose last output
+    is the final ``d loss / d (input wrt)`` the native call wrote: only that
+    output is saved, and backward returns it times the loss's grad_output
+    (out of place), in the gradient's dtype; the other inputs get None."""
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(output[-1])
+        ctx.n_inputs = len(inputs)
+
+    def backward(ctx, grad_loss, *_other_grads):
+        (grad,) = ctx.saved_tensors
+        out = [None] * ctx.n_inputs
+        out[wrt] = (grad * grad_loss).to(grad.dtype)
+        return tuple(out)
+
+    op.register_autograd(backward, setup_context=setup)
+
+
 def loss_buffers(x: torch.Tensor, loss_dtype: torch.dtype, metrics: bool):
     """What one loss call writes, allocated by torch on ``x``'s device:
     ``grad`` (``x``'s shape and dtype; on the CPU from the huge-page pool),

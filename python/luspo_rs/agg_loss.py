@@ -9,7 +9,7 @@ import torch
 
 from . import _core
 from ._args import Number, as_tensor, check_entry, loss_buffers, normalisers, result_dtype, stream_of
-from ._args import gradient, keep_gradient, saved_inputs
+from ._args import gradient, keep_gradient, register_loss_autograd, saved_inputs
 
 AggMode = Literal["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -92,16 +92,7 @@ def _(loss_mat, loss_mask, factor, *args):
     return loss_mat.new_empty((), dtype=args[-1]), torch.empty_like(loss_mat, memory_format=torch.contiguous_format)
 
 
-def _agg_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-
-
-def _agg_backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    return ((grad * grad_loss).to(grad.dtype), *(None,) * 8)
-
-
-_agg_loss_op.register_autograd(_agg_backward, setup_context=_agg_setup)
+register_loss_autograd(_agg_loss_op, wrt=0)
 
 
 def agg_loss(

@@ -16,6 +16,7 @@ import torch
 from . import _core
 from ._args import Number, as_float, as_tensor, check_entry, loss_buffers, normalisers, refuse_double_backward
 from ._args import gradient, half_gradient, keep_gradient, result_dtype, saved_inputs, stream_of, torch_clamp_closed
+from ._args import register_loss_autograd
 from .agg_loss import AggMode
 from .cov_select import choose_tokens
 
@@ -202,16 +203,7 @@ def _(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, pic
     )
 
 
-def _policy_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
-
-
-def _policy_backward(ctx, grad_loss, _grad_metrics, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    return (None, (grad * grad_loss).to(grad.dtype), *(None,) * 22)
-
-
-_policy_loss_op.register_autograd(_policy_backward, setup_context=_policy_setup)
+register_loss_autograd(_policy_loss_op, wrt=1)
 
 
 def _compiled_policy_loss(log_prob, old_log_prob, advantages, response_mask, weights, picks, options, factor, loss_dtype):

@@ -16,7 +16,7 @@ import torch
 
 from . import _core
 from ._args import Number, as_float, as_tensor, check_entry, gradient, keep_gradient, loss_buffers, normalisers
-from ._args import half_gradient, refuse_double_backward, result_dtype, saved_inputs, stream_of
+from ._args import half_gradient, refuse_double_backward, register_loss_autograd, result_dtype, saved_inputs, stream_of
 from .agg_loss import AggMode
 
 
@@ -106,16 +106,7 @@ def _(vpreds, values, returns, response_mask, factor, *args):
     )
 
 
-def _value_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
-
-
-def _value_backward(ctx, grad_loss, _grad_clipfrac, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    return ((grad * grad_loss).to(grad.dtype), *(None,) * 11)
-
-
-_value_loss_op.register_autograd(_value_backward, setup_context=_value_setup)
+register_loss_autograd(_value_loss_op, wrt=0)
 
 
 def _compiled_value_loss(vpreds, values, returns, response_mask, options, factor, loss_dtype):
