@@ -78,7 +78,10 @@ def call(impl, name, rewards, values, baselines, mask, gamma=1.0, lam=1.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("mask_dtype", ["same", torch.int64], ids=str)
 @pytest.mark.parametrize("layout", ["prefix", "holes"])
-@pytest.mark.parametrize("B, T", [(8, 40), (3, 257), (2, 1), (17, 5), (9, 600)])  # 600: three column blocks of the CPU scan; 9, 17: lane groups of 8 with padding
+# the CPU scan's shapes: lane groups of 16 rows (3, 9, 17, 33 pad the last
+# one); column blocks of 512 (600: two); within a block, transposes in tiles of
+# 16 columns, then of 8, then one by one (40 = 16 + 16 + 8, 13 = 8 + 5, 257 = 16 x 16 + 1)
+@pytest.mark.parametrize("B, T", [(8, 40), (3, 257), (2, 1), (33, 13), (17, 600), (9, 600)])
 def test_matches_verl(name, dtype, mask_dtype, layout, gamma, lam, B, T):
     rng = np.random.default_rng(stable_seed(name, str(dtype), str(mask_dtype), layout, gamma, lam, B, T))
     mask_dtype = dtype if mask_dtype == "same" else mask_dtype

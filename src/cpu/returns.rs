@@ -15,13 +15,15 @@ use super::{fold_rows, for_each_row};
 use crate::error::Result;
 pub use crate::ops::returns::{ReturnsEstimator, ReturnsProblem};
 use crate::ops::returns::{whiten_stats, Moments};
-use crate::tensor::{piece_scratch, pieces, Mat, MatMut, Real};
+use crate::tensor::{piece_scratch, pieces, DType, Mat, MatMut, Real};
 
 /// Rows scanned together, one per lane: their recurrences are independent,
-/// so eight of them hide each other's latency (and vectorise across rows).
-const LANES: usize = 8;
+/// so sixteen of them hide each other's latency (a GAE step is a chain of
+/// four dependent operations, about 16 cycles; two AVX2 vectors of eight
+/// float32 lanes keep two chains in flight) and vectorise across rows.
+const LANES: usize = 16;
 /// Columns of the rows of a lane group held in scratch at once (the scratch,
-/// about 170 KB with float32, stays in L2; larger blocks stream the rows better).
+/// about 190 KB with float32, stays in L2; larger blocks stream the rows better).
 const BLOCK: usize = 512;
 
 /// Computes the advantages and returns into `p.advantages` and `p.returns`;
@@ -40,31 +42,34 @@ fn blocks_rev(cols: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).rev().map(move |k| (k * BLOCK, BLOCK.min(cols - k * BLOCK)))
 }
 
-/// The [`Moments`] of the rows of a lane group, one per lane: each block's
-/// moments from two passes over its columns (the block's mean, then the
-/// squares about it), merged into the row's in scan order (last block
-/// first), so no sum cancels. A token with `m = 0` adds nothing (a NaN there
-/// is dropped, as verl's `masked_sum` drops it). Kept apart from the
-/// recurrence, and branch-free, so both loops vectorise.
+/// The [`Moments`] of the rows of a lane group, one per lane, merged block
+/// by block in scan order (last block first). A block's moments are sums in
+/// float64 about a shift `k` near the block's mean, so they do not cancel
+/// when the values sit far from 0 next to their spread: `k` is the block's
+/// weighted mean in `F` (any rounding in it only moves the shift), then one
+/// float64 pass sums `n = sum m`, `s = sum m (x - k)` and `q = sum m (x - k)^2`.
+/// A token with `m = 0` adds nothing (a NaN value there is dropped, as
+/// verl's `masked_sum` drops it). Both loops are branch-free and run eight
+/// lanes at a time, so they vectorise with their accumulators in registers.
 #[derive(Default)]
 struct LaneMoments {
     rows: [Moments; LANES],
 }
 
+/// Eight lanes of a lane group.
+const HALF: usize = 8;
+
 impl LaneMoments {
-    /// Adds a block's columns, through `w` and `xs` (one block each).
+    /// Adds a block's columns.
     #[inline(always)]
-    fn add<F: Real>(&mut self, m: &[Col<F>], x: &[Col<F>], w: &mut [[f64; LANES]], xs: &mut [[f64; LANES]]) {
-        let zero = F::zero();
-        let (w, xs) = (&mut w[..m.len()], &mut xs[..m.len()]);
-        // the weights and values in float64, 0 where m = 0
-        for ((wt, vt), (mt, xt)) in w.iter_mut().zip(xs.iter_mut()).zip(m.iter().zip(x)) {
-            *wt = std::array::from_fn(|l| if mt[l] != zero { mt[l].f64() } else { 0.0 });
-            *vt = std::array::from_fn(|l| if mt[l] != zero { xt[l].f64() } else { 0.0 });
-        }
-        let (n, mean, sd, q) = block_moments(w, xs);
-        for l in 0..LANES {
-            self.rows[l] = self.rows[l].merge(Moments::shifted(n[l], mean[l], sd[l], q[l]));
+    fn add<F: Real>(&mut self, m: &[Col<F>], x: &[Col<F>]) {
+        for h in 0..LANES / HALF {
+            let lanes = h * HALF..(h + 1) * HALF;
+            let (n, k, s, q) = half_moments(m, x, h * HALF);
+            for (l, row) in lanes.zip(&mut self.rows[h * HALF..]) {
+                let l = l - h * HALF;
+                *row = row.merge(Moments::shifted(n[l], k[l], s[l], q[l]));
+            }
         }
     }
 
@@ -73,74 +78,107 @@ impl LaneMoments {
     }
 }
 
-/// Per lane over a block's columns, with weights `w` and values `x` (both 0
-/// where the mask is): `n = sum w`, `mean = sum w x / n` (0 for `n = 0`),
-/// `sd = sum w (x - mean)` and `q = sum w (x - mean)^2`, each lane's sums in
-/// column order. The same IEEE operations in the same order on every path,
-/// so the same bits with or without AVX.
+/// A block's shifted sums `(n, k, s, q)` (see [`LaneMoments`]) for lanes
+/// `at .. at + 8`, each lane's sums in column order: the same IEEE
+/// operations in the same order whether or not the loops vectorise.
 #[inline(always)]
 #[allow(clippy::type_complexity)]
-fn block_moments(w: &[[f64; LANES]], x: &[[f64; LANES]]) -> ([f64; LANES], [f64; LANES], [f64; LANES], [f64; LANES]) {
+fn half_moments<F: Real>(m: &[Col<F>], x: &[Col<F>], at: usize) -> ([f64; HALF], [f64; HALF], [f64; HALF], [f64; HALF]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present.
-        return unsafe { block_moments_avx2(w, x) };
+    if F::DTYPE == DType::F32 && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present; `F` is `f32`, so a column is `LANES` f32s.
+        return unsafe { half_moments_avx2(m.as_ptr() as *const f32, x.as_ptr() as *const f32, m.len().min(x.len()), at) };
     }
-    let (mut n, mut sx) = ([0.0f64; LANES], [0.0f64; LANES]);
-    for (wt, xt) in w.iter().zip(x) {
-        for l in 0..LANES {
-            n[l] += wt[l];
-            sx[l] += wt[l] * xt[l];
-        }
-    }
-    let mean: [f64; LANES] = std::array::from_fn(|l| if n[l] != 0.0 { sx[l] / n[l] } else { 0.0 });
-    let (mut sd, mut q) = ([0.0f64; LANES], [0.0f64; LANES]);
-    for (wt, xt) in w.iter().zip(x) {
-        for l in 0..LANES {
-            let c = xt[l] - mean[l];
-            let d = wt[l] * c;
-            sd[l] += d;
-            q[l] += d * c;
-        }
-    }
-    (n, mean, sd, q)
+    half_moments_any(m, x, at)
 }
 
+/// [`half_moments`] on any target.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn half_moments_any<F: Real>(m: &[Col<F>], x: &[Col<F>], at: usize) -> ([f64; HALF], [f64; HALF], [f64; HALF], [f64; HALF]) {
+    let zero = F::zero();
+    let (mut sw, mut sx) = ([zero; HALF], [zero; HALF]);
+    for (mt, xt) in m.iter().zip(x) {
+        for l in 0..HALF {
+            let (w, v) = (mt[at + l], xt[at + l]);
+            let v = if w != zero { v } else { zero };
+            sw[l] = sw[l] + w;
+            sx[l] = sx[l] + w * v;
+        }
+    }
+    // the shift: finite by construction (0 for an empty block, an overflow or a NaN)
+    let k: [f64; HALF] = std::array::from_fn(|l| {
+        let k = (sx[l] / sw[l]).f64();
+        if k.is_finite() {
+            k
+        } else {
+            0.0
+        }
+    });
+    let (mut n, mut s, mut q) = ([0.0f64; HALF], [0.0f64; HALF], [0.0f64; HALF]);
+    for (mt, xt) in m.iter().zip(x) {
+        for l in 0..HALF {
+            let (w, v) = (mt[at + l], xt[at + l]);
+            let v = if w != zero { v } else { zero };
+            let (w, d) = (w.f64(), v.f64() - k[l]);
+            let wd = w * d;
+            n[l] += w;
+            s[l] += wd;
+            q[l] += wd * d;
+        }
+    }
+    (n, k, s, q)
+}
+
+/// [`half_moments`] for float32 in AVX2: the same operations in the same
+/// order (no fused multiply-add), so the same bits.
+///
+/// # Safety
+/// AVX2 is present; `m` and `x` point at `len` columns of `LANES` f32s.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::type_complexity)]
-unsafe fn block_moments_avx2(w: &[[f64; LANES]], x: &[[f64; LANES]]) -> ([f64; LANES], [f64; LANES], [f64; LANES], [f64; LANES]) {
+unsafe fn half_moments_avx2(m: *const f32, x: *const f32, len: usize, at: usize) -> ([f64; HALF], [f64; HALF], [f64; HALF], [f64; HALF]) {
     use std::arch::x86_64::*;
-    const _: () = assert!(LANES == 8);
-    let ld = |a: &[f64; LANES], h: usize| _mm256_loadu_pd(a.as_ptr().add(4 * h));
-    let zero = _mm256_setzero_pd();
-    let (mut n, mut sx) = ([zero; 2], [zero; 2]);
-    for (wt, xt) in w.iter().zip(x) {
+    const _: () = assert!(HALF == 8);
+    let zs = _mm256_setzero_ps();
+    let col = |p: *const f32, t: usize| _mm256_loadu_ps(p.add(t * LANES + at));
+    // the value where the weight is not 0, else 0
+    let kept = |w: __m256, v: __m256| _mm256_and_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(w, zs), v);
+    let (mut sw, mut sx) = (zs, zs);
+    for t in 0..len {
+        let (w, v) = (col(m, t), col(x, t));
+        sw = _mm256_add_ps(sw, w);
+        sx = _mm256_add_ps(sx, _mm256_mul_ps(w, kept(w, v)));
+    }
+    let k32 = _mm256_div_ps(sx, sw);
+    let fin = |k: __m256d| {
+        let abs = _mm256_andnot_pd(_mm256_set1_pd(-0.0), k);
+        _mm256_and_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(abs, _mm256_set1_pd(f64::INFINITY)), k)
+    };
+    let k = [fin(_mm256_cvtps_pd(_mm256_castps256_ps128(k32))), fin(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(k32)))];
+    let zd = _mm256_setzero_pd();
+    let (mut n, mut s, mut q) = ([zd; 2], [zd; 2], [zd; 2]);
+    for t in 0..len {
+        let (w, v) = (col(m, t), col(x, t));
+        let v = kept(w, v);
+        let ws = [_mm256_cvtps_pd(_mm256_castps256_ps128(w)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w))];
+        let vs = [_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v))];
         for h in 0..2 {
-            let (wv, xv) = (ld(wt, h), ld(xt, h));
-            n[h] = _mm256_add_pd(n[h], wv);
-            sx[h] = _mm256_add_pd(sx[h], _mm256_mul_pd(wv, xv));
+            let d = _mm256_sub_pd(vs[h], k[h]);
+            let wd = _mm256_mul_pd(ws[h], d);
+            n[h] = _mm256_add_pd(n[h], ws[h]);
+            s[h] = _mm256_add_pd(s[h], wd);
+            q[h] = _mm256_add_pd(q[h], _mm256_mul_pd(wd, d));
         }
     }
-    let out = |v: [__m256d; 2]| -> [f64; LANES] {
-        let mut a = [0.0; LANES];
+    let out = |v: [__m256d; 2]| -> [f64; HALF] {
+        let mut a = [0.0; HALF];
         _mm256_storeu_pd(a.as_mut_ptr(), v[0]);
         _mm256_storeu_pd(a.as_mut_ptr().add(4), v[1]);
         a
     };
-    let (n, sx) = (out(n), out(sx));
-    let mean: [f64; LANES] = std::array::from_fn(|l| if n[l] != 0.0 { sx[l] / n[l] } else { 0.0 });
-    let mv = [ld(&mean, 0), ld(&mean, 1)];
-    let (mut sd, mut q) = ([zero; 2], [zero; 2]);
-    for (wt, xt) in w.iter().zip(x) {
-        for h in 0..2 {
-            let c = _mm256_sub_pd(ld(xt, h), mv[h]);
-            let d = _mm256_mul_pd(ld(wt, h), c);
-            sd[h] = _mm256_add_pd(sd[h], d);
-            q[h] = _mm256_add_pd(q[h], _mm256_mul_pd(d, c));
-        }
-    }
-    (n, mean, out(sd), out(q))
+    (out(n), out(k), out(s), out(q))
 }
 
 /// `LANES` values, one per row of a lane group, at one column.
@@ -158,9 +196,6 @@ struct Scratch<F> {
     ret: Vec<Col<F>>,
     /// `LANES` row buffers of `BLOCK` (conversions of inputs and outputs)
     row: Vec<F>,
-    /// the whitening moments' weights and values, in float64
-    w: Vec<[f64; LANES]>,
-    xs: Vec<[f64; LANES]>,
 }
 
 impl<F: Real> Scratch<F> {
@@ -171,12 +206,6 @@ impl<F: Real> Scratch<F> {
             v.resize(BLOCK, [F::zero(); LANES]);
             Ok(v)
         };
-        let f64s = || -> Result<Vec<[f64; LANES]>> {
-            let mut v = Vec::new();
-            v.try_reserve_exact(BLOCK).map_err(|_| crate::error::Error::memory(arg, "cannot allocate scan scratch"))?;
-            v.resize(BLOCK, [0.0; LANES]);
-            Ok(v)
-        };
         Ok(Scratch {
             r: cols()?,
             v: cols()?,
@@ -184,8 +213,6 @@ impl<F: Real> Scratch<F> {
             adv: cols()?,
             ret: cols()?,
             row: crate::error::try_zeros(arg, LANES * BLOCK)?,
-            w: f64s()?,
-            xs: f64s()?,
         })
     }
 }
@@ -235,8 +262,8 @@ unsafe fn store<F: Real>(out: &MatMut, first: usize, n: usize, start: usize, src
     }
 }
 
-/// Moving a block between `LANES` rows and `[t][lane]` columns: an 8×8
-/// transpose in AVX2 registers for float32 where the CPU has AVX2, else
+/// Moving a block between `LANES` rows and `[t][lane]` columns: 8×8
+/// transposes in AVX2 registers for float32 where the CPU has AVX2, else
 /// element by element (the same values either way: moves only).
 mod transpose {
     use super::{Col, LANES};
@@ -283,7 +310,9 @@ mod transpose {
 
     #[cfg(target_arch = "x86_64")]
     mod avx {
+        use super::LANES;
         use std::arch::x86_64::*;
+        const _: () = assert!(LANES % 8 == 0);
 
         /// The 8×8 transpose of eight rows of eight floats.
         #[inline]
@@ -317,28 +346,57 @@ mod transpose {
             ]
         }
 
-        /// Rows to columns in whole tiles of 8; returns the columns done.
+        /// Rows to columns in whole tiles of 16 columns (a whole 64-byte
+        /// run of each row at once), then of 8 (an 8×8 transpose per eight
+        /// rows); returns the columns done.
         #[target_feature(enable = "avx2")]
-        pub unsafe fn rows_to_cols(src: [*const f32; 8], dst: *mut f32, len: usize) -> usize {
-            let mut t = 0;
-            while t + 8 <= len {
-                let c = t8(std::array::from_fn(|l| _mm256_loadu_ps(src[l].add(t))));
+        pub unsafe fn rows_to_cols(src: [*const f32; LANES], dst: *mut f32, len: usize) -> usize {
+            let put = |t: usize, h: usize, c: [__m256; 8]| {
                 for (j, v) in c.into_iter().enumerate() {
-                    _mm256_storeu_ps(dst.add((t + j) * 8), v);
+                    _mm256_storeu_ps(dst.add((t + j) * LANES + 8 * h), v);
+                }
+            };
+            let mut t = 0;
+            while t + 16 <= len {
+                for h in 0..LANES / 8 {
+                    let rows: [(__m256, __m256); 8] =
+                        std::array::from_fn(|l| (_mm256_loadu_ps(src[8 * h + l].add(t)), _mm256_loadu_ps(src[8 * h + l].add(t + 8))));
+                    put(t, h, t8(rows.map(|r| r.0)));
+                    put(t + 8, h, t8(rows.map(|r| r.1)));
+                }
+                t += 16;
+            }
+            while t + 8 <= len {
+                for h in 0..LANES / 8 {
+                    put(t, h, t8(std::array::from_fn(|l| _mm256_loadu_ps(src[8 * h + l].add(t)))));
                 }
                 t += 8;
             }
             t
         }
 
-        /// Columns to rows in whole tiles of 8; returns the columns done.
+        /// Columns to rows in whole tiles of 16 columns (each row gets a
+        /// whole 64-byte run at once), then of 8; returns the columns done.
         #[target_feature(enable = "avx2")]
-        pub unsafe fn cols_to_rows(src: *const f32, dst: [*mut f32; 8], len: usize) -> usize {
+        pub unsafe fn cols_to_rows(src: *const f32, dst: [*mut f32; LANES], len: usize) -> usize {
+            let tile = |t: usize, h: usize| t8(std::array::from_fn(|j| _mm256_loadu_ps(src.add((t + j) * LANES + 8 * h))));
             let mut t = 0;
+            while t + 16 <= len {
+                for h in 0..LANES / 8 {
+                    let (a, b) = (tile(t, h), tile(t + 8, h));
+                    for l in 0..8 {
+                        _mm256_storeu_ps(dst[8 * h + l].add(t), a[l]);
+                        _mm256_storeu_ps(dst[8 * h + l].add(t + 8), b[l]);
+                    }
+                }
+                t += 16;
+            }
             while t + 8 <= len {
-                let r = t8(std::array::from_fn(|j| _mm256_loadu_ps(src.add((t + j) * 8))));
-                for (l, v) in r.into_iter().enumerate() {
-                    _mm256_storeu_ps(dst[l].add(t), v);
+                for h in 0..LANES / 8 {
+                    let r = tile(t, h);
+                    for (l, v) in r.into_iter().enumerate() {
+                        _mm256_storeu_ps(dst[8 * h + l].add(t), v);
+                    }
                 }
                 t += 8;
             }
@@ -479,7 +537,7 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
                     adv[t] = g;
                     ret[t] = std::array::from_fn(|l| g[l] + vt[l]);
                 }
-                mom.add(m, adv, &mut s.w, &mut s.xs);
+                mom.add(m, adv);
             }
             ReturnsEstimator::ReinforcePlusPlus { gamma } => {
                 let gamma = F::of(gamma);
@@ -489,7 +547,7 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
                     ret[t] = std::array::from_fn(|l| new[l] * mt[l]);
                     run = std::array::from_fn(|l| new[l] * mt[l] + run[l] * (one - mt[l]));
                 }
-                mom.add(m, ret, &mut s.w, &mut s.xs);
+                mom.add(m, ret);
                 // (the advantages are written by the whitening pass)
             }
             ReturnsEstimator::Remax => {
@@ -517,4 +575,81 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
         }
     }
     (mom.rows(), n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Columns of a lane group from a seed: masks of 0, 1, fractions and
+    /// -0; values near 0, far from 0 next to their spread, huge, and NaN /
+    /// inf at masked tokens.
+    fn columns(len: usize, seed: u64) -> (Vec<Col<f32>>, Vec<Col<f32>>) {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut m = vec![[0.0f32; LANES]; len];
+        let mut x = vec![[0.0f32; LANES]; len];
+        for t in 0..len {
+            for l in 0..LANES {
+                let u = next();
+                m[t][l] = match l % 4 {
+                    0 => (u < 0.7) as u8 as f32,
+                    1 => [0.0, 1.0, 0.5, -0.0][(u * 4.0) as usize],
+                    2 => 1.0,
+                    _ => (u < 0.05) as u8 as f32,
+                };
+                let v = next() as f32 - 0.5;
+                x[t][l] = match l / 4 {
+                    0 => v,
+                    1 => 1.0e4 + v * 1.0e-2,
+                    2 => v * 3.0e30,
+                    _ => -7.0 + v,
+                };
+                if m[t][l] == 0.0 && u < 0.3 {
+                    x[t][l] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][(t + l) % 3];
+                }
+            }
+        }
+        (m, x)
+    }
+
+    #[test]
+    fn block_moments_take_the_same_steps_on_every_path_and_keep_their_digits() {
+        for (len, seed) in [(1, 1), (7, 2), (64, 3), (BLOCK, 4), (300, 5)] {
+            let (m, x) = columns(len, seed);
+            for at in [0, HALF] {
+                let any = half_moments_any(&m, &x, at);
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 is present; the columns are `LANES` f32s.
+                    let avx = unsafe { half_moments_avx2(m.as_ptr() as *const f32, x.as_ptr() as *const f32, len, at) };
+                    let bits = |a: &[f64; HALF]| a.map(f64::to_bits);
+                    assert_eq!([any.0, any.1, any.2, any.3].map(|a| bits(&a)), [avx.0, avx.1, avx.2, avx.3].map(|a| bits(&a)));
+                }
+                // against the two-pass moments in float64 of the kept tokens
+                for l in 0..HALF {
+                    let kept: Vec<(f64, f64)> = (0..len)
+                        .filter(|&t| m[t][at + l] != 0.0)
+                        .map(|t| (m[t][at + l] as f64, x[t][at + l] as f64))
+                        .collect();
+                    let n: f64 = kept.iter().map(|k| k.0).sum();
+                    let got = Moments::shifted(any.0[l], any.1[l], any.2[l], any.3[l]);
+                    assert_eq!(got.n, n);
+                    if n <= 0.0 {
+                        continue;
+                    }
+                    let mean = kept.iter().map(|k| k.0 * k.1).sum::<f64>() / n;
+                    let m2: f64 = kept.iter().map(|k| k.0 * (k.1 - mean) * (k.1 - mean)).sum();
+                    let scale = kept.iter().map(|k| k.1.abs()).fold(0.0, f64::max);
+                    assert!((got.mean - mean).abs() <= 1e-12 * scale, "lane {l}: mean {} vs {mean}", got.mean);
+                    assert!((got.m2 - m2).abs() <= 1e-9 * m2.abs().max(1e-300), "lane {l}: m2 {} vs {m2}", got.m2);
+                }
+            }
+        }
+    }
 }
