@@ -30,15 +30,22 @@ import numpy as np
 import torch
 
 
-def timeit(fn, repeat: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds."""
+def timeit(fn, repeat: int, warmup: int = 1, sample_s: float = 0.01) -> float:
+    """Median wall time of ``fn()`` in seconds, over ``repeat`` samples; a
+    sample times as many back-to-back calls as fill ``sample_s`` (one for a
+    slow call), so the per-call jitter of this shared 2-core VM (a call of
+    ~1 ms varies by 2x from one to the next) averages out within a sample."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
+    per_call = (time.perf_counter() - t0) / warmup if warmup else sample_s
+    n = max(1, min(1000, int(sample_s / max(per_call, 1e-9))))
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n)
     return statistics.median(times)
 
 
@@ -91,7 +98,7 @@ def bench_scans(shapes: list[tuple[int, int]], repeat: int) -> None:
         for name, (call, per_token) in cases.items():
             # ours first: torch's worker threads keep spinning for a while after
             # verl's loop of torch ops, and would compete with ours for the cores
-            t_ours = timeit(lambda: call(ours), repeat)
+            t_ours = timeit(lambda: call(ours), repeat, warmup=3)
             want = call(verl_ca)
             got = call(ours)
             for w, g in zip(want, got):

@@ -235,6 +235,36 @@ fn load<F: Real>(x: &Mat, first: usize, n: usize, start: usize, len: usize, rows
     unsafe { transpose::rows_to_cols(&src, &mut dst[..len]) };
 }
 
+/// [`load`] of the mask that also leaves each row's mask, as `F`, in the
+/// same columns of `out` (contiguous `F` rows): the conversion is written
+/// there instead of into a row buffer, and the transpose reads it back.
+///
+/// # Safety
+/// No other task may access these rows of `out` at the same time.
+#[inline(always)]
+unsafe fn load_through<F: Real>(x: &Mat, out: &MatMut, first: usize, n: usize, start: usize, len: usize, rows: &mut [F], dst: &mut [Col<F>]) {
+    let mut src = [std::ptr::null::<F>(); LANES];
+    for (l, (buf, s)) in rows.chunks_exact_mut(BLOCK).zip(src.iter_mut()).enumerate() {
+        *s = match (l < n).then(|| out.direct_part::<F>(first + l, start, len)).flatten() {
+            Some(run) => {
+                let to = run.as_mut_ptr();
+                let got = x.part::<F>(first + l, start, len, run).as_ptr();
+                if got != to as *const F {
+                    // the mask already was an `F` run, elsewhere: copy it
+                    std::ptr::copy_nonoverlapping(got, to, len);
+                }
+                to as *const F
+            }
+            None => {
+                buf[..len].fill(F::zero());
+                buf.as_ptr()
+            }
+        };
+    }
+    // SAFETY: each pointer is `len` readable elements, disjoint from `dst`.
+    transpose::rows_to_cols(&src, &mut dst[..len]);
+}
+
 /// Stores lanes `0 .. n` of `src` (`src[t][lane]`) into rows `first ..` of
 /// `out` from column `start` on (through `rows` where a row is converted).
 ///
@@ -520,7 +550,12 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
     let (stores_adv, mask_in_adv) = (!rfpp, rfpp && p.advantages.is_direct::<F>());
     for (start, len) in blocks_rev(p.rewards.cols) {
         load(&p.rewards, first, n, start, len, &mut s.row, &mut s.r);
-        load(&p.mask, first, n, start, len, &mut s.row, &mut s.m);
+        if mask_in_adv {
+            // SAFETY: the rows of this group are written by this task only.
+            unsafe { load_through(&p.mask, &p.advantages, first, n, start, len, &mut s.row, &mut s.m) };
+        } else {
+            load(&p.mask, first, n, start, len, &mut s.row, &mut s.m);
+        }
         let (r, m) = (&s.r[..len], &s.m[..len]);
         let (adv, ret) = (&mut s.adv[..len], &mut s.ret[..len]);
         match p.estimator {
@@ -569,8 +604,6 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
             store(&p.returns, first, n, start, &s.ret[..len], &mut s.row);
             if stores_adv {
                 store(&p.advantages, first, n, start, &s.adv[..len], &mut s.row);
-            } else if mask_in_adv {
-                store(&p.advantages, first, n, start, &s.m[..len], &mut s.row);
             }
         }
     }
