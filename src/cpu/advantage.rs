@@ -5,11 +5,11 @@
 //! one pass writing the B×T advantages. `gdpo` given per-key scores reads
 //! them instead of the rewards.
 
-use super::{fold_rows, for_each_row, Sum8};
+use super::{fold_rows, for_each_row, with_avx2, Sum8};
 use crate::error::{try_zeros, Error, Result};
 pub use crate::ops::advantage::{dense_groups, AdvantageProblem, Estimator, KeyScores};
 use crate::ops::{bessel, plus_eps};
-use crate::tensor::{piece_scratch, pieces, DType, Mat, MatMut, Real};
+use crate::tensor::{piece_scratch, pieces, DType, MatMut, Real};
 
 /// Per-row statistics of the score pass.
 #[derive(Clone, Copy, Default)]
@@ -51,7 +51,7 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
         rows,
         cols,
         scratch,
-        |(sr, sm), i| {
+        |(sr, sm), i| with_avx2(|| {
             let mut score = Sum8::default();
             let mut st = RowScore::default();
             for (start, len) in pieces(cols) {
@@ -70,7 +70,7 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
             }
             st.score = score.total();
             st
-        },
+        }),
         |st| stats.push(st),
     )?;
     let (gid, n_groups) = dense_groups(&p.index)?;
@@ -100,57 +100,31 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
         let v = |arg| piece_scratch::<F>(arg, cols);
         Ok((v(p.mask.tensor.arg)?, v(p.out.tensor.arg)?, v(p.out.tensor.arg)?))
     };
-    for_each_row(rows, cols, scratch, |(sm, so, sw), i| {
+    for_each_row(rows, cols, scratch, |(sm, so, sw), i| with_avx2(|| {
         let a = F::of(scalars[i]);
         for (start, len) in pieces(cols) {
             let so = &mut so[..len];
-            if whiten.is_some() || !int64_run_times(&p.mask, i, start, a, so) {
-                let m = p.mask.part::<F>(i, start, len, sm);
-                match whiten {
-                    None => {
-                        for (o, &m) in so.iter_mut().zip(m) {
-                            *o = a * m;
-                        }
+            // (an int64 mask converts eight at a time in AVX2: `Mat::part`)
+            let m = p.mask.part::<F>(i, start, len, sm);
+            match whiten {
+                None => {
+                    for (o, &m) in so.iter_mut().zip(m) {
+                        *o = a * m;
                     }
-                    Some((mean, rstd)) => {
-                        let (mean, rstd) = (F::of(mean), F::of(rstd));
-                        for (o, &m) in so.iter_mut().zip(m) {
-                            *o = (a * m - mean) * rstd * m;
-                        }
+                }
+                Some((mean, rstd)) => {
+                    let (mean, rstd) = (F::of(mean), F::of(rstd));
+                    for (o, &m) in so.iter_mut().zip(m) {
+                        *o = (a * m - mean) * rstd * m;
                     }
                 }
             }
             // SAFETY: row i is written by this task only.
             unsafe { store_run(&p.out, i, start, so, sw) };
         }
-    })?;
+    }))?;
     fence();
     Ok(())
-}
-
-/// `out = a * m` for a contiguous int64 run of a mask row (from column
-/// `start`, `out.len()` long) whose values fit in i32 (0/1 attention masks):
-/// narrowing to i32 first lets the conversion to float vectorise on baseline
-/// x86_64, which has no packed i64 -> float conversion. Returns false
-/// (nothing written) for any other run.
-#[inline]
-fn int64_run_times<F: Real>(mask: &Mat, i: usize, start: usize, a: F, out: &mut [F]) -> bool {
-    let d = &mask.tensor;
-    if d.dtype != DType::I64 || mask.is_per_row() || (d.strides[1] != 1 && mask.cols > 1) {
-        return false;
-    }
-    // SAFETY: row i of a validated contiguous int64 (rows, cols) view.
-    let row = unsafe {
-        let p = d.ptr.wrapping_offset((i as isize * d.strides[0] + start as isize) * 8) as *const i64;
-        std::slice::from_raw_parts(p, out.len())
-    };
-    if !row.iter().fold(true, |ok, &v| ok & (v as i32 as i64 == v)) {
-        return false;
-    }
-    for (o, &v) in out.iter_mut().zip(row) {
-        *o = a * F::of((v as i32) as f64);
-    }
-    true
 }
 
 /// Writes a computed run of row `i`, from column `start`, into the output. A
