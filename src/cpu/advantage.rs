@@ -167,7 +167,12 @@ fn fence() {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: sfence has no preconditions (SSE is baseline on x86_64).
-        rayon::broadcast(|_| unsafe { std::arch::x86_64::_mm_sfence() });
+        if super::pool::inline() {
+            // SAFETY: as below; this thread made every store
+            unsafe { std::arch::x86_64::_mm_sfence() };
+        } else {
+            rayon::broadcast(|_| unsafe { std::arch::x86_64::_mm_sfence() });
+        }
     }
 }
 

@@ -63,6 +63,17 @@ pub(crate) fn fold_rows<S, T: Send>(
     let mut buf: Vec<Result<T>> = Vec::new();
     buf.try_reserve_exact(rows.min(ROWS_PER_STEP))
         .map_err(|_| Error::memory(arg, format!("cannot allocate per-row results for {rows} rows")))?;
+    if pool::inline() {
+        // a small call on the caller's thread: the rows in order, one state
+        let mut s = init();
+        for i in 0..rows {
+            fold(match &mut s {
+                Ok(s) => f(s, i),
+                Err(e) => return Err(e.clone()),
+            });
+        }
+        return Ok(());
+    }
     let mut lo = 0;
     while lo < rows {
         let hi = rows.min(lo + ROWS_PER_STEP);
@@ -90,6 +101,11 @@ pub(crate) fn for_each_row<S>(
     init: impl Fn() -> Result<S> + Sync + Send,
     f: impl Fn(&mut S, usize) + Sync + Send,
 ) -> Result<()> {
+    if pool::inline() {
+        let mut s = init()?;
+        (0..rows).for_each(|i| f(&mut s, i));
+        return Ok(());
+    }
     (0..rows).into_par_iter().with_min_len(min_rows_per_task(cols)).try_for_each_init(&init, |s, i| match s {
         Ok(s) => {
             f(s, i);
@@ -155,4 +171,29 @@ pub(crate) fn mask_totals(mask: &Mat) -> Result<MaskTotals> {
         },
     )?;
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// The row helpers on the pool and inline (a small call on the caller's
+    /// thread) visit every row once and fold in row order.
+    #[test]
+    fn row_helpers_fold_in_row_order_inline_and_on_the_pool() {
+        for bytes in [1, u64::MAX] {
+            let (folded, seen) = pool::install(bytes, || {
+                assert_eq!(pool::inline(), bytes == 1);
+                let mut folded = Vec::new();
+                fold_rows("x", 1000, 3, || Ok(()), |_, i| i * 2, |v| folded.push(v)).unwrap();
+                let seen = Mutex::new(vec![0u32; 1000]);
+                for_each_row(1000, 3, || Ok(()), |_, i| seen.lock().unwrap()[i] += 1).unwrap();
+                (folded, seen.into_inner().unwrap())
+            });
+            assert_eq!(folded, (0..1000).map(|i| i * 2).collect::<Vec<_>>());
+            assert!(seen.iter().all(|&n| n == 1));
+        }
+        assert!(!pool::inline());
+    }
 }

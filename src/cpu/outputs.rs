@@ -68,7 +68,11 @@ fn scale(grad: &Tensor, g: f64) -> Result<()> {
     /// # Safety: `p` holds `n` contiguous writable `T`, used by no one else now.
     unsafe fn each<T: Copy + Send + Sync>(p: *mut u8, n: usize, f: impl Fn(T) -> T + Sync) {
         let xs = std::slice::from_raw_parts_mut(p as *mut T, n);
-        xs.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x = f(*x)));
+        if super::pool::inline() {
+            xs.iter_mut().for_each(|x| *x = f(*x));
+        } else {
+            xs.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x = f(*x)));
+        }
     }
     let g32 = g as f32;
     // SAFETY: validated above: contiguous, writable, `n` elements of `dtype`.

@@ -45,9 +45,41 @@ pub fn pool() -> &'static ThreadPool {
     }
 }
 
-/// Runs `f` (a CPU kernel) on this process's pool.
-pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    pool().install(f)
+/// Calls at most this many bytes in all (inputs and outputs) run on the
+/// calling thread: handing a call to the pool and waking a worker costs
+/// about 10-20 µs, more than such a call computes (a 32 KiB call is about
+/// 8,000 tokens, a few µs of work).
+pub const INLINE_BYTES: u64 = 32 << 10;
+
+thread_local! {
+    /// This thread runs a kernel inline: the row helpers iterate in order
+    /// here instead of going to the pool (see [`install`]).
+    static INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the kernel running on this thread was started inline by
+/// [`install`] (then it must not use rayon, whose free functions would
+/// reach for rayon's global pool).
+pub fn inline() -> bool {
+    INLINE.with(|c| c.get())
+}
+
+/// Runs `f` (a CPU kernel touching `bytes` bytes) on this process's pool,
+/// or on the calling thread for a call of at most [`INLINE_BYTES`]. Either
+/// way rows are combined in index order, so the results are the same bits.
+pub fn install<R: Send>(bytes: u64, f: impl FnOnce() -> R + Send) -> R {
+    if bytes > INLINE_BYTES || inline() {
+        return pool().install(f);
+    }
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            INLINE.with(|c| c.set(false));
+        }
+    }
+    INLINE.with(|c| c.set(true));
+    let _reset = Reset; // (also on unwind)
+    f()
 }
 
 #[cfg(test)]
@@ -55,6 +87,9 @@ mod tests {
     #[test]
     fn one_pool_per_process() {
         assert!(std::ptr::eq(super::pool(), super::pool()));
-        assert_eq!(super::install(rayon::current_num_threads), super::pool().current_num_threads());
+        assert_eq!(super::install(u64::MAX, rayon::current_num_threads), super::pool().current_num_threads());
+        // a small call runs here, marked inline only while it runs
+        assert!(super::install(1, super::inline));
+        assert!(!super::inline());
     }
 }

@@ -138,7 +138,8 @@ fn run<F: Real>(p: &TokenBaselineProblem) -> Result<()> {
         let v = || piece_scratch::<F>(arg, cols);
         Ok((try_zeros::<f64>(arg, cols)?, try_zeros::<f64>(arg, cols)?, [v()?, v()?, v()?, v()?, v()?, v()?]))
     };
-    (0..n_groups).into_par_iter().try_for_each_init(init, |s, k| {
+    type State<F> = Result<(Vec<f64>, Vec<f64>, [Vec<F>; 6])>;
+    let one = |s: &mut State<F>, k: usize| {
         let (num, den, sc) = match s {
             Ok(s) => s,
             Err(e) => return Err(e.clone()),
@@ -146,7 +147,12 @@ fn run<F: Real>(p: &TokenBaselineProblem) -> Result<()> {
         let rows = &g.members[g.offsets[k]..g.offsets[k + 1]];
         group::<F>(p, &returns, rows, &lengths, rn, num, den, sc);
         Ok(())
-    })
+    };
+    if super::pool::inline() {
+        let mut s = init();
+        return (0..n_groups).try_for_each(|k| one(&mut s, k));
+    }
+    (0..n_groups).into_par_iter().try_for_each_init(init, one)
 }
 
 /// One group: the per-position sums over its rows, the baselines, and the

@@ -112,7 +112,8 @@ impl Call {
     }
 
     /// Runs the op on the inputs' device, without the GIL: `cpu` in this
-    /// process's rayon pool, or `cuda` given the caller's stream (which CUDA
+    /// process's rayon pool (on this thread for a call of a few KiB, see
+    /// `cpu::pool::install`), or `cuda` given the caller's stream (which CUDA
     /// tensors require).
     pub fn run<T: Send>(
         &self,
@@ -123,7 +124,10 @@ impl Call {
     ) -> PyResult<T> {
         self.check_disjoint_outputs()?;
         match device {
-            Device::Cpu => py.detach(|| cpu::pool::install(cpu)).map_err(to_py),
+            Device::Cpu => {
+                let bytes = self.buffers.borrow().iter().map(|&(_, lo, hi, _)| hi - lo).sum();
+                py.detach(|| cpu::pool::install(bytes, cpu)).map_err(to_py)
+            }
             Device::Cuda(_) => {
                 let stream = self.stream.as_ref().map(|s| s.0).ok_or_else(|| {
                     PyValueError::new_err("stream: required for CUDA tensors (torch.cuda.current_stream().cuda_stream)")
