@@ -438,6 +438,22 @@ impl Mat {
         self.tensor.ptr.wrapping_offset(i as isize * self.rs * self.tensor.dtype.size() as isize)
     }
 
+    /// Whether every row is a contiguous `F` run ([`Mat::direct`] is `Some`).
+    #[inline]
+    pub fn is_direct<F: Real>(&self) -> bool {
+        self.tensor.dtype == F::DTYPE && self.cs == 1
+    }
+
+    /// Columns `start .. start + len` of row `i` in place, when the rows are
+    /// contiguous `F` runs; otherwise `None`.
+    #[inline]
+    pub fn direct<F: Real>(&self, i: usize, start: usize, len: usize) -> Option<&[F]> {
+        debug_assert!(i < self.rows && start + len <= self.cols);
+        let p = self.row_ptr(i).wrapping_offset(start as isize * self.cs * self.tensor.dtype.size() as isize);
+        // SAFETY: row i of a validated view holds `cols` elements of `dtype`.
+        self.is_direct::<F>().then(|| unsafe { std::slice::from_raw_parts(p as *const F, len) })
+    }
+
     /// Columns `start .. start + len` of row `i` as `F`: borrowed in place
     /// when they already are a contiguous `F` run, otherwise converted into
     /// `scratch` (at least `len` long).

@@ -265,6 +265,27 @@ unsafe fn load_through<F: Real>(x: &Mat, out: &MatMut, first: usize, n: usize, s
     transpose::rows_to_cols(&src, &mut dst[..len]);
 }
 
+/// GAE's returns `ret = g + v` of columns `start .. start + len` of rows
+/// `first ..` (`n` of them), from the advantages `g` just stored (raw, not
+/// yet whitened) and the values, all three contiguous `F` runs: the same
+/// sums as in the scan, a streaming add instead of a transpose.
+///
+/// # Safety
+/// No other task may access these rows of the outputs at the same time.
+#[inline(always)]
+unsafe fn gae_returns_by_rows<F: Real>(p: &ReturnsProblem, first: usize, n: usize, start: usize, len: usize) {
+    let values = p.values.as_ref().expect("validated");
+    for i in first..first + n {
+        let (g, ret) = (p.advantages.direct_part::<F>(i, start, len), p.returns.direct_part::<F>(i, start, len));
+        let v = values.direct::<F>(i, start, len);
+        if let (Some(g), Some(ret), Some(v)) = (g, ret, v) {
+            for ((o, &g), &v) in ret.iter_mut().zip(g.iter()).zip(v) {
+                *o = g + v;
+            }
+        }
+    }
+}
+
 /// Stores lanes `0 .. n` of `src` (`src[t][lane]`) into rows `first ..` of
 /// `out` from column `start` on (through `rows` where a row is converted).
 ///
@@ -548,6 +569,12 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
     // they hold the mask in `F` where they are `F` runs, so that pass reads
     // 4 bytes a token there instead of converting the mask again
     let (stores_adv, mask_in_adv) = (!rfpp, rfpp && p.advantages.is_direct::<F>());
+    // GAE's returns `g + v` are summed row by row from the stored advantages
+    // and the values where all three are `F` runs: cheaper than a transpose
+    let ret_by_rows = matches!(p.estimator, ReturnsEstimator::Gae { .. })
+        && p.advantages.is_direct::<F>()
+        && p.returns.is_direct::<F>()
+        && p.values.as_ref().is_some_and(|v| v.is_direct::<F>());
     for (start, len) in blocks_rev(p.rewards.cols) {
         load(&p.rewards, first, n, start, len, &mut s.row, &mut s.r);
         if mask_in_adv {
@@ -570,7 +597,9 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
                     nv = std::array::from_fn(|l| vt[l] * mt[l] + (one - mt[l]) * nv[l]);
                     g = std::array::from_fn(|l| g_new[l] * mt[l] + (one - mt[l]) * g[l]);
                     adv[t] = g;
-                    ret[t] = std::array::from_fn(|l| g[l] + vt[l]);
+                    if !ret_by_rows {
+                        ret[t] = std::array::from_fn(|l| g[l] + vt[l]);
+                    }
                 }
                 mom.add(m, adv);
             }
@@ -601,9 +630,13 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
         // two outputs are distinct buffers (the Python layer refuses outputs
         // that overlap).
         unsafe {
-            store(&p.returns, first, n, start, &s.ret[..len], &mut s.row);
             if stores_adv {
                 store(&p.advantages, first, n, start, &s.adv[..len], &mut s.row);
+            }
+            if ret_by_rows {
+                gae_returns_by_rows::<F>(p, first, n, start, len);
+            } else {
+                store(&p.returns, first, n, start, &s.ret[..len], &mut s.row);
             }
         }
     }
