@@ -186,3 +186,28 @@ def test_agg_loss_op_passes_opcheck_and_compiles_fullgraph(agg):
     want, got = run(step), run(torch.compile(step, fullgraph=True))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)  # (x * x's gradient 2x is Inductor's)
     assert torch._dynamo.explain(step)(lm.clone().requires_grad_()).graph_break_count == 0
+
+
+# --------------------------------------------------------------------------- the ops' backward
+
+from luspo_rs._args import _grad_times_op  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 5), (300, 257)], ids=["inline", "pool"])  # under / over the inline size
+@pytest.mark.parametrize("seed", [1.0, 3.0, 0.1234567, -2.5e-3])
+def test_grad_times_rounds_as_torch_and_leaves_the_saved_gradient(dtype, shape, seed):
+    # the losses' ops' backward: the native out-of-place scale, bit for bit torch's `grad * grad_output`
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    kept = g.clone()
+    for go in (torch.tensor(seed), torch.tensor(seed, dtype=torch.float64)):
+        got = _grad_times_op(g, go)
+        assert got.dtype == dtype and got.data_ptr() != g.data_ptr()
+        assert torch.equal(got, (g * go).to(dtype))
+    assert torch.equal(g, kept)
+
+
+def test_grad_times_op_passes_opcheck():
+    g = torch.randn(6, 9, dtype=torch.float64)
+    result = opcheck(_grad_times_op, (g, torch.tensor(0.75, dtype=torch.float64)))
+    assert set(result.values()) == {"SUCCESS"}, result

@@ -134,6 +134,11 @@ def value_loss(
     ``METRICS_LEN`` float64 buffer is 0 or NaN); ``factor``, ``scratch`` and
     ``stream`` as in :func:`policy_loss`."""
 
+def grad_times(grad: DLPack, grad_output: DLPack, out: DLPack) -> None:
+    """Writes ``grad * grad_output`` into ``out`` (CPU tensors of ``grad``'s
+    shape and dtype), out of place, rounded as ``scale_grad`` rounds it."""
+    ...
+
 def scale_grad(grad: DLPack, grad_output: DLPack, stream: Optional[int] = None) -> bool:
     """Backward of both losses: ``grad *= grad_output`` in place (a
     contiguous float ``grad``, a 1-element float ``grad_output``). Returns

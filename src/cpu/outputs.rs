@@ -50,38 +50,70 @@ pub fn scale_grad(grad: &Tensor, grad_output: &Tensor) -> Result<bool> {
     if g == 1.0 {
         return Ok(false);
     }
-    scale(grad, g)?;
+    scale(grad, None, g)?;
     Ok(true)
+}
+
+/// `out = grad * grad_output` out of place, rounded as [`scale_grad`]
+/// rounds it (a `grad_output` of 1 copies): the backward of the losses'
+/// `torch.library` ops, which must not change the gradient they saved.
+pub fn grad_times(grad: &Tensor, grad_output: &Tensor, out: &Tensor) -> Result<()> {
+    let g = scalar(grad_output)?;
+    if grad.device != Device::Cpu || !grad.dtype.is_float() || !grad.is_contiguous() {
+        return Err(Error::value_error(grad.arg, "expected a contiguous float tensor on the CPU"));
+    }
+    if out.shape != grad.shape || out.dtype != grad.dtype {
+        return Err(Error::value_error(
+            out.arg,
+            format!("expected grad's shape {:?} and dtype {:?}, got {:?} and {:?}", grad.shape, grad.dtype, out.shape, out.dtype),
+        ));
+    }
+    scale(out, Some(grad), g)
 }
 
 /// Elements per rayon task of [`scale`].
 const CHUNK: usize = 1 << 16;
 
-fn scale(grad: &Tensor, g: f64) -> Result<()> {
-    if grad.device != Device::Cpu || !grad.dtype.is_float() || grad.read_only || !grad.is_contiguous() {
-        return Err(Error::value_error(grad.arg, "expected a writable contiguous float tensor on the CPU"));
+/// `out = src * g` (`src`: `out` itself when `None`), `src` and `out` of one
+/// shape and dtype.
+fn scale(out: &Tensor, src: Option<&Tensor>, g: f64) -> Result<()> {
+    if out.device != Device::Cpu || !out.dtype.is_float() || out.read_only || !out.is_contiguous() {
+        return Err(Error::value_error(out.arg, "expected a writable contiguous float tensor on the CPU"));
     }
-    let n: usize = grad.shape.iter().product();
+    let n: usize = out.shape.iter().product();
     if n == 0 {
         return Ok(()); // (an empty tensor's pointer may be null: no slice of it)
     }
-    /// # Safety: `p` holds `n` contiguous writable `T`, used by no one else now.
-    unsafe fn each<T: Copy + Send + Sync>(p: *mut u8, n: usize, f: impl Fn(T) -> T + Sync) {
+    let from = src.map_or(out.ptr as *const u8, |s| s.ptr as *const u8);
+    /// # Safety: `p` holds `n` contiguous writable `T`, used by no one else
+    /// now; `q` holds `n` readable `T`, either `p` itself or disjoint from it.
+    unsafe fn each<T: Copy + Send + Sync>(p: *mut u8, q: *const u8, n: usize, f: impl Fn(T) -> T + Sync) {
         let xs = std::slice::from_raw_parts_mut(p as *mut T, n);
+        if q == p as *const u8 {
+            if super::pool::inline() {
+                xs.iter_mut().for_each(|x| *x = f(*x));
+            } else {
+                xs.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x = f(*x)));
+            }
+            return;
+        }
+        let ys = std::slice::from_raw_parts(q as *const T, n);
+        let run = |c: &mut [T], d: &[T]| c.iter_mut().zip(d).for_each(|(x, &y)| *x = f(y));
         if super::pool::inline() {
-            xs.iter_mut().for_each(|x| *x = f(*x));
+            run(xs, ys);
         } else {
-            xs.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x = f(*x)));
+            xs.par_chunks_mut(CHUNK).zip(ys.par_chunks(CHUNK)).for_each(|(c, d)| run(c, d));
         }
     }
     let g32 = g as f32;
-    // SAFETY: validated above: contiguous, writable, `n` elements of `dtype`.
+    // SAFETY: validated: contiguous, `n` elements of `dtype` each, `out`
+    // writable; the Python layer refuses an output that shares memory with an input.
     unsafe {
-        match grad.dtype {
-            DType::F64 => each(grad.ptr, n, |x: f64| x * g),
-            DType::F32 => each(grad.ptr, n, |x: f32| x * g32),
-            DType::BF16 => each(grad.ptr, n, |x: bf16| bf16::from_f32(x.to_f32() * g32)),
-            DType::F16 => each(grad.ptr, n, |x: f16| f16::from_f32(x.to_f32() * g32)),
+        match out.dtype {
+            DType::F64 => each(out.ptr, from, n, |x: f64| x * g),
+            DType::F32 => each(out.ptr, from, n, |x: f32| x * g32),
+            DType::BF16 => each(out.ptr, from, n, |x: bf16| bf16::from_f32(x.to_f32() * g32)),
+            DType::F16 => each(out.ptr, from, n, |x: f16| f16::from_f32(x.to_f32() * g32)),
             _ => unreachable!("checked to be floating point"),
         }
     }

@@ -235,6 +235,24 @@ pub fn agg_loss(
     )
 }
 
+/// Writes `grad * grad_output` into `out` (CPU tensors of `grad`'s shape and
+/// dtype), out of place: the backward of the losses' `torch.library` ops
+/// (no OpenMP team and no fresh pages, unlike a torch multiply into a new
+/// tensor).
+#[pyfunction]
+pub fn grad_times(py: Python<'_>, grad: &Bound<'_, PyAny>, grad_output: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<()> {
+    let call = Call::host();
+    let g = call.import("grad", grad, false)?;
+    let go = call.import("grad_output", grad_output, false)?;
+    let o = call.import("out", out, true)?;
+    call.run(
+        py,
+        crate::tensor::Device::Cpu,
+        || cpu::outputs::grad_times(&g.tensor, &go.tensor, &o.tensor),
+        |_| unreachable!("a host call"),
+    )
+}
+
 /// Backward of both losses: `grad *= grad_output` in place. Returns whether
 /// `grad` may have changed: on the CPU, a `grad_output` of 1 is seen and
 /// skipped (False); on CUDA the kernel skips it on the device, without a

@@ -40,6 +40,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(loss::value_loss, m)?)?;
     m.add_function(wrap_pyfunction!(loss::agg_loss, m)?)?;
     m.add_function(wrap_pyfunction!(loss::scale_grad, m)?)?;
+    m.add_function(wrap_pyfunction!(loss::grad_times, m)?)?;
     m.add_function(wrap_pyfunction!(kl_penalty::kl_penalty, m)?)?;
     m.add_function(wrap_pyfunction!(advantage::advantage, m)?)?;
     m.add_function(wrap_pyfunction!(advantage::group_ids, m)?)?;
