@@ -154,6 +154,15 @@ def advantage(
     Results have verl's dtypes (torch's promotion of the inputs, as verl's
     expressions give it) and the rewards' device. CUDA inputs are computed
     on the current stream, without a host sync.
+
+    Under ``torch.compile`` the call is the ``torch.library`` op of its
+    family (``luspo_rs::advantage``, ``luspo_rs::returns``,
+    ``luspo_rs::token_baseline``; eager calls skip the dispatcher), with the
+    same kernels and bits. ``fullgraph=True`` needs ``index`` as an integer
+    (or bool) tensor of group ids, e.g. ``core_algos.group_index(uid)``
+    computed once outside the graph: verl's uid strings are host data that
+    no graph holds, so a default compile runs a call given them eagerly (a
+    graph break) and ``fullgraph=True`` refuses it.
     """
     require_tensors(token_level_rewards=token_level_rewards, response_mask=response_mask)
     require_strings(estimator=estimator)
