@@ -452,3 +452,18 @@ def test_advantage_compiled_on_the_device_path(name, monkeypatch):
     host = _drop_in(ours, name, {k: v.cpu() for k, v in b.items()}, b["index"].cpu(), config)  # the CPU kernels
     for x, y in zip(got, host):
         torch.testing.assert_close(x.cpu(), y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["grpo", "gae", "tir_optimal_token_baseline"])
+def test_advantage_compiled_with_dynamic_shapes(name):
+    # one graph with symbolic B and T (the fake kernels' shapes), over batches of several sizes
+    config = AlgoConfig(gamma=0.99)
+    step = lambda b: _drop_in(ours, name, b, b["index"], config)  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for seed, (B, T) in enumerate([(12, 21), (9, 33), (15, 8)]):
+        b = _adv_batch(20 + seed, B=B, T=T)
+        with torch._dynamo.config.patch(error_on_recompile=seed > 0):
+            got = compiled(b)
+        want = step(b)
+        assert all(x.shape == (B, T) and torch.equal(x, y) for x, y in zip(got, want))
