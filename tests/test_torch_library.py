@@ -345,12 +345,12 @@ def test_advantage_compiled_with_requires_grad_inputs_builds_no_graph():
     # advantages are data, as verl's (computed under no_grad): inputs that
     # require grad are detached as eagerly, under compile too
     b = _adv_batch(13)
-    r, v = b["rewards"].clone().requires_grad_(), b["values"].clone().requires_grad_()
+    r, v, old = (b[k].clone().requires_grad_() for k in ("rewards", "values", "old"))
 
     def step(r, v):
         a1 = luspo_rs.advantage(r, b["mask"], None, "gae", values=v, gamma=0.9, lam=0.8)
         a2 = luspo_rs.advantage(r, b["mask"], b["index"], "grpo")
-        a3 = luspo_rs.advantage(r, b["mask"], b["index"], "optimal_token_baseline", old_log_probs=b["old"].requires_grad_(),
+        a3 = luspo_rs.advantage(r, b["mask"], b["index"], "optimal_token_baseline", old_log_probs=old,
                                 sum_pi_squared=b["sp"])  # fmt: skip
         return a1, a2, a3
 
@@ -388,7 +388,8 @@ def test_advantage_compiled_errors_name_the_argument():
         try:
             torch._dynamo.reset()
             with pytest.raises(ValueError, match=r"index: grpo_passk .* got 1 for group 5 \(row 0\)"):
-                torch.compile(lambda r: luspo_rs.advantage(r, b["mask"], lone, "grpo_passk"), fullgraph=True)(b["rewards"])
+                step = torch.compile(lambda r: luspo_rs.advantage(r, b["mask"], lone, "grpo_passk"), fullgraph=True)
+                step(b["rewards"])
         finally:
             _core.sim_set_enabled(False)
     torch._dynamo.reset()
