@@ -468,3 +468,23 @@ def test_advantage_compiled_with_dynamic_shapes(name):
             got = compiled(b)
         want = step(b)
         assert all(x.shape == (B, T) and torch.equal(x, y) for x, y in zip(got, want))
+
+
+def test_advantage_list_labels_under_compile_break_the_graph_at_the_host_mapping():
+    # a list of labels is held by Dynamo: the graph breaks at the host mapping
+    # only (the op is still traced), and fullgraph=True says what to pass instead
+    b = _adv_batch(18)
+    labels = [f"uid-{int(i)}" for i in b["index"]]
+
+    def step(rewards):
+        return luspo_rs.advantage(rewards * 2.0, b["mask"], labels, "rloo") + 1.0
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(step)(b["rewards"]), step(b["rewards"]))
+    explained = torch._dynamo.explain(step)(b["rewards"])
+    # (each enclosing frame counts the one break, at the host mapping)
+    assert explained.break_reasons and all("mapped to ids on the host" in str(r.reason) for r in explained.break_reasons)
+    assert any("torch.ops.luspo_rs.advantage.default" in g.code for g in explained.graphs)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="pass index as an int64 tensor of group ids"):
+        torch.compile(step, fullgraph=True)(b["rewards"])

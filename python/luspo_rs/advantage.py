@@ -365,7 +365,10 @@ def _token_baseline_kernel(rewards, mask, gid, old, sp, rho, estimator, handle_z
 # `fullgraph=True` needs `index` as an integer tensor (the group ids).
 
 
-@torch.compiler.disable
+@torch.compiler.disable(
+    reason="luspo_rs.advantage: group labels other than an integer tensor (verl's uid strings) are mapped to ids on "
+    "the host; for fullgraph=True pass index as an int64 tensor of group ids (core_algos.group_index(uid))"
+)
 def _host_group_ids(index: Any, passk: bool) -> torch.Tensor:
     """:func:`group_index` of labels that are not an integer tensor, run
     eagerly (a graph break under torch.compile); Pass@k's check of lone rows
