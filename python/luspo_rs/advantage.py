@@ -154,6 +154,15 @@ def advantage(
     Results have verl's dtypes (torch's promotion of the inputs, as verl's
     expressions give it) and the rewards' device. CUDA inputs are computed
     on the current stream, without a host sync.
+
+    Under ``torch.compile`` the call is the ``torch.library`` op of its
+    family (``luspo_rs::advantage``, ``luspo_rs::returns``,
+    ``luspo_rs::token_baseline``; eager calls skip the dispatcher), with the
+    same kernels and bits. ``fullgraph=True`` needs ``index`` as an integer
+    (or bool) tensor of group ids, e.g. ``core_algos.group_index(uid)``
+    computed once outside the graph: verl's uid strings are host data that
+    no graph holds, so a default compile runs a call given them eagerly (a
+    graph break) and ``fullgraph=True`` refuses it.
     """
     require_tensors(token_level_rewards=token_level_rewards, response_mask=response_mask)
     require_strings(estimator=estimator)
@@ -167,28 +176,44 @@ def advantage(
                                    sum_pi_squared, rollout_is_weights, handle_zero_tail,
                                    1e-8 if epsilon is None else epsilon)  # fmt: skip
         return (adv, ret) if with_returns else adv
-    params = dict(
-        norm_adv_by_std_in_grpo=bool(norm_adv_by_std_in_grpo),
-        epsilon=to_float("epsilon", 1e-6 if epsilon is None else epsilon),
-        f_norm=to_float("f_norm", f_norm),
-    )
+    norm = bool(norm_adv_by_std_in_grpo)
+    eps = to_float("epsilon", 1e-6 if epsilon is None else epsilon)
+    f_norm = to_float("f_norm", f_norm)
     rewards, mask = token_level_rewards.detach(), response_mask.detach()
     keys = _key_scores(estimator, rewards, reward_scores, reward_weights)
+    if torch.compiler.is_compiling():
+        gid = _compiled_group_ids(index, estimator == "grpo_passk")
+        out = _advantage_op(rewards, mask, gid, keys.get("scores"), keys.get("weights"), estimator, norm, eps, f_norm)
+        return (out, out) if with_returns else out
     gid = group_index(index)
     if estimator == "grpo_passk" and gid.device.type == "cpu":
         _require_pairs(gid, index)
-    dtype = torch.promote_types(rewards.dtype, mask.dtype) if rewards.dtype.is_floating_point else rewards.dtype
-    if keys and keys["scores"].dtype.is_floating_point:  # gdpo: verl's float32 scores times the mask
-        dtype = torch.promote_types(keys["scores"].dtype, mask.dtype)
+    out = _group_kernel(rewards, mask, gid, keys.get("scores"), keys.get("weights"), estimator, norm, eps, f_norm)
+    return (out, out) if with_returns else out
+
+
+def _group_dtype(rewards: torch.Tensor, mask: torch.Tensor, scores: Optional[torch.Tensor]) -> torch.dtype:
+    """The group estimators' result dtype: verl's ``scores * mask`` promotion
+    (gdpo's per-key float32 ``scores`` in place of the rewards' row sums)."""
+    if scores is not None and scores.dtype.is_floating_point:
+        return torch.promote_types(scores.dtype, mask.dtype)
+    return torch.promote_types(rewards.dtype, mask.dtype) if rewards.dtype.is_floating_point else rewards.dtype
+
+
+def _group_kernel(rewards, mask, gid, scores, weights, estimator, norm, epsilon, f_norm) -> torch.Tensor:
+    """``_core.advantage`` into a new ``(B, T)`` tensor (the eager path and
+    the op's implementation): on CUDA with the labels on the device, their
+    stable argsort, the kernels' scratch and the current stream."""
+    dtype = _group_dtype(rewards, mask, scores)
     if _cuda.on_device(rewards):
-        # the labels on the device, their stable argsort and the kernels' scratch
         gid, cuda = _cuda.advantage_inputs(rewards, gid)
         out = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)
     else:
         gid, cuda = gid.cpu(), {}
         out = empty_host(tuple(rewards.shape), dtype)
-    _core.advantage(rewards, mask, gid, out, estimator=estimator, **params, **cuda, **keys)
-    return (out, out) if with_returns else out
+    _core.advantage(rewards, mask, gid, out, estimator=estimator, norm_adv_by_std_in_grpo=norm, epsilon=epsilon,
+                    f_norm=f_norm, scores=scores, weights=weights, **cuda)  # fmt: skip
+    return out
 
 
 def _key_scores(estimator: str, rewards: torch.Tensor, scores: Any, weights: Any) -> dict[str, torch.Tensor]:
@@ -248,16 +273,32 @@ def _scan(rewards, mask, estimator, values, baselines, gamma, lam) -> tuple[torc
     for name, t in (("token_level_rewards", rewards), ("values", values), ("reward_baselines", baselines)):
         if t is not None and not t.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if torch.compiler.is_compiling():
+        return _returns_op(rewards, mask, values, baselines, estimator, gamma, lam)
+    return _scan_kernel(rewards, mask, values, baselines, estimator, gamma, lam)
+
+
+def _scan_dtypes(estimator, rewards, mask, values, baselines) -> tuple[torch.dtype, torch.dtype]:
+    """``(advantages, returns)`` dtypes of a scan, as verl's expressions promote them."""
     promote = torch.promote_types
     if estimator == "gae":  # delta, g and the returns: rewards, values and mask together
-        adv_dtype = ret_dtype = promote(promote(rewards.dtype, values.dtype), mask.dtype)
-    elif estimator == "reinforce_plus_plus":  # returns = zeros_like(rewards); whiten(returns) * mask
-        ret_dtype, adv_dtype = rewards.dtype, promote(rewards.dtype, mask.dtype)
-    else:  # remax: returns from (r * m).cumsum; returns - b * m
+        dtype = promote(promote(rewards.dtype, values.dtype), mask.dtype)
+        return dtype, dtype
+    if estimator == "reinforce_plus_plus":  # returns = zeros_like(rewards); whiten(returns) * mask
+        return promote(rewards.dtype, mask.dtype), rewards.dtype
+    if estimator == "remax":  # returns from (r * m).cumsum; returns - b * m
         ret_dtype = promote(rewards.dtype, mask.dtype)
-        adv_dtype = promote(ret_dtype, promote(baselines.dtype, mask.dtype))
-    device = rewards.device
+        return promote(ret_dtype, promote(baselines.dtype, mask.dtype)), ret_dtype
+    raise ValueError(f"estimator: {estimator!r} is not a scan; expected one of {', '.join(SCAN_ESTIMATORS)}")
+
+
+def _scan_kernel(rewards, mask, values, baselines, estimator, gamma, lam) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_core.returns`` into two new ``(B, T)`` tensors (the eager path and
+    the op's implementation); on CUDA with the kernels' scratch and the
+    current stream."""
+    adv_dtype, ret_dtype = _scan_dtypes(estimator, rewards, mask, values, baselines)
     if _cuda.on_device(rewards):
+        device = rewards.device
         adv = torch.empty(rewards.shape, dtype=adv_dtype, device=device)
         ret = torch.empty(rewards.shape, dtype=ret_dtype, device=device)
         rows = rewards.shape[0] if rewards.dim() > 0 else 0
@@ -284,15 +325,135 @@ def _token_baseline(rewards, mask, index, estimator, old, sp, rho, handle_zero_t
     rewards, mask, old, sp = rewards.detach(), mask.detach(), old.detach(), sp.detach()
     if not rewards.dtype.is_floating_point:
         raise TypeError(f"token_level_rewards: expected a floating-point tensor, got {rewards.dtype}")
+    handle_zero_tail = bool(handle_zero_tail)
+    if torch.compiler.is_compiling():
+        gid = _compiled_group_ids(index, False)
+        return _token_baseline_op(rewards, mask, gid, old, sp, rho, estimator, handle_zero_tail, epsilon)
+    return _token_baseline_kernel(rewards, mask, group_index(index), old, sp, rho, estimator, handle_zero_tail, epsilon)
+
+
+def _token_baseline_kernel(rewards, mask, gid, old, sp, rho, estimator, handle_zero_tail, epsilon):
+    """``_core.token_baseline`` into two new ``(B, T)`` tensors (the eager
+    path and the op's implementation); on CUDA with the labels on the device,
+    their stable argsort, the kernels' scratch and the current stream."""
     dtype = torch.promote_types(rewards.dtype, mask.dtype)
     if _cuda.on_device(rewards):
-        # the labels on the device, their stable argsort and the kernels' scratch
-        gid, cuda = _cuda.advantage_inputs(rewards, group_index(index), _core.token_baseline_scratch_len)
+        gid, cuda = _cuda.advantage_inputs(rewards, gid, _core.token_baseline_scratch_len)
         adv = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)
         ret = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)
     else:
-        gid = group_index(index).cpu()
+        gid = gid.cpu()
         adv, ret, cuda = empty_host(tuple(rewards.shape), dtype), empty_host(tuple(rewards.shape), dtype), {}
     _core.token_baseline(rewards, mask, gid, old, sp, adv, ret, estimator=estimator, rollout_is_weights=rho,
-                         handle_zero_tail=bool(handle_zero_tail), epsilon=epsilon, **cuda)  # fmt: skip
+                         handle_zero_tail=handle_zero_tail, epsilon=epsilon, **cuda)  # fmt: skip
     return adv, ret
+
+
+# ---------------------------------------------------------------- the torch.library ops
+#
+# `luspo_rs::advantage` (the group estimators), `luspo_rs::returns` (the
+# scans) and `luspo_rs::token_baseline` are the same native calls as
+# torch.library custom ops, so that torch.compile traces a step computing
+# advantages (fullgraph, no graph break) and fake tensors infer the outputs.
+# Eager calls keep the direct calls above (no dispatcher host time). No
+# autograd: advantages are data (verl computes them under no_grad); the
+# inputs are detached before the call, as eagerly.
+#
+# The group labels enter the ops as an integer tensor. verl's uid strings
+# (a numpy object array) are mapped to ids on the host, outside any graph:
+# under torch.compile that mapping is a graph break by design, and
+# `fullgraph=True` needs `index` as an integer tensor (the group ids).
+
+
+@torch.compiler.disable(
+    reason="luspo_rs.advantage: group labels other than an integer tensor (verl's uid strings) are mapped to ids on "
+    "the host; for fullgraph=True pass index as an int64 tensor of group ids (core_algos.group_index(uid))"
+)
+def _host_group_ids(index: Any, passk: bool) -> torch.Tensor:
+    """:func:`group_index` of labels that are not an integer tensor, run
+    eagerly (a graph break under torch.compile); Pass@k's check of lone rows
+    here names the original label."""
+    gid = group_index(index)
+    if passk and gid.device.type == "cpu":
+        _require_pairs(gid, index)
+    return gid
+
+
+def _compiled_group_ids(index: Any, passk: bool) -> torch.Tensor:
+    """The labels the ops take: an integer (or bool) tensor is traced into
+    the graph as it is; other labels go through :func:`_host_group_ids`."""
+    if isinstance(index, torch.Tensor) and not (index.dtype.is_floating_point or index.dtype.is_complex):
+        gid = index.detach().reshape(-1)
+        return gid if gid.dtype in (torch.int64, torch.int32) else gid.to(torch.int64)
+    return _host_group_ids(index, passk)
+
+
+@torch.library.custom_op("luspo_rs::advantage", mutates_args=())
+def _advantage_op(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: torch.Tensor,
+    scores: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    estimator: str,
+    norm_adv_by_std_in_grpo: bool,
+    epsilon: float,
+    f_norm: float,
+) -> torch.Tensor:
+    """A group estimator's ``(B, T)`` advantages; ``index`` the integer group
+    labels (``(B,)``), ``scores`` / ``weights`` gdpo's per-key scores."""
+    if estimator == "grpo_passk" and index.device.type == "cpu":
+        _require_pairs(index, index)
+    return _group_kernel(token_level_rewards, response_mask, index, scores, weights, estimator,
+                         norm_adv_by_std_in_grpo, epsilon, f_norm)  # fmt: skip
+
+
+@_advantage_op.register_fake
+def _(token_level_rewards, response_mask, index, scores, *args):
+    dtype = _group_dtype(token_level_rewards, response_mask, scores)
+    return token_level_rewards.new_empty(token_level_rewards.shape, dtype=dtype)
+
+
+@torch.library.custom_op("luspo_rs::returns", mutates_args=())
+def _returns_op(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    values: Optional[torch.Tensor],
+    reward_baselines: Optional[torch.Tensor],
+    estimator: str,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A scan's ``(advantages, returns)``."""
+    return _scan_kernel(token_level_rewards, response_mask, values, reward_baselines, estimator, gamma, lam)
+
+
+@_returns_op.register_fake
+def _(token_level_rewards, response_mask, values, reward_baselines, estimator, gamma, lam):
+    adv_dtype, ret_dtype = _scan_dtypes(estimator, token_level_rewards, response_mask, values, reward_baselines)
+    shape = token_level_rewards.shape
+    return token_level_rewards.new_empty(shape, dtype=adv_dtype), token_level_rewards.new_empty(shape, dtype=ret_dtype)
+
+
+@torch.library.custom_op("luspo_rs::token_baseline", mutates_args=())
+def _token_baseline_op(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    sum_pi_squared: torch.Tensor,
+    rollout_is_weights: Optional[torch.Tensor],
+    estimator: str,
+    handle_zero_tail: bool,
+    epsilon: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An optimal token baseline's ``(advantages, returns)``."""
+    return _token_baseline_kernel(token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
+                                  rollout_is_weights, estimator, handle_zero_tail, epsilon)  # fmt: skip
+
+
+@_token_baseline_op.register_fake
+def _(token_level_rewards, response_mask, *args):
+    dtype = torch.promote_types(token_level_rewards.dtype, response_mask.dtype)
+    shape = token_level_rewards.shape
+    return token_level_rewards.new_empty(shape, dtype=dtype), token_level_rewards.new_empty(shape, dtype=dtype)
