@@ -11,10 +11,20 @@ second) next to the streaming bandwidth of this machine measured now.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
-import torch
+# A fresh compile cache: torch's AOTAutograd cache keys a graph that calls a
+# custom op by the graph, not by the op's autograd formula, so a cache from an
+# older luspo-rs would replay that version's compiled backward.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="luspo_rs_bench_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import nbytes, rollout_batch, stream_bandwidth, timeit  # noqa: E402

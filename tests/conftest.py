@@ -4,12 +4,24 @@ Makefile) and synthetic rollout batches."""
 from __future__ import annotations
 
 import ast
+import atexit
+import os
+import shutil
+import tempfile
 import typing
 import zlib
 from pathlib import Path
 
-import pytest
-import torch
+# torch.compile's caches key a graph that calls one of our custom ops by the
+# graph, not by the op's autograd formula or fake kernel: a cache left by an
+# older build would replay that build's backward. The compile tests get a
+# cache of their own run.
+_inductor_cache = tempfile.mkdtemp(prefix="luspo_rs_test_inductor_")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 verl_core_algos = pytest.importorskip(
     "verl.trainer.ppo.core_algos", reason="verl==0.9.1 is installed by `make test`; run through make"
