@@ -116,6 +116,41 @@ def test_policy_loss_compiles_fullgraph_to_the_eager_loss_and_gradient(mode):
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
+@pytest.mark.parametrize("mode", ["clip_cov", "kl_cov"])
+def test_cov_modes_compile_fullgraph_given_their_chosen_tokens(mode):
+    # Clip-Cov / KL-Cov choose their tokens on the host, as verl does (a draw
+    # from torch's CPU generator of a data-dependent count; a CPU topk): the
+    # choice is made eagerly (`cov_select.choose_tokens`, what `policy_loss`
+    # does when not given `picks`), and the loss given those tokens compiles
+    # with fullgraph=True to the eager loss and gradient, bit for bit
+    from luspo_rs.cov_select import choose_tokens
+
+    old, lp, adv, mask = make_batch(6, 40, seed=2, spread=0.8)
+    ratios = dict(clip_cov_ratio=0.05, clip_cov_lb=-10.0, clip_cov_ub=10.0, kl_cov_ratio=0.05)
+    torch.manual_seed(0)
+    picks = choose_tokens(mode, old, lp, adv, mask, clip_ratio=0.2, **ratios)
+    assert picks is not None and picks.any()
+    torch.manual_seed(0)
+    want_loss, _ = luspo_rs.policy_loss(old, lp.clone().requires_grad_(), adv, mask, mode=mode, **ratios)
+
+    def step(x):
+        return luspo_rs.policy_loss(old, x, adv, mask, mode=mode, picks=picks, **ratios)
+
+    def run(fn):
+        x = lp.clone().requires_grad_()
+        loss, _ = fn(x)
+        (3.0 * loss).backward()
+        return loss.detach(), x.grad
+
+    torch._dynamo.reset()
+    want = run(step)
+    assert torch.equal(want[0], want_loss.detach()), "the same tokens as policy_loss's own choice"
+    got = run(torch.compile(step, fullgraph=True))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    explained = torch._dynamo.explain(step)(lp.clone().requires_grad_())
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_policy_loss_eager_calls_keep_the_autograd_function():
     old, lp, adv, mask = make_batch(3, 8, seed=1)
     loss, _ = luspo_rs.policy_loss(old, lp.requires_grad_(), adv, mask, mode="luspo")
