@@ -547,3 +547,34 @@ def test_advantage_list_labels_under_compile_break_the_graph_at_the_host_mapping
     torch._dynamo.reset()
     with pytest.raises(Exception, match="pass index as an int64 tensor of group ids"):
         torch.compile(step, fullgraph=True)(b["rewards"])
+
+
+# --------------------------------------------------------------------------- compile caches
+
+
+def test_every_op_call_under_compile_carries_the_build_tag():
+    # torch's compile caches key a graph by its code, not by a custom op's
+    # autograd formula or fake kernel: each op call passes `build=BUILD` (a
+    # digest of this installation) so a cache left by another build misses
+    from luspo_rs._args import BUILD, _build_tag
+
+    assert BUILD == _build_tag() and len(BUILD) == 16 and int(BUILD, 16) >= 0
+    old, lp, adv, mask = make_batch(4, 9, seed=7, spread=0.5)
+    gid = torch.tensor([0, 0, 1, 1])
+    steps = {
+        "policy_loss": lambda x: luspo_rs.policy_loss(old, x, adv, mask, mode="luspo")[0],
+        "value_loss": lambda x: luspo_rs.value_loss(x, old, adv, mask, cliprange_value=0.5)[0],
+        "agg_loss": lambda x: luspo_rs.agg_loss(x, mask),
+        "kl_penalty": lambda x: luspo_rs.kl_penalty(x, old, "k3").sum(),
+        "advantage": lambda x: luspo_rs.advantage(adv, mask, gid, "grpo").sum() + x.sum(),
+        "returns": lambda x: ours.compute_gae_advantage_return(adv, old, mask, 1.0, 0.95)[0].sum() + x.sum(),
+        "token_baseline": lambda x: ours.compute_optimal_token_baseline_advantage(
+            adv, mask, gid, old_log_probs=old, sum_pi_squared=torch.ones_like(old)
+        )[0].sum() + x.sum(),
+    }  # fmt: skip
+    for name, step in steps.items():
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(step)(lp.clone().requires_grad_())
+        code = "".join(g.code for g in explained.graphs)
+        assert f"luspo_rs.{name}.default" in code, name
+        assert f"build = '{BUILD}'" in code, name

@@ -245,13 +245,38 @@ def stream_of(x: torch.Tensor) -> Optional[int]:
     return _cuda.stream_of(x) if _cuda.on_device(x) else None
 
 
+def _build_tag() -> str:
+    """A digest of this installation of luspo-rs: its Python sources and
+    its native module's size and time. Every op call under torch.compile
+    passes it (``build=BUILD``), so it is in the traced graph: torch's
+    compile caches key a graph by its code, not by a custom op's autograd
+    formula or fake kernel, and would otherwise replay an older build's."""
+    import hashlib
+    import pathlib
+
+    h = hashlib.sha256()
+    try:
+        pkg = pathlib.Path(__file__).parent
+        for p in sorted(pkg.glob("*.py")):
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
+        st = pathlib.Path(_core.__file__).stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    except OSError:  # pragma: no cover - sources not on a file system
+        h.update(getattr(_core, "__version__", "unknown").encode())
+    return h.hexdigest()[:16]
+
+
+#: See :func:`_build_tag`.
+BUILD = _build_tag()
+
+
 def register_loss_autograd(op, wrt: int) -> None:
     """The autograd formula of a loss's ``torch.library`` op whose last output
     is the final ``d loss / d (input wrt)`` the native call wrote: only that
     output is saved, and backward returns it times the loss's grad_output
     (out of place), in the gradient's dtype; the other inputs get None."""
 
-    def setup(ctx, inputs, output):
+    def setup(ctx, inputs, output, keyword_only_inputs=None):
         ctx.save_for_backward(output[-1])
         ctx.n_inputs = len(inputs)
 

@@ -12,7 +12,7 @@ import torch
 
 from . import _core, _cuda
 from ._alloc import empty_host
-from ._args import require_strings, require_tensors, to_float
+from ._args import BUILD, require_strings, require_tensors, to_float
 
 GroupEstimator = Literal[
     "grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "reinforce_plus_plus_baseline", "opo", "gpg",
@@ -183,7 +183,8 @@ def advantage(
     keys = _key_scores(estimator, rewards, reward_scores, reward_weights)
     if torch.compiler.is_compiling():
         gid = _compiled_group_ids(index, estimator == "grpo_passk")
-        out = _advantage_op(rewards, mask, gid, keys.get("scores"), keys.get("weights"), estimator, norm, eps, f_norm)
+        out = _advantage_op(rewards, mask, gid, keys.get("scores"), keys.get("weights"), estimator, norm, eps, f_norm,
+                            build=BUILD)  # fmt: skip
         return (out, out) if with_returns else out
     gid = group_index(index)
     if estimator == "grpo_passk" and gid.device.type == "cpu":
@@ -274,7 +275,7 @@ def _scan(rewards, mask, estimator, values, baselines, gamma, lam) -> tuple[torc
         if t is not None and not t.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
     if torch.compiler.is_compiling():
-        return _returns_op(rewards, mask, values, baselines, estimator, gamma, lam)
+        return _returns_op(rewards, mask, values, baselines, estimator, gamma, lam, build=BUILD)
     return _scan_kernel(rewards, mask, values, baselines, estimator, gamma, lam)
 
 
@@ -328,7 +329,7 @@ def _token_baseline(rewards, mask, index, estimator, old, sp, rho, handle_zero_t
     handle_zero_tail = bool(handle_zero_tail)
     if torch.compiler.is_compiling():
         gid = _compiled_group_ids(index, False)
-        return _token_baseline_op(rewards, mask, gid, old, sp, rho, estimator, handle_zero_tail, epsilon)
+        return _token_baseline_op(rewards, mask, gid, old, sp, rho, estimator, handle_zero_tail, epsilon, build=BUILD)
     return _token_baseline_kernel(rewards, mask, group_index(index), old, sp, rho, estimator, handle_zero_tail, epsilon)
 
 
@@ -399,9 +400,12 @@ def _advantage_op(
     norm_adv_by_std_in_grpo: bool,
     epsilon: float,
     f_norm: float,
+    *,
+    build: str = "",
 ) -> torch.Tensor:
     """A group estimator's ``(B, T)`` advantages; ``index`` the integer group
-    labels (``(B,)``), ``scores`` / ``weights`` gdpo's per-key scores."""
+    labels (``(B,)``), ``scores`` / ``weights`` gdpo's per-key scores
+    (``build``: see ``_args.BUILD``)."""
     if estimator == "grpo_passk" and index.device.type == "cpu":
         _require_pairs(index, index)
     return _group_kernel(token_level_rewards, response_mask, index, scores, weights, estimator,
@@ -409,7 +413,7 @@ def _advantage_op(
 
 
 @_advantage_op.register_fake
-def _(token_level_rewards, response_mask, index, scores, *args):
+def _(token_level_rewards, response_mask, index, scores, *args, build=""):
     dtype = _group_dtype(token_level_rewards, response_mask, scores)
     return token_level_rewards.new_empty(token_level_rewards.shape, dtype=dtype)
 
@@ -423,13 +427,15 @@ def _returns_op(
     estimator: str,
     gamma: float,
     lam: float,
+    *,
+    build: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A scan's ``(advantages, returns)``."""
+    """A scan's ``(advantages, returns)`` (``build``: see ``_args.BUILD``)."""
     return _scan_kernel(token_level_rewards, response_mask, values, reward_baselines, estimator, gamma, lam)
 
 
 @_returns_op.register_fake
-def _(token_level_rewards, response_mask, values, reward_baselines, estimator, gamma, lam):
+def _(token_level_rewards, response_mask, values, reward_baselines, estimator, gamma, lam, *, build=""):
     adv_dtype, ret_dtype = _scan_dtypes(estimator, token_level_rewards, response_mask, values, reward_baselines)
     shape = token_level_rewards.shape
     return token_level_rewards.new_empty(shape, dtype=adv_dtype), token_level_rewards.new_empty(shape, dtype=ret_dtype)
@@ -446,14 +452,16 @@ def _token_baseline_op(
     estimator: str,
     handle_zero_tail: bool,
     epsilon: float,
+    *,
+    build: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """An optimal token baseline's ``(advantages, returns)``."""
+    """An optimal token baseline's ``(advantages, returns)`` (``build``: see ``_args.BUILD``)."""
     return _token_baseline_kernel(token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
                                   rollout_is_weights, estimator, handle_zero_tail, epsilon)  # fmt: skip
 
 
 @_token_baseline_op.register_fake
-def _(token_level_rewards, response_mask, *args):
+def _(token_level_rewards, response_mask, *args, build=""):
     dtype = torch.promote_types(token_level_rewards.dtype, response_mask.dtype)
     shape = token_level_rewards.shape
     return token_level_rewards.new_empty(shape, dtype=dtype), token_level_rewards.new_empty(shape, dtype=dtype)

@@ -9,7 +9,7 @@ import torch
 
 from . import _core
 from ._args import Number, as_tensor, check_entry, loss_buffers, normalisers, result_dtype, stream_of
-from ._args import gradient, keep_gradient, register_loss_autograd, saved_inputs
+from ._args import BUILD, gradient, keep_gradient, register_loss_autograd, saved_inputs
 
 AggMode = Literal["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -76,8 +76,10 @@ def _agg_loss_op(
     global_batch_size: Optional[float],
     loss_scale_factor: Optional[float],
     loss_dtype: torch.dtype,
+    *,
+    build: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, d loss / d loss_mat)``."""
+    """``(loss, d loss / d loss_mat)`` (``build``: see ``_args.BUILD``)."""
     grad, loss, _, scratch = loss_buffers(loss_mat, loss_dtype, metrics=False)
     _core.agg_loss(
         loss_mat, loss_mask, grad, loss, loss_agg_mode=loss_agg_mode, factor=factor, scratch=scratch,
@@ -88,7 +90,7 @@ def _agg_loss_op(
 
 
 @_agg_loss_op.register_fake
-def _(loss_mat, loss_mask, factor, *args):
+def _(loss_mat, loss_mask, factor, *args, build=""):
     return loss_mat.new_empty((), dtype=args[-1]), torch.empty_like(loss_mat, memory_format=torch.contiguous_format)
 
 
@@ -130,6 +132,6 @@ def agg_loss(
         n = options
         return _agg_loss_op(
             loss_mat, loss_mask, factor, loss_agg_mode, n["dp_size"], n["batch_num_tokens"], n["global_batch_size"],
-            n["loss_scale_factor"], loss_dtype,
+            n["loss_scale_factor"], loss_dtype, build=BUILD,
         )[0]  # fmt: skip
     return AggLossFunction.apply(loss_mat, loss_mask, loss_agg_mode, options, factor, loss_dtype)

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from . import _core
-from ._args import refuse_double_backward, require_strings, require_tensors, stream_of, torch_clamp_closed
+from ._args import BUILD, refuse_double_backward, require_strings, require_tensors, stream_of, torch_clamp_closed
 
 KlMode = Literal[
     "kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3",
@@ -58,7 +58,7 @@ class KlPenaltyFunction(torch.autograd.Function):
 
 @torch.library.custom_op("luspo_rs::kl_penalty", mutates_args=())
 def _kl_penalty_op(
-    logprob: torch.Tensor, ref_logprob: torch.Tensor, mode: str, clamp_closed: bool, with_grad: bool
+    logprob: torch.Tensor, ref_logprob: torch.Tensor, mode: str, clamp_closed: bool, with_grad: bool, *, build: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, d out / d logprob)`` of 2-D inputs (the gradient is empty
     unless ``with_grad``)."""
@@ -72,13 +72,13 @@ def _kl_penalty_op(
 
 
 @_kl_penalty_op.register_fake
-def _(logprob, ref_logprob, mode, clamp_closed, with_grad):
+def _(logprob, ref_logprob, mode, clamp_closed, with_grad, *, build=""):
     dtype = torch.promote_types(logprob.dtype, ref_logprob.dtype)
     out = logprob.new_empty(logprob.shape, dtype=dtype)
     return out, logprob.new_empty(logprob.shape if with_grad else (0,), dtype=dtype)
 
 
-def _kl_setup(ctx, inputs, output):
+def _kl_setup(ctx, inputs, output, keyword_only_inputs=None):
     logprob, ref_logprob = inputs[:2]
     ctx.save_for_backward(output[1])
     ctx.dtypes = (logprob.dtype, ref_logprob.dtype)
@@ -96,7 +96,7 @@ _kl_penalty_op.register_autograd(_kl_backward, setup_context=_kl_setup)
 def _kl_2d(logprob: torch.Tensor, ref_logprob: torch.Tensor, mode: str) -> torch.Tensor:
     if torch.compiler.is_compiling():
         with_grad = torch.is_grad_enabled() and (logprob.requires_grad or ref_logprob.requires_grad)
-        return _kl_penalty_op(logprob, ref_logprob, mode, torch_clamp_closed(), with_grad)[0]
+        return _kl_penalty_op(logprob, ref_logprob, mode, torch_clamp_closed(), with_grad, build=BUILD)[0]
     return KlPenaltyFunction.apply(logprob, ref_logprob, mode)
 
 

@@ -16,7 +16,7 @@ import torch
 from . import _core
 from ._args import Number, as_float, as_tensor, check_entry, loss_buffers, normalisers, refuse_double_backward
 from ._args import gradient, half_gradient, keep_gradient, result_dtype, saved_inputs, stream_of, torch_clamp_closed
-from ._args import register_loss_autograd
+from ._args import BUILD, register_loss_autograd
 from .agg_loss import AggMode
 from .cov_select import choose_tokens
 
@@ -179,8 +179,11 @@ def _policy_loss_op(
     global_batch_size: Optional[float],
     loss_scale_factor: Optional[float],
     loss_dtype: torch.dtype,
+    *,
+    build: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, metrics, d loss / d log_prob)``: the native call's outputs."""
+    """``(loss, metrics, d loss / d log_prob)``: the native call's outputs
+    (``build``: see ``_args.BUILD``)."""
     grad, loss, metrics, scratch = loss_buffers(log_prob, loss_dtype, metrics=True)
     _core.policy_loss(
         old_log_prob, log_prob, advantages, response_mask, grad, loss, metrics,
@@ -194,7 +197,7 @@ def _policy_loss_op(
 
 
 @_policy_loss_op.register_fake
-def _(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, picks, factor, *args):
+def _(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, picks, factor, *args, build=""):
     loss_dtype = args[-1]
     return (
         log_prob.new_empty((), dtype=loss_dtype),
@@ -214,6 +217,7 @@ def _compiled_policy_loss(log_prob, old_log_prob, advantages, response_mask, wei
         options["clip_ratio_c"], options["clamp_closed"], options["diagnostics"], options["tau_pos"],
         options["tau_neg"], options["dro_beta"], options["ppo_kl_coef"], options["dp_size"],
         options["batch_num_tokens"], options["global_batch_size"], options["loss_scale_factor"], loss_dtype,
+        build=BUILD,
     )  # fmt: skip
     if options["diagnostics"]:
         metrics = torch.cat((metrics, net_push(grad.detach(), response_mask)))

@@ -16,7 +16,7 @@ import torch
 
 from . import _core
 from ._args import Number, as_float, as_tensor, check_entry, gradient, keep_gradient, loss_buffers, normalisers
-from ._args import half_gradient, refuse_double_backward, register_loss_autograd, result_dtype, saved_inputs, stream_of
+from ._args import BUILD, half_gradient, refuse_double_backward, register_loss_autograd, result_dtype, saved_inputs, stream_of
 from .agg_loss import AggMode
 
 
@@ -86,8 +86,10 @@ def _value_loss_op(
     global_batch_size: Optional[float],
     loss_scale_factor: Optional[float],
     loss_dtype: torch.dtype,
+    *,
+    build: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, vf_clipfrac, d loss / d vpreds)``."""
+    """``(loss, vf_clipfrac, d loss / d vpreds)`` (``build``: see ``_args.BUILD``)."""
     grad, loss, metrics, scratch = loss_buffers(vpreds, loss_dtype, metrics=True)
     _core.value_loss(
         vpreds, values, returns, response_mask, grad, loss, metrics, factor=factor, scratch=scratch,
@@ -98,7 +100,7 @@ def _value_loss_op(
 
 
 @_value_loss_op.register_fake
-def _(vpreds, values, returns, response_mask, factor, *args):
+def _(vpreds, values, returns, response_mask, factor, *args, build=""):
     return (
         vpreds.new_empty((), dtype=args[-1]),
         vpreds.new_empty((), dtype=torch.float64),
@@ -113,7 +115,7 @@ def _compiled_value_loss(vpreds, values, returns, response_mask, options, factor
     loss, clipfrac, _ = _value_loss_op(
         vpreds, values, returns, response_mask, factor, options["cliprange_value"], options["loss_agg_mode"],
         options["dp_size"], options["batch_num_tokens"], options["global_batch_size"], options["loss_scale_factor"],
-        loss_dtype,
+        loss_dtype, build=BUILD,
     )  # fmt: skip
     return loss, clipfrac
 
