@@ -1,8 +1,9 @@
 //! The scan estimators on the CPU (twin of `cuda/kernels/returns.cu`; the
-//! formulas are in `ops/returns.rs`): one backward pass over each row, eight
-//! rows at a time (one per vector lane: a row's recurrence is a chain of
-//! dependent operations, eight independent chains fill the pipeline and the
-//! vector units), column blocks from the last to the first, lane
+//! formulas are in `ops/returns.rs`): one backward pass over each row,
+//! sixteen rows at a time (one per vector lane: a row's recurrence is a
+//! chain of dependent operations, and two AVX2 vectors of eight independent
+//! chains fill the pipeline and the vector units), column blocks from the
+//! last to the first, moved between rows and lanes by transposes, lane
 //! groups in parallel, writing both outputs and each row's whitening
 //! moments; then, for GAE and REINFORCE++, the batch statistics and one pass
 //! whitening the advantages in place. No B×T buffer besides the outputs.
