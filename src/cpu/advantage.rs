@@ -5,7 +5,7 @@
 //! one pass writing the B×T advantages. `gdpo` given per-key scores reads
 //! them instead of the rewards.
 
-use super::{fold_rows, for_each_row, with_avx2, Sum8};
+use super::{fold_rows, for_each_row, Sum8};
 use crate::error::{try_zeros, Error, Result};
 pub use crate::ops::advantage::{dense_groups, AdvantageProblem, Estimator, KeyScores};
 use crate::ops::{bessel, plus_eps};
@@ -51,7 +51,7 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
         rows,
         cols,
         scratch,
-        |(sr, sm), i| with_avx2(|| {
+        |(sr, sm), i| {
             let mut score = Sum8::default();
             let mut st = RowScore::default();
             for (start, len) in pieces(cols) {
@@ -70,7 +70,7 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
             }
             st.score = score.total();
             st
-        }),
+        },
         |st| stats.push(st),
     )?;
     let (gid, n_groups) = dense_groups(&p.index)?;
@@ -100,7 +100,7 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
         let v = |arg| piece_scratch::<F>(arg, cols);
         Ok((v(p.mask.tensor.arg)?, v(p.out.tensor.arg)?, v(p.out.tensor.arg)?))
     };
-    for_each_row(rows, cols, scratch, |(sm, so, sw), i| with_avx2(|| {
+    for_each_row(rows, cols, scratch, |(sm, so, sw), i| {
         let a = F::of(scalars[i]);
         for (start, len) in pieces(cols) {
             let so = &mut so[..len];
@@ -122,7 +122,7 @@ fn run<F: Real>(p: &AdvantageProblem) -> Result<()> {
             // SAFETY: row i is written by this task only.
             unsafe { store_run(&p.out, i, start, so, sw) };
         }
-    }))?;
+    })?;
     fence();
     Ok(())
 }

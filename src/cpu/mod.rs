@@ -17,26 +17,6 @@ use crate::ops::agg_loss::MaskTotals;
 use crate::tensor::{piece_scratch, pieces, Mat, Real};
 use rayon::prelude::*;
 
-/// Runs `f`, compiled for AVX2 where the CPU has it: `f` is inlined into a
-/// function built for AVX2, so its loops vectorise eight float32 (four
-/// float64) wide. The same IEEE operations in the same order either way
-/// (Rust never fuses a multiply and an add), so the same bits.
-#[inline(always)]
-pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is present.
-            return unsafe { avx2(f) };
-        }
-    }
-    f()
-}
-
 /// Rows per rayon task so short rows are not scheduled one by one.
 pub(crate) fn min_rows_per_task(cols: usize) -> usize {
     (16384 / cols.max(1)).max(1)
