@@ -16,13 +16,12 @@
 //! value, which torch's float32 `exp` misses by one ulp now and then (where
 //! `1 - 2 pi + sp` cancels, for `pi` near 1, that ulp is all of `w`).
 
-use super::fold_rows;
+use super::{fold_rows, for_each_row};
 use crate::error::{try_zeros, Error, Result};
 use crate::ops::advantage::dense_groups;
 pub use crate::ops::token_baseline::{TokenBaseline, TokenBaselineProblem};
 use crate::ops::token_baseline::{zero_tail, Rounding};
 use crate::tensor::{piece_scratch, pieces, Mat, Real, PIECE};
-use rayon::prelude::*;
 
 /// Computes the advantages and returns into `p.advantages` and `p.returns`;
 /// a `MemoryError` if a working buffer cannot be allocated.
@@ -138,21 +137,11 @@ fn run<F: Real>(p: &TokenBaselineProblem) -> Result<()> {
         let v = || piece_scratch::<F>(arg, cols);
         Ok((try_zeros::<f64>(arg, cols)?, try_zeros::<f64>(arg, cols)?, [v()?, v()?, v()?, v()?, v()?, v()?]))
     };
-    type State<F> = Result<(Vec<f64>, Vec<f64>, [Vec<F>; 6])>;
-    let one = |s: &mut State<F>, k: usize| {
-        let (num, den, sc) = match s {
-            Ok(s) => s,
-            Err(e) => return Err(e.clone()),
-        };
+    // (each group's rows are written by its task only; a group has a row at least)
+    for_each_row(n_groups, cols, init, |(num, den, sc), k| {
         let rows = &g.members[g.offsets[k]..g.offsets[k + 1]];
         group::<F>(p, &returns, rows, &lengths, rn, num, den, sc);
-        Ok(())
-    };
-    if super::pool::inline() {
-        let mut s = init();
-        return (0..n_groups).try_for_each(|k| one(&mut s, k));
-    }
-    (0..n_groups).into_par_iter().try_for_each_init(init, one)
+    })
 }
 
 /// One group: the per-position sums over its rows, the baselines, and the
