@@ -460,13 +460,13 @@ impl Mat {
     #[inline]
     pub fn part<'s, F: Real>(&'s self, i: usize, start: usize, len: usize, scratch: &'s mut [F]) -> &'s [F] {
         debug_assert!(i < self.rows && start + len <= self.cols && scratch.len() >= len);
+        if let Some(run) = self.direct::<F>(i, start, len) {
+            return run;
+        }
         let size = self.tensor.dtype.size() as isize;
         let p = self.row_ptr(i).wrapping_offset(start as isize * self.cs * size);
         let scratch = &mut scratch[..len];
         unsafe {
-            if self.tensor.dtype == F::DTYPE && self.cs == 1 {
-                return std::slice::from_raw_parts(p as *const F, len);
-            }
             if self.cs == 0 {
                 scratch.fill(F::read(p, self.tensor.dtype));
             } else if self.cs == 1 {

@@ -65,10 +65,8 @@ impl LaneMoments {
     #[inline(always)]
     fn add<F: Real>(&mut self, m: &[Col<F>], x: &[Col<F>]) {
         for h in 0..LANES / HALF {
-            let lanes = h * HALF..(h + 1) * HALF;
             let (n, k, s, q) = half_moments(m, x, h * HALF);
-            for (l, row) in lanes.zip(&mut self.rows[h * HALF..]) {
-                let l = l - h * HALF;
+            for (l, row) in self.rows[h * HALF..(h + 1) * HALF].iter_mut().enumerate() {
                 *row = row.merge(Moments::shifted(n[l], k[l], s[l], q[l]));
             }
         }
