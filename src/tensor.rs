@@ -496,8 +496,8 @@ impl Mat {
 /// dtype so each one vectorises, compiled a second time for AVX2 on x86-64
 /// (the same conversions, so the same values). An int64 run (verl's
 /// `response_mask` is the attention mask's int64 slice) goes to float32
-/// eight at a time through int32 where they fit, since AVX2 has no
-/// conversion from int64.
+/// eight at a time: in AVX-512 (which converts int64) where the CPU has it,
+/// else in AVX2 through int32 where they fit.
 #[inline]
 unsafe fn load_contiguous<F: Real>(p: *const u8, dtype: DType, out: &mut [F]) {
     #[cfg(target_arch = "x86_64")]
@@ -505,7 +505,12 @@ unsafe fn load_contiguous<F: Real>(p: *const u8, dtype: DType, out: &mut [F]) {
         let mut done = 0;
         if dtype == DType::I64 && F::DTYPE == DType::F32 {
             let o = std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len());
-            done = i64_to_f32_avx2(p as *const i64, o);
+            if std::is_x86_feature_detected!("avx512dq") {
+                done = i64_to_f32_avx512(p as *const i64, o);
+            }
+            if done == 0 {
+                done = i64_to_f32_avx2(p as *const i64, o);
+            }
         }
         return load_contiguous_avx2(p.add(done * dtype.size()), dtype, &mut out[done..]);
     }
@@ -542,6 +547,31 @@ unsafe fn i64_to_f32_avx2(src: *const i64, out: &mut [f32]) -> usize {
         }
         _mm256_storeu_ps(out.as_mut_ptr().add(t), _mm256_cvtepi32_ps(lo));
         t += 8;
+    }
+    t
+}
+
+/// Converts the leading whole groups of eight int64 values of `out.len()`
+/// at `src` to float32 in AVX-512 (one rounding to nearest, even on ties);
+/// returns how many were converted: all of those groups, or none if a value
+/// lies outside `[-2^53, 2^53)` (where converting through float64, as the
+/// other paths do, could round twice).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn i64_to_f32_avx512(src: *const i64, out: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let bias = _mm512_set1_epi64(1 << 53);
+    let mut outside = _mm512_setzero_si512();
+    let mut t = 0;
+    while t + 8 <= out.len() {
+        let v = _mm512_loadu_si512(src.add(t) as *const _);
+        // v + 2^53 < 2^54 for every v in range
+        outside = _mm512_or_si512(outside, _mm512_srli_epi64::<54>(_mm512_add_epi64(v, bias)));
+        _mm256_storeu_ps(out.as_mut_ptr().add(t), _mm512_cvtepi64_ps(v));
+        t += 8;
+    }
+    if _mm512_test_epi64_mask(outside, outside) != 0 {
+        return 0;
     }
     t
 }
@@ -724,6 +754,35 @@ mod tests {
             let mut s64 = vec![0.0f64; src.len()];
             let want: Vec<f64> = src.iter().map(|&v| v as f64).collect();
             assert_eq!(m.row(0, &mut s64), &want[..], "skip {skip}");
+        }
+    }
+
+    /// The AVX-512 conversion on its own: every whole group of eight where
+    /// all values lie in [-2^53, 2^53) (values that round included), none
+    /// where one does not (the other paths then round through float64).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn int64_runs_convert_in_avx512_only_where_one_rounding_is_theirs() {
+        if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq")) {
+            eprintln!("no AVX-512DQ on this CPU: nothing to check");
+            return;
+        }
+        let mut vals: Vec<i64> = (-20..20).collect();
+        vals.extend([16_777_217, -16_777_219, (1 << 53) - 1, -(1 << 53), 0, 1, -1, 2, 1 << 40, 3]);
+        for len in [0, 7, 8, 19, vals.len()] {
+            let mut out = vec![f32::NAN; len];
+            // SAFETY: AVX-512F and DQ are present; `vals` holds `len` values.
+            let done = unsafe { i64_to_f32_avx512(vals.as_ptr(), &mut out) };
+            assert_eq!(done, len / 8 * 8);
+            let want: Vec<f32> = vals[..done].iter().map(|&v| v as f32).collect();
+            assert_eq!(&out[..done], &want[..]);
+        }
+        for outside in [1i64 << 53, -(1 << 53) - 1, i64::MAX, i64::MIN] {
+            let mut v = vals.clone();
+            v[11] = outside;
+            let mut out = vec![0.0f32; v.len()];
+            // SAFETY: as above.
+            assert_eq!(unsafe { i64_to_f32_avx512(v.as_ptr(), &mut out) }, 0, "{outside}");
         }
     }
 

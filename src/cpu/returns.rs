@@ -2,7 +2,8 @@
 //! formulas are in `ops/returns.rs`): one backward pass over each row,
 //! sixteen rows at a time (one per vector lane: a row's recurrence is a
 //! chain of dependent operations, and two AVX2 vectors of eight independent
-//! chains fill the pipeline and the vector units), column blocks from the
+//! chains, or one AVX-512 vector of sixteen, fill the pipeline while the
+//! moments' sums use the idle vector units), column blocks from the
 //! last to the first, moved between rows and lanes by transposes, lane
 //! groups in parallel, writing both outputs and each row's whitening
 //! moments; then, for GAE and REINFORCE++, the batch statistics and one pass
@@ -43,141 +44,127 @@ fn blocks_rev(cols: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).rev().map(move |k| (k * BLOCK, BLOCK.min(cols - k * BLOCK)))
 }
 
-/// The [`Moments`] of the rows of a lane group, one per lane, merged block
-/// by block in scan order (last block first). A block's moments are sums in
-/// float64 about a shift `k` near the block's mean, so they do not cancel
-/// when the values sit far from 0 next to their spread: `k` is the block's
-/// weighted mean in `F` (any rounding in it only moves the shift), then one
-/// float64 pass sums `n = sum m`, `s = sum m (x - k)` and `q = sum m (x - k)^2`.
-/// A token with `m = 0` adds nothing (a NaN value there is dropped, as
-/// verl's `masked_sum` drops it). Both loops are branch-free and run eight
-/// lanes at a time, so they vectorise with their accumulators in registers.
-#[derive(Default)]
+/// The whitening [`Moments`] of the rows of a lane group, one per lane,
+/// summed token by token in scan order (last column first) as the scan makes
+/// each value, in float64 about a shift `k`: the lane's first kept finite
+/// value (0 until there is one), so the sums do not cancel when the values
+/// sit far from 0 next to their spread. A shift that is one of the values is
+/// near enough: their mean is at most `sqrt(n - 1)` standard deviations away
+/// from any of them (Samuelson's inequality), so the variance `q - s^2 / n`
+/// loses at most `log2(n)` of float64's 53 bits. A token with weight `m = 0`
+/// adds nothing (a NaN value there is dropped, as verl's `masked_sum` drops
+/// it). Branch-free lane by lane. With AVX-512 the step runs inside the
+/// scan's loop (`steps::x512`), whose chain of dependent operations leaves
+/// the vector units idle most of the time, with the sums in registers;
+/// elsewhere the sixteen lanes' float64 sums do not fit the registers next
+/// to the recurrence's, and [`LaneMoments::add_block`] takes a pass of its
+/// own over each block, the same steps in the same order.
 struct LaneMoments {
-    rows: [Moments; LANES],
+    k: [f64; LANES],
+    have: [bool; LANES],
+    n: [f64; LANES],
+    s: [f64; LANES],
+    q: [f64; LANES],
 }
 
-/// Eight lanes of a lane group.
-const HALF: usize = 8;
+impl Default for LaneMoments {
+    fn default() -> Self {
+        LaneMoments { k: [0.0; LANES], have: [false; LANES], n: [0.0; LANES], s: [0.0; LANES], q: [0.0; LANES] }
+    }
+}
 
 impl LaneMoments {
-    /// Adds a block's columns.
+    /// Adds one column: weights `w`, values `x`.
     #[inline(always)]
-    fn add<F: Real>(&mut self, m: &[Col<F>], x: &[Col<F>]) {
-        for h in 0..LANES / HALF {
-            let (n, k, s, q) = half_moments(m, x, h * HALF);
-            for (l, row) in self.rows[h * HALF..(h + 1) * HALF].iter_mut().enumerate() {
-                *row = row.merge(Moments::shifted(n[l], k[l], s[l], q[l]));
+    fn add<F: Real>(&mut self, w: &Col<F>, x: &Col<F>) {
+        let zero = F::zero();
+        for l in 0..LANES {
+            let keep = w[l] != zero;
+            let v = if keep { x[l] } else { zero }.f64();
+            let newly = keep & !self.have[l] & v.is_finite();
+            self.k[l] = if newly { v } else { self.k[l] };
+            self.have[l] |= newly;
+            let (w, d) = (w[l].f64(), v - self.k[l]);
+            let wd = w * d;
+            self.n[l] += w;
+            self.s[l] += wd;
+            self.q[l] += wd * d;
+        }
+    }
+
+    /// Adds a block's columns, last first, as [`LaneMoments::add`] one by one.
+    #[inline(always)]
+    fn add_block<F: Real>(&mut self, w: &[Col<F>], x: &[Col<F>]) {
+        #[cfg(target_arch = "x86_64")]
+        if F::DTYPE == DType::F32 && std::is_x86_feature_detected!("avx2") {
+            let n = w.len().min(x.len());
+            // SAFETY: AVX2 is present; `F` is `f32`, so a column is `LANES` f32s.
+            return unsafe { self.add_block_avx2(w.as_ptr() as *const f32, x.as_ptr() as *const f32, n) };
+        }
+        let mut m = std::mem::take(self);
+        for t in (0..x.len()).rev() {
+            m.add(&w[t], &x[t]);
+        }
+        *self = m;
+    }
+
+    /// [`LaneMoments::add_block`] for float32 in AVX2, eight lanes at a
+    /// time: the same operations in the same order (no fused multiply-add),
+    /// so the same bits.
+    ///
+    /// # Safety
+    /// AVX2 is present; `w` and `x` point at `len` columns of `LANES` f32s.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_block_avx2(&mut self, w: *const f32, x: *const f32, len: usize) {
+        use std::arch::x86_64::*;
+        const _: () = assert!(LANES % 8 == 0);
+        let zs = _mm256_setzero_ps();
+        let inf = _mm256_set1_ps(f32::INFINITY);
+        let sign = _mm256_set1_ps(-0.0);
+        for at in (0..LANES).step_by(8) {
+            let ld = |a: &[f64; LANES]| [_mm256_loadu_pd(a.as_ptr().add(at)), _mm256_loadu_pd(a.as_ptr().add(at + 4))];
+            let (mut k, mut n, mut s, mut q) = (ld(&self.k), ld(&self.n), ld(&self.s), ld(&self.q));
+            let hv: [i32; 8] = std::array::from_fn(|l| -(self.have[at + l] as i32));
+            let mut have = _mm256_castsi256_ps(_mm256_loadu_si256(hv.as_ptr() as *const __m256i));
+            for t in (0..len).rev() {
+                let (wt, xt) = (_mm256_loadu_ps(w.add(t * LANES + at)), _mm256_loadu_ps(x.add(t * LANES + at)));
+                let keep = _mm256_cmp_ps::<_CMP_NEQ_UQ>(wt, zs);
+                let v = _mm256_and_ps(keep, xt);
+                let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_andnot_ps(sign, v), inf);
+                let newly = _mm256_andnot_ps(have, _mm256_and_ps(keep, finite));
+                have = _mm256_or_ps(have, newly);
+                let newly = _mm256_castps_si256(newly);
+                let wide = [_mm256_cvtepi32_epi64(_mm256_castsi256_si128(newly)), _mm256_cvtepi32_epi64(_mm256_extracti128_si256::<1>(newly))];
+                let ws = [_mm256_cvtps_pd(_mm256_castps256_ps128(wt)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(wt))];
+                let vs = [_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v))];
+                for h in 0..2 {
+                    k[h] = _mm256_blendv_pd(k[h], vs[h], _mm256_castsi256_pd(wide[h]));
+                    let d = _mm256_sub_pd(vs[h], k[h]);
+                    let wd = _mm256_mul_pd(ws[h], d);
+                    n[h] = _mm256_add_pd(n[h], ws[h]);
+                    s[h] = _mm256_add_pd(s[h], wd);
+                    q[h] = _mm256_add_pd(q[h], _mm256_mul_pd(wd, d));
+                }
+            }
+            let st = |a: &mut [f64; LANES], v: [__m256d; 2]| {
+                _mm256_storeu_pd(a.as_mut_ptr().add(at), v[0]);
+                _mm256_storeu_pd(a.as_mut_ptr().add(at + 4), v[1]);
+            };
+            st(&mut self.k, k);
+            st(&mut self.n, n);
+            st(&mut self.s, s);
+            st(&mut self.q, q);
+            let bits = _mm256_movemask_ps(have);
+            for l in 0..8 {
+                self.have[at + l] = (bits >> l) & 1 == 1;
             }
         }
     }
 
     fn rows(&self) -> [Moments; LANES] {
-        self.rows
+        std::array::from_fn(|l| Moments::shifted(self.n[l], self.k[l], self.s[l], self.q[l]))
     }
-}
-
-/// A block's shifted sums `(n, k, s, q)` (see [`LaneMoments`]) for lanes
-/// `at .. at + 8`, each lane's sums in column order: the same IEEE
-/// operations in the same order whether or not the loops vectorise.
-#[inline(always)]
-#[allow(clippy::type_complexity)]
-fn half_moments<F: Real>(m: &[Col<F>], x: &[Col<F>], at: usize) -> ([f64; HALF], [f64; HALF], [f64; HALF], [f64; HALF]) {
-    #[cfg(target_arch = "x86_64")]
-    if F::DTYPE == DType::F32 && std::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present; `F` is `f32`, so a column is `LANES` f32s.
-        return unsafe { half_moments_avx2(m.as_ptr() as *const f32, x.as_ptr() as *const f32, m.len().min(x.len()), at) };
-    }
-    half_moments_any(m, x, at)
-}
-
-/// [`half_moments`] on any target.
-#[inline(always)]
-#[allow(clippy::type_complexity)]
-fn half_moments_any<F: Real>(m: &[Col<F>], x: &[Col<F>], at: usize) -> ([f64; HALF], [f64; HALF], [f64; HALF], [f64; HALF]) {
-    let zero = F::zero();
-    let (mut sw, mut sx) = ([zero; HALF], [zero; HALF]);
-    for (mt, xt) in m.iter().zip(x) {
-        for l in 0..HALF {
-            let (w, v) = (mt[at + l], xt[at + l]);
-            let v = if w != zero { v } else { zero };
-            sw[l] = sw[l] + w;
-            sx[l] = sx[l] + w * v;
-        }
-    }
-    // the shift: finite by construction (0 for an empty block, an overflow or a NaN)
-    let k: [f64; HALF] = std::array::from_fn(|l| {
-        let k = (sx[l] / sw[l]).f64();
-        if k.is_finite() {
-            k
-        } else {
-            0.0
-        }
-    });
-    let (mut n, mut s, mut q) = ([0.0f64; HALF], [0.0f64; HALF], [0.0f64; HALF]);
-    for (mt, xt) in m.iter().zip(x) {
-        for l in 0..HALF {
-            let (w, v) = (mt[at + l], xt[at + l]);
-            let v = if w != zero { v } else { zero };
-            let (w, d) = (w.f64(), v.f64() - k[l]);
-            let wd = w * d;
-            n[l] += w;
-            s[l] += wd;
-            q[l] += wd * d;
-        }
-    }
-    (n, k, s, q)
-}
-
-/// [`half_moments`] for float32 in AVX2: the same operations in the same
-/// order (no fused multiply-add), so the same bits.
-///
-/// # Safety
-/// AVX2 is present; `m` and `x` point at `len` columns of `LANES` f32s.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::type_complexity)]
-unsafe fn half_moments_avx2(m: *const f32, x: *const f32, len: usize, at: usize) -> ([f64; HALF], [f64; HALF], [f64; HALF], [f64; HALF]) {
-    use std::arch::x86_64::*;
-    const _: () = assert!(HALF == 8);
-    let zs = _mm256_setzero_ps();
-    let col = |p: *const f32, t: usize| _mm256_loadu_ps(p.add(t * LANES + at));
-    // the value where the weight is not 0, else 0
-    let kept = |w: __m256, v: __m256| _mm256_and_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(w, zs), v);
-    let (mut sw, mut sx) = (zs, zs);
-    for t in 0..len {
-        let (w, v) = (col(m, t), col(x, t));
-        sw = _mm256_add_ps(sw, w);
-        sx = _mm256_add_ps(sx, _mm256_mul_ps(w, kept(w, v)));
-    }
-    let k32 = _mm256_div_ps(sx, sw);
-    let fin = |k: __m256d| {
-        let abs = _mm256_andnot_pd(_mm256_set1_pd(-0.0), k);
-        _mm256_and_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(abs, _mm256_set1_pd(f64::INFINITY)), k)
-    };
-    let k = [fin(_mm256_cvtps_pd(_mm256_castps256_ps128(k32))), fin(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(k32)))];
-    let zd = _mm256_setzero_pd();
-    let (mut n, mut s, mut q) = ([zd; 2], [zd; 2], [zd; 2]);
-    for t in 0..len {
-        let (w, v) = (col(m, t), col(x, t));
-        let v = kept(w, v);
-        let ws = [_mm256_cvtps_pd(_mm256_castps256_ps128(w)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w))];
-        let vs = [_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v))];
-        for h in 0..2 {
-            let d = _mm256_sub_pd(vs[h], k[h]);
-            let wd = _mm256_mul_pd(ws[h], d);
-            n[h] = _mm256_add_pd(n[h], ws[h]);
-            s[h] = _mm256_add_pd(s[h], wd);
-            q[h] = _mm256_add_pd(q[h], _mm256_mul_pd(wd, d));
-        }
-    }
-    let out = |v: [__m256d; 2]| -> [f64; HALF] {
-        let mut a = [0.0; HALF];
-        _mm256_storeu_pd(a.as_mut_ptr(), v[0]);
-        _mm256_storeu_pd(a.as_mut_ptr().add(4), v[1]);
-        a
-    };
-    (out(n), out(k), out(s), out(q))
 }
 
 /// `LANES` values, one per row of a lane group, at one column.
@@ -467,6 +454,232 @@ unsafe fn put<F: Real>(out: &MatMut, i: usize, start: usize, src: &[F]) {
     }
 }
 
+/// The state a lane group carries from one block to the next (to the left):
+/// GAE's next value and advantage, REINFORCE++'s running return, and the
+/// whitening moments.
+struct Carry<F> {
+    nv: Col<F>,
+    g: Col<F>,
+    run: Col<F>,
+    mom: LaneMoments,
+}
+
+impl<F: Real> Default for Carry<F> {
+    fn default() -> Self {
+        let z = [F::zero(); LANES];
+        Carry { nv: z, g: z, run: z, mom: LaneMoments::default() }
+    }
+}
+
+/// The recurrences over one block of a lane group's columns, last column
+/// first, with the whitening moments summed as each value is made: verl's
+/// loop step in the compute type, the same IEEE operations in the same order
+/// on every path (so the same bits). Float32 runs in AVX-512 where the CPU
+/// has it, one vector per column.
+mod steps {
+    use super::{Carry, Col};
+    use crate::tensor::{DType, Real};
+
+    /// GAE: `adv` gets the raw advantages, `ret` (if any) `adv + v`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn gae<F: Real>(c: &mut Carry<F>, gamma: f64, lam: f64, r: &[Col<F>], m: &[Col<F>], v: &[Col<F>], adv: &mut [Col<F>], ret: Option<&mut [Col<F>]>) {
+        #[cfg(target_arch = "x86_64")]
+        if F::DTYPE == DType::F32 && avx512() {
+            let c = unsafe { &mut *(c as *mut Carry<F> as *mut Carry<f32>) };
+            let cast = |x: &[Col<F>]| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const Col<f32>, x.len()) };
+            let adv = unsafe { std::slice::from_raw_parts_mut(adv.as_mut_ptr() as *mut Col<f32>, adv.len()) };
+            let ret = ret.map(|x| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut Col<f32>, x.len()) });
+            // SAFETY: AVX-512F is present; `F` is `f32`.
+            return unsafe { x512::gae(c, gamma as f32, (gamma * lam) as f32, cast(r), cast(m), cast(v), adv, ret) };
+        }
+        gae_any(c, gamma, lam, r, m, v, adv, ret)
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gae_any<F: Real>(c: &mut Carry<F>, gamma: f64, lam: f64, r: &[Col<F>], m: &[Col<F>], v: &[Col<F>], adv: &mut [Col<F>], mut ret: Option<&mut [Col<F>]>) {
+        let one = F::one();
+        let (gamma, k) = (F::of(gamma), F::of(gamma * lam));
+        let (mut nv, mut g) = (c.nv, c.g);
+        for t in (0..adv.len()).rev() {
+            let (rt, mt, vt) = (r[t], m[t], v[t]);
+            let delta: Col<F> = std::array::from_fn(|l| rt[l] + gamma * nv[l] - vt[l]);
+            let g_new: Col<F> = std::array::from_fn(|l| delta[l] + k * g[l]);
+            nv = std::array::from_fn(|l| vt[l] * mt[l] + (one - mt[l]) * nv[l]);
+            g = std::array::from_fn(|l| g_new[l] * mt[l] + (one - mt[l]) * g[l]);
+            adv[t] = g;
+            if let Some(ret) = ret.as_deref_mut() {
+                ret[t] = std::array::from_fn(|l| g[l] + vt[l]);
+            }
+        }
+        (c.nv, c.g) = (nv, g);
+        // (a pass of its own here: the moments' float64 sums of sixteen lanes
+        // do not fit the registers next to the recurrence's without AVX-512)
+        c.mom.add_block(m, adv);
+    }
+
+    /// REINFORCE++: `ret` gets the masked discounted returns.
+    #[inline(always)]
+    pub fn rfpp<F: Real>(c: &mut Carry<F>, gamma: f64, r: &[Col<F>], m: &[Col<F>], ret: &mut [Col<F>]) {
+        #[cfg(target_arch = "x86_64")]
+        if F::DTYPE == DType::F32 && avx512() {
+            let c = unsafe { &mut *(c as *mut Carry<F> as *mut Carry<f32>) };
+            let cast = |x: &[Col<F>]| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const Col<f32>, x.len()) };
+            let ret = unsafe { std::slice::from_raw_parts_mut(ret.as_mut_ptr() as *mut Col<f32>, ret.len()) };
+            // SAFETY: AVX-512F is present; `F` is `f32`.
+            return unsafe { x512::rfpp(c, gamma as f32, cast(r), cast(m), ret) };
+        }
+        rfpp_any(c, gamma, r, m, ret)
+    }
+
+    #[inline(always)]
+    pub(super) fn rfpp_any<F: Real>(c: &mut Carry<F>, gamma: f64, r: &[Col<F>], m: &[Col<F>], ret: &mut [Col<F>]) {
+        let one = F::one();
+        let gamma = F::of(gamma);
+        let mut run = c.run;
+        for t in (0..ret.len()).rev() {
+            let (rt, mt) = (r[t], m[t]);
+            let new: Col<F> = std::array::from_fn(|l| rt[l] + gamma * run[l]);
+            ret[t] = std::array::from_fn(|l| new[l] * mt[l]);
+            run = std::array::from_fn(|l| new[l] * mt[l] + run[l] * (one - mt[l]));
+        }
+        c.run = run;
+        c.mom.add_block(m, ret);
+    }
+
+    /// Whether the CPU has AVX-512F (and the tests have not turned it off).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(super) fn avx512() -> bool {
+        std::is_x86_feature_detected!("avx512f")
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub(super) mod x512 {
+        use super::super::{Carry, Col, LaneMoments, LANES};
+        use std::arch::x86_64::*;
+        const _: () = assert!(LANES == 16);
+
+        /// A lane group's moments in registers: the shift, whether it is
+        /// set, and the sums, each in two halves of eight float64 lanes.
+        struct Mom {
+            k: [__m512d; 2],
+            have: __mmask16,
+            n: [__m512d; 2],
+            s: [__m512d; 2],
+            q: [__m512d; 2],
+        }
+
+        impl Mom {
+            #[inline(always)]
+            unsafe fn load(m: &LaneMoments) -> Self {
+                let ld = |a: &[f64; LANES]| [_mm512_loadu_pd(a.as_ptr()), _mm512_loadu_pd(a.as_ptr().add(8))];
+                let mut have = 0u16;
+                for (l, &h) in m.have.iter().enumerate() {
+                    have |= (h as u16) << l;
+                }
+                Mom { k: ld(&m.k), have, n: ld(&m.n), s: ld(&m.s), q: ld(&m.q) }
+            }
+
+            #[inline(always)]
+            unsafe fn save(&self, m: &mut LaneMoments) {
+                let st = |a: &mut [f64; LANES], v: [__m512d; 2]| {
+                    _mm512_storeu_pd(a.as_mut_ptr(), v[0]);
+                    _mm512_storeu_pd(a.as_mut_ptr().add(8), v[1]);
+                };
+                st(&mut m.k, self.k);
+                st(&mut m.n, self.n);
+                st(&mut m.s, self.s);
+                st(&mut m.q, self.q);
+                for (l, h) in m.have.iter_mut().enumerate() {
+                    *h = (self.have >> l) & 1 == 1;
+                }
+            }
+
+            /// [`LaneMoments::add`], sixteen lanes at once.
+            #[inline(always)]
+            unsafe fn add(&mut self, w: __m512, x: __m512) {
+                let keep = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(w, _mm512_setzero_ps());
+                let v = _mm512_maskz_mov_ps(keep, x);
+                let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(v), _mm512_set1_ps(f32::INFINITY));
+                let newly = keep & !self.have & finite;
+                self.have |= newly;
+                let half = |a: __m512, h: usize| {
+                    let d = _mm512_castps_pd(a);
+                    _mm512_cvtps_pd(_mm256_castpd_ps(if h == 0 { _mm512_castpd512_pd256(d) } else { _mm512_extractf64x4_pd::<1>(d) }))
+                };
+                for h in 0..2 {
+                    let (wh, vh) = (half(w, h), half(v, h));
+                    self.k[h] = _mm512_mask_mov_pd(self.k[h], (newly >> (8 * h)) as u8, vh);
+                    let d = _mm512_sub_pd(vh, self.k[h]);
+                    let wd = _mm512_mul_pd(wh, d);
+                    self.n[h] = _mm512_add_pd(self.n[h], wh);
+                    self.s[h] = _mm512_add_pd(self.s[h], wd);
+                    self.q[h] = _mm512_add_pd(self.q[h], _mm512_mul_pd(wd, d));
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn col(x: &[Col<f32>], t: usize) -> __m512 {
+            _mm512_loadu_ps(x.as_ptr().add(t) as *const f32)
+        }
+
+        #[inline(always)]
+        unsafe fn put(x: &mut [Col<f32>], t: usize, v: __m512) {
+            _mm512_storeu_ps(x.as_mut_ptr().add(t) as *mut f32, v)
+        }
+
+        /// [`super::gae_any`] for float32.
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn gae(c: &mut Carry<f32>, gamma: f32, k: f32, r: &[Col<f32>], m: &[Col<f32>], v: &[Col<f32>], adv: &mut [Col<f32>], mut ret: Option<&mut [Col<f32>]>) {
+            let len = adv.len();
+            assert!(r.len() >= len && m.len() >= len && v.len() >= len && ret.as_ref().map_or(true, |x| x.len() >= len));
+            let (one, gamma, k) = (_mm512_set1_ps(1.0), _mm512_set1_ps(gamma), _mm512_set1_ps(k));
+            let (mut nv, mut g) = (col(&[c.nv], 0), col(&[c.g], 0));
+            let mut mom = Mom::load(&c.mom);
+            for t in (0..len).rev() {
+                let (rt, mt, vt) = (col(r, t), col(m, t), col(v, t));
+                let delta = _mm512_sub_ps(_mm512_add_ps(rt, _mm512_mul_ps(gamma, nv)), vt);
+                let g_new = _mm512_add_ps(delta, _mm512_mul_ps(k, g));
+                let om = _mm512_sub_ps(one, mt);
+                nv = _mm512_add_ps(_mm512_mul_ps(vt, mt), _mm512_mul_ps(om, nv));
+                g = _mm512_add_ps(_mm512_mul_ps(g_new, mt), _mm512_mul_ps(om, g));
+                put(adv, t, g);
+                mom.add(mt, g);
+                if let Some(ret) = ret.as_deref_mut() {
+                    put(ret, t, _mm512_add_ps(g, vt));
+                }
+            }
+            put(std::slice::from_mut(&mut c.nv), 0, nv);
+            put(std::slice::from_mut(&mut c.g), 0, g);
+            mom.save(&mut c.mom);
+        }
+
+        /// [`super::rfpp_any`] for float32.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn rfpp(c: &mut Carry<f32>, gamma: f32, r: &[Col<f32>], m: &[Col<f32>], ret: &mut [Col<f32>]) {
+            let len = ret.len();
+            assert!(r.len() >= len && m.len() >= len);
+            let (one, gamma) = (_mm512_set1_ps(1.0), _mm512_set1_ps(gamma));
+            let mut run = col(&[c.run], 0);
+            let mut mom = Mom::load(&c.mom);
+            for t in (0..len).rev() {
+                let (rt, mt) = (col(r, t), col(m, t));
+                let new = _mm512_add_ps(rt, _mm512_mul_ps(gamma, run));
+                let x = _mm512_mul_ps(new, mt);
+                put(ret, t, x);
+                mom.add(mt, x);
+                run = _mm512_add_ps(x, _mm512_mul_ps(run, _mm512_sub_ps(one, mt)));
+            }
+            put(std::slice::from_mut(&mut c.run), 0, run);
+            mom.save(&mut c.mom);
+        }
+    }
+}
+
 fn run<F: Real>(p: &ReturnsProblem) -> Result<()> {
     let (rows, cols) = (p.rewards.rows, p.rewards.cols);
     let arg = p.rewards.tensor.arg;
@@ -558,11 +771,7 @@ unsafe fn scan_group_avx2<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s
 
 #[inline(always)]
 fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut Scratch<F>) -> ([Moments; LANES], usize) {
-    let one = F::one();
-    let zero = F::zero();
-    let mut mom = LaneMoments::default();
-    // the state each lane carries from one block to the next (to the left)
-    let (mut nv, mut g, mut run, mut acc) = ([zero; LANES], [zero; LANES], [zero; LANES], [0.0f64; LANES]);
+    let mut c = Carry::<F>::default();
     let rfpp = matches!(p.estimator, ReturnsEstimator::ReinforcePlusPlus { .. });
     // REINFORCE++ writes its advantages in the whitening pass; until then
     // they hold the mask in `F` where they are `F` runs, so that pass reads
@@ -574,6 +783,7 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
         && p.advantages.is_direct::<F>()
         && p.returns.is_direct::<F>()
         && p.values.as_ref().is_some_and(|v| v.is_direct::<F>());
+    let mut acc = [0.0f64; LANES];
     for (start, len) in blocks_rev(p.rewards.cols) {
         load(&p.rewards, first, n, start, len, &mut s.row, &mut s.r);
         if mask_in_adv {
@@ -588,30 +798,11 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
             ReturnsEstimator::Gae { gamma, lam } => {
                 load(p.values.as_ref().expect("validated"), first, n, start, len, &mut s.row, &mut s.v);
                 let v = &s.v[..len];
-                let (gamma, c) = (F::of(gamma), F::of(gamma * lam));
-                for t in (0..len).rev() {
-                    let (rt, mt, vt) = (r[t], m[t], v[t]);
-                    let delta: Col<F> = std::array::from_fn(|l| rt[l] + gamma * nv[l] - vt[l]);
-                    let g_new: Col<F> = std::array::from_fn(|l| delta[l] + c * g[l]);
-                    nv = std::array::from_fn(|l| vt[l] * mt[l] + (one - mt[l]) * nv[l]);
-                    g = std::array::from_fn(|l| g_new[l] * mt[l] + (one - mt[l]) * g[l]);
-                    adv[t] = g;
-                    if !ret_by_rows {
-                        ret[t] = std::array::from_fn(|l| g[l] + vt[l]);
-                    }
-                }
-                mom.add(m, adv);
+                steps::gae(&mut c, gamma, lam, r, m, v, adv, (!ret_by_rows).then_some(ret));
             }
             ReturnsEstimator::ReinforcePlusPlus { gamma } => {
-                let gamma = F::of(gamma);
-                for t in (0..len).rev() {
-                    let (rt, mt) = (r[t], m[t]);
-                    let new: Col<F> = std::array::from_fn(|l| rt[l] + gamma * run[l]);
-                    ret[t] = std::array::from_fn(|l| new[l] * mt[l]);
-                    run = std::array::from_fn(|l| new[l] * mt[l] + run[l] * (one - mt[l]));
-                }
-                mom.add(m, ret);
                 // (the advantages are written by the whitening pass)
+                steps::rfpp(&mut c, gamma, r, m, ret);
             }
             ReturnsEstimator::Remax => {
                 load(p.baselines.as_ref().expect("validated"), first, n, start, len, &mut s.row, &mut s.v);
@@ -639,7 +830,7 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
             }
         }
     }
-    (mom.rows(), n)
+    (c.mom.rows(), n)
 }
 
 #[cfg(test)]
@@ -683,37 +874,91 @@ mod tests {
         (m, x)
     }
 
+    fn bits(m: &LaneMoments) -> Vec<u64> {
+        [m.k, m.n, m.s, m.q].iter().flat_map(|a| a.map(|x| if x.is_nan() { u64::MAX } else { x.to_bits() })).chain(m.have.map(|h| h as u64)).collect()
+    }
+
     #[test]
-    fn block_moments_take_the_same_steps_on_every_path_and_keep_their_digits() {
+    fn lane_moments_take_the_same_steps_on_every_path_and_keep_their_digits() {
         for (len, seed) in [(1, 1), (7, 2), (64, 3), (BLOCK, 4), (300, 5)] {
             let (m, x) = columns(len, seed);
-            for at in [0, HALF] {
-                let any = half_moments_any(&m, &x, at);
-                #[cfg(target_arch = "x86_64")]
-                if std::is_x86_feature_detected!("avx2") {
+            // two blocks, as a scan adds them: the second part first
+            let cut = len / 3;
+            let mut any = LaneMoments::default();
+            for t in (0..len).rev() {
+                any.add(&m[t], &x[t]);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                let mut avx = LaneMoments::default();
+                for (lo, hi) in [(cut, len), (0, cut)] {
                     // SAFETY: AVX2 is present; the columns are `LANES` f32s.
-                    let avx = unsafe { half_moments_avx2(m.as_ptr() as *const f32, x.as_ptr() as *const f32, len, at) };
-                    let bits = |a: &[f64; HALF]| a.map(f64::to_bits);
-                    assert_eq!([any.0, any.1, any.2, any.3].map(|a| bits(&a)), [avx.0, avx.1, avx.2, avx.3].map(|a| bits(&a)));
+                    unsafe { avx.add_block_avx2(m[lo..].as_ptr() as *const f32, x[lo..].as_ptr() as *const f32, hi - lo) };
                 }
-                // against the two-pass moments in float64 of the kept tokens
-                for l in 0..HALF {
-                    let kept: Vec<(f64, f64)> = (0..len)
-                        .filter(|&t| m[t][at + l] != 0.0)
-                        .map(|t| (m[t][at + l] as f64, x[t][at + l] as f64))
-                        .collect();
-                    let n: f64 = kept.iter().map(|k| k.0).sum();
-                    let got = Moments::shifted(any.0[l], any.1[l], any.2[l], any.3[l]);
-                    assert_eq!(got.n, n);
-                    if n <= 0.0 {
-                        continue;
-                    }
-                    let mean = kept.iter().map(|k| k.0 * k.1).sum::<f64>() / n;
-                    let m2: f64 = kept.iter().map(|k| k.0 * (k.1 - mean) * (k.1 - mean)).sum();
-                    let scale = kept.iter().map(|k| k.1.abs()).fold(0.0, f64::max);
-                    assert!((got.mean - mean).abs() <= 1e-12 * scale, "lane {l}: mean {} vs {mean}", got.mean);
-                    assert!((got.m2 - m2).abs() <= 1e-9 * m2.abs().max(1e-300), "lane {l}: m2 {} vs {m2}", got.m2);
+                assert_eq!(bits(&any), bits(&avx));
+            }
+            // against the two-pass moments in float64 of the kept tokens
+            let got = any.rows();
+            for l in 0..LANES {
+                let kept: Vec<(f64, f64)> =
+                    (0..len).filter(|&t| m[t][l] != 0.0).map(|t| (m[t][l] as f64, x[t][l] as f64)).collect();
+                let n: f64 = kept.iter().map(|k| k.0).sum();
+                assert_eq!(got[l].n, n);
+                if n <= 0.0 || kept.iter().any(|k| !k.1.is_finite()) {
+                    continue;
                 }
+                let mean = kept.iter().map(|k| k.0 * k.1).sum::<f64>() / n;
+                let m2: f64 = kept.iter().map(|k| k.0 * (k.1 - mean) * (k.1 - mean)).sum();
+                let scale = kept.iter().map(|k| k.1.abs()).fold(0.0, f64::max);
+                assert!((got[l].mean - mean).abs() <= 1e-12 * scale, "lane {l}: mean {} vs {mean}", got[l].mean);
+                assert!((got[l].m2 - m2).abs() <= 1e-9 * m2.abs().max(1e-300), "lane {l}: m2 {} vs {m2}", got[l].m2);
+            }
+        }
+    }
+
+    /// The AVX-512 recurrences against the portable ones, over two blocks
+    /// with the carry between them: the same bits in every output, the
+    /// carried state and the moments.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_steps_are_the_portable_steps() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 on this CPU: nothing to compare");
+            return;
+        }
+        // (a NaN's sign and payload depend on the order of an operation's
+        // operands, which the compiler may swap: every NaN counts as one)
+        let col_bits =
+            |c: &[Col<f32>]| c.iter().flat_map(|c| c.map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })).collect::<Vec<_>>();
+        for (len, seed) in [(1, 11), (9, 12), (BLOCK, 13), (333, 14)] {
+            let (m, v) = columns(len, seed);
+            let (_, r) = columns(len, seed + 100);
+            let cut = len / 2;
+            for (gamma, lam) in [(1.0, 0.95), (0.99, 1.0), (0.5, 0.25)] {
+                let (mut ca, mut cb) = (Carry::<f32>::default(), Carry::<f32>::default());
+                let zero = [[0.0f32; LANES]; BLOCK];
+                let (mut adv_a, mut ret_a, mut adv_b, mut ret_b) = (zero, zero, zero, zero);
+                for (lo, hi) in [(cut, len), (0, cut)] {
+                    steps::gae_any(&mut ca, gamma, lam, &r[lo..hi], &m[lo..hi], &v[lo..hi], &mut adv_a[lo..hi], Some(&mut ret_a[lo..hi]));
+                    // SAFETY: AVX-512F is present.
+                    unsafe {
+                        steps::x512::gae(&mut cb, gamma as f32, (gamma * lam) as f32, &r[lo..hi], &m[lo..hi], &v[lo..hi], &mut adv_b[lo..hi], Some(&mut ret_b[lo..hi]))
+                    };
+                }
+                assert_eq!(col_bits(&adv_a[..len]), col_bits(&adv_b[..len]));
+                assert_eq!(col_bits(&ret_a[..len]), col_bits(&ret_b[..len]));
+                assert_eq!(col_bits(&[ca.nv, ca.g]), col_bits(&[cb.nv, cb.g]));
+                assert_eq!(bits(&ca.mom), bits(&cb.mom));
+
+                let (mut ca, mut cb) = (Carry::<f32>::default(), Carry::<f32>::default());
+                for (lo, hi) in [(cut, len), (0, cut)] {
+                    steps::rfpp_any(&mut ca, gamma, &r[lo..hi], &m[lo..hi], &mut ret_a[lo..hi]);
+                    // SAFETY: AVX-512F is present.
+                    unsafe { steps::x512::rfpp(&mut cb, gamma as f32, &r[lo..hi], &m[lo..hi], &mut ret_b[lo..hi]) };
+                }
+                assert_eq!(col_bits(&ret_a[..len]), col_bits(&ret_b[..len]));
+                assert_eq!(col_bits(&[ca.run]), col_bits(&[cb.run]));
+                assert_eq!(bits(&ca.mom), bits(&cb.mom));
             }
         }
     }
