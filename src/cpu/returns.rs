@@ -205,46 +205,34 @@ impl<F: Real> Scratch<F> {
 
 /// Loads columns `start .. start + len` of rows `first ..` (`n` of them) of
 /// `x` into `dst[t][lane]` (through `rows`, `LANES` row buffers of `BLOCK`,
-/// where a row needs converting); lanes past `n` are zero.
-#[inline(always)]
-fn load<F: Real>(x: &Mat, first: usize, n: usize, start: usize, len: usize, rows: &mut [F], dst: &mut [Col<F>]) {
-    let mut src = [std::ptr::null::<F>(); LANES];
-    for (l, (buf, s)) in rows.chunks_exact_mut(BLOCK).zip(src.iter_mut()).enumerate() {
-        *s = if l < n {
-            x.part::<F>(first + l, start, len, buf).as_ptr()
-        } else {
-            buf[..len].fill(F::zero());
-            buf.as_ptr()
-        };
-    }
-    // SAFETY: each pointer is `len` readable elements, disjoint from `dst`.
-    unsafe { transpose::rows_to_cols(&src, &mut dst[..len]) };
-}
-
-/// [`load`] of the mask that also leaves each row's mask, as `F`, in the
-/// same columns of `out` (contiguous `F` rows): the conversion is written
-/// there instead of into a row buffer, and the transpose reads it back.
+/// where a row needs converting); lanes past `n` are zero. With `through`,
+/// each row, as `F`, is also left in the same columns of that output where
+/// its rows are contiguous `F` runs: the conversion is written there instead
+/// of into a row buffer, and the transpose reads it back.
 ///
 /// # Safety
-/// No other task may access these rows of `out` at the same time.
+/// With `through`, no other task may access these rows of it at the same time.
 #[inline(always)]
-unsafe fn load_through<F: Real>(x: &Mat, out: &MatMut, first: usize, n: usize, start: usize, len: usize, rows: &mut [F], dst: &mut [Col<F>]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn load<F: Real>(x: &Mat, through: Option<&MatMut>, first: usize, n: usize, start: usize, len: usize, rows: &mut [F], dst: &mut [Col<F>]) {
     let mut src = [std::ptr::null::<F>(); LANES];
     for (l, (buf, s)) in rows.chunks_exact_mut(BLOCK).zip(src.iter_mut()).enumerate() {
-        *s = match (l < n).then(|| out.direct_part::<F>(first + l, start, len)).flatten() {
+        if l >= n {
+            buf[..len].fill(F::zero());
+            *s = buf.as_ptr();
+            continue;
+        }
+        *s = match through.and_then(|out| out.direct_part::<F>(first + l, start, len)) {
             Some(run) => {
                 let to = run.as_mut_ptr();
                 let got = x.part::<F>(first + l, start, len, run).as_ptr();
                 if got != to as *const F {
-                    // the mask already was an `F` run, elsewhere: copy it
+                    // `x` already was an `F` run, elsewhere: copy it
                     std::ptr::copy_nonoverlapping(got, to, len);
                 }
                 to as *const F
             }
-            None => {
-                buf[..len].fill(F::zero());
-                buf.as_ptr()
-            }
+            None => x.part::<F>(first + l, start, len, buf).as_ptr(),
         };
     }
     // SAFETY: each pointer is `len` readable elements, disjoint from `dst`.
@@ -785,18 +773,17 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
         && p.values.as_ref().is_some_and(|v| v.is_direct::<F>());
     let mut acc = [0.0f64; LANES];
     for (start, len) in blocks_rev(p.rewards.cols) {
-        load(&p.rewards, first, n, start, len, &mut s.row, &mut s.r);
-        if mask_in_adv {
-            // SAFETY: the rows of this group are written by this task only.
-            unsafe { load_through(&p.mask, &p.advantages, first, n, start, len, &mut s.row, &mut s.m) };
-        } else {
-            load(&p.mask, first, n, start, len, &mut s.row, &mut s.m);
+        // SAFETY: the rows of this group are written by this task only.
+        unsafe {
+            load(&p.rewards, None, first, n, start, len, &mut s.row, &mut s.r);
+            load(&p.mask, mask_in_adv.then_some(&p.advantages), first, n, start, len, &mut s.row, &mut s.m);
         }
         let (r, m) = (&s.r[..len], &s.m[..len]);
         let (adv, ret) = (&mut s.adv[..len], &mut s.ret[..len]);
         match p.estimator {
             ReturnsEstimator::Gae { gamma, lam } => {
-                load(p.values.as_ref().expect("validated"), first, n, start, len, &mut s.row, &mut s.v);
+                // SAFETY: no output to write through
+                unsafe { load(p.values.as_ref().expect("validated"), None, first, n, start, len, &mut s.row, &mut s.v) };
                 let v = &s.v[..len];
                 steps::gae(&mut c, gamma, lam, r, m, v, adv, (!ret_by_rows).then_some(ret));
             }
@@ -805,7 +792,8 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
                 steps::rfpp(&mut c, gamma, r, m, ret);
             }
             ReturnsEstimator::Remax => {
-                load(p.baselines.as_ref().expect("validated"), first, n, start, len, &mut s.row, &mut s.v);
+                // SAFETY: no output to write through
+                unsafe { load(p.baselines.as_ref().expect("validated"), None, first, n, start, len, &mut s.row, &mut s.v) };
                 let b = &s.v[..len];
                 for t in (0..len).rev() {
                     let (rt, mt, bt) = (r[t], m[t], b[t]);
