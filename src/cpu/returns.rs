@@ -118,7 +118,7 @@ impl LaneMoments {
     #[target_feature(enable = "avx2")]
     unsafe fn add_block_avx2(&mut self, w: *const f32, x: *const f32, len: usize) {
         use std::arch::x86_64::*;
-        const _: () = assert!(LANES % 8 == 0);
+        const _: () = assert!(LANES.is_multiple_of(8));
         let zs = _mm256_setzero_ps();
         let inf = _mm256_set1_ps(f32::INFINITY);
         let sign = _mm256_set1_ps(-0.0);
@@ -226,7 +226,7 @@ unsafe fn load<F: Real>(x: &Mat, through: Option<&MatMut>, first: usize, n: usiz
             Some(run) => {
                 let to = run.as_mut_ptr();
                 let got = x.part::<F>(first + l, start, len, run).as_ptr();
-                if got != to as *const F {
+                if !std::ptr::eq(got, to) {
                     // `x` already was an `F` run, elsewhere: copy it
                     std::ptr::copy_nonoverlapping(got, to, len);
                 }
@@ -337,7 +337,7 @@ mod transpose {
     mod avx {
         use super::LANES;
         use std::arch::x86_64::*;
-        const _: () = assert!(LANES % 8 == 0);
+        const _: () = assert!(LANES.is_multiple_of(8));
 
         /// The 8×8 transpose of eight rows of eight floats.
         #[inline]
@@ -474,12 +474,15 @@ mod steps {
     pub fn gae<F: Real>(c: &mut Carry<F>, gamma: f64, lam: f64, r: &[Col<F>], m: &[Col<F>], v: &[Col<F>], adv: &mut [Col<F>], ret: Option<&mut [Col<F>]>) {
         #[cfg(target_arch = "x86_64")]
         if F::DTYPE == DType::F32 && avx512() {
-            let c = unsafe { &mut *(c as *mut Carry<F> as *mut Carry<f32>) };
-            let cast = |x: &[Col<F>]| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const Col<f32>, x.len()) };
-            let adv = unsafe { std::slice::from_raw_parts_mut(adv.as_mut_ptr() as *mut Col<f32>, adv.len()) };
-            let ret = ret.map(|x| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut Col<f32>, x.len()) });
-            // SAFETY: AVX-512F is present; `F` is `f32`.
-            return unsafe { x512::gae(c, gamma as f32, (gamma * lam) as f32, cast(r), cast(m), cast(v), adv, ret) };
+            // SAFETY: `F` is `f32` (the only `Real` of that dtype), so each
+            // cast views the same memory at its own type; AVX-512F is present.
+            unsafe {
+                let c = &mut *(c as *mut Carry<F> as *mut Carry<f32>);
+                let cast = |x: &[Col<F>]| std::slice::from_raw_parts(x.as_ptr() as *const Col<f32>, x.len());
+                let adv = std::slice::from_raw_parts_mut(adv.as_mut_ptr() as *mut Col<f32>, adv.len());
+                let ret = ret.map(|x| std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut Col<f32>, x.len()));
+                return x512::gae(c, gamma as f32, (gamma * lam) as f32, cast(r), cast(m), cast(v), adv, ret);
+            }
         }
         gae_any(c, gamma, lam, r, m, v, adv, ret)
     }
@@ -512,11 +515,13 @@ mod steps {
     pub fn rfpp<F: Real>(c: &mut Carry<F>, gamma: f64, r: &[Col<F>], m: &[Col<F>], ret: &mut [Col<F>]) {
         #[cfg(target_arch = "x86_64")]
         if F::DTYPE == DType::F32 && avx512() {
-            let c = unsafe { &mut *(c as *mut Carry<F> as *mut Carry<f32>) };
-            let cast = |x: &[Col<F>]| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const Col<f32>, x.len()) };
-            let ret = unsafe { std::slice::from_raw_parts_mut(ret.as_mut_ptr() as *mut Col<f32>, ret.len()) };
-            // SAFETY: AVX-512F is present; `F` is `f32`.
-            return unsafe { x512::rfpp(c, gamma as f32, cast(r), cast(m), ret) };
+            // SAFETY: as in `gae`.
+            unsafe {
+                let c = &mut *(c as *mut Carry<F> as *mut Carry<f32>);
+                let cast = |x: &[Col<F>]| std::slice::from_raw_parts(x.as_ptr() as *const Col<f32>, x.len());
+                let ret = std::slice::from_raw_parts_mut(ret.as_mut_ptr() as *mut Col<f32>, ret.len());
+                return x512::rfpp(c, gamma as f32, cast(r), cast(m), ret);
+            }
         }
         rfpp_any(c, gamma, r, m, ret)
     }
@@ -624,7 +629,7 @@ mod steps {
         #[allow(clippy::too_many_arguments)]
         pub unsafe fn gae(c: &mut Carry<f32>, gamma: f32, k: f32, r: &[Col<f32>], m: &[Col<f32>], v: &[Col<f32>], adv: &mut [Col<f32>], mut ret: Option<&mut [Col<f32>]>) {
             let len = adv.len();
-            assert!(r.len() >= len && m.len() >= len && v.len() >= len && ret.as_ref().map_or(true, |x| x.len() >= len));
+            assert!(r.len() >= len && m.len() >= len && v.len() >= len && ret.as_ref().is_none_or(|x| x.len() >= len));
             let (one, gamma, k) = (_mm512_set1_ps(1.0), _mm512_set1_ps(gamma), _mm512_set1_ps(k));
             let (mut nv, mut g) = (col(&[c.nv], 0), col(&[c.g], 0));
             let mut mom = Mom::load(&c.mom);
