@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::ops::agg_loss::AggPlan;
 use crate::ops::plus_eps;
 use crate::ops::policy_loss::{Clip, LengthDiagnostics, LossMode, PolicyLossOutput, PolicyLossProblem, RowLength};
-use crate::tensor::{piece_scratch, pieces, DType, Mat, Real, PIECE};
+use crate::tensor::{piece_scratch, pieces, DType, Mat, MatMut, Real, PIECE};
 use num_traits::Float;
 
 /// One token's loss, its derivative in `lp`, and the metric flags.
@@ -413,6 +413,64 @@ impl<F: Real> Scratch<F> {
             grad: piece_scratch::<F>(p.grad.tensor.arg, p.grad.cols)?,
         })
     }
+
+    /// Loads columns `start .. start + len` of row `i` (the inputs `what`
+    /// names) and hands back beside them where that piece's gradient goes
+    /// (its run of the gradient scratch: the fields are borrowed apart, so
+    /// both live at once). Every pass of [`row`] and [`geo_row`] loads
+    /// through here. (No closures, `Option::map` included: see `row`.)
+    #[inline(always)]
+    fn load<'s>(&'s mut self, p: &'s PolicyLossProblem, i: usize, start: usize, len: usize, what: Load) -> (Piece<'s, F>, GradOut<'s, F>) {
+        let Scratch { old, lp, adv, mask, w, picks, grad } = self;
+        let all = what == Load::All;
+        let x = Piece {
+            old: p.old_log_prob.part(i, start, len, old),
+            lp: p.log_prob.part(i, start, len, lp),
+            adv: if all { p.advantages.part(i, start, len, adv) } else { &[] },
+            mask: p.response_mask.part(i, start, len, mask),
+            w: match &p.rollout_is_weights {
+                Some(m) if all => Some(m.part(i, start, len, w)),
+                _ => None,
+            },
+            picks: match &p.picks {
+                Some(m) if all => Some(m.part(i, start, len, picks)),
+                _ => None,
+            },
+        };
+        (x, GradOut { grad: &p.grad, i, start, scratch: &mut grad[..len] })
+    }
+}
+
+/// Which of a piece's inputs [`Scratch::load`] loads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// `old_log_prob`, `log_prob` and `response_mask` (what [`row_sums`]
+    /// reads); `adv` is left empty, `w` and `picks` `None`.
+    Sums,
+    /// All of them, the IS weights and picks where given.
+    All,
+}
+
+/// One piece of a row's inputs as `F`: in place, or converted into the
+/// [`Scratch`] (see [`Mat::part`]).
+#[derive(Clone, Copy)]
+struct Piece<'a, F> {
+    old: &'a [F],
+    lp: &'a [F],
+    adv: &'a [F],
+    mask: &'a [F],
+    w: Option<&'a [F]>,
+    picks: Option<&'a [F]>,
+}
+
+/// Where a piece's gradient goes: columns `start .. start + scratch.len()`
+/// of row `i` of `grad`, through `scratch` where they are not a contiguous
+/// `F` run (see [`RowCtx::grad_pass`]).
+struct GradOut<'a, F> {
+    grad: &'a MatMut,
+    i: usize,
+    start: usize,
+    scratch: &'a mut [F],
 }
 
 /// Runs the loss on the CPU, writing `d loss / d log_prob` into `p.grad`;
@@ -514,22 +572,15 @@ fn row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, plan: &AggPlan, i: usiz
     let mut sums = (0.0, 0.0);
     if cols > PIECE {
         for (start, len) in pieces(cols) {
-            let old = p.old_log_prob.part(i, start, len, &mut s.old);
-            let lp = p.log_prob.part(i, start, len, &mut s.lp);
-            let mask = p.response_mask.part(i, start, len, &mut s.mask);
-            row_sums::<W>(old, lp, mask, with_seq, &mut sums);
+            let (x, _) = s.load(p, i, start, len, Load::Sums);
+            row_sums::<W>(&x, with_seq, &mut sums);
         }
     }
     let mut st = RowSums::default();
     for (start, len) in pieces(cols) {
-        let old = p.old_log_prob.part(i, start, len, &mut s.old);
-        let lp = p.log_prob.part(i, start, len, &mut s.lp);
-        let adv = p.advantages.part(i, start, len, &mut s.adv);
-        let mask = p.response_mask.part(i, start, len, &mut s.mask);
-        let w = p.rollout_is_weights.as_ref().map(|w| w.part(i, start, len, &mut s.w));
-        let picks = p.picks.as_ref().map(|k| k.part(i, start, len, &mut s.picks));
+        let (x, out) = s.load(p, i, start, len, Load::All);
         if cols <= PIECE {
-            row_sums::<W>(old, lp, mask, with_seq, &mut sums);
+            row_sums::<W>(&x, with_seq, &mut sums);
         }
         let (tokens, seq) = sums;
         st.tokens = tokens;
@@ -538,41 +589,33 @@ fn row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, plan: &AggPlan, i: usiz
         // `sum(m) > 0` is false), loss, count and gradient (see `terms`)
         let dropped = seq_mode && tokens.is_nan();
         let coef = W::F::of(plan.row_coef(tokens));
-        let ctx = RowCtx { old, lp, adv, mask, w, picks, coef, seq_mode, dropped };
+        let ctx = RowCtx { x, coef, seq_mode, dropped };
         // No closure here: `row` is inlined into `row_avx2`, and a closure
         // would be compiled without AVX2 (its intrinsics would become calls).
-        // SAFETY: row i is written by this task only.
-        let direct = unsafe { p.grad.direct_part::<W::F>(i, start, len) };
-        let converted = direct.is_none();
-        let g = direct.unwrap_or(&mut s.grad[..len]);
         match p.mode {
-            LossMode::Vanilla => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Vanilla(p.clip)),
+            LossMode::Vanilla => ctx.grad_pass::<W, _, DIAG>(out, &mut st, &Vanilla(p.clip)),
             LossMode::Gspo | LossMode::Luspo => {
                 // verl: sum(d * m) / clamp(sum(m), min=1)
                 let log_s = W::F::of(seq / tokens.max(1.0));
                 let (x, pass) = clamp(log_s, W::F::neg_infinity(), W::F::of(10.0), p.clip.clamp_closed);
                 let sr = x.exp();
                 let ds = <W::F as Lane>::select(pass, sr, <W::F as Lane>::splat(0.0));
-                ctx.token_pass::<W, _, DIAG>(g, &mut st, &Gspo { clip: p.clip, s: sr.f64(), ds: ds.f64() })
+                ctx.grad_pass::<W, _, DIAG>(out, &mut st, &Gspo { clip: p.clip, s: sr.f64(), ds: ds.f64() })
             }
-            LossMode::Value => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Value { c: p.clip.c }),
-            LossMode::Cispo => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Cispo(p.clip)),
+            LossMode::Value => ctx.grad_pass::<W, _, DIAG>(out, &mut st, &Value { c: p.clip.c }),
+            LossMode::Cispo => ctx.grad_pass::<W, _, DIAG>(out, &mut st, &Cispo(p.clip)),
             LossMode::Sapo => {
                 let rule = Sapo { tau_pos: p.knobs.tau_pos, tau_neg: p.knobs.tau_neg, closed: p.clip.clamp_closed };
-                ctx.token_pass::<W, _, DIAG>(g, &mut st, &rule)
+                ctx.grad_pass::<W, _, DIAG>(out, &mut st, &rule)
             }
-            LossMode::Gpg => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Gpg),
-            LossMode::Reinforce => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Reinforce),
-            LossMode::Dro => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Dro { half_beta: 0.5 * p.knobs.beta }),
-            LossMode::DppoTv => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Dppo { clip: p.clip, kl: false }),
-            LossMode::DppoKl => ctx.token_pass::<W, _, DIAG>(g, &mut st, &Dppo { clip: p.clip, kl: true }),
-            LossMode::ClipCov => ctx.token_pass::<W, _, DIAG>(g, &mut st, &ClipCov(p.clip)),
-            LossMode::KlCov => ctx.token_pass::<W, _, DIAG>(g, &mut st, &KlCov { coef: p.knobs.kl_coef }),
+            LossMode::Gpg => ctx.grad_pass::<W, _, DIAG>(out, &mut st, &Gpg),
+            LossMode::Reinforce => ctx.grad_pass::<W, _, DIAG>(out, &mut st, &Reinforce),
+            LossMode::Dro => ctx.grad_pass::<W, _, DIAG>(out, &mut st, &Dro { half_beta: 0.5 * p.knobs.beta }),
+            LossMode::DppoTv => ctx.grad_pass::<W, _, DIAG>(out, &mut st, &Dppo { clip: p.clip, kl: false }),
+            LossMode::DppoKl => ctx.grad_pass::<W, _, DIAG>(out, &mut st, &Dppo { clip: p.clip, kl: true }),
+            LossMode::ClipCov => ctx.grad_pass::<W, _, DIAG>(out, &mut st, &ClipCov(p.clip)),
+            LossMode::KlCov => ctx.grad_pass::<W, _, DIAG>(out, &mut st, &KlCov { coef: p.knobs.kl_coef }),
             LossMode::GeoMean => unreachable!("GMPO runs its own row pass (geo_row)"),
-        }
-        if converted {
-            // SAFETY: as above.
-            unsafe { p.grad.store_part(i, start, &s.grad[..len]) };
         }
     }
     st
@@ -628,7 +671,8 @@ fn fold8<F: Real>(lanes: &[F; 8]) -> f64 {
 /// then block by block in f64 (so pieces that are whole blocks add up to
 /// bitwise the whole row's sums).
 #[inline(always)]
-fn row_sums<W: Wide>(old: &[W::F], lp: &[W::F], mask: &[W::F], with_seq: bool, sums: &mut (f64, f64)) {
+fn row_sums<W: Wide>(x: &Piece<'_, W::F>, with_seq: bool, sums: &mut (f64, f64)) {
+    let (old, lp, mask) = (x.old, x.lp, x.mask);
     let n = mask.len();
     let (tokens, seq) = (&mut sums.0, &mut sums.1);
     let mut start = 0;
@@ -670,17 +714,8 @@ fn geo_scale(p: &PolicyLossProblem) -> f64 {
 /// so a NaN anywhere in the row (masked or not) propagates, as in verl.
 /// Summed as [`row_sums`] sums (eight lanes per block, blocks in f64).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn geo_row_sums<W: Wide>(
-    old: &[W::F],
-    lp: &[W::F],
-    adv: &[W::F],
-    mask: &[W::F],
-    w: Option<&[W::F]>,
-    clip: &Clip,
-    narrow: bool,
-    s: &mut [f64; 4],
-) {
+fn geo_row_sums<W: Wide>(x: &Piece<'_, W::F>, clip: &Clip, narrow: bool, s: &mut [f64; 4]) {
+    let (old, lp, adv, mask, w) = (x.old, x.lp, x.adv, x.mask, x.w);
     let n = mask.len();
     let mut start = 0;
     while start < n {
@@ -735,31 +770,23 @@ fn geo_row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, i: usize, s: &mut S
     let mut sums = [0.0; 4];
     if cols > PIECE {
         for (start, len) in pieces(cols) {
-            let old = p.old_log_prob.part(i, start, len, &mut s.old);
-            let lp = p.log_prob.part(i, start, len, &mut s.lp);
-            let adv = p.advantages.part(i, start, len, &mut s.adv);
-            let mask = p.response_mask.part(i, start, len, &mut s.mask);
-            let w = p.rollout_is_weights.as_ref().map(|w| w.part(i, start, len, &mut s.w));
-            geo_row_sums::<W>(old, lp, adv, mask, w, &p.geo_clip(), p.geo_narrow(), &mut sums);
+            let (x, _) = s.load(p, i, start, len, Load::All);
+            geo_row_sums::<W>(&x, &p.geo_clip(), p.geo_narrow(), &mut sums);
         }
     }
     let mut st = RowSums::default();
     let zero = <W::F as Lane>::splat(0.0);
     let (mut coef, mut pg) = (zero, zero);
     for (start, len) in pieces(cols) {
-        let old = p.old_log_prob.part(i, start, len, &mut s.old);
-        let lp = p.log_prob.part(i, start, len, &mut s.lp);
-        let adv = p.advantages.part(i, start, len, &mut s.adv);
-        let mask = p.response_mask.part(i, start, len, &mut s.mask);
-        let w = p.rollout_is_weights.as_ref().map(|w| w.part(i, start, len, &mut s.w));
+        let (x, out) = s.load(p, i, start, len, Load::All);
         if cols <= PIECE {
-            geo_row_sums::<W>(old, lp, adv, mask, w, &p.geo_clip(), p.geo_narrow(), &mut sums);
+            geo_row_sums::<W>(&x, &p.geo_clip(), p.geo_narrow(), &mut sums);
         }
         if start == 0 {
             let den = plus_eps(sums[0], p.response_mask.tensor.dtype == DType::F64);
             let ratio = W::F::of(sums[1] / den).exp();
             let adv_i = W::F::of(sums[2] / den);
-            let sw = match w {
+            let sw = match x.w {
                 Some(_) => W::F::of(sums[3] / den).exp(),
                 None => <W::F as Lane>::splat(1.0),
             };
@@ -767,30 +794,18 @@ fn geo_row<W: Wide, const DIAG: bool>(p: &PolicyLossProblem, i: usize, s: &mut S
             coef = W::F::of(pg.f64() / den * geo_scale(p));
         }
         let one = <W::F as Lane>::splat(1.0);
-        let ctx = RowCtx { old, lp, adv, mask, w: None, picks: None, coef: one, seq_mode: false, dropped: false };
-        // SAFETY: row i is written by this task only.
-        let direct = unsafe { p.grad.direct_part::<W::F>(i, start, len) };
-        let converted = direct.is_none();
-        let g = direct.unwrap_or(&mut s.grad[..len]);
-        ctx.token_pass::<W, _, DIAG>(g, &mut st, &GeoMean { clip: p.geo_clip(), coef: coef.f64(), narrow: p.geo_narrow() });
-        if converted {
-            // SAFETY: as above.
-            unsafe { p.grad.store_part(i, start, &s.grad[..len]) };
-        }
+        // (the IS weights are in `pg`, not per token; GMPO takes no picks)
+        let ctx = RowCtx { x: Piece { w: None, picks: None, ..x }, coef: one, seq_mode: false, dropped: false };
+        ctx.grad_pass::<W, _, DIAG>(out, &mut st, &GeoMean { clip: p.geo_clip(), coef: coef.f64(), narrow: p.geo_narrow() });
     }
     st.tokens = sums[0];
     st.loss = pg.f64();
     st
 }
 
-/// One row's inputs and what its token pass shares across tokens.
+/// One piece of a row's inputs and what its token pass shares across tokens.
 struct RowCtx<'a, F> {
-    old: &'a [F],
-    lp: &'a [F],
-    adv: &'a [F],
-    mask: &'a [F],
-    w: Option<&'a [F]>,
-    picks: Option<&'a [F]>,
+    x: Piece<'a, F>,
     coef: F,
     seq_mode: bool,
     /// The row is out of the loss although its mask has nonzero entries
@@ -823,6 +838,24 @@ fn terms<L: Lane, R: TokenRule>(rule: &R, o: L, l: L, a: L, m: L, w: L, pick: L,
 }
 
 impl<F: Real + Lane> RowCtx<'_, F> {
+    /// [`RowCtx::token_pass`] writing the piece's gradient to `out`: in place
+    /// where it is a contiguous `F` run, else into `out.scratch`, then
+    /// stored (converted).
+    #[inline(always)]
+    fn grad_pass<W: Wide<F = F>, R: TokenRule, const DIAG: bool>(&self, out: GradOut<'_, F>, st: &mut RowSums, rule: &R) {
+        let GradOut { grad, i, start, scratch } = out;
+        // SAFETY: row i is written by this task only (`fold_rows` hands each
+        // row to one task, and `row` / `geo_row` write only theirs).
+        let direct = unsafe { grad.direct_part::<F>(i, start, scratch.len()) };
+        let converted = direct.is_none();
+        let g = direct.unwrap_or(&mut *scratch);
+        self.token_pass::<W, R, DIAG>(g, st, rule);
+        if converted {
+            // SAFETY: as above.
+            unsafe { grad.store_part(i, start, scratch) };
+        }
+    }
+
     /// Accumulates the row's sums and writes `g[t] = d loss / d lp_t`.
     ///
     /// Tokens go in blocks of [`BLOCK`]: `W::WIDTH` tokens at a time through
@@ -838,9 +871,10 @@ impl<F: Real + Lane> RowCtx<'_, F> {
         while start < n {
             let len = BLOCK.min(n - start);
             let end = start + len;
-            let (o, l, a, m) = (&self.old[start..end], &self.lp[start..end], &self.adv[start..end], &self.mask[start..end]);
-            let w = self.w.map(|w| &w[start..end]);
-            let pk = self.picks.map(|k| &k[start..end]);
+            let x = &self.x;
+            let (o, l, a, m) = (&x.old[start..end], &x.lp[start..end], &x.adv[start..end], &x.mask[start..end]);
+            let w = x.w.map(|w| &w[start..end]);
+            let pk = x.picks.map(|k| &k[start..end]);
             let g = &mut g[start..end];
             // (no closures here: see `row`)
             let mut acc = [Lanes8::<W>::new(), Lanes8::new(), Lanes8::new(), Lanes8::new(), Lanes8::new(), Lanes8::new()];
