@@ -474,14 +474,10 @@ mod steps {
     pub fn gae<F: Real>(c: &mut Carry<F>, gamma: f64, lam: f64, r: &[Col<F>], m: &[Col<F>], v: &[Col<F>], adv: &mut [Col<F>], ret: Option<&mut [Col<F>]>) {
         #[cfg(target_arch = "x86_64")]
         if F::DTYPE == DType::F32 && avx512() {
-            // SAFETY: `F` is `f32` (the only `Real` of that dtype), so each
-            // cast views the same memory at its own type; AVX-512F is present.
+            // SAFETY: `F` is `f32`; AVX-512F is present.
             unsafe {
-                let c = &mut *(c as *mut Carry<F> as *mut Carry<f32>);
-                let cast = |x: &[Col<F>]| std::slice::from_raw_parts(x.as_ptr() as *const Col<f32>, x.len());
-                let adv = std::slice::from_raw_parts_mut(adv.as_mut_ptr() as *mut Col<f32>, adv.len());
-                let ret = ret.map(|x| std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut Col<f32>, x.len()));
-                return x512::gae(c, gamma as f32, (gamma * lam) as f32, cast(r), cast(m), cast(v), adv, ret);
+                let ret = ret.map(|x| f32s_mut(x));
+                return x512::gae(carry_f32(c), gamma as f32, (gamma * lam) as f32, f32s(r), f32s(m), f32s(v), f32s_mut(adv), ret);
             }
         }
         gae_any(c, gamma, lam, r, m, v, adv, ret)
@@ -515,13 +511,8 @@ mod steps {
     pub fn rfpp<F: Real>(c: &mut Carry<F>, gamma: f64, r: &[Col<F>], m: &[Col<F>], ret: &mut [Col<F>]) {
         #[cfg(target_arch = "x86_64")]
         if F::DTYPE == DType::F32 && avx512() {
-            // SAFETY: as in `gae`.
-            unsafe {
-                let c = &mut *(c as *mut Carry<F> as *mut Carry<f32>);
-                let cast = |x: &[Col<F>]| std::slice::from_raw_parts(x.as_ptr() as *const Col<f32>, x.len());
-                let ret = std::slice::from_raw_parts_mut(ret.as_mut_ptr() as *mut Col<f32>, ret.len());
-                return x512::rfpp(c, gamma as f32, cast(r), cast(m), ret);
-            }
+            // SAFETY: `F` is `f32`; AVX-512F is present.
+            unsafe { return x512::rfpp(carry_f32(c), gamma as f32, f32s(r), f32s(m), f32s_mut(ret)) };
         }
         rfpp_any(c, gamma, r, m, ret)
     }
@@ -541,7 +532,28 @@ mod steps {
         c.mom.add_block(m, ret);
     }
 
-    /// Whether the CPU has AVX-512F (and the tests have not turned it off).
+    // Views at `f32` of what is `f32` already, for the AVX-512 kernels.
+    //
+    // # Safety
+    // `F` is `f32` (the only `Real` of that dtype), so each views the same
+    // memory at its own type.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn f32s<F: Real>(x: &[Col<F>]) -> &[Col<f32>] {
+        std::slice::from_raw_parts(x.as_ptr() as *const Col<f32>, x.len())
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn f32s_mut<F: Real>(x: &mut [Col<F>]) -> &mut [Col<f32>] {
+        std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut Col<f32>, x.len())
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn carry_f32<F: Real>(c: &mut Carry<F>) -> &mut Carry<f32> {
+        &mut *(c as *mut Carry<F> as *mut Carry<f32>)
+    }
+
+    /// Whether the CPU has AVX-512F.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     pub(super) fn avx512() -> bool {
