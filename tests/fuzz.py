@@ -418,39 +418,15 @@ def draw_policy(rng: np.random.Generator, case: Case) -> None:
     clip_c = float(_pick(rng, [3.0, round(rng.uniform(1.01, 10.0), 4)], p=[0.7, 0.3]))
 
     # log-probs: old in [-scale, 0], log-ratios of a random spread, large outliers now and then
-    old = -rng.random((B, T)) * _pick(rng, [0.5, 3.0, 10.0])
-    d = rng.standard_normal((B, T)) * _pick(rng, [0.01, 0.1, 0.3, 1.0, 3.0])
-    values = "normal"
-    if rng.random() < 0.2:
-        values = "outliers"
-        sel = rng.random((B, T)) < rng.uniform(0.01, 0.3)
-        d[sel] = rng.choice([-1.0, 1.0], size=int(sel.sum())) * rng.uniform(8.0, 40.0, size=int(sel.sum()))
+    old, d, values = _policy_values(rng, B, T)
     if mode != "vanilla" and rng.random() < 0.08:
         values = "large-rows"  # whole sequences past GSPO's log-ratio clamp (10) or far below
         rows = rng.random(B) < 0.5
         d[rows] = rng.uniform(-30.0, 30.0, size=(int(rows.sum()), 1))
-
-    # advantages: per token, per sequence (B,) or (B, 1), or GRPO-like (per sequence + noise)
-    adv_kind = _pick(rng, ["token", "seq", "seq1", "grouplike"])
-    scale = float(_pick(rng, [0.1, 1.0, 10.0]))
-    a_seq = rng.standard_normal(B) * scale
-    if adv_kind == "token":
-        adv = rng.standard_normal((B, T)) * scale
-    elif adv_kind == "seq":
-        adv = a_seq
-    elif adv_kind == "seq1":
-        adv = a_seq[:, None]
-    else:
-        adv = a_seq[:, None] + 0.1 * scale * rng.standard_normal((B, T))
-    if rng.random() < 0.15:  # exact zeros (max of two -0.0: a tie torch splits)
-        adv = np.where(rng.random(adv.shape) < 0.3, 0.0, adv)
-
-    w_kind = _pick(rng, ["none", "token", "seq"], p=[0.6, 0.3, 0.1])
-    weights = None
-    if w_kind == "token":
-        weights = rng.uniform(0.0, 2.0, size=(B, T))
-    elif w_kind == "seq":
-        weights = rng.uniform(0.0, 2.0, size=B)
+    # advantages: per token, per sequence (B,) or (B, 1), or GRPO-like (per
+    # sequence + noise), exact zeros now and then (max of two -0.0: a tie
+    # torch splits); IS weights
+    adv, adv_kind, weights, w_kind = _policy_advantages(rng, B, T)
 
     norms, norm_kind = _normalisers(rng, B, T)
     case.params.update(
