@@ -520,34 +520,8 @@ def draw_policy_rule(rng: np.random.Generator, case: Case) -> None:
         tau_pos, tau_neg = (round(float(x), 4) for x in rng.uniform(0.05, 5.0, size=2))
     dro_beta = float(_pick(rng, [0.1, round(rng.uniform(1e-3, 5.0), 4)]))
 
-    old = -rng.random((B, T)) * _pick(rng, [0.5, 3.0, 10.0])
-    d = rng.standard_normal((B, T)) * _pick(rng, [0.01, 0.1, 0.3, 1.0, 3.0])
-    values = "normal"
-    if rng.random() < 0.2:
-        values = "outliers"
-        sel = rng.random((B, T)) < rng.uniform(0.01, 0.3)
-        d[sel] = rng.choice([-1.0, 1.0], size=int(sel.sum())) * rng.uniform(8.0, 40.0, size=int(sel.sum()))
-
-    adv_kind = _pick(rng, ["token", "seq", "seq1", "grouplike"])
-    scale = float(_pick(rng, [0.1, 1.0, 10.0]))
-    a_seq = rng.standard_normal(B) * scale
-    if adv_kind == "token":
-        adv = rng.standard_normal((B, T)) * scale
-    elif adv_kind == "seq":
-        adv = a_seq
-    elif adv_kind == "seq1":
-        adv = a_seq[:, None]
-    else:
-        adv = a_seq[:, None] + 0.1 * scale * rng.standard_normal((B, T))
-    if rng.random() < 0.15:
-        adv = np.where(rng.random(adv.shape) < 0.3, 0.0, adv)
-
-    w_kind = _pick(rng, ["none", "token", "seq"], p=[0.6, 0.3, 0.1])
-    weights = None
-    if w_kind == "token":
-        weights = rng.uniform(0.0, 2.0, size=(B, T))
-    elif w_kind == "seq":
-        weights = rng.uniform(0.0, 2.0, size=B)
+    old, d, values = _policy_values(rng, B, T)
+    adv, adv_kind, weights, w_kind = _policy_advantages(rng, B, T)
 
     norms, norm_kind = _normalisers(rng, B, T)
     case.params.update(
