@@ -505,7 +505,7 @@ unsafe fn load_contiguous<F: Real>(p: *const u8, dtype: DType, out: &mut [F]) {
         let mut done = 0;
         if dtype == DType::I64 && F::DTYPE == DType::F32 {
             let o = std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len());
-            if std::is_x86_feature_detected!("avx512dq") {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
                 done = i64_to_f32_avx512(p as *const i64, o);
             }
             if done == 0 {

@@ -443,19 +443,20 @@ unsafe fn put<F: Real>(out: &MatMut, i: usize, start: usize, src: &[F]) {
 }
 
 /// The state a lane group carries from one block to the next (to the left):
-/// GAE's next value and advantage, REINFORCE++'s running return, and the
-/// whitening moments.
+/// GAE's next value and advantage, REINFORCE++'s running return, ReMax's
+/// float64 running sum, and the whitening moments.
 struct Carry<F> {
     nv: Col<F>,
     g: Col<F>,
     run: Col<F>,
+    acc: [f64; LANES],
     mom: LaneMoments,
 }
 
 impl<F: Real> Default for Carry<F> {
     fn default() -> Self {
         let z = [F::zero(); LANES];
-        Carry { nv: z, g: z, run: z, mom: LaneMoments::default() }
+        Carry { nv: z, g: z, run: z, acc: [0.0; LANES], mom: LaneMoments::default() }
     }
 }
 
@@ -788,7 +789,6 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
         && p.advantages.is_direct::<F>()
         && p.returns.is_direct::<F>()
         && p.values.as_ref().is_some_and(|v| v.is_direct::<F>());
-    let mut acc = [0.0f64; LANES];
     for (start, len) in blocks_rev(p.rewards.cols) {
         // SAFETY: the rows of this group are written by this task only.
         unsafe {
@@ -812,6 +812,7 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
                 // SAFETY: no output to write through
                 unsafe { load(p.baselines.as_ref().expect("validated"), None, first, n, start, len, &mut s.row, &mut s.v) };
                 let b = &s.v[..len];
+                let mut acc = c.acc;
                 for t in (0..len).rev() {
                     let (rt, mt, bt) = (r[t], m[t], b[t]);
                     acc = std::array::from_fn(|l| acc[l] + (rt[l] * mt[l]).f64());
@@ -819,6 +820,7 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
                     ret[t] = x;
                     adv[t] = std::array::from_fn(|l| x[l] - bt[l] * mt[l]);
                 }
+                c.acc = acc;
             }
         }
         // SAFETY: the rows of this group are written by this task only; the
