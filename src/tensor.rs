@@ -444,6 +444,20 @@ impl Mat {
         self.tensor.dtype == F::DTYPE && self.cs == 1
     }
 
+    /// Whether every row is a contiguous run of its dtype.
+    #[inline]
+    pub fn is_contiguous(&self) -> bool {
+        self.cs == 1
+    }
+
+    /// The address of column `start` of row `i`, at its dtype (for rows
+    /// that are contiguous runs: [`Mat::is_contiguous`]).
+    #[inline]
+    pub fn run_ptr(&self, i: usize, start: usize) -> *const u8 {
+        debug_assert!(self.cs == 1 && i < self.rows && start <= self.cols);
+        self.row_ptr(i).wrapping_add(start * self.tensor.dtype.size())
+    }
+
     /// Columns `start .. start + len` of row `i` in place, when the rows are
     /// contiguous `F` runs; otherwise `None`.
     #[inline]

@@ -227,14 +227,36 @@ def test_nan_propagates_as_in_verl(name):
 def test_bool_masks_are_read_as_zero_and_one():
     # verl's GAE and REINFORCE++ compute `1 - mask`, which torch refuses for a
     # bool mask; here a bool mask is the 0/1 mask it stands for
+    # (20 x 1100: whole tiles and blocks of the CPU scan, not only a ragged end)
+    for B, T in [(4, 9), (20, 1100)]:
+        r, v, b, m = make(B, T, np.random.default_rng(3))
+        for name in ("gae", "reinforce_plus_plus"):
+            got = call(ours, name, r, v, b, m.bool(), 0.9, 0.9)
+            want = call(ours, name, r, v, b, m, 0.9, 0.9)
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
     r, v, b, m = make(4, 9, np.random.default_rng(3))
-    for name in ("gae", "reinforce_plus_plus"):
-        got = call(ours, name, r, v, b, m.bool(), 0.9, 0.9)
-        want = call(ours, name, r, v, b, m, 0.9, 0.9)
-        assert all(torch.equal(g, w) for g, w in zip(got, want))
     # ReMax takes it in verl too
     assert all(torch.equal(g, w) for g, w in zip(call(ours, "remax", r, v, b, m.bool()),
                                                  call(verl_ca, "remax", r, v, b, m.bool())))
+
+
+@pytest.mark.parametrize("name", ["gae", "reinforce_plus_plus"])
+@pytest.mark.parametrize("mask_dtype, odd", [(torch.int64, 2), (torch.int64, -1), (torch.float32, 0.5), (torch.float32, -0.0)],
+                         ids=["int64-2", "int64--1", "float32-0.5", "float32--0.0"])
+def test_mask_values_other_than_0_and_1_inside_long_rows_match_verl(name, mask_dtype, odd):
+    # with AVX-512 the CPU scan reads a 0/1 mask as bits, sixteen columns at a
+    # time; a tile holding another value (-0.0 included: verl's products give
+    # other signs of zero with it) goes, with the rest of its block, through
+    # the path that multiplies by the mask's value, as verl does
+    rng = np.random.default_rng(stable_seed(name, str(mask_dtype), odd))
+    r, v, b, m = make(20, 1100, rng)
+    m = m.to(mask_dtype)
+    for i, t in [(3, 700), (17, 5), (19, 1099), (0, 512)]:
+        m[i, t] = odd
+    want_adv, want_ret = call(verl_ca, name, r.clone(), v.clone(), b, m, 0.9, 0.8)
+    got_adv, got_ret = call(ours, name, r, v, b, m, 0.9, 0.8)
+    assert torch.equal(got_ret, want_ret)
+    torch.testing.assert_close(got_adv, want_adv, **TOL[torch.float32])
 
 
 def test_public_entry_point():

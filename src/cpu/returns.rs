@@ -9,6 +9,13 @@
 //! moments; then, for GAE and REINFORCE++, the batch statistics and one pass
 //! whitening the advantages in place. No B×T buffer besides the outputs.
 //!
+//! Where the CPU has AVX-512 and the rows are contiguous float32 (rewards,
+//! values, outputs) with an int64, one-byte or float32 mask of 0s and 1s,
+//! GAE and REINFORCE++ run on tiles of 16 rows × 16 columns instead
+//! ([`x512::gae_tiles`]): no scratch, the transposes in registers and
+//! software-pipelined under the recurrence's latency, the mask read as bits.
+//! The same operations per column, so the same bits.
+//!
 //! The arithmetic is verl's loop step for step in the compute type (so on
 //! float32 and float64 inputs the raw advantages and returns are bitwise
 //! verl's; the whitening's sums are float64 here and float32 in torch).
@@ -18,6 +25,9 @@ use crate::error::Result;
 pub use crate::ops::returns::{ReturnsEstimator, ReturnsProblem};
 use crate::ops::returns::{whiten_stats, Moments};
 use crate::tensor::{piece_scratch, pieces, DType, Mat, MatMut, Real};
+
+#[cfg(target_arch = "x86_64")]
+mod x512;
 
 /// Rows scanned together, one per lane: their recurrences are independent,
 /// so sixteen of them hide each other's latency (a GAE step is a chain of
@@ -54,7 +64,7 @@ fn blocks_rev(cols: usize) -> impl Iterator<Item = (usize, usize)> {
 /// loses at most `log2(n)` of float64's 53 bits. A token with weight `m = 0`
 /// adds nothing (a NaN value there is dropped, as verl's `masked_sum` drops
 /// it). Branch-free lane by lane. With AVX-512 the step runs inside the
-/// scan's loop (`steps::x512`), whose chain of dependent operations leaves
+/// scan's loop (`x512`), whose chain of dependent operations leaves
 /// the vector units idle most of the time, with the sums in registers;
 /// elsewhere the sixteen lanes' float64 sums do not fit the registers next
 /// to the recurrence's, and [`LaneMoments::add_block`] takes a pass of its
@@ -182,6 +192,10 @@ struct Scratch<F> {
     ret: Vec<Col<F>>,
     /// `LANES` row buffers of `BLOCK` (conversions of inputs and outputs)
     row: Vec<F>,
+    /// `BLOCK` zeros of 8 bytes, which a tile kernel's lanes past the group's
+    /// rows read (as any input dtype), and `BLOCK` floats they write into
+    zero: Vec<u64>,
+    sink: Vec<f32>,
 }
 
 impl<F: Real> Scratch<F> {
@@ -199,6 +213,8 @@ impl<F: Real> Scratch<F> {
             adv: cols()?,
             ret: cols()?,
             row: crate::error::try_zeros(arg, LANES * BLOCK)?,
+            zero: crate::error::try_zeros(arg, BLOCK)?,
+            sink: crate::error::try_zeros(arg, BLOCK)?,
         })
     }
 }
@@ -466,6 +482,8 @@ impl<F: Real> Default for Carry<F> {
 /// on every path (so the same bits). Float32 runs in AVX-512 where the CPU
 /// has it, one vector per column.
 mod steps {
+    #[cfg(target_arch = "x86_64")]
+    use super::x512;
     use super::{Carry, Col};
     use crate::tensor::{DType, Real};
 
@@ -550,7 +568,7 @@ mod steps {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn carry_f32<F: Real>(c: &mut Carry<F>) -> &mut Carry<f32> {
+    pub(super) unsafe fn carry_f32<F: Real>(c: &mut Carry<F>) -> &mut Carry<f32> {
         &mut *(c as *mut Carry<F> as *mut Carry<f32>)
     }
 
@@ -559,130 +577,6 @@ mod steps {
     #[inline(always)]
     pub(super) fn avx512() -> bool {
         std::is_x86_feature_detected!("avx512f")
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    pub(super) mod x512 {
-        use super::super::{Carry, Col, LaneMoments, LANES};
-        use std::arch::x86_64::*;
-        const _: () = assert!(LANES == 16);
-
-        /// A lane group's moments in registers: the shift, whether it is
-        /// set, and the sums, each in two halves of eight float64 lanes.
-        struct Mom {
-            k: [__m512d; 2],
-            have: __mmask16,
-            n: [__m512d; 2],
-            s: [__m512d; 2],
-            q: [__m512d; 2],
-        }
-
-        impl Mom {
-            #[inline(always)]
-            unsafe fn load(m: &LaneMoments) -> Self {
-                let ld = |a: &[f64; LANES]| [_mm512_loadu_pd(a.as_ptr()), _mm512_loadu_pd(a.as_ptr().add(8))];
-                let mut have = 0u16;
-                for (l, &h) in m.have.iter().enumerate() {
-                    have |= (h as u16) << l;
-                }
-                Mom { k: ld(&m.k), have, n: ld(&m.n), s: ld(&m.s), q: ld(&m.q) }
-            }
-
-            #[inline(always)]
-            unsafe fn save(&self, m: &mut LaneMoments) {
-                let st = |a: &mut [f64; LANES], v: [__m512d; 2]| {
-                    _mm512_storeu_pd(a.as_mut_ptr(), v[0]);
-                    _mm512_storeu_pd(a.as_mut_ptr().add(8), v[1]);
-                };
-                st(&mut m.k, self.k);
-                st(&mut m.n, self.n);
-                st(&mut m.s, self.s);
-                st(&mut m.q, self.q);
-                for (l, h) in m.have.iter_mut().enumerate() {
-                    *h = (self.have >> l) & 1 == 1;
-                }
-            }
-
-            /// [`LaneMoments::add`], sixteen lanes at once.
-            #[inline(always)]
-            unsafe fn add(&mut self, w: __m512, x: __m512) {
-                let keep = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(w, _mm512_setzero_ps());
-                let v = _mm512_maskz_mov_ps(keep, x);
-                let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(v), _mm512_set1_ps(f32::INFINITY));
-                let newly = keep & !self.have & finite;
-                self.have |= newly;
-                let half = |a: __m512, h: usize| {
-                    let d = _mm512_castps_pd(a);
-                    _mm512_cvtps_pd(_mm256_castpd_ps(if h == 0 { _mm512_castpd512_pd256(d) } else { _mm512_extractf64x4_pd::<1>(d) }))
-                };
-                for h in 0..2 {
-                    let (wh, vh) = (half(w, h), half(v, h));
-                    self.k[h] = _mm512_mask_mov_pd(self.k[h], (newly >> (8 * h)) as u8, vh);
-                    let d = _mm512_sub_pd(vh, self.k[h]);
-                    let wd = _mm512_mul_pd(wh, d);
-                    self.n[h] = _mm512_add_pd(self.n[h], wh);
-                    self.s[h] = _mm512_add_pd(self.s[h], wd);
-                    self.q[h] = _mm512_add_pd(self.q[h], _mm512_mul_pd(wd, d));
-                }
-            }
-        }
-
-        #[inline(always)]
-        unsafe fn col(x: &[Col<f32>], t: usize) -> __m512 {
-            _mm512_loadu_ps(x.as_ptr().add(t) as *const f32)
-        }
-
-        #[inline(always)]
-        unsafe fn put(x: &mut [Col<f32>], t: usize, v: __m512) {
-            _mm512_storeu_ps(x.as_mut_ptr().add(t) as *mut f32, v)
-        }
-
-        /// [`super::gae_any`] for float32.
-        #[target_feature(enable = "avx512f")]
-        #[allow(clippy::too_many_arguments)]
-        pub unsafe fn gae(c: &mut Carry<f32>, gamma: f32, k: f32, r: &[Col<f32>], m: &[Col<f32>], v: &[Col<f32>], adv: &mut [Col<f32>], mut ret: Option<&mut [Col<f32>]>) {
-            let len = adv.len();
-            assert!(r.len() >= len && m.len() >= len && v.len() >= len && ret.as_ref().is_none_or(|x| x.len() >= len));
-            let (one, gamma, k) = (_mm512_set1_ps(1.0), _mm512_set1_ps(gamma), _mm512_set1_ps(k));
-            let (mut nv, mut g) = (col(&[c.nv], 0), col(&[c.g], 0));
-            let mut mom = Mom::load(&c.mom);
-            for t in (0..len).rev() {
-                let (rt, mt, vt) = (col(r, t), col(m, t), col(v, t));
-                let delta = _mm512_sub_ps(_mm512_add_ps(rt, _mm512_mul_ps(gamma, nv)), vt);
-                let g_new = _mm512_add_ps(delta, _mm512_mul_ps(k, g));
-                let om = _mm512_sub_ps(one, mt);
-                nv = _mm512_add_ps(_mm512_mul_ps(vt, mt), _mm512_mul_ps(om, nv));
-                g = _mm512_add_ps(_mm512_mul_ps(g_new, mt), _mm512_mul_ps(om, g));
-                put(adv, t, g);
-                mom.add(mt, g);
-                if let Some(ret) = ret.as_deref_mut() {
-                    put(ret, t, _mm512_add_ps(g, vt));
-                }
-            }
-            put(std::slice::from_mut(&mut c.nv), 0, nv);
-            put(std::slice::from_mut(&mut c.g), 0, g);
-            mom.save(&mut c.mom);
-        }
-
-        /// [`super::rfpp_any`] for float32.
-        #[target_feature(enable = "avx512f")]
-        pub unsafe fn rfpp(c: &mut Carry<f32>, gamma: f32, r: &[Col<f32>], m: &[Col<f32>], ret: &mut [Col<f32>]) {
-            let len = ret.len();
-            assert!(r.len() >= len && m.len() >= len);
-            let (one, gamma) = (_mm512_set1_ps(1.0), _mm512_set1_ps(gamma));
-            let mut run = col(&[c.run], 0);
-            let mut mom = Mom::load(&c.mom);
-            for t in (0..len).rev() {
-                let (rt, mt) = (col(r, t), col(m, t));
-                let new = _mm512_add_ps(rt, _mm512_mul_ps(gamma, run));
-                let x = _mm512_mul_ps(new, mt);
-                put(ret, t, x);
-                mom.add(mt, x);
-                run = _mm512_add_ps(x, _mm512_mul_ps(run, _mm512_sub_ps(one, mt)));
-            }
-            put(std::slice::from_mut(&mut c.run), 0, run);
-            mom.save(&mut c.mom);
-        }
     }
 }
 
@@ -755,6 +649,88 @@ fn run<F: Real>(p: &ReturnsProblem) -> Result<()> {
     })
 }
 
+/// The mask kinds the AVX-512 tile kernels read as bits.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum TileMask {
+    I64,
+    Byte,
+    F32,
+}
+
+/// Whether GAE or REINFORCE++ runs on [`x512::gae_tiles`] /
+/// [`x512::rfpp_tiles`] (float32 math; rewards, values and both outputs
+/// contiguous float32 rows; a contiguous int64, one-byte or float32 mask;
+/// AVX-512 with BW, VL and DQ), and with which mask.
+#[cfg(target_arch = "x86_64")]
+fn tile_mask<F: Real>(p: &ReturnsProblem) -> Option<TileMask> {
+    let cpu = std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512dq");
+    let inputs = match p.estimator {
+        ReturnsEstimator::Gae { .. } => p.values.as_ref().is_some_and(|v| v.is_direct::<f32>()),
+        ReturnsEstimator::ReinforcePlusPlus { .. } => true,
+        ReturnsEstimator::Remax => false,
+    };
+    let direct = p.rewards.is_direct::<f32>() && p.advantages.is_direct::<f32>() && p.returns.is_direct::<f32>();
+    if !(cpu && F::DTYPE == DType::F32 && inputs && direct && p.mask.is_contiguous()) {
+        return None;
+    }
+    match p.mask.tensor.dtype {
+        DType::I64 => Some(TileMask::I64),
+        DType::Bool | DType::U8 | DType::I8 => Some(TileMask::Byte),
+        DType::F32 => Some(TileMask::F32),
+        _ => None,
+    }
+}
+
+/// Runs the tile kernel on columns `start .. start + len` of rows `first ..`
+/// (`n` of them); returns the columns left at the front for the column
+/// kernels (where the mask holds a value other than 0 and 1).
+///
+/// # Safety
+/// [`tile_mask`] gave `mask`; no other task accesses these rows of the outputs.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_block(p: &ReturnsProblem, mask: TileMask, first: usize, n: usize, start: usize, len: usize, zero: &[u64], sink: &mut [f32], c: &mut Carry<f32>) -> usize {
+    let zero = zero.as_ptr() as *const u8;
+    let sink = sink.as_mut_ptr();
+    let input = |x: &Mat, l: usize| if l < n { x.direct::<f32>(first + l, start, len).expect("checked").as_ptr() } else { zero as *const f32 };
+    let output = |x: &MatMut, l: usize| if l < n { x.direct_part::<f32>(first + l, start, len).expect("checked").as_mut_ptr() } else { sink };
+    let r = std::array::from_fn(|l| input(&p.rewards, l));
+    let rows = x512::TileRows {
+        r,
+        v: match p.values.as_ref() {
+            Some(v) if matches!(p.estimator, ReturnsEstimator::Gae { .. }) => std::array::from_fn(|l| input(v, l)),
+            _ => r,
+        },
+        m: std::array::from_fn(|l| if l < n { p.mask.run_ptr(first + l, start) } else { zero }),
+        adv: std::array::from_fn(|l| output(&p.advantages, l)),
+        ret: std::array::from_fn(|l| output(&p.returns, l)),
+    };
+    use x512::{gae_tiles, rfpp_tiles, ByteMask, F32Mask, I64Mask};
+    match (p.estimator, mask) {
+        (ReturnsEstimator::Gae { gamma, lam }, m) => {
+            let (gamma, k) = (gamma as f32, (gamma * lam) as f32);
+            match m {
+                TileMask::I64 => gae_tiles::<I64Mask>(c, gamma, k, &rows, len),
+                TileMask::Byte => gae_tiles::<ByteMask>(c, gamma, k, &rows, len),
+                TileMask::F32 => gae_tiles::<F32Mask>(c, gamma, k, &rows, len),
+            }
+        }
+        (ReturnsEstimator::ReinforcePlusPlus { gamma }, m) => {
+            let gamma = gamma as f32;
+            match m {
+                TileMask::I64 => rfpp_tiles::<I64Mask>(c, gamma, &rows, len),
+                TileMask::Byte => rfpp_tiles::<ByteMask>(c, gamma, &rows, len),
+                TileMask::F32 => rfpp_tiles::<F32Mask>(c, gamma, &rows, len),
+            }
+        }
+        (ReturnsEstimator::Remax, _) => unreachable!("no tile kernel for ReMax"),
+    }
+}
+
 /// Scans rows `first .. first + n` (`n <= LANES`) backwards, one per lane,
 /// writes their raw advantages and returns, and returns their whitening
 /// moments (lanes past `n` are padding: neither stored nor summed). Compiled
@@ -789,7 +765,18 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
         && p.advantages.is_direct::<F>()
         && p.returns.is_direct::<F>()
         && p.values.as_ref().is_some_and(|v| v.is_direct::<F>());
+    #[cfg(target_arch = "x86_64")]
+    let tiled = tile_mask::<F>(p);
     for (start, len) in blocks_rev(p.rewards.cols) {
+        #[cfg(target_arch = "x86_64")]
+        let len = match tiled {
+            // SAFETY: checked by `tile_mask`; the rows are this task's.
+            Some(mask) => unsafe { tile_block(p, mask, first, n, start, len, &s.zero, &mut s.sink, steps::carry_f32(&mut c)) },
+            None => len,
+        };
+        if len == 0 {
+            continue;
+        }
         // SAFETY: the rows of this group are written by this task only.
         unsafe {
             load(&p.rewards, None, first, n, start, len, &mut s.row, &mut s.r);
@@ -949,7 +936,7 @@ mod tests {
                     steps::gae_any(&mut ca, gamma, lam, &r[lo..hi], &m[lo..hi], &v[lo..hi], &mut adv_a[lo..hi], Some(&mut ret_a[lo..hi]));
                     // SAFETY: AVX-512F is present.
                     unsafe {
-                        steps::x512::gae(&mut cb, gamma as f32, (gamma * lam) as f32, &r[lo..hi], &m[lo..hi], &v[lo..hi], &mut adv_b[lo..hi], Some(&mut ret_b[lo..hi]))
+                        x512::gae(&mut cb, gamma as f32, (gamma * lam) as f32, &r[lo..hi], &m[lo..hi], &v[lo..hi], &mut adv_b[lo..hi], Some(&mut ret_b[lo..hi]))
                     };
                 }
                 assert_eq!(col_bits(&adv_a[..len]), col_bits(&adv_b[..len]));
@@ -961,11 +948,128 @@ mod tests {
                 for (lo, hi) in [(cut, len), (0, cut)] {
                     steps::rfpp_any(&mut ca, gamma, &r[lo..hi], &m[lo..hi], &mut ret_a[lo..hi]);
                     // SAFETY: AVX-512F is present.
-                    unsafe { steps::x512::rfpp(&mut cb, gamma as f32, &r[lo..hi], &m[lo..hi], &mut ret_b[lo..hi]) };
+                    unsafe { x512::rfpp(&mut cb, gamma as f32, &r[lo..hi], &m[lo..hi], &mut ret_b[lo..hi]) };
                 }
                 assert_eq!(col_bits(&ret_a[..len]), col_bits(&ret_b[..len]));
                 assert_eq!(col_bits(&[ca.run]), col_bits(&[cb.run]));
                 assert_eq!(bits(&ca.mom), bits(&cb.mom));
+            }
+        }
+    }
+
+    /// The AVX-512 tile kernels against the column kernels, over two blocks
+    /// with the carry between them, for each mask kind they read as bits:
+    /// the same bits in every output, the carry and the moments; and where a
+    /// mask value is neither 0 nor 1, the tile holding it and all before it
+    /// are left to the column kernels (which then give the same bits too).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn tile_kernels_are_the_column_kernels() {
+        let cpu = ["avx512f", "avx512bw", "avx512vl", "avx512dq"];
+        if !(std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512dq"))
+        {
+            eprintln!("this CPU lacks one of {cpu:?}: nothing to compare");
+            return;
+        }
+        let key = |x: f32| if x.is_nan() { u32::MAX } else { x.to_bits() };
+        let row_bits = |rows: &[Vec<f32>]| rows.iter().flat_map(|r| r.iter().map(|&x| key(x))).collect::<Vec<_>>();
+        // (len, seed, a mask value other than 0 and 1 at (lane 5, column))
+        for (len, seed, odd) in [(1, 21, None), (16, 22, None), (45, 23, None), (BLOCK, 24, None), (333, 25, Some(170)), (BLOCK, 26, Some(511)), (100, 27, Some(3)), (600, 28, Some(40))] {
+            let (mc, vc) = columns(len, seed);
+            let (_, rc) = columns(len, seed + 100);
+            // 0/1 masks, the odd value where asked
+            let mut mc: Vec<Col<f32>> = mc.iter().map(|c| c.map(|m| (m == 1.0) as u8 as f32)).collect();
+            for kind in 0..3 {
+                let odd_value = [2.0f32, 3.0, 0.5][kind];
+                if let Some(t) = odd {
+                    mc[t][5] = odd_value;
+                }
+                let rows = |c: &[Col<f32>]| (0..LANES).map(|l| c.iter().map(|x| x[l]).collect::<Vec<f32>>()).collect::<Vec<_>>();
+                let (r, v, m) = (rows(&rc), rows(&vc), rows(&mc));
+                let (m64, m8): (Vec<Vec<i64>>, Vec<Vec<u8>>) =
+                    (m.iter().map(|x| x.iter().map(|&y| y as i64).collect()).collect(), m.iter().map(|x| x.iter().map(|&y| y as u8).collect()).collect());
+                let cut = (len / 2) / 16 * 16 + 5; // blocks need not start on a tile
+                for (gamma, lam) in [(1.0f32, 0.95f32), (0.5, 0.25)] {
+                    for gae in [true, false] {
+                        let zero = vec![[0.0f32; LANES]; len];
+                        // the column kernels
+                        let (mut ca, mut adv_c, mut ret_c) = (Carry::<f32>::default(), zero.clone(), zero.clone());
+                        for (lo, hi) in [(cut.min(len), len), (0, cut.min(len))] {
+                            // SAFETY: AVX-512F is present.
+                            unsafe {
+                                if gae {
+                                    x512::gae(&mut ca, gamma, gamma * lam, &rc[lo..hi], &mc[lo..hi], &vc[lo..hi], &mut adv_c[lo..hi], Some(&mut ret_c[lo..hi]));
+                                } else {
+                                    x512::rfpp(&mut ca, gamma, &rc[lo..hi], &mc[lo..hi], &mut ret_c[lo..hi]);
+                                }
+                            }
+                        }
+                        // the tile kernels, the column kernels for what they leave
+                        let (mut cb, mut adv_t, mut ret_t) = (Carry::<f32>::default(), vec![vec![9.0f32; len]; LANES], vec![vec![9.0f32; len]; LANES]);
+                        for (lo, hi) in [(cut.min(len), len), (0, cut.min(len))] {
+                            let at = |x: &Vec<f32>| x[lo..].as_ptr();
+                            let tr = x512::TileRows {
+                                r: std::array::from_fn(|l| at(&r[l])),
+                                v: std::array::from_fn(|l| at(&v[l])),
+                                m: std::array::from_fn(|l| match kind {
+                                    0 => m64[l][lo..].as_ptr() as *const u8,
+                                    1 => m8[l][lo..].as_ptr(),
+                                    _ => m[l][lo..].as_ptr() as *const u8,
+                                }),
+                                adv: std::array::from_fn(|l| adv_t[l][lo..].as_mut_ptr()),
+                                ret: std::array::from_fn(|l| ret_t[l][lo..].as_mut_ptr()),
+                            };
+                            let (g, k) = (gamma, gamma * lam);
+                            // SAFETY: the CPU features are present; every pointer is `hi - lo` elements.
+                            let left = unsafe {
+                                match (gae, kind) {
+                                    (true, 0) => x512::gae_tiles::<x512::I64Mask>(&mut cb, g, k, &tr, hi - lo),
+                                    (true, 1) => x512::gae_tiles::<x512::ByteMask>(&mut cb, g, k, &tr, hi - lo),
+                                    (true, _) => x512::gae_tiles::<x512::F32Mask>(&mut cb, g, k, &tr, hi - lo),
+                                    (false, 0) => x512::rfpp_tiles::<x512::I64Mask>(&mut cb, g, &tr, hi - lo),
+                                    (false, 1) => x512::rfpp_tiles::<x512::ByteMask>(&mut cb, g, &tr, hi - lo),
+                                    (false, _) => x512::rfpp_tiles::<x512::F32Mask>(&mut cb, g, &tr, hi - lo),
+                                }
+                            };
+                            let want_left = match odd {
+                                Some(t) if (lo..hi).contains(&t) => (16 * ((t - lo) / 16 + 1)).min(hi - lo),
+                                _ => 0,
+                            };
+                            assert_eq!(left, want_left, "len {len} kind {kind} block {lo}..{hi}");
+                            // REINFORCE++'s advantages hold the mask where a tile ran
+                            if !gae {
+                                for l in 0..LANES {
+                                    assert_eq!(adv_t[l][lo + left..hi], m[l][lo + left..hi]);
+                                }
+                            }
+                            let (mut a, mut b) = (zero[..left].to_vec(), zero[..left].to_vec());
+                            // SAFETY: AVX-512F is present.
+                            unsafe {
+                                if gae {
+                                    x512::gae(&mut cb, gamma, gamma * lam, &rc[lo..lo + left], &mc[lo..lo + left], &vc[lo..lo + left], &mut a, Some(&mut b));
+                                } else {
+                                    x512::rfpp(&mut cb, gamma, &rc[lo..lo + left], &mc[lo..lo + left], &mut b);
+                                }
+                            }
+                            for l in 0..LANES {
+                                for t in 0..left {
+                                    (adv_t[l][lo + t], ret_t[l][lo + t]) = (a[t][l], b[t][l]);
+                                }
+                            }
+                        }
+                        assert_eq!(row_bits(&rows(&ret_c)), row_bits(&ret_t), "len {len} kind {kind} gae {gae}");
+                        if gae {
+                            assert_eq!(row_bits(&rows(&adv_c)), row_bits(&adv_t));
+                            assert_eq!([ca.nv, ca.g].map(|c| c.map(key)), [cb.nv, cb.g].map(|c| c.map(key)));
+                        } else {
+                            assert_eq!(ca.run.map(key), cb.run.map(key));
+                        }
+                        assert_eq!(bits(&ca.mom), bits(&cb.mom));
+                    }
+                }
             }
         }
     }
