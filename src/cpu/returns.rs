@@ -194,7 +194,9 @@ struct Scratch<F> {
     row: Vec<F>,
     /// `BLOCK` zeros of 8 bytes, which a tile kernel's lanes past the group's
     /// rows read (as any input dtype), and `BLOCK` floats they write into
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     zero: Vec<u64>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     sink: Vec<f32>,
 }
 
