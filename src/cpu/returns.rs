@@ -185,6 +185,8 @@ type Col<F> = [F; LANES];
 /// one block, converted to `F`, the outputs before they are stored, and a
 /// row buffer for conversions.
 struct Scratch<F> {
+    /// the argument a `MemoryError` names
+    arg: &'static str,
     r: Vec<Col<F>>,
     v: Vec<Col<F>>,
     m: Vec<Col<F>>,
@@ -201,23 +203,38 @@ struct Scratch<F> {
 }
 
 impl<F: Real> Scratch<F> {
+    /// The tile kernels' few buffers; the column buffers come with
+    /// [`Scratch::columns`], where a block needs them (the tile kernels
+    /// never do, unless a mask holds a value other than 0 and 1).
     fn new(arg: &'static str) -> Result<Self> {
+        Ok(Scratch {
+            arg,
+            r: Vec::new(),
+            v: Vec::new(),
+            m: Vec::new(),
+            adv: Vec::new(),
+            ret: Vec::new(),
+            row: Vec::new(),
+            zero: crate::error::try_zeros(arg, BLOCK)?,
+            sink: crate::error::try_zeros(arg, BLOCK)?,
+        })
+    }
+
+    /// Allocates the column buffers, once; a `MemoryError` if it cannot.
+    fn columns(&mut self) -> Result<()> {
+        if !self.row.is_empty() {
+            return Ok(());
+        }
+        let arg = self.arg;
         let cols = || -> Result<Vec<Col<F>>> {
             let mut v = Vec::new();
             v.try_reserve_exact(BLOCK).map_err(|_| crate::error::Error::memory(arg, "cannot allocate scan scratch"))?;
             v.resize(BLOCK, [F::zero(); LANES]);
             Ok(v)
         };
-        Ok(Scratch {
-            r: cols()?,
-            v: cols()?,
-            m: cols()?,
-            adv: cols()?,
-            ret: cols()?,
-            row: crate::error::try_zeros(arg, LANES * BLOCK)?,
-            zero: crate::error::try_zeros(arg, BLOCK)?,
-            sink: crate::error::try_zeros(arg, BLOCK)?,
-        })
+        (self.r, self.v, self.m, self.adv, self.ret) = (cols()?, cols()?, cols()?, cols()?, cols()?);
+        self.row = crate::error::try_zeros(arg, LANES * BLOCK)?;
+        Ok(())
     }
 }
 
@@ -587,19 +604,28 @@ fn run<F: Real>(p: &ReturnsProblem) -> Result<()> {
     let arg = p.rewards.tensor.arg;
     let groups = rows.div_ceil(LANES);
     let mut total = Moments::default();
+    let mut failed = None;
     fold_rows(
         arg,
         groups,
         cols * LANES,
         || Scratch::<F>::new(arg),
         |s, k| scan_group(p, k * LANES, (rows - k * LANES).min(LANES), s),
-        |(moments, n)| {
+        |group| match group {
             // row by row, in index order: the same sums whatever the grouping
-            for &m in &moments[..n] {
-                total = total.merge(m);
+            Ok((moments, n)) => {
+                for &m in &moments[..n] {
+                    total = total.merge(m);
+                }
+            }
+            Err(e) => {
+                failed.get_or_insert(e);
             }
         },
     )?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     if !p.estimator.whitens() {
         return Ok(());
     }
@@ -738,7 +764,7 @@ unsafe fn tile_block(p: &ReturnsProblem, mask: TileMask, first: usize, n: usize,
 /// moments (lanes past `n` are padding: neither stored nor summed). Compiled
 /// twice on x86-64, the second time for AVX2 (the same IEEE operations in
 /// the same order, so the same bits: Rust never fuses a multiply and add).
-fn scan_group<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut Scratch<F>) -> ([Moments; LANES], usize) {
+fn scan_group<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut Scratch<F>) -> Result<([Moments; LANES], usize)> {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present.
@@ -749,12 +775,12 @@ fn scan_group<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut Scrat
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn scan_group_avx2<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut Scratch<F>) -> ([Moments; LANES], usize) {
+unsafe fn scan_group_avx2<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut Scratch<F>) -> Result<([Moments; LANES], usize)> {
     scan_group_impl(p, first, n, s)
 }
 
 #[inline(always)]
-fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut Scratch<F>) -> ([Moments; LANES], usize) {
+fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut Scratch<F>) -> Result<([Moments; LANES], usize)> {
     let mut c = Carry::<F>::default();
     let rfpp = matches!(p.estimator, ReturnsEstimator::ReinforcePlusPlus { .. });
     // REINFORCE++ writes its advantages in the whitening pass; until then
@@ -779,6 +805,7 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
         if len == 0 {
             continue;
         }
+        s.columns()?;
         // SAFETY: the rows of this group are written by this task only.
         unsafe {
             load(&p.rewards, None, first, n, start, len, &mut s.row, &mut s.r);
@@ -826,7 +853,7 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
             }
         }
     }
-    (c.mom.rows(), n)
+    Ok((c.mom.rows(), n))
 }
 
 #[cfg(test)]
