@@ -12,8 +12,8 @@
 //! Where the CPU has AVX-512 and the rows are contiguous float32 (rewards,
 //! values, outputs) with an int64, one-byte or float32 mask of 0s and 1s,
 //! GAE and REINFORCE++ run on tiles of 16 rows × 16 columns instead
-//! ([`x512::gae_tiles`]): no scratch, the transposes in registers and
-//! software-pipelined under the recurrence's latency, the mask read as bits.
+//! ([`x512::gae_tiles`]): no scratch, each tile transposed in registers
+//! (spread between the steps of the tile before), the mask read as bits.
 //! The same operations per column, so the same bits.
 //!
 //! The arithmetic is verl's loop step for step in the compute type (so on
@@ -194,10 +194,8 @@ struct Scratch<F> {
     ret: Vec<Col<F>>,
     /// `LANES` row buffers of `BLOCK` (conversions of inputs and outputs)
     row: Vec<F>,
-    /// `BLOCK` zeros of 8 bytes, which a tile kernel's lanes past the group's
-    /// rows read (as any input dtype), and `BLOCK` floats they write into
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    zero: Vec<u64>,
+    /// `BLOCK` floats which a tile kernel's lanes past the group's rows
+    /// write into (they read [`ZERO_ROW`])
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     sink: Vec<f32>,
 }
@@ -215,7 +213,6 @@ impl<F: Real> Scratch<F> {
             adv: Vec::new(),
             ret: Vec::new(),
             row: Vec::new(),
-            zero: crate::error::try_zeros(arg, BLOCK)?,
             sink: crate::error::try_zeros(arg, BLOCK)?,
         })
     }
@@ -677,6 +674,11 @@ fn run<F: Real>(p: &ReturnsProblem) -> Result<()> {
     })
 }
 
+/// A block's row of zeros of 8 bytes, which a tile kernel's lanes past the
+/// group's rows read (as any input dtype).
+#[cfg(target_arch = "x86_64")]
+static ZERO_ROW: [u64; BLOCK] = [0; BLOCK];
+
 /// The mask kinds the AVX-512 tile kernels read as bits.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
@@ -721,8 +723,8 @@ fn tile_mask<F: Real>(p: &ReturnsProblem) -> Option<TileMask> {
 /// [`tile_mask`] gave `mask`; no other task accesses these rows of the outputs.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_block(p: &ReturnsProblem, mask: TileMask, first: usize, n: usize, start: usize, len: usize, zero: &[u64], sink: &mut [f32], c: &mut Carry<f32>) -> usize {
-    let zero = zero.as_ptr() as *const u8;
+unsafe fn tile_block(p: &ReturnsProblem, mask: TileMask, first: usize, n: usize, start: usize, len: usize, sink: &mut [f32], c: &mut Carry<f32>) -> usize {
+    let zero = ZERO_ROW.as_ptr() as *const u8;
     let sink = sink.as_mut_ptr();
     let input = |x: &Mat, l: usize| if l < n { x.direct::<f32>(first + l, start, len).expect("checked").as_ptr() } else { zero as *const f32 };
     let output = |x: &MatMut, l: usize| if l < n { x.direct_part::<f32>(first + l, start, len).expect("checked").as_mut_ptr() } else { sink };
@@ -738,24 +740,24 @@ unsafe fn tile_block(p: &ReturnsProblem, mask: TileMask, first: usize, n: usize,
         ret: std::array::from_fn(|l| output(&p.returns, l)),
     };
     use x512::{gae_tiles, rfpp_tiles, ByteMask, F32Mask, I64Mask};
-    match (p.estimator, mask) {
-        (ReturnsEstimator::Gae { gamma, lam }, m) => {
+    match p.estimator {
+        ReturnsEstimator::Gae { gamma, lam } => {
             let (gamma, k) = (gamma as f32, (gamma * lam) as f32);
-            match m {
+            match mask {
                 TileMask::I64 => gae_tiles::<I64Mask>(c, gamma, k, &rows, len),
                 TileMask::Byte => gae_tiles::<ByteMask>(c, gamma, k, &rows, len),
                 TileMask::F32 => gae_tiles::<F32Mask>(c, gamma, k, &rows, len),
             }
         }
-        (ReturnsEstimator::ReinforcePlusPlus { gamma }, m) => {
+        ReturnsEstimator::ReinforcePlusPlus { gamma } => {
             let gamma = gamma as f32;
-            match m {
+            match mask {
                 TileMask::I64 => rfpp_tiles::<I64Mask>(c, gamma, &rows, len),
                 TileMask::Byte => rfpp_tiles::<ByteMask>(c, gamma, &rows, len),
                 TileMask::F32 => rfpp_tiles::<F32Mask>(c, gamma, &rows, len),
             }
         }
-        (ReturnsEstimator::Remax, _) => unreachable!("no tile kernel for ReMax"),
+        ReturnsEstimator::Remax => unreachable!("no tile kernel for ReMax"),
     }
 }
 
@@ -799,7 +801,7 @@ fn scan_group_impl<F: Real>(p: &ReturnsProblem, first: usize, n: usize, s: &mut 
         #[cfg(target_arch = "x86_64")]
         let len = match tiled {
             // SAFETY: checked by `tile_mask`; the rows are this task's.
-            Some(mask) => unsafe { tile_block(p, mask, first, n, start, len, &s.zero, &mut s.sink, steps::carry_f32(&mut c)) },
+            Some(mask) => unsafe { tile_block(p, mask, first, n, start, len, &mut s.sink, steps::carry_f32(&mut c)) },
             None => len,
         };
         if len == 0 {

@@ -40,6 +40,24 @@ impl Mom {
         }
     }
 
+    /// The values of the kept lanes (0 elsewhere), and the lanes whose first
+    /// kept finite value this is (which becomes their shift).
+    #[inline(always)]
+    unsafe fn kept(&mut self, keep: __mmask16, x: __m512) -> (__m512, __mmask16) {
+        let v = _mm512_maskz_mov_ps(keep, x);
+        let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(v), _mm512_set1_ps(f32::INFINITY));
+        let newly = keep & !self.have & finite;
+        self.have |= newly;
+        (v, newly)
+    }
+
+    /// Half `h` of the values `vh` less the shift, set first where `newly`.
+    #[inline(always)]
+    unsafe fn shifted(&mut self, h: usize, newly: __mmask16, vh: __m512d) -> __m512d {
+        self.k[h] = _mm512_mask_mov_pd(self.k[h], (newly >> (8 * h)) as u8, vh);
+        _mm512_sub_pd(vh, self.k[h])
+    }
+
     /// [`Mom::add`] where the weights are 0 or 1, given as the lanes `keep`
     /// (the tile kernels' masks), in fewer operations and to the same bits:
     /// a weight of 1 multiplies exactly, and a weight of 0 adds a zero (of
@@ -48,15 +66,11 @@ impl Mom {
     /// are), which leaves the sum as it is: here it is left as it is.
     #[inline(always)]
     unsafe fn add_keep(&mut self, keep: __mmask16, x: __m512) {
-        let v = _mm512_maskz_mov_ps(keep, x);
-        let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(v), _mm512_set1_ps(f32::INFINITY));
-        let newly = keep & !self.have & finite;
-        self.have |= newly;
+        let (v, newly) = self.kept(keep, x);
         let one = _mm512_set1_pd(1.0);
         for h in 0..2 {
             let (kh, vh) = ((keep >> (8 * h)) as u8, half(v, h));
-            self.k[h] = _mm512_mask_mov_pd(self.k[h], (newly >> (8 * h)) as u8, vh);
-            let d = _mm512_sub_pd(vh, self.k[h]);
+            let d = self.shifted(h, newly, vh);
             self.n[h] = _mm512_mask_add_pd(self.n[h], kh, self.n[h], one);
             self.s[h] = _mm512_mask_add_pd(self.s[h], kh, self.s[h], d);
             self.q[h] = _mm512_mask_add_pd(self.q[h], kh, self.q[h], _mm512_mul_pd(d, d));
@@ -67,14 +81,10 @@ impl Mom {
     #[inline(always)]
     unsafe fn add(&mut self, w: __m512, x: __m512) {
         let keep = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(w, _mm512_setzero_ps());
-        let v = _mm512_maskz_mov_ps(keep, x);
-        let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(v), _mm512_set1_ps(f32::INFINITY));
-        let newly = keep & !self.have & finite;
-        self.have |= newly;
+        let (v, newly) = self.kept(keep, x);
         for h in 0..2 {
             let (wh, vh) = (half(w, h), half(v, h));
-            self.k[h] = _mm512_mask_mov_pd(self.k[h], (newly >> (8 * h)) as u8, vh);
-            let d = _mm512_sub_pd(vh, self.k[h]);
+            let d = self.shifted(h, newly, vh);
             let wd = _mm512_mul_pd(wh, d);
             self.n[h] = _mm512_add_pd(self.n[h], wh);
             self.s[h] = _mm512_add_pd(self.s[h], wd);
@@ -368,6 +378,20 @@ impl Transpose {
         parts!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
     }
 
+    /// The columns of tile `t0` (columns `km`) of the rewards and, where
+    /// the scan reads them, the values.
+    #[inline(always)]
+    unsafe fn columns<S: TileScan>(rows: &TileRows, t0: usize, km: u16) -> (Self, Self) {
+        let (mut r, mut v) = (Transpose::new(), Transpose::new());
+        r.load(&rows.r, t0, km);
+        r.all();
+        if S::VALUES {
+            v.load(&rows.v, t0, km);
+            v.all();
+        }
+        (r, v)
+    }
+
     /// Loads tile `t0` (columns `km`) of the rows into `x`.
     #[inline(always)]
     unsafe fn load(&mut self, rows: &[*const f32; LANES], t0: usize, km: u16) {
@@ -376,7 +400,6 @@ impl Transpose {
         }
     }
 }
-
 
 /// The rows' bits of a tile of `cnt` columns, shifted so that the last
 /// column's is each lane's sign bit (the scan's first).
@@ -404,7 +427,7 @@ unsafe fn prefetch<M: MaskBits>(rows: &TileRows, t0: isize) {
 
 /// A scan the tile kernels run: its step on one column, and how it stores a
 /// tile's results once they are rows again.
-pub(super) trait TileScan {
+trait TileScan {
     /// Whether the step reads the values.
     const VALUES: bool;
     /// One column (rewards, the mask's lanes of 1s, values): the result.
@@ -457,13 +480,8 @@ impl TileScan for Rfpp {
 unsafe fn tile_once<S: TileScan, M: MaskBits>(st: &mut S, rows: &TileRows, t0: usize, cnt: usize) -> bool {
     let km = ((1u32 << cnt) - 1) as u16;
     let Some(bits) = tile_bits::<M>(rows, t0, km) else { return false };
-    let (mut r, mut v, mut x) = (Transpose::new(), Transpose::new(), Transpose::new());
-    r.load(&rows.r, t0, km);
-    r.all();
-    if S::VALUES {
-        v.load(&rows.v, t0, km);
-        v.all();
-    }
+    let (r, v) = Transpose::columns::<S>(rows, t0, km);
+    let mut x = Transpose::new();
     let mut w = mask_word(&bits, cnt);
     for c in (0..cnt).rev() {
         x.x[c] = st.step(r.x[c], _mm512_movepi32_mask(w), v.x[c]);
@@ -480,12 +498,12 @@ unsafe fn tile_once<S: TileScan, M: MaskBits>(st: &mut S, rows: &TileRows, t0: u
 /// operations as the column kernels, so the same bits), and the results
 /// are transposed back and stored.
 ///
-/// A step is a chain of dependent operations that leaves the vector units
-/// idle most of its latency, and a tile's steps are more than the
-/// out-of-order window holds: so the loop is software-pipelined, each of
-/// the sixteen steps of a tile followed by a part of the next tile's
-/// transposes and of the previous tile's results', which then run under
-/// the chain's latency.
+/// A tile's work is more than the out-of-order window holds, so the loop is
+/// software-pipelined: each of the sixteen steps of a tile (a chain of
+/// dependent operations) is followed by a part of the next tile's
+/// transposes and of the previous tile's results', for the out-of-order
+/// core to run beside the chain. (Measured, the loop is bound by
+/// throughput, the transposes' stack traffic most: docs/speed.md.)
 ///
 /// Returns the columns left at the front (`0 .. returned`) from the first
 /// tile, from the end, whose mask holds a value that is neither 0 nor 1.
@@ -508,13 +526,7 @@ unsafe fn scan_tiles<S: TileScan, M: MaskBits>(st: &mut S, rows: &TileRows, len:
     let Some(mut bits) = tile_bits::<M>(rows, 16 * q, !0) else { return 16 * full };
     // the tile whose steps run (columns), the next one (rows, being
     // transposed) and the previous one's results (being transposed back)
-    let (mut r, mut v) = (Transpose::new(), Transpose::new());
-    r.load(&rows.r, 16 * q, !0);
-    r.all();
-    if S::VALUES {
-        v.load(&rows.v, 16 * q, !0);
-        v.all();
-    }
+    let (mut r, mut v) = Transpose::columns::<S>(rows, 16 * q, !0);
     let (mut rc, mut vc) = (r.x, v.x);
     let mut x = Transpose::new();
     let mut prev: Option<(usize, [u32; LANES])> = None;
