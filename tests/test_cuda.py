@@ -255,6 +255,29 @@ def test_strided_inputs_are_read_in_place():
         close(x, y, TOL_CPU[torch.float32], "strided")
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["full_rows", "per_row_adv_and_weights"])
+@pytest.mark.parametrize("shape", [(1, 37), (1, 3), (9, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.bool, torch.float32, torch.int8, torch.int32, torch.float64],
+                         ids=str)
+def test_every_mask_dtype_ragged_row_ends_and_per_row_operands_match_the_cpu(mask_dtype, shape, per_row):
+    # The vector kernels read int64 (verl's response_mask), float32 and 1-byte
+    # masks in runs, a row's ragged end element by element (one row of 37 or 3
+    # tokens: its runs need no row alignment), and per-row advantages and IS
+    # weights once per row; int32 and float64 masks take the element-wise kernels.
+    B, T = shape
+    g = torch.Generator().manual_seed(12)
+    old, lp, adv, mask = make_batch(B, T, seed=11, spread=1.0, per_seq_adv=per_row, full_rows=(0,))
+    w = torch.rand(B, generator=g) + 0.5 if per_row else torch.rand(B, T, generator=g) + 0.5
+    mask = mask.to(mask_dtype)
+    for mode in MODES:
+        for agg in ("token-mean", "seq-mean-token-mean"):
+            with host():
+                want = run(mode, old, lp, adv, mask, agg, w)
+            got = run(mode, *cuda(old, lp, adv, mask), agg, *cuda(w))
+            for x, y, what in zip(got, want, ("loss", "grad", "metrics")):
+                close(x, y, TOL_CPU[torch.float32], f"{mode} {agg}: {what} vs CPU")
+
+
 @needs_gpu
 def test_no_host_sync_in_forward_and_backward():
     old, lp, adv, mask = cuda(*make_batch(32, 1000))

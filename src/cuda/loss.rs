@@ -172,6 +172,22 @@ fn mask_runs_ok(m: &View, rows: usize, run: usize) -> bool {
     one_byte && m.cs == 1 && (m.ptr as usize as i64) % run == 0 && (rows <= 1 || m.rs % run == 0)
 }
 
+/// Whether a vector kernel's token pass can read the mask (`load_mask_vec`
+/// in kernels/loss.cu): in runs of `run` values with no element-wise dtype
+/// switch, i.e. a 1-byte mask as [`mask_runs_ok`], or an int64 (verl's
+/// `response_mask`) or float32 mask with contiguous rows starting on 16
+/// bytes. Any other mask runs the element-wise (`any`) kernels.
+fn mask_vec_ok(m: &View, rows: usize, run: usize) -> bool {
+    let size = if m.dtype == dtype_code(DType::I64) {
+        8
+    } else if m.dtype == dtype_code(DType::F32) {
+        4
+    } else {
+        return mask_runs_ok(m, rows, run);
+    };
+    m.cs == 1 && (m.ptr as usize) % 16 == 0 && (rows <= 1 || (m.rs * size) % 16 == 0)
+}
+
 fn agg_code(a: AggMode) -> i64 {
     match a {
         AggMode::TokenMean => abi::AGG_TOKEN_MEAN,
@@ -214,7 +230,8 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossOutputs<'_>, scratch: &Tensor, device
     // 16-byte runs when every (rows, cols) float operand, the gradient
     // included, is stored as log_prob is and laid out for them.
     let dt = l.lp.tensor.dtype;
-    let vector = [&lp, &l.old_lp, &l.adv, &w, &grad].iter().all(|v| runs_ok(v, rows, dt));
+    let vector = [&lp, &l.old_lp, &l.adv, &w, &grad].iter().all(|v| runs_ok(v, rows, dt))
+        && mask_vec_ok(&mask, rows, Variant::choose(dt, l.f64_math, true).run());
     let variant = Variant::choose(dt, l.f64_math, vector);
     let run = variant.run();
     let team = team_size(cols, run);
@@ -430,6 +447,19 @@ mod tests {
         assert!(mask_runs_ok(&v(4096, 300, 1, DType::Bool), 8, 4));
         assert!(!mask_runs_ok(&v(4096, 301, 1, DType::Bool), 8, 4));
         assert!(!mask_runs_ok(&v(4096, 300, 1, DType::F32), 8, 4));
+        assert!(mask_vec_ok(&v(4096, 300, 1, DType::Bool), 8, 4));
+        assert!(!mask_vec_ok(&v(4096, 301, 1, DType::U8), 8, 4));
+        assert!(mask_vec_ok(&v(4096, 302, 1, DType::I64), 8, 4));
+        assert!(!mask_vec_ok(&v(4096, 301, 1, DType::I64), 8, 4), "rows off 16 bytes");
+        assert!(mask_vec_ok(&v(4096, 301, 1, DType::I64), 1, 4), "one row");
+        assert!(!mask_vec_ok(&v(4104, 302, 1, DType::I64), 8, 4));
+        assert!(mask_vec_ok(&v(4096, 300, 1, DType::F32), 8, 4));
+        assert!(!mask_vec_ok(&v(4096, 302, 1, DType::F32), 8, 4));
+        assert!(!mask_vec_ok(&v(4096, 300, 2, DType::F32), 8, 4), "strided columns");
+        assert!(!mask_vec_ok(&v(4096, 300, 0, DType::I64), 8, 4), "broadcast");
+        for dt in [DType::F64, DType::I32, DType::I16, DType::F16, DType::BF16] {
+            assert!(!mask_vec_ok(&v(4096, 256, 1, dt), 8, 4), "{dt:?}: element-wise kernels");
+        }
     }
 
     #[test]

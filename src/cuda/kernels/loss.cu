@@ -197,6 +197,113 @@ __device__ __forceinline__ void store_run(const ViewMut &v, i64 i, i64 t, int n,
     }
 }
 
+// A run of a float operand of the token pass in a vector kernel (VEC): a
+// (rows, cols) view stored as S with contiguous rows (the host checked: one
+// 16- or 8-byte load for a full run, element by element at the row's ragged
+// end, no dtype switch), or a per-row view (cs == 0), whose value `row` was
+// read once before the loop. (load_run's element-wise paths, with their
+// dtype switch, took the token loop from about 74 registers to 112 without
+// a cap; at the 64-register cap vanilla f32 spilled 184 bytes, now 40.)
+template <typename F, typename S>
+__device__ __forceinline__ void load_vec(const View &v, i64 i, i64 t, int n, F row, F *x) {
+    const int V = S::V;
+    if (v.cs == 0) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) x[k] = row;
+        return;
+    }
+    const typename S::raw *p = (const typename S::raw *)v.ptr + (i * v.rs + t);
+    if (n == V) {
+        const Run<S> r = *GLOBAL((const Run<S> *)p);
+#pragma unroll
+        for (int k = 0; k < V; ++k) x[k] = (F)S::get(r.e[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) x[k] = k < n ? (F)S::get(*GLOBAL(p + k)) : cvt<F>(0.0);
+    }
+}
+
+// store_run for a vector kernel: the gradient is stored as S (contiguous rows).
+template <typename F, typename S>
+__device__ __forceinline__ void store_vec(const ViewMut &v, i64 i, i64 t, int n, const F *x) {
+    const int V = S::V;
+    typename S::raw *p = (typename S::raw *)v.ptr + (i * v.rs + t);
+    if (n == V) {
+        Run<S> r;
+#pragma unroll
+        for (int k = 0; k < V; ++k) r.e[k] = S::put(x[k]);
+        *GLOBAL((Run<S> *)p) = r;
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k)
+            if (k < n) *GLOBAL(p + k) = S::put(x[k]);
+    }
+}
+
+// Storage of the masks a vector kernel reads in runs besides the 1-byte
+// ones (load_mask): V values as their own type, 16-byte aligned (the host
+// checked: mask_runs_ok in src/cuda/loss.rs), converted as load() does.
+struct SMaskI64 {
+    typedef i64 raw;
+    static __device__ __forceinline__ double get(raw x) { return (double)x; }
+};
+struct SMaskF32 {
+    typedef float raw;
+    static __device__ __forceinline__ float get(raw x) { return x; }
+};
+struct SMaskU8 {
+    typedef unsigned char raw;
+    static __device__ __forceinline__ float get(raw x) { return (float)x; }
+};
+struct SMaskI8 {
+    typedef signed char raw;
+    static __device__ __forceinline__ float get(raw x) { return (float)x; }
+};
+// (a run of 1-byte values is aligned to its size, V bytes; wider ones to 16)
+template <typename T, int V> struct alignas(sizeof(typename T::raw) * V < 16 ? sizeof(typename T::raw) * V : 16) MaskRun {
+    typename T::raw e[V];
+};
+
+template <typename F, typename T, int V>
+__device__ __forceinline__ void load_mask_as(const View &m, i64 i, i64 t, int n, F *x) {
+    const typename T::raw *p = (const typename T::raw *)m.ptr + (i * m.rs + t);
+    if (n == V) {
+        const MaskRun<T, V> r = *GLOBAL((const MaskRun<T, V> *)p);
+#pragma unroll
+        for (int k = 0; k < V; ++k) x[k] = (F)T::get(r.e[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) x[k] = k < n ? (F)T::get(*GLOBAL(p + k)) : cvt<F>(0.0);
+    }
+}
+
+// The mask's run in a vector kernel's token pass: one load of V values for
+// 1-byte masks, int64 (verl's response_mask) and float32 masks, element by
+// element (at the mask's own type) only at a row's ragged end. The host
+// runs the vector kernels only for these masks laid out for runs
+// (mask_vec_ok in src/cuda/loss.rs), so the token loop has no element-wise
+// dtype switch: with load_mask's, vanilla f32 spilled 40 bytes more at the
+// 64-register cap (ptxas, sm_90), seq and value 40.
+template <typename F, int V>
+__device__ __forceinline__ void load_mask_vec(const View &m, i64 i, i64 t, int n, F *x) {
+    switch (m.dtype) {
+    case DT_I64: load_mask_as<F, SMaskI64, V>(m, i, t, n, x); break;
+    case DT_F32: load_mask_as<F, SMaskF32, V>(m, i, t, n, x); break;
+    case DT_I8: load_mask_as<F, SMaskI8, V>(m, i, t, n, x); break;
+    default: load_mask_as<F, SMaskU8, V>(m, i, t, n, x); break;
+    }
+}
+
+// A float operand's run in the token pass: load_vec in a vector kernel,
+// else load_run (any dtype and strides; `row` unused).
+template <typename F, typename S, bool VEC>
+__device__ __forceinline__ void load_token_run(const View &v, i64 i, i64 t, int n, F row, F *x) {
+    if (VEC)
+        load_vec<F, S>(v, i, t, n, row, x);
+    else
+        load_run<F, S, false>(v, i, t, n, x);
+}
+
 __device__ __forceinline__ bool is_seq(i64 agg) { return !(agg == AGG_TOKEN_MEAN || agg == AGG_TOKEN_SUM); }
 
 // The row's weight before the shared scale (ops::agg_loss::AggPlan::row_weight):
@@ -627,6 +734,9 @@ __device__ void loss_tokens(const LossArgs &a) {
     // a row whose mask sums to NaN: dropped by the sequence modes (verl's
     // sum(m) > 0 is false): loss, count and gradient
     const bool dropped = seq_mode && tokens != tokens;
+    // per-row advantages and weights (cs == 0), read once (vector kernels)
+    const F A_row = VEC && MODE != MODE_AGG && r.live && a.adv.cs == 0 ? load<F>(a.adv, r.i, 0) : zero;
+    const F w_row = VEC && weighted && r.live && a.w.cs == 0 ? load<F>(a.w, r.i, 0) : one;
     for (i64 t0 = (i64)r.tl * V; t0 < r.cols; t0 += U * step) {
         F o[U][V], l[U][V], A[U][V], m[U][V], w[U][V], pk[U][V];
         int n[U];
@@ -635,12 +745,15 @@ __device__ void loss_tokens(const LossArgs &a) {
             const i64 t = t0 + u * step;
             n[u] = t < r.cols ? (int)min((i64)V, r.cols - t) : 0;
             if (MODE != MODE_AGG) {
-                load_run<F, S, VEC>(a.old_lp, r.i, t, n[u], o[u]);
-                load_run<F, S, VEC>(a.adv, r.i, t, n[u], A[u]);
+                load_token_run<F, S, VEC>(a.old_lp, r.i, t, n[u], zero, o[u]);
+                load_token_run<F, S, VEC>(a.adv, r.i, t, n[u], A_row, A[u]);
             }
-            load_run<F, S, VEC>(a.lp, r.i, t, n[u], l[u]);
-            load_mask<F, V>(a.mask, r.i, t, n[u], mvec, m[u]);
-            if (weighted) load_run<F, S, VEC>(a.w, r.i, t, n[u], w[u]);
+            load_token_run<F, S, VEC>(a.lp, r.i, t, n[u], zero, l[u]);
+            if (VEC)
+                load_mask_vec<F, V>(a.mask, r.i, t, n[u], m[u]);
+            else
+                load_mask<F, V>(a.mask, r.i, t, n[u], mvec, m[u]);
+            if (weighted) load_token_run<F, S, VEC>(a.w, r.i, t, n[u], w_row, w[u]);
             if (picked) load_mask<F, V>(a.picks, r.i, t, n[u], false, pk[u]);
         }
 #pragma unroll
@@ -667,7 +780,10 @@ __device__ void loss_tokens(const LossArgs &a) {
                     sg += g[k] < zero ? -g[k] : g[k];
                 }
             }
-            store_run<F, S, VEC>(a.grad, r.i, t0 + u * step, n[u], g);
+            if (VEC)
+                store_vec<F, S>(a.grad, r.i, t0 + u * step, n[u], g);
+            else
+                store_run<F, S, VEC>(a.grad, r.i, t0 + u * step, n[u], g);
             s[0] += (double)sl;
             s[1] += (double)sd;
             s[2] += (double)sc;
