@@ -65,13 +65,14 @@ pub fn cuda_compile<'py>(py: Python<'py>, major: i32, minor: i32, target: &str) 
 }
 
 /// Compiles the embedded kernels to a cubin for `major.minor` with ptxas's
-/// `--verbose` report and returns that log (registers, stack frame and spill
-/// bytes per kernel); no GPU needed.
+/// `--verbose` report and returns `(cubin, log)`: the image (for a
+/// disassembler) and the log (registers, stack frame and spill bytes per
+/// kernel); no GPU needed.
 #[pyfunction]
-pub fn cuda_ptxas_log(py: Python<'_>, major: i32, minor: i32) -> PyResult<String> {
+pub fn cuda_ptxas_log(py: Python<'_>, major: i32, minor: i32) -> PyResult<(Py<pyo3::types::PyBytes>, String)> {
     let n = nvrtc()?;
-    let (_, log) = py.detach(|| cuda::compile_with_ptxas_log(&n, major, minor)).map_err(PyRuntimeError::new_err)?;
-    Ok(log)
+    let (img, log) = py.detach(|| cuda::compile_with_ptxas_log(&n, major, minor)).map_err(PyRuntimeError::new_err)?;
+    Ok((pyo3::types::PyBytes::new(py, &img).unbind(), log))
 }
 
 /// The normalisers `loss_agg_mode` divides by (`ops::agg_loss::AggMode::divisors`).
