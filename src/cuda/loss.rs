@@ -231,7 +231,8 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossOutputs<'_>, scratch: &Tensor, device
     // included, is stored as log_prob is and laid out for them.
     let dt = l.lp.tensor.dtype;
     let vector = [&lp, &l.old_lp, &l.adv, &w, &grad].iter().all(|v| runs_ok(v, rows, dt))
-        && mask_vec_ok(&mask, rows, Variant::choose(dt, l.f64_math, true).run());
+        && mask_vec_ok(&mask, rows, Variant::choose(dt, l.f64_math, true).run())
+        && l.picks.is_none_or(|p| mask_runs_ok(&view(p), rows, Variant::choose(dt, l.f64_math, true).run()));
     let variant = Variant::choose(dt, l.f64_math, vector);
     let run = variant.run();
     let team = team_size(cols, run);

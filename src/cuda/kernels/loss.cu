@@ -464,20 +464,42 @@ __device__ void loss_rows(const LossArgs &a) {
     }
 }
 
-// The token rules of the `_ext` kernels, chosen by a.mode at run time (one
-// kernel for them all: a uniform branch per token), twins of the rules of
+// Sets of ext_token_loss's rules, as bitmasks of their modes: an `_ext`
+// kernel's token loop is compiled for a set, and reads a.mode only among
+// the set's rules (a set of one: not at all).
+#define EXT_BIT(m) (1 << (m))
+// the 32- and 16-bit vector kernels: four loops, each spill-free at the
+// 64-register cap (sm_90), where one loop for every rule spilled 15
+// instructions (f32), three (CISPO to DRO in one) 2, and a loop per rule
+// cost a quarter more compile time
+#define EXT_RATIO (EXT_BIT(MODE_CISPO) | EXT_BIT(MODE_SAPO))
+#define EXT_LINEAR (EXT_BIT(MODE_GPG) | EXT_BIT(MODE_REINFORCE) | EXT_BIT(MODE_DRO))
+#define EXT_DPPO (EXT_BIT(MODE_DPPO_TV) | EXT_BIT(MODE_DPPO_KL))
+#define EXT_COV (EXT_BIT(MODE_CLIP_COV) | EXT_BIT(MODE_KL_COV))
+// the float64 and element-wise kernels, which spill in any case: one loop
+#define EXT_ALL (EXT_RATIO | EXT_LINEAR | EXT_DPPO | EXT_COV)
+
+// The lowest rule of a set.
+__host__ __device__ constexpr int ext_first(int set) {
+    return (set & 1) ? 0 : 1 + ext_first(set >> 1);
+}
+
+// The token rules of the `_ext` kernels (EXT: the set of rules the token
+// loop was compiled for, a.mode picks among them), twins of the rules of
 // src/cpu/policy_loss.rs of the same names. `pick`: the token was chosen
 // (Clip-Cov, KL-Cov). Returns l; *dloss, *d (-d is what ppo_kl averages)
 // and the flags as token_loss.
-template <typename F>
+template <typename F, int EXT>
 __device__ __forceinline__ F ext_token_loss(const LossArgs &a, F old, F lp, F A, bool pick, F *dloss, F *d,
                                             bool *clipped, bool *lower) {
     const F zero = cvt<F>(0.0), one = cvt<F>(1.0);
     const bool closed = a.clamp_closed != 0;
     *clipped = false;
     *lower = false;
-    switch (a.mode) {
+    const int rule = (EXT & (EXT - 1)) == 0 ? ext_first(EXT) : (int)a.mode;
+    switch (rule) {
     case MODE_CISPO: {
+        if (!(EXT & EXT_BIT(MODE_CISPO))) break;
         // l = -sg(clip(r)) A lp; the clip bounds are [1 - low, 1 + high]
         bool pass;
         *d = clampg(lp - old, cvt<F>(-20.0), cvt<F>(20.0), closed, &pass);
@@ -489,6 +511,7 @@ __device__ __forceinline__ F ext_token_loss(const LossArgs &a, F old, F lp, F A,
         return k * lp;
     }
     case MODE_SAPO: {
+        if (!(EXT & EXT_BIT(MODE_SAPO))) break;
         // l = -g A, g = sigmoid(tau (r - 1)) 4 / tau
         bool pass;
         *d = clampg(lp - old, cvt<F>(-20.0), cvt<F>(20.0), closed, &pass);
@@ -501,14 +524,17 @@ __device__ __forceinline__ F ext_token_loss(const LossArgs &a, F old, F lp, F A,
         return -(y * k) * A;
     }
     case MODE_GPG:
+        if (!(EXT & EXT_BIT(MODE_GPG))) break;
         *d = zero;
         *dloss = -A;
         return -lp * A;
     case MODE_REINFORCE:
+        if (!(EXT & EXT_BIT(MODE_REINFORCE))) break;
         *d = lp - old;
         *dloss = -A;
         return -A * lp;
     case MODE_DRO: {
+        if (!(EXT & EXT_BIT(MODE_DRO))) break;
         const F hb = cvt<F>(0.5 * a.beta), x = lp - old;
         *d = x;
         *dloss = -(A - hb * (x + x));
@@ -516,6 +542,7 @@ __device__ __forceinline__ F ext_token_loss(const LossArgs &a, F old, F lp, F A,
     }
     case MODE_DPPO_TV:
     case MODE_DPPO_KL: {
+        if (!(EXT & EXT_DPPO)) break;
         // the divergence bounds are `low` and `high` themselves here
         // (the launcher passes them so for DPPO), c the truncation
         bool pass;
@@ -524,7 +551,7 @@ __device__ __forceinline__ F ext_token_loss(const LossArgs &a, F old, F lp, F A,
         const F tr = r > c ? c : r;
         const F p = expg(lp), po = expg(old);
         bool up, down;
-        if (a.mode == MODE_DPPO_KL) {
+        if (rule == MODE_DPPO_KL) {
             const F eps = cvt<F>(1e-8);
             const F bkl = po * (old - lp) + (one - po) * logg((one - po + eps) / (one - p + eps));
             up = bkl <= hi || p <= po;
@@ -542,6 +569,7 @@ __device__ __forceinline__ F ext_token_loss(const LossArgs &a, F old, F lp, F A,
         return (k * lp) * v;
     }
     case MODE_CLIP_COV: {
+        if (!(EXT & EXT_BIT(MODE_CLIP_COV))) break;
         // max(-A r, -A clip(r)) with r = exp(lp - old), times corr (0 where picked)
         *d = lp - old;
         const F r = expg(*d);
@@ -553,7 +581,8 @@ __device__ __forceinline__ F ext_token_loss(const LossArgs &a, F old, F lp, F A,
         *dloss = dl * corr;
         return l * corr;
     }
-    default: {  // MODE_KL_COV: -A r, plus coef |lp - old| where picked
+    case MODE_KL_COV: {  // -A r, plus coef |lp - old| where picked
+        if (!(EXT & EXT_BIT(MODE_KL_COV))) break;
         const F x = lp - old;
         const F r = expg(x);
         const F ab = x < zero ? -x : x;
@@ -565,6 +594,10 @@ __device__ __forceinline__ F ext_token_loss(const LossArgs &a, F old, F lp, F A,
         return pick ? l1 + coef * ab : l1;
     }
     }
+    // (a rule outside the set: never, the kernel picks the set of a.mode)
+    *dloss = zero;
+    *d = zero;
+    return zero;
 }
 
 // One token: loss l, dl / dlp, the log-ratio the ppo_kl metric averages,
@@ -573,13 +606,13 @@ __device__ __forceinline__ F ext_token_loss(const LossArgs &a, F old, F lp, F A,
 // MODE_VALUE (old: the values, lp: the predictions, A: the returns),
 // MODE_GEO_MEAN (l = 0: GMPO's loss is its rows'; sr: the row's coefficient,
 // *dloss = sr d dmin / d d) or
-// MODE_CISPO, which stands for every rule of ext_token_loss.
-template <typename F, int MODE>
+// MODE_CISPO, which stands for ext_token_loss's rules (those of the set EXT).
+template <typename F, int MODE, int EXT>
 __device__ __forceinline__ F token_loss(const LossArgs &a, F old, F lp, F A, F sr, F dsr, bool pick, F *dloss, F *d,
                                         bool *clipped, bool *lower) {
     const F zero = cvt<F>(0.0), lo = cvt<F>(a.lo), hi = cvt<F>(a.hi);
     const bool closed = a.clamp_closed != 0;
-    if (MODE == MODE_CISPO) return ext_token_loss<F>(a, old, lp, A, pick, dloss, d, clipped, lower);
+    if (MODE == MODE_CISPO) return ext_token_loss<F, EXT>(a, old, lp, A, pick, dloss, d, clipped, lower);
     if (MODE == MODE_GEO_MEAN) {
         // pg_clipfrac: d != dc (NaN counts) where A > 0; _lower: where A < 0
         F dc;
@@ -710,33 +743,25 @@ __device__ __noinline__ void loss_finish(const double *scratch, i64 rows, ViewMu
     }
 }
 
-template <typename F, typename S, bool VEC, int MODE>
-__device__ void loss_tokens(const LossArgs &a) {
+// What a thread's token loop needs from loss_tokens' prologue.
+template <typename F> struct TokenRow {
+    RowOf r;
+    i64 step;
+    F coef, sr, dsr, A_row, w_row;
+    bool seq_mode, weighted, diag, mvec, picked;
+};
+
+// The token loop of one thread (its runs of its row); in the `_ext`
+// kernels, for the set EXT of rules (see EXT_RATIO), picked once per thread.
+template <typename F, typename S, bool VEC, int MODE, int EXT>
+__device__ __forceinline__ void token_loop(const LossArgs &a, const TokenRow<F> &c, double *s) {
     const int V = S::V, U = TOKEN_RUNS;
-    const RowOf r = row_of(a, true);
-    // GMPO: its loss is its rows' (loss_rows), the IS weights are in its
-    // rows' coefficients, and no aggregation applies
-    const bool geo = MODE == MODE_GEO_MEAN;
-    const bool seq_mode = !geo && is_seq(a.agg), mask_f64 = a.mask.dtype == DT_F64;
-    const bool mvec = (a.vec & VEC_MASK) != 0, weighted = !geo && a.w.ptr != 0, diag = (a.vec & VEC_DIAGNOSTICS) != 0;
-    const double scale = *GLOBAL(a.scratch + SC_SCALE);
-    const double *p = a.scratch + SCRATCH_HEAD + (r.live ? r.i : 0) * ROW_STRIDE;
-    const double tokens = r.live ? *GLOBAL(p + R_TOKENS) : 0.0;
-    const double rw = geo ? 1.0 : row_weight(a.agg, tokens, mask_f64);
+    const RowOf &r = c.r;
+    const i64 step = c.step;
     const F zero = cvt<F>(0.0), one = cvt<F>(1.0);
-    // (GMPO: the row's coefficient is sr, applied inside its token rule, as torch's backward order has it)
-    const F coef = geo ? one : cvt<F>(rw == 0.0 ? 0.0 : scale * rw);
-    const F sr = cvt<F>(r.live ? *GLOBAL(p + R_S) * (geo ? scale : 1.0) : 0.0);
-    const F dsr = cvt<F>(r.live ? *GLOBAL(p + R_DS) : 0.0);
-    const i64 step = a.team * V;
-    double s[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};  // sum m w l, sum m d, clipped, lower, sum m A, sum |g|
-    const bool picked = MODE == MODE_CISPO && a.picks.ptr != 0;
-    // a row whose mask sums to NaN: dropped by the sequence modes (verl's
-    // sum(m) > 0 is false): loss, count and gradient
-    const bool dropped = seq_mode && tokens != tokens;
-    // per-row advantages and weights (cs == 0), read once (vector kernels)
-    const F A_row = VEC && MODE != MODE_AGG && r.live && a.adv.cs == 0 ? load<F>(a.adv, r.i, 0) : zero;
-    const F w_row = VEC && weighted && r.live && a.w.cs == 0 ? load<F>(a.w, r.i, 0) : one;
+    const F coef = c.coef, sr = c.sr, dsr = c.dsr, A_row = c.A_row, w_row = c.w_row;
+    const bool seq_mode = c.seq_mode, weighted = c.weighted, diag = c.diag, mvec = c.mvec;
+    const bool picked = (EXT & EXT_COV) != 0 && c.picked;
     for (i64 t0 = (i64)r.tl * V; t0 < r.cols; t0 += U * step) {
         F o[U][V], l[U][V], A[U][V], m[U][V], w[U][V], pk[U][V];
         int n[U];
@@ -754,7 +779,13 @@ __device__ void loss_tokens(const LossArgs &a) {
             else
                 load_mask<F, V>(a.mask, r.i, t, n[u], mvec, m[u]);
             if (weighted) load_token_run<F, S, VEC>(a.w, r.i, t, n[u], w_row, w[u]);
-            if (picked) load_mask<F, V>(a.picks, r.i, t, n[u], false, pk[u]);
+            if (picked) {
+                // (a vector kernel's picks are 1-byte with rows on V bytes: only != 0 is read)
+                if (VEC)
+                    load_mask_as<F, SMaskU8, V>(a.picks, r.i, t, n[u], pk[u]);
+                else
+                    load_mask<F, V>(a.picks, r.i, t, n[u], false, pk[u]);
+            }
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -767,9 +798,9 @@ __device__ void loss_tokens(const LossArgs &a) {
                 bool clipped, lower;
                 const F ok = MODE == MODE_AGG ? zero : o[u][k], ak = MODE == MODE_AGG ? zero : A[u][k];
                 const bool pick = picked && pk[u][k] != zero;
-                F loss = token_loss<F, MODE>(a, ok, l[u][k], ak, sr, dsr, pick, &dl, &d, &clipped, &lower);
+                F loss = token_loss<F, MODE, EXT>(a, ok, l[u][k], ak, sr, dsr, pick, &dl, &d, &clipped, &lower);
                 const F wk = weighted ? w[u][k] : one;
-                const bool in = k < n[u], keep = in && m[u][k] != zero && !dropped;
+                const bool in = k < n[u], keep = in && m[u][k] != zero;
                 sl += (keep || (in && seq_mode)) ? loss * wk * m[u][k] : zero;
                 sd += keep ? d * m[u][k] : zero;
                 sc += keep && clipped ? m[u][k] : zero;
@@ -790,6 +821,65 @@ __device__ void loss_tokens(const LossArgs &a) {
             s[3] += (double)slo;
             s[4] += (double)sa;
             s[5] += (double)sg;
+        }
+    }
+}
+
+template <typename F, typename S, bool VEC, int MODE>
+__device__ void loss_tokens(const LossArgs &a) {
+    const int V = S::V, U = TOKEN_RUNS;
+    const RowOf r = row_of(a, true);
+    // GMPO: its loss is its rows' (loss_rows), the IS weights are in its
+    // rows' coefficients, and no aggregation applies
+    const bool geo = MODE == MODE_GEO_MEAN;
+    const bool seq_mode = !geo && is_seq(a.agg), mask_f64 = a.mask.dtype == DT_F64;
+    const bool mvec = (a.vec & VEC_MASK) != 0, weighted = !geo && a.w.ptr != 0, diag = (a.vec & VEC_DIAGNOSTICS) != 0;
+    const double scale = *GLOBAL(a.scratch + SC_SCALE);
+    const double *p = a.scratch + SCRATCH_HEAD + (r.live ? r.i : 0) * ROW_STRIDE;
+    const double tokens = r.live ? *GLOBAL(p + R_TOKENS) : 0.0;
+    const double rw = geo ? 1.0 : row_weight(a.agg, tokens, mask_f64);
+    const F zero = cvt<F>(0.0), one = cvt<F>(1.0);
+    // (GMPO: the row's coefficient is sr, applied inside its token rule, as torch's backward order has it)
+    const F coef = geo ? one : cvt<F>(rw == 0.0 ? 0.0 : scale * rw);
+    const F sr = cvt<F>(r.live ? *GLOBAL(p + R_S) * (geo ? scale : 1.0) : 0.0);
+    const F dsr = cvt<F>(r.live ? *GLOBAL(p + R_DS) : 0.0);
+    const i64 step = a.team * V;
+    double s[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};  // sum m w l, sum m d, clipped, lower, sum m A, sum |g|
+    const bool picked = MODE == MODE_CISPO && a.picks.ptr != 0;  // (the `_ext` kernel's Clip-Cov, KL-Cov)
+    // a row whose mask sums to NaN: dropped by the sequence modes (verl's
+    // sum(m) > 0 is false): loss, count and gradient
+    const bool dropped = seq_mode && tokens != tokens;
+    // per-row advantages and weights (cs == 0), read once (vector kernels)
+    const F A_row = VEC && MODE != MODE_AGG && r.live && a.adv.cs == 0 ? load<F>(a.adv, r.i, 0) : zero;
+    const F w_row = VEC && weighted && r.live && a.w.cs == 0 ? load<F>(a.w, r.i, 0) : one;
+    const TokenRow<F> c = {r, step, coef, sr, dsr, A_row, w_row, seq_mode, weighted, diag, mvec, picked};
+    if (dropped) {
+        // a zero gradient, and nothing summed (the row's loss share is 0
+        // below): no token loop needs the flag (in the `_ext` kernels' it
+        // made ptxas reload the row's count from the stack at every run)
+        F g[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) g[k] = zero;
+        for (i64 t = (i64)r.tl * V; t < r.cols; t += step) {
+            const int n = (int)min((i64)V, r.cols - t);
+            if (VEC)
+                store_vec<F, S>(a.grad, r.i, t, n, g);
+            else
+                store_run<F, S, VEC>(a.grad, r.i, t, n, g);
+        }
+    } else if (MODE != MODE_CISPO) {
+        token_loop<F, S, VEC, MODE, 0>(a, c, s);
+    } else if (!VEC || sizeof(F) == 8) {
+        token_loop<F, S, VEC, MODE, EXT_ALL>(a, c, s);
+    } else {
+        switch (a.mode) {
+        case MODE_DPPO_TV:
+        case MODE_DPPO_KL: token_loop<F, S, VEC, MODE, EXT_DPPO>(a, c, s); break;
+        case MODE_CLIP_COV:
+        case MODE_KL_COV: token_loop<F, S, VEC, MODE, EXT_COV>(a, c, s); break;
+        case MODE_CISPO:
+        case MODE_SAPO: token_loop<F, S, VEC, MODE, EXT_RATIO>(a, c, s); break;
+        default: token_loop<F, S, VEC, MODE, EXT_LINEAR>(a, c, s); break;
         }
     }
     team_sum<6>(s, (int)a.team);
