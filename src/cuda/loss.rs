@@ -161,7 +161,7 @@ fn runs_ok(v: &View, rows: usize, dtype: DType) -> bool {
         return true;
     }
     let size = dtype.size() as i64;
-    v.dtype == dtype_code(dtype) && v.cs == 1 && (v.ptr as usize) % 16 == 0 && (rows <= 1 || (v.rs * size) % 16 == 0)
+    v.dtype == dtype_code(dtype) && v.cs == 1 && (v.ptr as usize).is_multiple_of(16) && (rows <= 1 || (v.rs * size) % 16 == 0)
 }
 
 /// Whether the mask can be read in runs of `run` bytes: a 1-byte dtype,
@@ -185,7 +185,7 @@ fn mask_vec_ok(m: &View, rows: usize, run: usize) -> bool {
     } else {
         return mask_runs_ok(m, rows, run);
     };
-    m.cs == 1 && (m.ptr as usize) % 16 == 0 && (rows <= 1 || (m.rs * size) % 16 == 0)
+    m.cs == 1 && (m.ptr as usize).is_multiple_of(16) && (rows <= 1 || (m.rs * size) % 16 == 0)
 }
 
 fn agg_code(a: AggMode) -> i64 {
