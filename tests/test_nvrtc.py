@@ -151,14 +151,20 @@ def test_env_override_points_at_a_missing_library_falls_back(monkeypatch):
 
 
 def nvdisasm():
-    """The path of ``nvdisasm`` from the ``nvidia-cuda-nvdisasm`` wheel (a test dependency)."""
-    import nvidia
+    """The path of ``nvdisasm``: from the ``nvidia-cuda-nvdisasm`` wheel (a test
+    dependency), else a CUDA toolkit's (on the GPU machines)."""
+    import importlib.util
+    import shutil
 
-    for base in nvidia.__path__:
+    spec = importlib.util.find_spec("nvidia")
+    for base in spec.submodule_search_locations if spec else []:
         for sub in sorted(os.listdir(base)):
             p = os.path.join(base, sub, "bin", "nvdisasm")
             if os.path.isfile(p):
                 return p
+    p = shutil.which("nvdisasm") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvdisasm")
+    if os.path.isfile(p):
+        return p
     raise AssertionError("nvdisasm not found: `pip install nvidia-cuda-nvdisasm` (requirements-test.txt)")
 
 
