@@ -228,11 +228,13 @@ fn launch_loss(l: &LossLaunch<'_>, b: &LossOutputs<'_>, scratch: &Tensor, device
     let s = device_state(&d, device)?;
     let (lp, grad, mask, w) = (view(l.lp), view_mut(l.grad), view(l.mask), l.w.map(view).unwrap_or(NO_VIEW));
     // 16-byte runs when every (rows, cols) float operand, the gradient
-    // included, is stored as log_prob is and laid out for them.
+    // included, is stored as log_prob is and laid out for them, and the mask
+    // and the picks can be read in runs of the vector kernel's tokens.
     let dt = l.lp.tensor.dtype;
+    let vector_run = Variant::choose(dt, l.f64_math, true).run();
     let vector = [&lp, &l.old_lp, &l.adv, &w, &grad].iter().all(|v| runs_ok(v, rows, dt))
-        && mask_vec_ok(&mask, rows, Variant::choose(dt, l.f64_math, true).run())
-        && l.picks.is_none_or(|p| mask_runs_ok(&view(p), rows, Variant::choose(dt, l.f64_math, true).run()));
+        && mask_vec_ok(&mask, rows, vector_run)
+        && l.picks.is_none_or(|p| mask_runs_ok(&view(p), rows, vector_run));
     let variant = Variant::choose(dt, l.f64_math, vector);
     let run = variant.run();
     let team = team_size(cols, run);

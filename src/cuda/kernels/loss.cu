@@ -197,32 +197,6 @@ __device__ __forceinline__ void store_run(const ViewMut &v, i64 i, i64 t, int n,
     }
 }
 
-// A run of a float operand of the token pass in a vector kernel (VEC): a
-// (rows, cols) view stored as S with contiguous rows (the host checked: one
-// 16- or 8-byte load for a full run, element by element at the row's ragged
-// end, no dtype switch), or a per-row view (cs == 0), whose value `row` was
-// read once before the loop. (load_run's element-wise paths, with their
-// dtype switch, took the token loop from about 74 registers to 112 without
-// a cap; at the 64-register cap vanilla f32 spilled 184 bytes, now 40.)
-template <typename F, typename S>
-__device__ __forceinline__ void load_vec(const View &v, i64 i, i64 t, int n, F row, F *x) {
-    const int V = S::V;
-    if (v.cs == 0) {
-#pragma unroll
-        for (int k = 0; k < V; ++k) x[k] = row;
-        return;
-    }
-    const typename S::raw *p = (const typename S::raw *)v.ptr + (i * v.rs + t);
-    if (n == V) {
-        const Run<S> r = *GLOBAL((const Run<S> *)p);
-#pragma unroll
-        for (int k = 0; k < V; ++k) x[k] = (F)S::get(r.e[k]);
-    } else {
-#pragma unroll
-        for (int k = 0; k < V; ++k) x[k] = k < n ? (F)S::get(*GLOBAL(p + k)) : cvt<F>(0.0);
-    }
-}
-
 // store_run for a vector kernel: the gradient is stored as S (contiguous rows).
 template <typename F, typename S>
 __device__ __forceinline__ void store_vec(const ViewMut &v, i64 i, i64 t, int n, const F *x) {
@@ -240,9 +214,8 @@ __device__ __forceinline__ void store_vec(const ViewMut &v, i64 i, i64 t, int n,
     }
 }
 
-// Storage of the masks a vector kernel reads in runs besides the 1-byte
-// ones (load_mask): V values as their own type, 16-byte aligned (the host
-// checked: mask_runs_ok in src/cuda/loss.rs), converted as load() does.
+// Storage types of the masks a vector kernel reads in runs (its float
+// operands' are S: SF32, SBF16, ...), converted as load() does.
 struct SMaskI64 {
     typedef i64 raw;
     static __device__ __forceinline__ double get(raw x) { return (double)x; }
@@ -259,22 +232,45 @@ struct SMaskI8 {
     typedef signed char raw;
     static __device__ __forceinline__ float get(raw x) { return (float)x; }
 };
-// (a run of 1-byte values is aligned to its size, V bytes; wider ones to 16)
-template <typename T, int V> struct alignas(sizeof(typename T::raw) * V < 16 ? sizeof(typename T::raw) * V : 16) MaskRun {
+// V values of storage T in one load, aligned to their size up to 16 bytes
+// (the host checked the rows: runs_ok, mask_runs_ok, mask_vec_ok in
+// src/cuda/loss.rs).
+template <typename T, int V> struct alignas(sizeof(typename T::raw) * V < 16 ? sizeof(typename T::raw) * V : 16) RunOf {
     typename T::raw e[V];
 };
 
+// Elements [t, t + n) of row i of a contiguous-row view stored as T into
+// x[0..V): one load for a full run, element by element (at T, no dtype
+// switch) at the row's ragged end, zeros past n.
 template <typename F, typename T, int V>
-__device__ __forceinline__ void load_mask_as(const View &m, i64 i, i64 t, int n, F *x) {
-    const typename T::raw *p = (const typename T::raw *)m.ptr + (i * m.rs + t);
+__device__ __forceinline__ void load_runs_as(const View &v, i64 i, i64 t, int n, F *x) {
+    const typename T::raw *p = (const typename T::raw *)v.ptr + (i * v.rs + t);
     if (n == V) {
-        const MaskRun<T, V> r = *GLOBAL((const MaskRun<T, V> *)p);
+        const RunOf<T, V> r = *GLOBAL((const RunOf<T, V> *)p);
 #pragma unroll
         for (int k = 0; k < V; ++k) x[k] = (F)T::get(r.e[k]);
     } else {
 #pragma unroll
         for (int k = 0; k < V; ++k) x[k] = k < n ? (F)T::get(*GLOBAL(p + k)) : cvt<F>(0.0);
     }
+}
+
+// A run of a float operand of the token pass in a vector kernel (VEC): a
+// (rows, cols) view stored as S with contiguous rows (the host checked: one
+// 16- or 8-byte load for a full run, element by element at the row's ragged
+// end, no dtype switch: load_runs_as), or a per-row view (cs == 0), whose
+// value `row` was read once before the loop. (load_run's element-wise paths,
+// with their dtype switch, took the token loop from about 74 registers to
+// 112 without a cap; at the 64-register cap vanilla f32 spilled 184 bytes,
+// now 40.)
+template <typename F, typename S>
+__device__ __forceinline__ void load_vec(const View &v, i64 i, i64 t, int n, F row, F *x) {
+    if (v.cs == 0) {
+#pragma unroll
+        for (int k = 0; k < S::V; ++k) x[k] = row;
+        return;
+    }
+    load_runs_as<F, S, S::V>(v, i, t, n, x);
 }
 
 // The mask's run in a vector kernel's token pass: one load of V values for
@@ -287,11 +283,20 @@ __device__ __forceinline__ void load_mask_as(const View &m, i64 i, i64 t, int n,
 template <typename F, int V>
 __device__ __forceinline__ void load_mask_vec(const View &m, i64 i, i64 t, int n, F *x) {
     switch (m.dtype) {
-    case DT_I64: load_mask_as<F, SMaskI64, V>(m, i, t, n, x); break;
-    case DT_F32: load_mask_as<F, SMaskF32, V>(m, i, t, n, x); break;
-    case DT_I8: load_mask_as<F, SMaskI8, V>(m, i, t, n, x); break;
-    default: load_mask_as<F, SMaskU8, V>(m, i, t, n, x); break;
+    case DT_I64: load_runs_as<F, SMaskI64, V>(m, i, t, n, x); break;
+    case DT_F32: load_runs_as<F, SMaskF32, V>(m, i, t, n, x); break;
+    case DT_I8: load_runs_as<F, SMaskI8, V>(m, i, t, n, x); break;
+    default: load_runs_as<F, SMaskU8, V>(m, i, t, n, x); break;
     }
+}
+
+// The gradient's run in the token pass: store_vec in a vector kernel, else store_run.
+template <typename F, typename S, bool VEC>
+__device__ __forceinline__ void store_token_run(const ViewMut &v, i64 i, i64 t, int n, const F *x) {
+    if (VEC)
+        store_vec<F, S>(v, i, t, n, x);
+    else
+        store_run<F, S, false>(v, i, t, n, x);
 }
 
 // A float operand's run in the token pass: load_vec in a vector kernel,
@@ -782,7 +787,7 @@ __device__ __forceinline__ void token_loop(const LossArgs &a, const TokenRow<F> 
             if (picked) {
                 // (a vector kernel's picks are 1-byte with rows on V bytes: only != 0 is read)
                 if (VEC)
-                    load_mask_as<F, SMaskU8, V>(a.picks, r.i, t, n[u], pk[u]);
+                    load_runs_as<F, SMaskU8, V>(a.picks, r.i, t, n[u], pk[u]);
                 else
                     load_mask<F, V>(a.picks, r.i, t, n[u], false, pk[u]);
             }
@@ -811,10 +816,7 @@ __device__ __forceinline__ void token_loop(const LossArgs &a, const TokenRow<F> 
                     sg += g[k] < zero ? -g[k] : g[k];
                 }
             }
-            if (VEC)
-                store_vec<F, S>(a.grad, r.i, t0 + u * step, n[u], g);
-            else
-                store_run<F, S, VEC>(a.grad, r.i, t0 + u * step, n[u], g);
+            store_token_run<F, S, VEC>(a.grad, r.i, t0 + u * step, n[u], g);
             s[0] += (double)sl;
             s[1] += (double)sd;
             s[2] += (double)sc;
@@ -827,7 +829,7 @@ __device__ __forceinline__ void token_loop(const LossArgs &a, const TokenRow<F> 
 
 template <typename F, typename S, bool VEC, int MODE>
 __device__ void loss_tokens(const LossArgs &a) {
-    const int V = S::V, U = TOKEN_RUNS;
+    const int V = S::V;
     const RowOf r = row_of(a, true);
     // GMPO: its loss is its rows' (loss_rows), the IS weights are in its
     // rows' coefficients, and no aggregation applies
@@ -860,13 +862,8 @@ __device__ void loss_tokens(const LossArgs &a) {
         F g[V];
 #pragma unroll
         for (int k = 0; k < V; ++k) g[k] = zero;
-        for (i64 t = (i64)r.tl * V; t < r.cols; t += step) {
-            const int n = (int)min((i64)V, r.cols - t);
-            if (VEC)
-                store_vec<F, S>(a.grad, r.i, t, n, g);
-            else
-                store_run<F, S, VEC>(a.grad, r.i, t, n, g);
-        }
+        for (i64 t = (i64)r.tl * V; t < r.cols; t += step)
+            store_token_run<F, S, VEC>(a.grad, r.i, t, (int)min((i64)V, r.cols - t), g);
     } else if (MODE != MODE_CISPO) {
         token_loop<F, S, VEC, MODE, 0>(a, c, s);
     } else if (!VEC || sizeof(F) == 8) {
